@@ -1,0 +1,22 @@
+//! Weft's test cluster: a real Kubernetes control plane (etcd, kube-apiserver,
+//! kube-controller-manager, kube-scheduler) run as host processes on 127.0.0.1, and the
+//! helpers the tests use to reach it.
+//!
+//! - [`cluster`] is the lifecycle behind `cargo xtask cluster up|down|status|env`: it builds the
+//!   pinned upstream binaries once (`e2e/cluster/build.sh`), generates the PKI, starts the
+//!   components detached from the calling process, and installs Weft's CRDs.
+//! - [`TestCluster`] gives tests a [`kube::Client`] for the running cluster and a temporary
+//!   namespace per test. It never starts a cluster and never skips: without one, it fails
+//!   with the command to run.
+//!
+//! See `e2e/README.md` for how to use it.
+
+#![forbid(unsafe_code)]
+
+pub mod cluster;
+mod pki;
+mod process;
+mod test_cluster;
+
+pub use cluster::Error;
+pub use test_cluster::{TEST_NAMESPACE_LABEL, TestCluster, TestNamespace};

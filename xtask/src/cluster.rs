@@ -1,0 +1,80 @@
+//! `cargo xtask cluster up|down|status|env`: the local Kubernetes control plane
+//! (see `e2e/README.md`).
+
+use anyhow::{Result, bail};
+use clap::Subcommand;
+use weft_e2e::cluster::{self, Down, Stopped, Up};
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Start etcd, kube-apiserver, kube-controller-manager and kube-scheduler on 127.0.0.1
+    /// (building them first if needed) and install the CRDs. Does nothing if already running.
+    Up,
+    /// Stop the cluster's processes and remove its state (logs are kept).
+    Down,
+    /// Show whether the cluster runs, its ports, kubeconfig and logs. Exits 1 when not ready.
+    Status,
+    /// Print shell exports for the cluster: `eval "$(cargo xtask cluster env)"`.
+    Env,
+}
+
+pub(crate) fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Up => up(),
+        Command::Down => down(),
+        Command::Status => {
+            let status = cluster::status()?;
+            print!("{status}");
+            if !status.is_ready() {
+                bail!("the test cluster is not ready");
+            }
+            Ok(())
+        }
+        Command::Env => {
+            print!("{}", cluster::env()?.shell_exports());
+            Ok(())
+        }
+    }
+}
+
+/// Starts the cluster and tells where everything is.
+pub(crate) fn up() -> Result<()> {
+    let paths = cluster::Paths::from_env()?;
+    match cluster::up()? {
+        Up::Started { state, elapsed } => eprintln!(
+            "[cluster] ready in {:.1}s: kube-apiserver at {}",
+            elapsed.as_secs_f64(),
+            state.apiserver_url()
+        ),
+        Up::AlreadyRunning { state } => eprintln!(
+            "[cluster] already running: kube-apiserver at {} (CRDs brought up to date)",
+            state.apiserver_url()
+        ),
+    }
+    eprintln!("[cluster] kubeconfig: {}", paths.kubeconfig().display());
+    eprintln!("[cluster] logs:       {}", paths.logs().display());
+    eprintln!("[cluster] use it from a shell with: eval \"$(cargo xtask cluster env)\"");
+    Ok(())
+}
+
+/// Stops the cluster, saying what was stopped.
+pub(crate) fn down() -> Result<()> {
+    match cluster::down()? {
+        Down::NotRunning => eprintln!("[cluster] not running; nothing to stop"),
+        Down::Stopped(stopped) => {
+            let mut stuck = Vec::new();
+            for (name, how) in stopped {
+                match how {
+                    Stopped::Terminated => eprintln!("[cluster] stopped {name}"),
+                    Stopped::Killed => eprintln!("[cluster] killed {name} (it ignored SIGTERM)"),
+                    Stopped::NotRunning => eprintln!("[cluster] {name} was not running"),
+                    Stopped::StillRunning => stuck.push(name),
+                }
+            }
+            if !stuck.is_empty() {
+                bail!("still running after SIGKILL: {}", stuck.join(", "));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,49 @@
+//! Developer tasks for Weft: `cargo xtask <task>`.
+
+mod cluster;
+mod codegen;
+mod demo;
+mod test;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "Weft developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Write crds/*.yaml and the chart's CRD templates from the weft-api types.
+    Codegen {
+        /// Fail instead of writing when a generated file is stale.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Run the local Kubernetes control plane used by the tests and the demo.
+    Cluster {
+        #[command(subcommand)]
+        command: cluster::Command,
+    },
+    /// The main job, as far as it runs today: start the local cluster and show Weft's API at work.
+    Demo,
+    /// Run every test: build the cluster binaries if missing, start the cluster,
+    /// run `cargo test --workspace` against it, and stop it again.
+    Test {
+        /// Extra arguments passed to `cargo test`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        cargo_args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Codegen { check } => codegen::run(check),
+        Task::Demo => demo::run(),
+        Task::Cluster { command } => cluster::run(command),
+        Task::Test { cargo_args } => test::run(&cargo_args),
+    }
+}
