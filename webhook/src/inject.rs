@@ -1,0 +1,547 @@
+//! Sidecar injection as a pure function: a pod (or a workload's pod template) in, the pod with
+//! Weft's init container, proxy sidecar, volumes and status annotation out.
+//!
+//! The webhook turns the difference into a JSON patch with [`json_patch::diff`], so pointer
+//! escaping (`~0`, `~1`) is never written by hand; `weftctl inject` applies the same change to
+//! manifests offline.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use k8s_openapi::{
+    api::core::v1::{
+        Capabilities, ConfigMapProjection, Container, ContainerPort, EnvVar, EnvVarSource, ExecAction,
+        HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler, ObjectFieldSelector, Pod, PodSpec, Probe,
+        ProjectedVolumeSource, ResourceRequirements, SecurityContext, ServiceAccountTokenProjection, Volume,
+        VolumeMount, VolumeProjection,
+    },
+    apimachinery::pkg::{api::resource::Quantity, apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+};
+use serde::Serialize;
+use weft_api::labels::{
+    EXCLUDE_INBOUND_PORTS_ANNOTATION, EXCLUDE_OUTBOUND_CIDRS_ANNOTATION, EXCLUDE_OUTBOUND_PORTS_ANNOTATION,
+    INJECT_ANNOTATION, INJECTED_ANNOTATION, PROXY_CPU_ANNOTATION, PROXY_MEMORY_ANNOTATION,
+};
+
+use crate::config::InjectConfig;
+
+/// Name of the init container that installs traffic redirection.
+pub const INIT_CONTAINER: &str = "weft-init";
+/// Name of the proxy container.
+pub const PROXY_CONTAINER: &str = "weft-proxy";
+/// The projected ServiceAccount token the proxy presents to the CA.
+pub const TOKEN_VOLUME: &str = "weft-token";
+pub const TOKEN_DIR: &str = "/var/run/secrets/weft/tokens";
+/// The mesh's root certificates.
+pub const TRUST_BUNDLE_VOLUME: &str = "weft-trust-bundle";
+pub const TRUST_BUNDLE_DIR: &str = "/var/run/secrets/weft/trust";
+const DEFAULT_CONTAINER_ANNOTATION: &str = "kubectl.kubernetes.io/default-container";
+
+/// What [`inject`] decided for a pod.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Injection {
+    /// The pod is left as it is.
+    Skip(SkipReason),
+    /// The JSON patch that injects the pod.
+    Patch(json_patch::Patch),
+}
+
+/// Why a pod is not injected. These are expected outcomes, not errors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SkipReason {
+    /// `hostNetwork: true`: redirection would capture the node's traffic.
+    HostNetwork,
+    /// The pod's `weft.dev/inject: "false"` annotation.
+    OptedOut,
+    /// The pod already carries `weft.dev/injected` or a `weft-proxy` container.
+    AlreadyInjected,
+    /// A system or mesh namespace.
+    ExcludedNamespace,
+}
+
+impl SkipReason {
+    /// A stable label for logs and metrics.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::HostNetwork => "host_network",
+            Self::OptedOut => "opted_out",
+            Self::AlreadyInjected => "already_injected",
+            Self::ExcludedNamespace => "excluded_namespace",
+        }
+    }
+}
+
+/// A pod that cannot be injected as asked. The message names the annotation or field.
+#[derive(Debug, thiserror::Error)]
+pub enum InjectError {
+    #[error("annotation {annotation}={value:?} is invalid: {reason}")]
+    BadAnnotation { annotation: &'static str, value: String, reason: String },
+    #[error("the pod already has a {kind} named {name:?}, which Weft's injector adds")]
+    NameConflict { kind: &'static str, name: &'static str },
+    #[error("the pod cannot be serialized: {0}")]
+    Serialize(#[from] serde_json::Error),
+}
+
+/// Injects `pod` and returns the JSON patch that does it, or why it is skipped.
+///
+/// The pod's namespace must be set (the webhook takes it from the AdmissionRequest).
+pub fn inject(pod: &Pod, config: &InjectConfig) -> Result<Injection, InjectError> {
+    let mut injected = pod.clone();
+    let spec = injected.spec.get_or_insert_with(PodSpec::default);
+    if let Some(reason) = inject_into(&mut injected.metadata, spec, config)? {
+        return Ok(Injection::Skip(reason));
+    }
+    let before = serde_json::to_value(pod)?;
+    let after = serde_json::to_value(&injected)?;
+    Ok(Injection::Patch(json_patch::diff(&before, &after)))
+}
+
+/// Injects a pod's metadata and spec in place: a Pod's own, or a workload's pod template.
+/// Returns why nothing was changed, if so.
+pub fn inject_into(
+    meta: &mut ObjectMeta,
+    spec: &mut PodSpec,
+    config: &InjectConfig,
+) -> Result<Option<SkipReason>, InjectError> {
+    if let Some(reason) = skip_reason(meta, spec, config) {
+        return Ok(Some(reason));
+    }
+    let annotations = meta.annotations.clone().unwrap_or_default();
+    let redirect = Redirect::from_annotations(&annotations, config)?;
+    let resources = proxy_resources(&annotations, config)?;
+    check_names_free(spec)?;
+
+    let init = init_container(&redirect, &resources, config);
+    let proxy = proxy_container(resources, config);
+    let init_containers = spec.init_containers.get_or_insert_with(Vec::new);
+    let mut status = InjectionStatus { version: env!("CARGO_PKG_VERSION"), ..InjectionStatus::default() };
+    if config.native_sidecar {
+        // Redirection first, then the proxy, then the app's own init containers: those start
+        // only once the proxy is ready, so they have a working network through it.
+        init_containers.splice(0..0, [init, proxy]);
+        status.init_containers = vec![INIT_CONTAINER, PROXY_CONTAINER];
+    } else {
+        // Without native sidecars the proxy starts after all init containers, so redirection
+        // goes last: the app's init containers keep a direct network instead of a dead one.
+        init_containers.push(init);
+        let first_app_container = spec.containers.first().map(|c| c.name.clone());
+        spec.containers.insert(0, proxy);
+        if let Some(name) = first_app_container {
+            meta.annotations
+                .get_or_insert_with(BTreeMap::new)
+                .entry(DEFAULT_CONTAINER_ANNOTATION.to_owned())
+                .or_insert(name);
+        }
+        status.init_containers = vec![INIT_CONTAINER];
+        status.containers = vec![PROXY_CONTAINER];
+    }
+    spec.volumes.get_or_insert_with(Vec::new).extend(volumes(config));
+    status.volumes = vec![TOKEN_VOLUME, TRUST_BUNDLE_VOLUME];
+    meta.annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(INJECTED_ANNOTATION.to_owned(), serde_json::to_string(&status)?);
+    Ok(None)
+}
+
+fn skip_reason(meta: &ObjectMeta, spec: &PodSpec, config: &InjectConfig) -> Option<SkipReason> {
+    let annotation = |key: &str| meta.annotations.as_ref().and_then(|a| a.get(key)).map(String::as_str);
+    let has_proxy = |containers: Option<&Vec<Container>>| {
+        containers.is_some_and(|containers| containers.iter().any(|c| c.name == PROXY_CONTAINER))
+    };
+    if spec.host_network == Some(true) {
+        Some(SkipReason::HostNetwork)
+    } else if matches!(annotation(INJECT_ANNOTATION), Some("false" | "disabled")) {
+        Some(SkipReason::OptedOut)
+    } else if annotation(INJECTED_ANNOTATION).is_some()
+        || has_proxy(Some(&spec.containers))
+        || has_proxy(spec.init_containers.as_ref())
+    {
+        Some(SkipReason::AlreadyInjected)
+    } else if meta.namespace.as_ref().is_some_and(|ns| config.excluded_namespaces.contains(ns)) {
+        Some(SkipReason::ExcludedNamespace)
+    } else {
+        None
+    }
+}
+
+fn check_names_free(spec: &PodSpec) -> Result<(), InjectError> {
+    // A `weft-proxy` container already counts as injected (see `skip_reason`).
+    let mut containers = spec.containers.iter().chain(spec.init_containers.iter().flatten());
+    if containers.any(|c| c.name == INIT_CONTAINER) {
+        return Err(InjectError::NameConflict { kind: "container", name: INIT_CONTAINER });
+    }
+    for name in [TOKEN_VOLUME, TRUST_BUNDLE_VOLUME] {
+        if spec.volumes.iter().flatten().any(|v| v.name == name) {
+            return Err(InjectError::NameConflict { kind: "volume", name });
+        }
+    }
+    Ok(())
+}
+
+/// The `weft.dev/injected` annotation: what the injector added, so a second pass is a no-op and
+/// `weftctl` can tell what is Weft's.
+#[derive(Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct InjectionStatus {
+    version: &'static str,
+    init_containers: Vec<&'static str>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    containers: Vec<&'static str>,
+    volumes: Vec<&'static str>,
+}
+
+/// Traffic redirection settings for `weft-proxy init`.
+#[derive(Debug, Default, PartialEq)]
+struct Redirect {
+    exclude_inbound_ports: Vec<u16>,
+    exclude_outbound_ports: Vec<u16>,
+    exclude_outbound_cidrs: Vec<String>,
+}
+
+impl Redirect {
+    fn from_annotations(
+        annotations: &BTreeMap<String, String>,
+        config: &InjectConfig,
+    ) -> Result<Self, InjectError> {
+        // The admin port is never redirected: the kubelet's probes reach it directly.
+        let mut exclude_inbound_ports = vec![config.ports.admin, config.ports.inbound];
+        if let Some(value) = annotations.get(EXCLUDE_INBOUND_PORTS_ANNOTATION) {
+            exclude_inbound_ports.extend(parse_ports(EXCLUDE_INBOUND_PORTS_ANNOTATION, value)?);
+        }
+        let exclude_outbound_ports = match annotations.get(EXCLUDE_OUTBOUND_PORTS_ANNOTATION) {
+            Some(value) => parse_ports(EXCLUDE_OUTBOUND_PORTS_ANNOTATION, value)?,
+            None => Vec::new(),
+        };
+        let exclude_outbound_cidrs = match annotations.get(EXCLUDE_OUTBOUND_CIDRS_ANNOTATION) {
+            Some(value) => parse_cidrs(EXCLUDE_OUTBOUND_CIDRS_ANNOTATION, value)?,
+            None => Vec::new(),
+        };
+        exclude_inbound_ports.sort_unstable();
+        exclude_inbound_ports.dedup();
+        Ok(Self { exclude_inbound_ports, exclude_outbound_ports, exclude_outbound_cidrs })
+    }
+}
+
+fn list_items(value: &str) -> impl Iterator<Item = &str> {
+    value.split(',').map(str::trim).filter(|item| !item.is_empty())
+}
+
+fn parse_ports(annotation: &'static str, value: &str) -> Result<Vec<u16>, InjectError> {
+    list_items(value)
+        .map(|item| match item.parse::<u16>() {
+            Ok(port) if port > 0 => Ok(port),
+            _ => Err(InjectError::BadAnnotation {
+                annotation,
+                value: value.to_owned(),
+                reason: format!("{item:?} is not a port number from 1 to 65535"),
+            }),
+        })
+        .collect()
+}
+
+fn parse_cidrs(annotation: &'static str, value: &str) -> Result<Vec<String>, InjectError> {
+    list_items(value)
+        .map(|item| {
+            let (address, prefix) = item.split_once('/').unwrap_or((item, ""));
+            let valid = match address.parse::<IpAddr>() {
+                Ok(ip) => {
+                    let max = if ip.is_ipv4() { 32 } else { 128 };
+                    prefix.is_empty() || prefix.parse::<u8>().is_ok_and(|p| p <= max)
+                }
+                Err(_) => false,
+            };
+            if valid {
+                Ok(item.to_owned())
+            } else {
+                Err(InjectError::BadAnnotation {
+                    annotation,
+                    value: value.to_owned(),
+                    reason: format!("{item:?} is not an IP address or CIDR"),
+                })
+            }
+        })
+        .collect()
+}
+
+/// The proxy's resources: the configured ones, with requests overridden by the pod's
+/// `weft.dev/proxy-cpu` / `weft.dev/proxy-memory` annotations. A limit below an overridden request
+/// is raised to it, or the pod would be invalid.
+fn proxy_resources(
+    annotations: &BTreeMap<String, String>,
+    config: &InjectConfig,
+) -> Result<ResourceRequirements, InjectError> {
+    let configured = &config.resources;
+    let mut requests = BTreeMap::new();
+    let mut limits = BTreeMap::new();
+    for (resource, annotation, request, limit) in [
+        ("cpu", PROXY_CPU_ANNOTATION, &configured.cpu_request, &configured.cpu_limit),
+        ("memory", PROXY_MEMORY_ANNOTATION, &configured.memory_request, &configured.memory_limit),
+    ] {
+        let override_value = annotations.get(annotation);
+        let request = match override_value {
+            Some(value) => Some(parse_quantity(annotation, value).map(|_| value.clone())?),
+            None => request.clone(),
+        };
+        let mut limit = limit.clone();
+        if let (Some(request), Some(current)) = (&request, &limit) {
+            let below = quantity_value(current).zip(quantity_value(request)).is_some_and(|(l, r)| l < r);
+            if override_value.is_some() && below {
+                limit = Some(request.clone());
+            }
+        }
+        if let Some(request) = request {
+            requests.insert(resource.to_owned(), Quantity(request));
+        }
+        if let Some(limit) = limit {
+            limits.insert(resource.to_owned(), Quantity(limit));
+        }
+    }
+    Ok(ResourceRequirements {
+        requests: (!requests.is_empty()).then_some(requests),
+        limits: (!limits.is_empty()).then_some(limits),
+        ..ResourceRequirements::default()
+    })
+}
+
+fn parse_quantity(annotation: &'static str, value: &str) -> Result<f64, InjectError> {
+    quantity_value(value).ok_or_else(|| InjectError::BadAnnotation {
+        annotation,
+        value: value.to_owned(),
+        reason: "expected a Kubernetes quantity such as \"100m\", \"0.5\", \"64Mi\" or \"1G\"".to_owned(),
+    })
+}
+
+/// The numeric value of a Kubernetes quantity (`100m` → 0.1, `64Mi` → 67108864), for comparing.
+fn quantity_value(text: &str) -> Option<f64> {
+    const SUFFIXES: [(&str, f64); 13] = [
+        ("Ki", 1024.0),
+        ("Mi", 1048576.0),
+        ("Gi", 1073741824.0),
+        ("Ti", 1099511627776.0),
+        ("Pi", 1125899906842624.0),
+        ("Ei", 1152921504606846976.0),
+        ("m", 1e-3),
+        ("k", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+        ("T", 1e12),
+        ("P", 1e15),
+        ("E", 1e18),
+    ];
+    let (number, multiplier) = SUFFIXES
+        .iter()
+        .find_map(|(suffix, multiplier)| text.strip_suffix(suffix).map(|number| (number, *multiplier)))
+        .unwrap_or((text, 1.0));
+    let well_formed = !number.is_empty()
+        && number.chars().all(|c| c.is_ascii_digit() || c == '.')
+        && number.matches('.').count() <= 1
+        && !number.starts_with('.');
+    well_formed.then(|| number.parse::<f64>().ok()).flatten().map(|n| n * multiplier)
+}
+
+fn init_container(redirect: &Redirect, resources: &ResourceRequirements, config: &InjectConfig) -> Container {
+    let join = |ports: &[u16]| ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
+    let mut args = vec![
+        "init".to_owned(),
+        format!("--proxy-uid={}", config.proxy_uid),
+        format!("--outbound-port={}", config.ports.outbound),
+        format!("--inbound-port={}", config.ports.inbound),
+        format!("--exclude-inbound-ports={}", join(&redirect.exclude_inbound_ports)),
+    ];
+    if !redirect.exclude_outbound_ports.is_empty() {
+        args.push(format!("--exclude-outbound-ports={}", join(&redirect.exclude_outbound_ports)));
+    }
+    if !redirect.exclude_outbound_cidrs.is_empty() {
+        args.push(format!("--exclude-outbound-cidrs={}", redirect.exclude_outbound_cidrs.join(",")));
+    }
+    Container {
+        name: INIT_CONTAINER.to_owned(),
+        image: Some(config.proxy_image.clone()),
+        image_pull_policy: config.image_pull_policy.clone(),
+        command: Some(vec!["weft-proxy".to_owned()]),
+        args: Some(args),
+        resources: Some(resources.clone()),
+        // Root with exactly the two capabilities iptables/nft need, nothing else.
+        security_context: Some(SecurityContext {
+            run_as_user: Some(0),
+            run_as_group: Some(0),
+            run_as_non_root: Some(false),
+            privileged: Some(false),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                add: Some(vec!["NET_ADMIN".to_owned(), "NET_RAW".to_owned()]),
+                drop: Some(vec!["ALL".to_owned()]),
+            }),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    }
+}
+
+fn proxy_container(resources: ResourceRequirements, config: &InjectConfig) -> Container {
+    let admin_probe = |path: &str, period: i32, failures: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::Int(config.ports.admin.into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(1),
+        ..Probe::default()
+    };
+    let field = |path: &str| EnvVarSource {
+        field_ref: Some(ObjectFieldSelector {
+            field_path: path.to_owned(),
+            ..ObjectFieldSelector::default()
+        }),
+        ..EnvVarSource::default()
+    };
+    let value =
+        |name: &str, value: String| EnvVar { name: name.to_owned(), value: Some(value), ..EnvVar::default() };
+    let from = |name: &str, path: &str| EnvVar {
+        name: name.to_owned(),
+        value_from: Some(field(path)),
+        ..EnvVar::default()
+    };
+    let mut container = Container {
+        name: PROXY_CONTAINER.to_owned(),
+        image: Some(config.proxy_image.clone()),
+        image_pull_policy: config.image_pull_policy.clone(),
+        command: Some(vec!["weft-proxy".to_owned()]),
+        env: Some(vec![
+            from("POD_NAME", "metadata.name"),
+            from("POD_NAMESPACE", "metadata.namespace"),
+            from("POD_IP", "status.podIP"),
+            from("WEFT_SERVICE_ACCOUNT", "spec.serviceAccountName"),
+            value("WEFT_CONTROL_PLANE", config.control_plane_address.clone()),
+            value("WEFT_TRUST_DOMAIN", config.trust_domain.clone()),
+            value("WEFT_TOKEN_FILE", format!("{TOKEN_DIR}/token")),
+            value("WEFT_TRUST_BUNDLE_FILE", format!("{TRUST_BUNDLE_DIR}/ca.crt")),
+            value("WEFT_ADMIN_PORT", config.ports.admin.to_string()),
+            value("WEFT_LOG_FORMAT", config.log_format.clone()),
+            value("WEFT_LOG_LEVEL", config.log_level.clone()),
+        ]),
+        ports: Some(vec![ContainerPort {
+            name: Some("weft-admin".to_owned()),
+            container_port: config.ports.admin.into(),
+            protocol: Some("TCP".to_owned()),
+            ..ContainerPort::default()
+        }]),
+        // The app starts only after the startup probe passes: up to 5 minutes for a first config.
+        startup_probe: Some(admin_probe("/ready", 1, 300)),
+        readiness_probe: Some(admin_probe("/ready", 5, 3)),
+        liveness_probe: Some(admin_probe("/live", 10, 3)),
+        resources: Some(resources),
+        security_context: Some(SecurityContext {
+            run_as_user: Some(config.proxy_uid),
+            run_as_group: Some(config.proxy_uid),
+            run_as_non_root: Some(true),
+            privileged: Some(false),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: TOKEN_VOLUME.to_owned(),
+                mount_path: TOKEN_DIR.to_owned(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: TRUST_BUNDLE_VOLUME.to_owned(),
+                mount_path: TRUST_BUNDLE_DIR.to_owned(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+        ]),
+        ..Container::default()
+    };
+    if config.native_sidecar {
+        container.restart_policy = Some("Always".to_owned());
+    } else {
+        // Kubernetes starts the next container only when this hook returns: the app waits for
+        // the proxy to be ready.
+        container.lifecycle = Some(Lifecycle {
+            post_start: Some(LifecycleHandler {
+                exec: Some(ExecAction { command: Some(vec!["weft-proxy".to_owned(), "wait".to_owned()]) }),
+                ..LifecycleHandler::default()
+            }),
+            ..Lifecycle::default()
+        });
+    }
+    container
+}
+
+fn volumes(config: &InjectConfig) -> [Volume; 2] {
+    [
+        Volume {
+            name: TOKEN_VOLUME.to_owned(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(vec![VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        audience: Some(config.token_audience.clone()),
+                        expiration_seconds: Some(config.token_expiration_seconds),
+                        path: "token".to_owned(),
+                    }),
+                    ..VolumeProjection::default()
+                }]),
+                ..ProjectedVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: TRUST_BUNDLE_VOLUME.to_owned(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(vec![VolumeProjection {
+                    config_map: Some(ConfigMapProjection {
+                        name: config.trust_bundle_config_map.clone(),
+                        items: Some(vec![KeyToPath {
+                            key: "ca.crt".to_owned(),
+                            path: "ca.crt".to_owned(),
+                            ..KeyToPath::default()
+                        }]),
+                        ..ConfigMapProjection::default()
+                    }),
+                    ..VolumeProjection::default()
+                }]),
+                ..ProjectedVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantities_compare_by_value() {
+        assert_eq!(quantity_value("100m"), Some(0.1));
+        assert_eq!(quantity_value("64Mi"), Some(67108864.0));
+        assert_eq!(quantity_value("1G"), Some(1e9));
+        assert_eq!(quantity_value("2"), Some(2.0));
+        for bad in ["", "Mi", "1.2.3", "-1", ".5", "10 Mi", "1x"] {
+            assert_eq!(quantity_value(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn port_and_cidr_lists_are_checked_item_by_item() {
+        assert_eq!(parse_ports("a", " 80, 443 ,").unwrap(), vec![80, 443]);
+        assert!(parse_ports("a", "80,0").is_err());
+        assert!(parse_ports("a", "80,http").is_err());
+        assert_eq!(
+            parse_cidrs("a", "10.0.0.0/8, 1.2.3.4,fd00::/8").unwrap(),
+            vec!["10.0.0.0/8", "1.2.3.4", "fd00::/8"]
+        );
+        assert!(parse_cidrs("a", "10.0.0.0/33").is_err());
+        assert!(parse_cidrs("a", "example.com").is_err());
+    }
+}
