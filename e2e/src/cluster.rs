@@ -23,6 +23,7 @@ use std::{
     future::Future,
     io::{self, BufRead, BufReader, Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     process::{Command, ExitStatus, Stdio},
     time::{Duration, Instant},
@@ -109,7 +110,7 @@ pub enum Error {
     #[error("generating the cluster's certificates: {0}")]
     Pki(#[from] rcgen::Error),
     /// The state file could not be parsed.
-    #[error("the cluster state {path} is unreadable ({source}); run `cargo xtask cluster down`")]
+    #[error("the cluster state {} is unreadable ({source})", path.display())]
     State {
         /// The state file.
         path: PathBuf,
@@ -208,6 +209,8 @@ impl Paths {
                 _ => return Err(Error::NoCacheDir),
             },
         };
+        let cache = std::path::absolute(&cache)
+            .map_err(|e| Error::io(format!("resolving {}", cache.display()), e))?;
         Ok(Self::new(cache.join("cluster")))
     }
 
@@ -266,6 +269,19 @@ impl Paths {
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
+        }
+    }
+
+    /// Like `read_state`, but an unreadable state file (from a crash mid-write or another
+    /// version) is removed with a warning: the processes it may have named are left alone.
+    fn read_state_or_discard(&self) -> Result<Option<State>, Error> {
+        match self.read_state() {
+            Err(error @ Error::State { .. }) => {
+                progress(&format!("{error}; discarding it (any processes it named are left alone)"));
+                self.remove_state()?;
+                Ok(None)
+            }
+            other => other,
         }
     }
 
@@ -360,7 +376,7 @@ pub fn up() -> Result<Up, Error> {
     let paths = Paths::from_env()?;
     let _lock = paths.lock()?;
     let runtime = runtime()?;
-    if let Some(state) = paths.read_state()? {
+    if let Some(state) = paths.read_state_or_discard()? {
         if state.ready && state.all_running() {
             runtime.block_on(async {
                 let client = admin_client(&paths, Duration::from_secs(10)).await?;
@@ -411,7 +427,7 @@ pub enum Down {
 pub fn down() -> Result<Down, Error> {
     let paths = Paths::from_env()?;
     let _lock = paths.lock()?;
-    let Some(state) = paths.read_state()? else {
+    let Some(state) = paths.read_state_or_discard()? else {
         return Ok(Down::NotRunning);
     };
     let stopped = process::stop(&state.processes);
@@ -647,7 +663,11 @@ fn build_binaries() -> Result<PathBuf, Error> {
         return Err(Error::Build { status: output.status, script });
     }
     let stdout = String::from_utf8_lossy(&output.stdout);
-    let bin_dir = PathBuf::from(stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim());
+    let printed = stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+    // Absolute and canonical: the recorded binary paths must match `/proc/<pid>/cmdline`
+    // whatever the directory `down` runs from.
+    let bin_dir = fs::canonicalize(printed)
+        .map_err(|e| Error::io(format!("finding the bin dir {printed:?} that build.sh printed"), e))?;
     for name in COMPONENTS.iter().chain([&HELM]) {
         let exe = bin_dir.join(name);
         if !exe.is_file() {
@@ -687,9 +707,12 @@ struct Start<'a> {
 impl Start<'_> {
     async fn run(&mut self) -> Result<(), Error> {
         let paths = self.paths;
-        for dir in [paths.pki(), paths.etcd_data(), paths.logs()] {
+        // Keys and etcd's data are for this user only (etcd warns about anything wider).
+        for (dir, mode) in [(paths.pki(), 0o700), (paths.etcd_data(), 0o700), (paths.logs(), 0o755)] {
             remove_dir(&dir)?;
-            fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+            fs::create_dir_all(&dir)
+                .and_then(|()| fs::set_permissions(&dir, fs::Permissions::from_mode(mode)))
+                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         }
         progress("generating certificates and keys");
         let pki = pki::generate(&paths.pki())?;

@@ -20,7 +20,7 @@ pub(crate) enum Command {
 
 pub(crate) fn run(command: Command) -> Result<()> {
     match command {
-        Command::Up => up(),
+        Command::Up => up().map(drop),
         Command::Down => down(),
         Command::Status => {
             let status = cluster::status()?;
@@ -37,24 +37,31 @@ pub(crate) fn run(command: Command) -> Result<()> {
     }
 }
 
-/// Starts the cluster and tells where everything is.
-pub(crate) fn up() -> Result<()> {
+/// Starts the cluster and tells where everything is. Returns whether this call started it
+/// (false when it was already running).
+pub(crate) fn up() -> Result<bool> {
     let paths = cluster::Paths::from_env()?;
-    match cluster::up()? {
-        Up::Started { state, elapsed } => eprintln!(
-            "[cluster] ready in {:.1}s: kube-apiserver at {}",
-            elapsed.as_secs_f64(),
-            state.apiserver_url()
-        ),
-        Up::AlreadyRunning { state } => eprintln!(
-            "[cluster] already running: kube-apiserver at {} (CRDs brought up to date)",
-            state.apiserver_url()
-        ),
-    }
+    let started = match cluster::up()? {
+        Up::Started { state, elapsed } => {
+            eprintln!(
+                "[cluster] ready in {:.1}s: kube-apiserver at {}",
+                elapsed.as_secs_f64(),
+                state.apiserver_url()
+            );
+            true
+        }
+        Up::AlreadyRunning { state } => {
+            eprintln!(
+                "[cluster] already running: kube-apiserver at {} (CRDs brought up to date)",
+                state.apiserver_url()
+            );
+            false
+        }
+    };
     eprintln!("[cluster] kubeconfig: {}", paths.kubeconfig().display());
     eprintln!("[cluster] logs:       {}", paths.logs().display());
     eprintln!("[cluster] use it from a shell with: eval \"$(cargo xtask cluster env)\"");
-    Ok(())
+    Ok(started)
 }
 
 /// Stops the cluster, saying what was stopped.

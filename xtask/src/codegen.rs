@@ -8,26 +8,42 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-/// Directories that hold generated CRDs, relative to the repository root.
-const OUTPUT_DIRS: [&str; 2] = ["crds", "charts/weft/templates/crds"];
+/// Where generated CRDs go, relative to the repository root, and how each copy is wrapped.
+const OUTPUTS: [(&str, Wrap); 2] = [("crds", Wrap::None), ("charts/weft/templates/crds", Wrap::ChartToggle)];
+
+#[derive(Clone, Copy)]
+enum Wrap {
+    None,
+    /// Rendered only when the chart's `crds.install` value is true.
+    ChartToggle,
+}
+
+impl Wrap {
+    fn apply(self, yaml: &str) -> String {
+        match self {
+            Wrap::None => yaml.to_owned(),
+            Wrap::ChartToggle => format!("{{{{- if .Values.crds.install }}}}\n{yaml}{{{{- end }}}}\n"),
+        }
+    }
+}
 
 pub(crate) fn run(check: bool) -> Result<()> {
     let root = repo_root();
     let manifests = weft_api::crd_manifests();
     let mut stale = Vec::new();
-    for dir in OUTPUT_DIRS.map(|dir| root.join(dir)) {
+    for (dir, wrap) in OUTPUTS.map(|(dir, wrap)| (root.join(dir), wrap)) {
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let wanted: BTreeSet<&str> = manifests.iter().map(|m| m.file_name.as_str()).collect();
         for manifest in &manifests {
             let path = dir.join(&manifest.file_name);
-            let current = fs::read_to_string(&path).unwrap_or_default();
-            if current == manifest.yaml {
+            let wanted = wrap.apply(&manifest.yaml);
+            if fs::read_to_string(&path).is_ok_and(|current| current == wanted) {
                 continue;
             }
             if check {
                 stale.push(path);
             } else {
-                fs::write(&path, &manifest.yaml).with_context(|| format!("writing {}", path.display()))?;
+                fs::write(&path, &wanted).with_context(|| format!("writing {}", path.display()))?;
                 println!("wrote {}", relative(&root, &path));
             }
         }
@@ -48,7 +64,8 @@ pub(crate) fn run(check: bool) -> Result<()> {
         );
     }
     if check {
-        println!("codegen: {} CRDs up to date in {}", manifests.len(), OUTPUT_DIRS.join(" and "));
+        let dirs: Vec<&str> = OUTPUTS.iter().map(|(dir, _)| *dir).collect();
+        println!("codegen: {} CRDs up to date in {}", manifests.len(), dirs.join(" and "));
     }
     Ok(())
 }

@@ -5,6 +5,8 @@ mod codegen;
 mod demo;
 mod test;
 
+use std::process::ExitCode;
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
@@ -39,8 +41,20 @@ enum Task {
     },
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().task {
+fn main() -> ExitCode {
+    // Errors are printed plainly: these are expected outcomes (a stale file, a failed test),
+    // not crashes, so no backtrace even when RUST_BACKTRACE is set.
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.task {
         Task::Codegen { check } => codegen::run(check),
         Task::Demo => demo::run(),
         Task::Cluster { command } => cluster::run(command),

@@ -1,5 +1,6 @@
 //! `cargo xtask test [cargo test args]`: start the test cluster, run every test against it,
-//! and stop it again whatever the tests did.
+//! and stop it again whatever the tests did. A cluster that was already running (started by
+//! hand with `cargo xtask cluster up`) is left running.
 
 use std::process::Command;
 
@@ -9,10 +10,10 @@ use crate::cluster;
 
 pub(crate) fn run(cargo_args: &[String]) -> Result<()> {
     // `up` builds the binaries when they are missing, so this works on a fresh machine.
-    cluster::up().context("starting the test cluster")?;
+    let started = cluster::up().context("starting the test cluster")?;
     let tests = run_tests(cargo_args);
-    // Always stop the cluster, even when the tests failed or could not start.
-    let stopped = cluster::down().context("stopping the test cluster");
+    // Stop the cluster this started, even when the tests failed or could not start.
+    let stopped = if started { cluster::down().context("stopping the test cluster") } else { Ok(()) };
     let status = tests?;
     stopped?;
     if !status.success() {
@@ -23,6 +24,39 @@ pub(crate) fn run(cargo_args: &[String]) -> Result<()> {
 
 fn run_tests(cargo_args: &[String]) -> Result<std::process::ExitStatus> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("[test] cargo test --workspace {}", cargo_args.join(" "));
-    Command::new(cargo).args(["test", "--workspace"]).args(cargo_args).status().context("running cargo test")
+    let mut args = vec!["test".to_owned()];
+    // `--workspace` would override a `-p`, so it is only the default.
+    if !selects_packages(cargo_args) {
+        args.push("--workspace".to_owned());
+    }
+    args.extend(cargo_args.iter().cloned());
+    eprintln!("[test] cargo {}", args.join(" "));
+    Command::new(cargo).args(&args).status().context("running cargo test")
+}
+
+/// Whether cargo's own arguments (those before a `--`) choose packages.
+fn selects_packages(cargo_args: &[String]) -> bool {
+    cargo_args
+        .iter()
+        .take_while(|a| *a != "--")
+        .any(|a| a == "--workspace" || a == "--all" || a.starts_with("-p") || a.starts_with("--package"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::selects_packages;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn package_selection_is_seen_only_before_the_separator() {
+        assert!(!selects_packages(&args(&[])));
+        assert!(!selects_packages(&args(&["--", "-p"])));
+        assert!(selects_packages(&args(&["-p", "weft-e2e"])));
+        assert!(selects_packages(&args(&["-pweft-e2e"])));
+        assert!(selects_packages(&args(&["--package=weft-e2e", "--", "--nocapture"])));
+        assert!(!selects_packages(&args(&["--release", "some_test_name"])));
+    }
 }

@@ -1,0 +1,79 @@
+//! The contract's three encodings (protobuf, JSON, YAML) describe the same message.
+
+use prost::Message as _;
+use weft_proto::v1::{
+    LoadBalancer, Protocol, ProxyConfig, StringMatch, load_balancer::Policy, string_match::Kind,
+};
+
+const YAML: &str = r#"
+version: "v42"
+services:
+  - name: reviews.default.svc.cluster.local
+    aliases: [reviews]
+    addresses: ["10.96.0.10"]
+    ports:
+      - number: 9080
+        protocol: HTTP1
+        endpoints:
+          - address: "10.1.0.5:9080"
+            labels: {version: v1}
+          - address: "10.1.0.6:9080"
+            labels: {version: v2}
+    subsets:
+      - name: v1
+        labels: {version: v1}
+    trafficPolicy:
+      loadBalancer: {policy: ROUND_ROBIN}
+    httpRoutes:
+      - name: canary
+        matches:
+          - uri: {prefix: /api}
+            headers:
+              x-user: {exact: jason}
+        route:
+          - destination: {host: reviews, subset: v1}
+            weight: 90
+          - destination: {host: reviews}
+            weight: 10
+        timeoutMs: 1500
+"#;
+
+#[test]
+fn yaml_json_and_protobuf_agree() {
+    let from_yaml: ProxyConfig = serde_yaml::from_str(YAML).expect("yaml parses");
+    let svc = &from_yaml.services[0];
+    assert_eq!(svc.ports[0].protocol(), Protocol::Http1);
+    assert_eq!(
+        svc.traffic_policy.as_ref().and_then(|t| t.load_balancer).map(|l| l.policy()),
+        Some(Policy::RoundRobin)
+    );
+    let m = &svc.http_routes[0].matches[0];
+    assert_eq!(m.uri, Some(StringMatch { kind: Some(Kind::Prefix("/api".into())) }));
+    assert_eq!(svc.http_routes[0].timeout_ms, 1500);
+
+    let json = serde_json::to_string(&from_yaml).expect("serializes");
+    assert!(json.contains(r#""policy":"ROUND_ROBIN""#), "enums by name: {json}");
+    assert!(json.contains(r#""httpRoutes""#), "camelCase names: {json}");
+    let from_json: ProxyConfig = serde_json::from_str(&json).expect("json parses");
+    assert_eq!(from_json, from_yaml);
+
+    let bytes = from_yaml.encode_to_vec();
+    assert_eq!(ProxyConfig::decode(bytes.as_slice()).expect("decodes"), from_yaml);
+}
+
+#[test]
+fn original_field_names_are_accepted_and_unknown_fields_rejected() {
+    let snake: ProxyConfig =
+        serde_json::from_str(r#"{"services":[{"name":"a","http_routes":[{"timeout_ms":5}]}]}"#)
+            .expect("parses");
+    assert_eq!(snake.services[0].http_routes[0].timeout_ms, 5);
+    let err = serde_json::from_str::<ProxyConfig>(r#"{"servicez":[]}"#).expect_err("unknown field");
+    assert!(err.to_string().contains("servicez"), "{err}");
+}
+
+#[test]
+fn defaults_are_proto3_zero_values() {
+    let lb: LoadBalancer = serde_json::from_str("{}").expect("parses");
+    assert_eq!(lb.policy(), Policy::PeakEwma);
+    assert!(!weft_proto::FILE_DESCRIPTOR_SET.is_empty());
+}

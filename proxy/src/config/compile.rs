@@ -1,0 +1,520 @@
+//! Validation and compilation of a `ProxyConfig` into a `Snapshot`: a pure function (the only
+//! state it reads is the previous snapshot's endpoints, to carry their load and pools over).
+//! Anything the proxy cannot honour is rejected with the path of the offending field, never
+//! ignored.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, atomic::AtomicUsize},
+    time::Duration,
+};
+
+use http::{HeaderName, HeaderValue, StatusCode};
+use weft_proto::v1::{self as pb, load_balancer, string_match::Kind};
+
+use super::{Action, Cluster, HeaderOps, HttpRoute, Port, Protocol, Redirect, Rewrite, Service, Snapshot, Split, Target};
+use crate::{
+    balance::Policy,
+    route::{Match, StrMatch},
+    upstream::Endpoint,
+};
+
+/// Why a config was rejected. `at` is the field path, e.g. `services[0].httpRoutes[2].route[1]`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{at}: name must not be empty")]
+    EmptyName { at: String },
+    #[error("{at}: host {host:?} is already used by another service")]
+    DuplicateHost { at: String, host: String },
+    #[error("{at}: invalid address {value:?} ({why})")]
+    BadAddress { at: String, value: String, why: &'static str },
+    #[error("{at}: port {port} is declared twice")]
+    DuplicatePort { at: String, port: u32 },
+    #[error("{at}: subset {name:?} is declared twice")]
+    DuplicateSubset { at: String, name: String },
+    #[error("{at}: no service named {host:?}")]
+    UnknownHost { at: String, host: String },
+    #[error("{at}: service {host:?} has no subset {subset:?}")]
+    UnknownSubset { at: String, host: String, subset: String },
+    #[error("{at}: service {host:?} has no port {port}")]
+    UnknownPort { at: String, host: String, port: u32 },
+    #[error("{at}: service {host:?} has no ports")]
+    NoPorts { at: String, host: String },
+    #[error("{at}: a string match needs one of exact, prefix or regex")]
+    EmptyMatch { at: String },
+    #[error("{at}: invalid regex: {source}")]
+    BadRegex { at: String, source: regex::Error },
+    #[error("{at}: invalid header name {name:?}")]
+    BadHeaderName { at: String, name: String },
+    #[error("{at}: invalid header value for {name:?}")]
+    BadHeaderValue { at: String, name: String },
+    #[error("{at}: a rule needs exactly one of route, redirect or directResponse")]
+    Action { at: String },
+    #[error("{at}: at least one destination needs a positive weight")]
+    NoWeight { at: String },
+    #[error("{at}: invalid status code {code}")]
+    BadStatus { at: String, code: u32 },
+    #[error("{at}: redirect scheme must be http or https, not {scheme:?}")]
+    BadScheme { at: String, scheme: String },
+    #[error("{at}: {field} is not supported by this proxy yet")]
+    Unsupported { at: String, field: &'static str },
+}
+
+/// Compiles `config`, reusing the endpoints of `previous` that it keeps.
+pub fn compile(config: pb::ProxyConfig, previous: Option<&Snapshot>) -> Result<Snapshot, Error> {
+    let mut endpoints: HashMap<SocketAddr, Arc<Endpoint>> = HashMap::new();
+    let mut by_host = HashMap::new();
+    let mut by_addr = HashMap::new();
+
+    // Pass 1: services, ports, endpoints, subsets.
+    let mut shapes = Vec::with_capacity(config.services.len());
+    for (i, svc) in config.services.iter().enumerate() {
+        let at = format!("services[{i}]");
+        let name = svc.name.trim().to_ascii_lowercase();
+        if name.is_empty() {
+            return Err(Error::EmptyName { at: format!("{at}.name") });
+        }
+        for (j, host) in std::iter::once(&name).chain(svc.aliases.iter()).enumerate() {
+            let host = host.trim().to_ascii_lowercase();
+            if by_host.insert(host.clone(), i).is_some() {
+                let at = if j == 0 { format!("{at}.name") } else { format!("{at}.aliases[{}]", j - 1) };
+                return Err(Error::DuplicateHost { at, host });
+            }
+        }
+        let mut ports: Vec<PortShape> = Vec::new();
+        for (j, port) in svc.ports.iter().enumerate() {
+            let at = format!("{at}.ports[{j}]");
+            let number = u16::try_from(port.number)
+                .ok()
+                .filter(|n| *n != 0)
+                .ok_or_else(|| Error::BadAddress { at: format!("{at}.number"), value: port.number.to_string(), why: "port must be 1-65535" })?;
+            if ports.iter().any(|p| p.number == number) {
+                return Err(Error::DuplicatePort { at, port: port.number });
+            }
+            let mut eps = Vec::with_capacity(port.endpoints.len());
+            for (k, ep) in port.endpoints.iter().enumerate() {
+                let addr: SocketAddr = ep.address.parse().map_err(|_| Error::BadAddress {
+                    at: format!("{at}.endpoints[{k}].address"),
+                    value: ep.address.clone(),
+                    why: "expected ip:port",
+                })?;
+                let endpoint = endpoints
+                    .entry(addr)
+                    .or_insert_with(|| previous.and_then(|p| p.endpoint(&addr)).cloned().unwrap_or_else(|| Endpoint::new(addr)))
+                    .clone();
+                eps.push((endpoint, ep.labels.clone()));
+            }
+            ports.push(PortShape { number, protocol: protocol(port.protocol()), endpoints: eps });
+        }
+        for (j, vip) in svc.addresses.iter().enumerate() {
+            let ip: IpAddr = vip.parse().map_err(|_| Error::BadAddress {
+                at: format!("{at}.addresses[{j}]"),
+                value: vip.clone(),
+                why: "expected an IP address",
+            })?;
+            for port in &ports {
+                if by_addr.insert(SocketAddr::new(ip, port.number), i).is_some() {
+                    return Err(Error::BadAddress {
+                        at: format!("{at}.addresses[{j}]"),
+                        value: vip.clone(),
+                        why: "address and port already belong to another service",
+                    });
+                }
+            }
+        }
+        let mut subsets: HashMap<String, &pb::Subset> = HashMap::new();
+        for (j, s) in svc.subsets.iter().enumerate() {
+            if subsets.insert(s.name.clone(), s).is_some() {
+                return Err(Error::DuplicateSubset { at: format!("{at}.subsets[{j}]"), name: s.name.clone() });
+            }
+        }
+        shapes.push(ServiceShape { name: Arc::from(name.as_str()), ports, subsets, policy: svc.traffic_policy });
+    }
+
+    // Pass 2: routes, resolving destinations to clusters.
+    let mut clusters = Clusters { shapes: &shapes, by_host: &by_host, cache: HashMap::new() };
+    let mut services = Vec::with_capacity(shapes.len());
+    for (i, (svc, shape)) in config.services.iter().zip(&shapes).enumerate() {
+        let at = format!("services[{i}]");
+        let ports = shape
+            .ports
+            .iter()
+            .map(|p| Ok(Port { number: p.number, protocol: p.protocol, cluster: clusters.get(i, "", p.number, &at)? }))
+            .collect::<Result<Vec<_>, Error>>()?;
+        let http_routes = svc
+            .http_routes
+            .iter()
+            .enumerate()
+            .map(|(j, r)| http_route(r, &format!("{at}.httpRoutes[{j}]"), &mut clusters))
+            .collect::<Result<Vec<_>, _>>()?;
+        let tcp_routes = svc
+            .tcp_routes
+            .iter()
+            .enumerate()
+            .map(|(j, r)| split(&r.route, &format!("{at}.tcpRoutes[{j}].route"), &mut clusters))
+            .collect::<Result<Vec<_>, _>>()?;
+        services.push(Arc::new(Service { name: shape.name.clone(), ports, http_routes, tcp_routes }));
+    }
+
+    Ok(Snapshot { version: config.version.clone(), source: config, services, by_host, by_addr, endpoints })
+}
+
+struct ServiceShape<'a> {
+    name: Arc<str>,
+    ports: Vec<PortShape>,
+    subsets: HashMap<String, &'a pb::Subset>,
+    policy: Option<pb::TrafficPolicy>,
+}
+
+struct PortShape {
+    number: u16,
+    protocol: Protocol,
+    endpoints: Vec<(Arc<Endpoint>, BTreeMap<String, String>)>,
+}
+
+struct Clusters<'a, 's> {
+    shapes: &'a [ServiceShape<'s>],
+    by_host: &'a HashMap<String, usize>,
+    cache: HashMap<(usize, String, u16), Arc<Cluster>>,
+}
+
+impl Clusters<'_, '_> {
+    fn get(&mut self, svc: usize, subset: &str, port: u16, at: &str) -> Result<Arc<Cluster>, Error> {
+        let key = (svc, subset.to_owned(), port);
+        if let Some(c) = self.cache.get(&key) {
+            return Ok(c.clone());
+        }
+        let shape = &self.shapes[svc];
+        let (labels, subset_policy) = match subset {
+            "" => (None, None),
+            s => {
+                let sub = shape.subsets.get(s).ok_or_else(|| Error::UnknownSubset {
+                    at: at.to_owned(),
+                    host: shape.name.to_string(),
+                    subset: s.to_owned(),
+                })?;
+                (Some(&sub.labels), sub.traffic_policy)
+            }
+        };
+        let port_shape = shape.ports.iter().find(|p| p.number == port).ok_or_else(|| Error::UnknownPort {
+            at: at.to_owned(),
+            host: shape.name.to_string(),
+            port: port.into(),
+        })?;
+        let policy = subset_policy.or(shape.policy).unwrap_or_default();
+        let pool = policy.connection_pool.unwrap_or_default();
+        let ms = |v: u32| (v > 0).then(|| Duration::from_millis(v.into()));
+        let cluster = Arc::new(Cluster {
+            name: Arc::from(format!("{}|{subset}|{port}", shape.name)),
+            service: shape.name.clone(),
+            protocol: port_shape.protocol,
+            policy: lb_policy(policy.load_balancer.map(|l| l.policy()).unwrap_or_default()),
+            endpoints: port_shape
+                .endpoints
+                .iter()
+                .filter(|(_, l)| labels.is_none_or(|want| want.iter().all(|(k, v)| l.get(k) == Some(v))))
+                .map(|(e, _)| e.clone())
+                .collect(),
+            rr: AtomicUsize::new(0),
+            connect_timeout: ms(pool.connect_timeout_ms),
+            idle_timeout: ms(pool.idle_timeout_ms),
+        });
+        self.cache.insert(key, cluster.clone());
+        Ok(cluster)
+    }
+
+    fn destination(&mut self, dest: &pb::Destination, at: &str) -> Result<(Arc<str>, Vec<(u16, Arc<Cluster>)>), Error> {
+        let host = dest.host.trim().to_ascii_lowercase();
+        let &svc = self.by_host.get(&host).ok_or_else(|| Error::UnknownHost { at: at.to_owned(), host: host.clone() })?;
+        let shape = &self.shapes[svc];
+        let ports: Vec<u16> = match dest.port {
+            0 => shape.ports.iter().map(|p| p.number).collect(),
+            n => vec![u16::try_from(n).map_err(|_| Error::UnknownPort { at: at.to_owned(), host: host.clone(), port: n })?],
+        };
+        if ports.is_empty() {
+            return Err(Error::NoPorts { at: at.to_owned(), host });
+        }
+        let clusters = ports
+            .into_iter()
+            .map(|p| Ok((p, self.get(svc, &dest.subset, p, at)?)))
+            .collect::<Result<Vec<_>, Error>>()?;
+        Ok((shape.name.clone(), clusters))
+    }
+}
+
+fn protocol(p: pb::Protocol) -> Protocol {
+    match p {
+        pb::Protocol::Unspecified => Protocol::Detect,
+        pb::Protocol::Http1 => Protocol::Http1,
+        pb::Protocol::Http2 | pb::Protocol::Grpc => Protocol::Http2,
+        pb::Protocol::Tcp | pb::Protocol::ServerFirst => Protocol::Tcp,
+    }
+}
+
+fn lb_policy(p: load_balancer::Policy) -> Policy {
+    match p {
+        load_balancer::Policy::PeakEwma => Policy::PeakEwma,
+        load_balancer::Policy::RoundRobin => Policy::RoundRobin,
+        load_balancer::Policy::LeastRequest => Policy::LeastRequest,
+        load_balancer::Policy::Random => Policy::Random,
+    }
+}
+
+fn http_route(r: &pb::HttpRoute, at: &str, clusters: &mut Clusters<'_, '_>) -> Result<HttpRoute, Error> {
+    if r.retries.is_some_and(|x| x != pb::Retry::default()) {
+        return Err(Error::Unsupported { at: format!("{at}.retries"), field: "retries" });
+    }
+    if r.fault.is_some_and(|x| x != pb::Fault::default()) {
+        return Err(Error::Unsupported { at: format!("{at}.fault"), field: "fault" });
+    }
+    let matches = r
+        .matches
+        .iter()
+        .enumerate()
+        .map(|(i, m)| http_match(m, &format!("{at}.matches[{i}]")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let action = match (!r.route.is_empty(), &r.redirect, &r.direct_response) {
+        (true, None, None) => Action::Forward(split(&r.route, &format!("{at}.route"), clusters)?),
+        (false, Some(rd), None) => Action::Redirect(redirect(rd, &format!("{at}.redirect"))?),
+        (false, None, Some(d)) => Action::Direct {
+            status: StatusCode::from_u16(u16::try_from(d.status).unwrap_or(0))
+                .map_err(|_| Error::BadStatus { at: format!("{at}.directResponse.status"), code: d.status })?,
+            body: d.body.clone().into(),
+        },
+        _ => return Err(Error::Action { at: at.to_owned() }),
+    };
+    let rewrite = match &r.rewrite {
+        Some(rw) if !rw.uri.is_empty() || !rw.authority.is_empty() => Some(Rewrite {
+            uri: (!rw.uri.is_empty()).then(|| rw.uri.clone()),
+            authority: match rw.authority.as_str() {
+                "" => None,
+                a => Some(HeaderValue::from_str(a).map_err(|_| Error::BadHeaderValue {
+                    at: format!("{at}.rewrite.authority"),
+                    name: "host".into(),
+                })?),
+            },
+        }),
+        _ => None,
+    };
+    Ok(HttpRoute {
+        name: Arc::from(r.name.as_str()),
+        matches,
+        action,
+        rewrite,
+        request_headers: header_ops(r.request_headers.as_ref(), &format!("{at}.requestHeaders"))?,
+        response_headers: header_ops(r.response_headers.as_ref(), &format!("{at}.responseHeaders"))?,
+        timeout: (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms.into())),
+    })
+}
+
+fn split(route: &[pb::WeightedDestination], at: &str, clusters: &mut Clusters<'_, '_>) -> Result<Split, Error> {
+    let mut targets = Vec::with_capacity(route.len());
+    for (i, wd) in route.iter().enumerate() {
+        let at = format!("{at}[{i}]");
+        let dest = wd.destination.clone().unwrap_or_default();
+        let (service, cl) = clusters.destination(&dest, &format!("{at}.destination"))?;
+        targets.push(Target {
+            // A lone destination needs no weight.
+            weight: if route.len() == 1 { wd.weight.max(1) } else { wd.weight },
+            service,
+            clusters: cl,
+            request_headers: header_ops(wd.request_headers.as_ref(), &format!("{at}.requestHeaders"))?,
+            response_headers: header_ops(wd.response_headers.as_ref(), &format!("{at}.responseHeaders"))?,
+        });
+    }
+    if !targets.is_empty() && targets.iter().all(|t| t.weight == 0) {
+        return Err(Error::NoWeight { at: at.to_owned() });
+    }
+    Ok(Split { targets })
+}
+
+fn http_match(m: &pb::HttpMatch, at: &str) -> Result<Match, Error> {
+    let header_name = |name: &str, at: &str| {
+        HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
+            .map_err(|_| Error::BadHeaderName { at: at.to_owned(), name: name.to_owned() })
+    };
+    Ok(Match {
+        uri: m.uri.as_ref().map(|s| string_match(s, &format!("{at}.uri"))).transpose()?,
+        method: m.method.as_ref().map(|s| string_match(s, &format!("{at}.method"))).transpose()?,
+        authority: m
+            .authority
+            .as_ref()
+            .map(|s| string_match(&lowercase(s), &format!("{at}.authority")))
+            .transpose()?,
+        headers: m
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                let at = format!("{at}.headers[{k}]");
+                Ok((header_name(k, &at)?, string_match(v, &at)?))
+            })
+            .collect::<Result<_, Error>>()?,
+        query_params: m
+            .query_params
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), string_match(v, &format!("{at}.queryParams[{k}]"))?)))
+            .collect::<Result<_, Error>>()?,
+        ignore_uri_case: m.ignore_uri_case,
+    })
+}
+
+/// Hosts compare lowercase, so exact and prefix authority matches are lowercased too.
+fn lowercase(s: &pb::StringMatch) -> pb::StringMatch {
+    let kind = match &s.kind {
+        Some(Kind::Exact(v)) => Some(Kind::Exact(v.to_ascii_lowercase())),
+        Some(Kind::Prefix(v)) => Some(Kind::Prefix(v.to_ascii_lowercase())),
+        other => other.clone(),
+    };
+    pb::StringMatch { kind }
+}
+
+fn string_match(s: &pb::StringMatch, at: &str) -> Result<StrMatch, Error> {
+    match &s.kind {
+        Some(Kind::Exact(v)) => Ok(StrMatch::Exact(v.clone())),
+        Some(Kind::Prefix(v)) => Ok(StrMatch::Prefix(v.clone())),
+        Some(Kind::Regex(v)) => StrMatch::regex(v).map_err(|source| Error::BadRegex { at: at.to_owned(), source }),
+        None => Err(Error::EmptyMatch { at: at.to_owned() }),
+    }
+}
+
+fn redirect(r: &pb::Redirect, at: &str) -> Result<Redirect, Error> {
+    let code = match r.redirect_code {
+        0 => StatusCode::MOVED_PERMANENTLY,
+        c @ (301 | 302 | 303 | 307 | 308) => StatusCode::from_u16(c as u16).unwrap_or(StatusCode::MOVED_PERMANENTLY),
+        c => return Err(Error::BadStatus { at: format!("{at}.redirectCode"), code: c }),
+    };
+    let scheme = match r.scheme.as_str() {
+        "" => None,
+        s @ ("http" | "https") => Some(s.to_owned()),
+        s => return Err(Error::BadScheme { at: format!("{at}.scheme"), scheme: s.to_owned() }),
+    };
+    let port = match r.port {
+        0 => None,
+        p => Some(u16::try_from(p).map_err(|_| Error::BadAddress {
+            at: format!("{at}.port"),
+            value: p.to_string(),
+            why: "port must be 1-65535",
+        })?),
+    };
+    Ok(Redirect {
+        uri: (!r.uri.is_empty()).then(|| r.uri.clone()),
+        authority: (!r.authority.is_empty()).then(|| r.authority.to_ascii_lowercase()),
+        port,
+        scheme,
+        code,
+    })
+}
+
+fn header_ops(ops: Option<&pb::HeaderOperations>, at: &str) -> Result<HeaderOps, Error> {
+    let Some(ops) = ops else { return Ok(HeaderOps::default()) };
+    let name = |n: &str| {
+        HeaderName::from_bytes(n.to_ascii_lowercase().as_bytes())
+            .map_err(|_| Error::BadHeaderName { at: at.to_owned(), name: n.to_owned() })
+    };
+    let pair = |(n, v): (&String, &String)| {
+        Ok((name(n)?, HeaderValue::from_str(v).map_err(|_| Error::BadHeaderValue { at: at.to_owned(), name: n.clone() })?))
+    };
+    Ok(HeaderOps {
+        set: ops.set.iter().map(pair).collect::<Result<_, Error>>()?,
+        add: ops.add.iter().map(pair).collect::<Result<_, Error>>()?,
+        remove: ops.remove.iter().map(|n| name(n)).collect::<Result<_, Error>>()?,
+    })
+}
+
+/// Set of hosts in a config, for tests and diagnostics.
+#[cfg(test)]
+fn hosts(s: &Snapshot) -> HashSet<String> {
+    s.by_host.keys().cloned().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> pb::ProxyConfig {
+        serde_yaml::from_str(yaml).expect("test yaml parses")
+    }
+
+    const BASE: &str = r#"
+version: v1
+services:
+  - name: Reviews.default.svc.cluster.local
+    aliases: [reviews]
+    addresses: ["10.96.0.10"]
+    ports:
+      - number: 9080
+        endpoints:
+          - {address: "10.1.0.5:9080", labels: {version: v1}}
+          - {address: "10.1.0.6:9080", labels: {version: v2}}
+    subsets:
+      - {name: v1, labels: {version: v1}}
+      - {name: v2, labels: {version: v2}, trafficPolicy: {loadBalancer: {policy: ROUND_ROBIN}}}
+    httpRoutes:
+      - name: split
+        matches: [{uri: {prefix: /api}}]
+        route:
+          - {destination: {host: reviews, subset: v1}, weight: 90}
+          - {destination: {host: reviews, subset: v2}, weight: 10}
+      - name: moved
+        redirect: {uri: /new}
+"#;
+
+    #[test]
+    fn compiles_services_subsets_and_routes() {
+        let s = compile(parse(BASE), None).expect("valid");
+        assert_eq!(s.version, "v1");
+        assert_eq!(hosts(&s), HashSet::from(["reviews.default.svc.cluster.local".into(), "reviews".into()]));
+        let (svc, port) = s.service_by_addr("10.96.0.10:9080".parse().unwrap()).expect("by vip");
+        assert_eq!(&*svc.name, "reviews.default.svc.cluster.local");
+        assert_eq!(port.cluster.endpoints.len(), 2);
+        let Action::Forward(split) = &svc.http_routes[0].action else { panic!("forward") };
+        let v1 = split.targets[0].cluster(Some(9080));
+        assert_eq!(v1.endpoints.iter().map(|e| e.addr.to_string()).collect::<Vec<_>>(), ["10.1.0.5:9080"]);
+        assert_eq!(v1.policy, Policy::PeakEwma);
+        assert_eq!(split.targets[1].cluster(None).policy, Policy::RoundRobin, "subset policy overrides");
+        assert!(matches!(svc.http_routes[1].action, Action::Redirect(Redirect { code: StatusCode::MOVED_PERMANENTLY, .. })));
+    }
+
+    #[test]
+    fn endpoints_carry_over_between_snapshots() {
+        let first = compile(parse(BASE), None).unwrap();
+        let addr = "10.1.0.5:9080".parse().unwrap();
+        let a = first.endpoint(&addr).unwrap().clone();
+        let second = compile(parse(BASE), Some(&first)).unwrap();
+        assert!(Arc::ptr_eq(&a, second.endpoint(&addr).unwrap()), "same endpoint state");
+    }
+
+    #[test]
+    fn rejects_with_the_field_path() {
+        let cases = [
+            (BASE.replace("subset: v2}", "subset: v3}"), "services[0].httpRoutes[0].route[1].destination: service \"reviews\" has no subset \"v3\""),
+            (BASE.replace("host: reviews, subset: v1", "host: nope"), "services[0].httpRoutes[0].route[0].destination: no service named \"nope\""),
+            (BASE.replace("prefix: /api", "regex: \"(\""), "services[0].httpRoutes[0].matches[0].uri: invalid regex"),
+            (BASE.replace("10.1.0.6:9080", "10.1.0.6"), "services[0].ports[0].endpoints[1].address: invalid address"),
+            (BASE.replace("redirect: {uri: /new}", "redirect: {uri: /new}\n        directResponse: {status: 200}"), "services[0].httpRoutes[1]: a rule needs exactly one"),
+            (BASE.replace("redirect: {uri: /new}", "redirect: {redirectCode: 200}"), "services[0].httpRoutes[1].redirect.redirectCode: invalid status code 200"),
+            (BASE.replace("weight: 90", "weight: 0").replace("weight: 10", "weight: 0"), "services[0].httpRoutes[0].route: at least one destination"),
+            (BASE.replace("name: moved", "name: moved\n        retries: {attempts: 3}"), "services[0].httpRoutes[1].retries: retries is not supported"),
+            (BASE.replace("aliases: [reviews]", "aliases: [reviews, REVIEWS]"), "services[0].aliases[1]: host \"reviews\" is already used"),
+            (BASE.replace("matches: [{uri: {prefix: /api}}]", "matches: [{uri: {}}]"), "services[0].httpRoutes[0].matches[0].uri: a string match needs one"),
+            (BASE.replace("redirect: {uri: /new}", "redirect: {uri: /new}\n        requestHeaders: {set: {\"bad header\": x}}"), "services[0].httpRoutes[1].requestHeaders: invalid header name"),
+        ];
+        for (yaml, want) in cases {
+            let err = compile(parse(&yaml), None).expect_err(want).to_string();
+            assert!(err.starts_with(want), "got {err:?}, want {want:?}");
+        }
+    }
+
+    #[test]
+    fn single_destination_needs_no_weight_and_empty_config_is_valid() {
+        let s = compile(
+            parse("services: [{name: a, ports: [{number: 80}], httpRoutes: [{route: [{destination: {host: a}}]}]}]"),
+            None,
+        )
+        .unwrap();
+        let Action::Forward(split) = &s.services[0].http_routes[0].action else { panic!() };
+        assert_eq!(split.targets[0].weight, 1);
+        assert!(compile(pb::ProxyConfig::default(), None).unwrap().services.is_empty());
+    }
+}

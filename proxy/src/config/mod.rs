@@ -1,0 +1,273 @@
+//! The running configuration: a validated, compiled, immutable `Snapshot` of a
+//! `weft.proxy.v1.ProxyConfig`, held in a `Store` and swapped whole. Readers load an `Arc` without
+//! taking a lock (arc-swap); a request keeps the snapshot it started with until it ends.
+
+mod compile;
+pub mod file;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, atomic::AtomicUsize},
+    time::{Duration, SystemTime},
+};
+
+use arc_swap::{ArcSwapOption, Guard};
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, StatusCode};
+use tokio::sync::watch;
+use weft_proto::v1::ProxyConfig;
+
+pub use compile::{Error, compile};
+
+use crate::{balance::Policy, route::Match, upstream::Endpoint};
+
+/// How a port's traffic is handled (the proto `Protocol`, compiled).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Detect,
+    Http1,
+    Http2,
+    Tcp,
+}
+
+/// A compiled config.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub version: String,
+    /// The config as loaded, for `/config`.
+    pub source: ProxyConfig,
+    pub services: Vec<Arc<Service>>,
+    by_host: HashMap<String, usize>,
+    by_addr: HashMap<SocketAddr, usize>,
+    /// Every endpoint by address, so the next snapshot can reuse their state.
+    endpoints: HashMap<SocketAddr, Arc<Endpoint>>,
+}
+
+#[derive(Debug)]
+pub struct Service {
+    pub name: Arc<str>,
+    pub ports: Vec<Port>,
+    pub http_routes: Vec<HttpRoute>,
+    pub tcp_routes: Vec<Split>,
+}
+
+#[derive(Debug)]
+pub struct Port {
+    pub number: u16,
+    pub protocol: Protocol,
+    /// All the port's endpoints with the service's policy: the default destination.
+    pub cluster: Arc<Cluster>,
+}
+
+/// A set of endpoints that one destination (service, subset, port) resolves to.
+#[derive(Debug)]
+pub struct Cluster {
+    /// `service|subset|port`, for logs and access logs.
+    pub name: Arc<str>,
+    pub service: Arc<str>,
+    pub protocol: Protocol,
+    pub policy: Policy,
+    pub endpoints: Vec<Arc<Endpoint>>,
+    pub rr: AtomicUsize,
+    pub connect_timeout: Option<Duration>,
+    pub idle_timeout: Option<Duration>,
+}
+
+#[derive(Debug)]
+pub struct HttpRoute {
+    pub name: Arc<str>,
+    /// Any one holds (empty: always).
+    pub matches: Vec<Match>,
+    pub action: Action,
+    pub rewrite: Option<Rewrite>,
+    pub request_headers: HeaderOps,
+    pub response_headers: HeaderOps,
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug)]
+pub enum Action {
+    Forward(Split),
+    Redirect(Redirect),
+    Direct { status: StatusCode, body: Bytes },
+}
+
+/// Weighted destinations; one is picked per request (or per TCP connection).
+#[derive(Debug)]
+pub struct Split {
+    pub targets: Vec<Target>,
+}
+
+#[derive(Debug)]
+pub struct Target {
+    pub weight: u32,
+    pub service: Arc<str>,
+    /// Port number to cluster; a destination without a port has one per port of its service.
+    pub clusters: Vec<(u16, Arc<Cluster>)>,
+    pub request_headers: HeaderOps,
+    pub response_headers: HeaderOps,
+}
+
+impl Target {
+    /// The cluster for a request that arrived for `port`: the matching one, else the first.
+    pub fn cluster(&self, port: Option<u16>) -> &Arc<Cluster> {
+        let found = port.and_then(|p| self.clusters.iter().find(|(n, _)| *n == p));
+        &found.unwrap_or(&self.clusters[0]).1
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct HeaderOps {
+    pub set: Vec<(HeaderName, HeaderValue)>,
+    pub add: Vec<(HeaderName, HeaderValue)>,
+    pub remove: Vec<HeaderName>,
+}
+
+impl HeaderOps {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+
+    /// Set, then add, then remove.
+    pub fn apply(&self, headers: &mut http::HeaderMap) {
+        for (name, value) in &self.set {
+            headers.insert(name.clone(), value.clone());
+        }
+        for (name, value) in &self.add {
+            headers.append(name.clone(), value.clone());
+        }
+        for name in &self.remove {
+            headers.remove(name);
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rewrite {
+    pub uri: Option<String>,
+    pub authority: Option<HeaderValue>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Redirect {
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+    pub port: Option<u16>,
+    pub scheme: Option<String>,
+    pub code: StatusCode,
+}
+
+impl Snapshot {
+    /// The service a `Host`/`:authority` names (lowercase, without the port).
+    pub fn service_by_host(&self, host: &str) -> Option<&Arc<Service>> {
+        self.by_host.get(host).map(|&i| &self.services[i])
+    }
+
+    /// The service owning a virtual address (`vip:port`), with that port.
+    pub fn service_by_addr(&self, addr: SocketAddr) -> Option<(&Arc<Service>, &Port)> {
+        let svc = &self.services[*self.by_addr.get(&addr)?];
+        let port = svc.port(addr.port())?;
+        Some((svc, port))
+    }
+
+    pub(crate) fn endpoint(&self, addr: &SocketAddr) -> Option<&Arc<Endpoint>> {
+        self.endpoints.get(addr)
+    }
+}
+
+impl Service {
+    pub fn port(&self, number: u16) -> Option<&Port> {
+        self.ports.iter().find(|p| p.number == number)
+    }
+
+    /// The port a request for `number` uses: that one, else the only one.
+    pub fn port_or_only(&self, number: Option<u16>) -> Option<&Port> {
+        match number.and_then(|n| self.port(n)) {
+            Some(p) => Some(p),
+            None if self.ports.len() == 1 => self.ports.first(),
+            None => None,
+        }
+    }
+}
+
+/// The latest good snapshot plus what the last load attempt said. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    inner: Arc<StoreInner>,
+}
+
+#[derive(Debug)]
+struct StoreInner {
+    current: ArcSwapOption<Snapshot>,
+    status: watch::Sender<Status>,
+}
+
+/// The outcome of the latest load attempt, for `/config` and tests.
+#[derive(Clone, Debug, Default)]
+pub struct Status {
+    /// Increases on every attempt, good or bad.
+    pub attempts: u64,
+    pub loaded_at: Option<SystemTime>,
+    /// Why the latest attempt was rejected (the running config stays the previous good one).
+    pub last_error: Option<String>,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Store { inner: Arc::new(StoreInner { current: ArcSwapOption::empty(), status: watch::channel(Status::default()).0 }) }
+    }
+}
+
+impl Store {
+    /// The running snapshot, if any config was ever loaded. Lock-free.
+    pub fn load(&self) -> Guard<Option<Arc<Snapshot>>> {
+        self.inner.current.load()
+    }
+
+    pub fn current(&self) -> Option<Arc<Snapshot>> {
+        self.inner.current.load_full()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.inner.current.load().is_some()
+    }
+
+    /// Compiles and installs `config`, or keeps the running one and records why not.
+    pub fn apply(&self, config: ProxyConfig) -> Result<Arc<Snapshot>, Error> {
+        let previous = self.current();
+        match compile(config, previous.as_deref()) {
+            Ok(snapshot) => {
+                let snapshot = Arc::new(snapshot);
+                self.inner.current.store(Some(snapshot.clone()));
+                self.inner.status.send_modify(|s| {
+                    s.attempts += 1;
+                    s.loaded_at = Some(SystemTime::now());
+                    s.last_error = None;
+                });
+                Ok(snapshot)
+            }
+            Err(e) => {
+                self.reject(e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    /// Records a failed load attempt (the running config is kept).
+    pub fn reject(&self, why: String) {
+        self.inner.status.send_modify(|s| {
+            s.attempts += 1;
+            s.last_error = Some(why);
+        });
+    }
+
+    pub fn status(&self) -> Status {
+        self.inner.status.borrow().clone()
+    }
+
+    /// Changes whenever a load attempt finishes.
+    pub fn subscribe(&self) -> watch::Receiver<Status> {
+        self.inner.status.subscribe()
+    }
+}

@@ -1,0 +1,190 @@
+//! Runtime settings: listener addresses, timeouts and limits. Parsed once from flags in `main`
+//! (see `args`), built directly by tests. Routing data never lives here: it is in the config
+//! snapshot (`config`).
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+/// Everything the proxy needs besides the routing config.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The config file (YAML or JSON of `weft.proxy.v1.ProxyConfig`).
+    pub config_path: PathBuf,
+    /// How often the file is checked for changes (SIGHUP reloads at once).
+    pub config_poll_interval: Duration,
+    pub admin_addr: SocketAddr,
+    /// Redirected outbound traffic (iptables REDIRECT); `None` disables the listener.
+    pub outbound_addr: Option<SocketAddr>,
+    /// Redirected inbound traffic; `None` disables the listener.
+    pub inbound_addr: Option<SocketAddr>,
+    /// Where inbound connections go: the app, on this IP and the original destination port.
+    pub inbound_forward_ip: std::net::IpAddr,
+    /// Explicit listeners (tests, benchmarks, gateways).
+    pub explicit: Vec<ExplicitListener>,
+    /// Ports whose traffic is opaque TCP whatever the config says (no protocol detection).
+    pub opaque_ports: Vec<u16>,
+    pub limits: Limits,
+    pub timeouts: Timeouts,
+    /// Write one JSON line per request to stdout.
+    pub access_log: bool,
+}
+
+/// A listener that accepts connections directly rather than by redirection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExplicitListener {
+    pub addr: SocketAddr,
+    /// Treat every connection as if it had been redirected to this `host:port` destination:
+    /// opaque TCP goes there, and HTTP goes there unless `Host` names another service. Without it,
+    /// HTTP is routed by `Host` alone and anything else is refused.
+    pub target: Option<(String, u16)>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Concurrent downstream connections per listener; more are closed at accept.
+    pub max_connections: usize,
+    /// HTTP/1 request head (request line and headers) and HTTP/2 header list, in bytes.
+    pub max_header_bytes: usize,
+    /// Number of request headers (HTTP/1).
+    pub max_headers: usize,
+    /// Concurrent HTTP/2 streams per downstream connection.
+    pub h2_max_concurrent_streams: u32,
+    /// HTTP/2 streams the client may reset before the server accepted them (rapid reset).
+    pub h2_max_pending_accept_reset_streams: usize,
+    /// HTTP/2 streams the proxy may reset for protocol errors before it sends GOAWAY.
+    pub h2_max_local_error_reset_streams: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct Timeouts {
+    /// How long to wait for the first bytes before treating a connection as opaque TCP.
+    pub detect: Duration,
+    /// HTTP/1 request-head read deadline.
+    pub header_read: Duration,
+    /// Close a downstream HTTP connection with no request in flight and no bytes for this long.
+    pub http_idle: Duration,
+    /// Close a TCP splice with no bytes in either direction for this long.
+    pub tcp_idle: Duration,
+    /// Default upstream connect timeout (a service's connection pool may override it).
+    pub connect: Duration,
+    /// Default idle time of a pooled upstream connection.
+    pub upstream_idle: Duration,
+    /// On shutdown, how long in-flight requests and connections get to finish.
+    pub drain: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 10_000,
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            h2_max_concurrent_streams: 100,
+            h2_max_pending_accept_reset_streams: 20,
+            h2_max_local_error_reset_streams: 1024,
+        }
+    }
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            detect: Duration::from_millis(500),
+            header_read: Duration::from_secs(10),
+            http_idle: Duration::from_secs(300),
+            tcp_idle: Duration::from_secs(3600),
+            connect: Duration::from_secs(1),
+            upstream_idle: Duration::from_secs(90),
+            drain: Duration::from_secs(25),
+        }
+    }
+}
+
+impl Settings {
+    /// Settings for an in-process proxy on loopback: ephemeral ports, no redirect listeners.
+    pub fn for_tests(config_path: PathBuf) -> Self {
+        Settings {
+            config_path,
+            config_poll_interval: Duration::from_millis(50),
+            admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            outbound_addr: None,
+            inbound_addr: None,
+            inbound_forward_ip: [127, 0, 0, 1].into(),
+            explicit: vec![ExplicitListener { addr: SocketAddr::from(([127, 0, 0, 1], 0)), target: None }],
+            opaque_ports: Vec::new(),
+            limits: Limits::default(),
+            timeouts: Timeouts::default(),
+            access_log: false,
+        }
+    }
+}
+
+/// Errors parsing flag values.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ParseError {
+    #[error("invalid duration {0:?}: use a number with a unit, e.g. 500ms, 10s, 5m, 1h")]
+    Duration(String),
+    #[error("invalid listener {0:?}: use ADDR or ADDR=HOST:PORT, e.g. 127.0.0.1:8080=echo:80")]
+    Listener(String),
+}
+
+/// Parses `250ms`, `10s`, `5m`, `1h` (a whole number and a unit).
+pub fn parse_duration(s: &str) -> Result<Duration, ParseError> {
+    let err = || ParseError::Duration(s.to_owned());
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| err())?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => n.checked_mul(60).map(Duration::from_secs).ok_or_else(err),
+        "h" => n.checked_mul(3600).map(Duration::from_secs).ok_or_else(err),
+        _ => Err(err()),
+    }
+}
+
+/// Parses `ADDR` or `ADDR=HOST:PORT`.
+pub fn parse_listener(s: &str) -> Result<ExplicitListener, ParseError> {
+    let err = || ParseError::Listener(s.to_owned());
+    let (addr, target) = match s.split_once('=') {
+        Some((addr, target)) => {
+            let (host, port) = target.rsplit_once(':').ok_or_else(err)?;
+            if host.is_empty() {
+                return Err(err());
+            }
+            (addr, Some((host.to_ascii_lowercase(), port.parse().map_err(|_| err())?)))
+        }
+        None => (s, None),
+    };
+    Ok(ExplicitListener { addr: addr.parse().map_err(|_| err())?, target })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        for bad in ["", "10", "s", "1.5s", "-1s", "10 s", "10d"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn listeners() {
+        assert_eq!(
+            parse_listener("127.0.0.1:8080"),
+            Ok(ExplicitListener { addr: "127.0.0.1:8080".parse().unwrap(), target: None })
+        );
+        assert_eq!(
+            parse_listener("[::1]:9000=Echo.default:80"),
+            Ok(ExplicitListener { addr: "[::1]:9000".parse().unwrap(), target: Some(("echo.default".into(), 80)) })
+        );
+        for bad in ["nope", "127.0.0.1:1=echo", "127.0.0.1:1=:80", "127.0.0.1:1=echo:x"] {
+            assert!(parse_listener(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! Upstream endpoints and their connection pools.
+//!
+//! An `Endpoint` is one `ip:port` with its load (for the balancer) and its connections: a small
+//! list of HTTP/1.1 connections, each carrying one request at a time, and one multiplexed
+//! HTTP/2 connection. Endpoints outlive config snapshots: a new snapshot reuses the `Endpoint` of
+//! an address it keeps, so latency history and pooled connections survive a reload, and a request
+//! holds its `Arc<Endpoint>` so removing the endpoint from the config never cuts it off.
+//!
+//! The pool's lists sit behind short `std::sync::Mutex`es held only to push or pop an entry
+//! (never across an `.await`), as in hyper-util's pool.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use hyper::{
+    Request, Response,
+    body::Incoming,
+    client::conn::{http1, http2},
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::{net::TcpStream, time::Instant};
+
+use crate::{balance::Load, http::Body};
+
+/// At most this many HTTP/1.1 connections are kept per endpoint (busy or idle).
+const MAX_H1_CONNS: usize = 64;
+
+/// Which HTTP version to speak to the endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Proto {
+    Http1,
+    Http2,
+}
+
+/// Per-cluster connection options.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectOpts {
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("connect to {addr} timed out after {timeout:?}")]
+    ConnectTimeout { addr: SocketAddr, timeout: Duration },
+    #[error("connect to {addr}: {source}")]
+    Connect { addr: SocketAddr, source: std::io::Error },
+    #[error("handshake with {addr}: {source}")]
+    Handshake { addr: SocketAddr, source: hyper::Error },
+    #[error("request to {addr}: {source}")]
+    Request { addr: SocketAddr, source: hyper::Error },
+}
+
+impl Error {
+    /// Failed before any byte of the request could reach the endpoint.
+    pub fn is_connect(&self) -> bool {
+        matches!(self, Error::ConnectTimeout { .. } | Error::Connect { .. } | Error::Handshake { .. })
+    }
+}
+
+/// One upstream address.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub load: Arc<Load>,
+    h1: Mutex<Vec<H1Conn>>,
+    h2: Mutex<Option<http2::SendRequest<Body>>>,
+}
+
+#[derive(Debug)]
+struct H1Conn {
+    sender: http1::SendRequest<Body>,
+    used: Instant,
+}
+
+impl Endpoint {
+    pub fn new(addr: SocketAddr) -> Arc<Endpoint> {
+        Arc::new(Endpoint {
+            addr,
+            load: Arc::new(Load::new(Instant::now())),
+            h1: Mutex::new(Vec::new()),
+            h2: Mutex::new(None),
+        })
+    }
+
+    /// Sends one request, reusing a pooled connection when one is free.
+    pub async fn send(
+        &self,
+        req: Request<Body>,
+        proto: Proto,
+        opts: ConnectOpts,
+    ) -> Result<Response<Incoming>, Error> {
+        match proto {
+            Proto::Http1 => self.send_h1(req, opts).await,
+            Proto::Http2 => self.send_h2(req, opts).await,
+        }
+    }
+
+    async fn send_h1(&self, mut req: Request<Body>, opts: ConnectOpts) -> Result<Response<Incoming>, Error> {
+        // A pooled connection can be closed by the server at any moment; hyper hands the request
+        // back when it was not sent, and then a fresh connection takes it.
+        if let Some(mut sender) = self.checkout_h1(opts.idle_timeout) {
+            match sender.try_send_request(req).await {
+                Ok(res) => {
+                    self.checkin_h1(sender);
+                    return Ok(res);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(back) => req = back,
+                    None => return Err(Error::Request { addr: self.addr, source: e.into_error() }),
+                },
+            }
+        }
+        let mut sender = self.connect_h1(opts).await?;
+        let res = sender
+            .send_request(req)
+            .await
+            .map_err(|source| Error::Request { addr: self.addr, source })?;
+        self.checkin_h1(sender);
+        Ok(res)
+    }
+
+    fn checkout_h1(&self, idle_timeout: Duration) -> Option<http1::SendRequest<Body>> {
+        let now = Instant::now();
+        let mut conns = self.h1.lock().unwrap_or_else(|e| e.into_inner());
+        conns.retain(|c| !c.sender.is_closed() && now.saturating_duration_since(c.used) < idle_timeout);
+        let i = conns.iter().position(|c| c.sender.is_ready())?;
+        Some(conns.swap_remove(i).sender)
+    }
+
+    /// Returns a connection with a request in flight; it is handed out again once the response
+    /// body is done and hyper reports it ready.
+    fn checkin_h1(&self, sender: http1::SendRequest<Body>) {
+        let mut conns = self.h1.lock().unwrap_or_else(|e| e.into_inner());
+        if conns.len() < MAX_H1_CONNS {
+            conns.push(H1Conn { sender, used: Instant::now() });
+        }
+    }
+
+    async fn connect_h1(&self, opts: ConnectOpts) -> Result<http1::SendRequest<Body>, Error> {
+        let io = self.connect(opts).await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|source| Error::Handshake { addr: self.addr, source })?;
+        let addr = self.addr;
+        tokio::spawn(async move {
+            if let Err(error) = conn.with_upgrades().await {
+                tracing::debug!(%addr, %error, "upstream HTTP/1 connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    async fn send_h2(&self, req: Request<Body>, opts: ConnectOpts) -> Result<Response<Incoming>, Error> {
+        let cached = self.h2.lock().unwrap_or_else(|e| e.into_inner()).clone().filter(|s| !s.is_closed());
+        let mut sender = match cached {
+            Some(s) => s,
+            None => {
+                // Two requests racing here may both connect; the later one replaces the cached
+                // connection and the earlier closes once its streams finish.
+                let s = self.connect_h2(opts).await?;
+                *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(s.clone());
+                s
+            }
+        };
+        sender.ready().await.map_err(|source| Error::Request { addr: self.addr, source })?;
+        sender.send_request(req).await.map_err(|source| Error::Request { addr: self.addr, source })
+    }
+
+    async fn connect_h2(&self, opts: ConnectOpts) -> Result<http2::SendRequest<Body>, Error> {
+        let io = self.connect(opts).await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(opts.idle_timeout / 3))
+            .keep_alive_while_idle(false)
+            .handshake(io)
+            .await
+            .map_err(|source| Error::Handshake { addr: self.addr, source })?;
+        let addr = self.addr;
+        tokio::spawn(async move {
+            if let Err(error) = conn.await {
+                tracing::debug!(%addr, %error, "upstream HTTP/2 connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// A raw TCP connection (for HTTP and for opaque splices).
+    pub async fn connect_tcp(&self, timeout: Duration) -> Result<TcpStream, Error> {
+        let addr = self.addr;
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| Error::ConnectTimeout { addr, timeout })?
+            .map_err(|source| Error::Connect { addr, source })?;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    async fn connect(&self, opts: ConnectOpts) -> Result<TokioIo<TcpStream>, Error> {
+        Ok(TokioIo::new(self.connect_tcp(opts.connect_timeout).await?))
+    }
+}
