@@ -98,9 +98,13 @@ fn inject_template(
     config: &InjectConfig,
 ) -> Result<Option<SkipReason>, TemplateError> {
     let field = |name: &'static str| move |source| TemplateError::Field(name, source);
-    let mut meta: ObjectMeta =
-        serde_json::from_value(template["metadata"].take()).map_err(field("metadata"))?;
-    let mut spec: PodSpec = serde_json::from_value(template["spec"].take()).map_err(field("spec"))?;
+    // A template may leave out its metadata; an absent object reads as empty.
+    let mut take = |key: &str| match template[key].take() {
+        Value::Null => Value::Object(Default::default()),
+        value => value,
+    };
+    let mut meta: ObjectMeta = serde_json::from_value(take("metadata")).map_err(field("metadata"))?;
+    let mut spec: PodSpec = serde_json::from_value(take("spec")).map_err(field("spec"))?;
     let own_namespace = meta.namespace.clone();
     if own_namespace.is_none() {
         meta.namespace = namespace;

@@ -6,6 +6,7 @@ use std::{
     fs,
     io::{self, Read, Write},
     path::PathBuf,
+    process::ExitCode,
 };
 
 use anyhow::{Context, Result};
@@ -34,8 +35,18 @@ enum Command {
     },
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().command {
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
         Command::Inject { file, config } => {
             let config = match config {
                 Some(path) => InjectConfig::from_yaml(

@@ -15,7 +15,7 @@ use axum::{
 };
 use hyper_util::{
     rt::{TokioExecutor, TokioIo},
-    server::conn::auto,
+    server::{conn::auto, graceful::GracefulShutdown},
     service::TowerToHyperService,
 };
 use tokio::{net::TcpListener, sync::watch};
@@ -28,6 +28,8 @@ use crate::{admission, config::InjectConfig, metrics::Metrics, tls::CertStore};
 const MAX_REVIEW_BYTES: usize = 3 * 1024 * 1024;
 /// A client that has not finished its TLS handshake by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// On shutdown, requests in flight get this long to finish.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 pub struct AppState {
@@ -77,7 +79,9 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.encode()).into_response()
 }
 
-/// Serves `router` over TLS with the certificates in `certs` until `shutdown` turns true.
+/// Serves `router` over TLS with the certificates in `certs` until `shutdown` turns true; then
+/// stops accepting, lets requests in flight finish (up to [`DRAIN_TIMEOUT`]) and closes every
+/// connection, keep-alive ones included.
 pub async fn serve_tls(
     listener: TcpListener,
     certs: Arc<CertStore>,
@@ -86,6 +90,7 @@ pub async fn serve_tls(
 ) {
     let acceptor = TlsAcceptor::from(Arc::new(certs.server_config()));
     let service = TowerToHyperService::new(router);
+    let graceful = GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -97,21 +102,25 @@ pub async fn serve_tls(
             },
             _ = shutdown.wait_for(|stop| *stop) => break,
         };
-        let (acceptor, service) = (acceptor.clone(), service.clone());
+        let (acceptor, service, watcher) = (acceptor.clone(), service.clone(), graceful.watcher());
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(error)) => return debug!(%peer, %error, "TLS handshake failed"),
                 Err(_) => return debug!(%peer, "TLS handshake timed out"),
             };
-            if let Err(error) =
-                auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(tls), service).await
-            {
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let connection = builder.serve_connection(TokioIo::new(tls), service).into_owned();
+            if let Err(error) = watcher.watch(connection).await {
                 debug!(%peer, %error, "connection ended with an error");
             }
         });
     }
-    info!("stopped accepting connections");
+    drop(listener);
+    info!(connections = graceful.count(), "stopped accepting; draining");
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
+        warn!("connections still open after {DRAIN_TIMEOUT:?}; closing them");
+    }
 }
 
 /// Checks the certificate files every `interval` and installs a changed pair; a bad pair is
