@@ -172,6 +172,9 @@ pub enum Error {
         /// Its status conditions, as JSON.
         conditions: String,
     },
+    /// The test webhook (see [`crate::webhook`]) could not be set up.
+    #[error("the test webhook: {0}")]
+    Webhook(String),
     /// No cluster is running.
     #[error(
         "the test cluster is not running ({reason}): run `cargo xtask cluster up` (or `cargo xtask test`)"
@@ -187,7 +190,7 @@ impl Error {
         Self::Io { context: context.into(), source }
     }
 
-    fn kube(context: impl Into<String>) -> impl FnOnce(kube::Error) -> Self {
+    pub(crate) fn kube(context: impl Into<String>) -> impl FnOnce(kube::Error) -> Self {
         let context = context.into();
         move |source| Self::Kube { context, source }
     }

@@ -5,6 +5,8 @@
 //! - [`cluster`] is the lifecycle behind `cargo xtask cluster up|down|status|env`: it builds the
 //!   pinned upstream binaries once (`e2e/cluster/build.sh`), generates the PKI, starts the
 //!   components detached from the calling process, and installs Weft's CRDs.
+//! - [`webhook`] runs Weft's injector in the calling process, registered with the apiserver by
+//!   URL, for the injection tests and the admission benchmark.
 //! - [`TestCluster`] gives tests a [`kube::Client`] for the running cluster and a temporary
 //!   namespace per test. It never starts a cluster and never skips: without one, it fails
 //!   with the command to run.
@@ -17,6 +19,7 @@ pub mod cluster;
 mod pki;
 mod process;
 mod test_cluster;
+pub mod webhook;
 
 pub use cluster::Error;
 pub use test_cluster::{TEST_NAMESPACE_LABEL, TestCluster, TestNamespace};

@@ -1,17 +1,23 @@
 //! `cargo xtask demo`: the main job, as far as it runs today. Starts the local cluster, applies
-//! a canary (VirtualService + DestinationRule) as a user would, reads it back, and shows the
-//! apiserver rejecting a bad one with a message that names the field. The cluster stays up.
+//! a canary (VirtualService + DestinationRule) as a user would, reads it back, shows the
+//! apiserver rejecting a bad one with a message that names the field, and injects the proxy
+//! into a pod of a labelled namespace through the real admission chain (the injector runs in
+//! this process for the demo, registered by URL). The cluster stays up.
 
 use std::{fs, path::Path};
 
 use anyhow::{Context, Result};
+use k8s_openapi::api::core::v1::Pod;
 use kube::{
     Api, Client,
-    api::{Patch, PatchParams},
+    api::{Patch, PatchParams, PostParams},
 };
 use serde_json::Value;
 use weft_api::{DestinationRule, VirtualService, labels::FIELD_MANAGER};
-use weft_e2e::cluster;
+use weft_e2e::{
+    cluster,
+    webhook::{Registration, WebhookServer, enable_injection, pod},
+};
 
 const NAMESPACE: &str = "weft-demo";
 const FIXTURES: &str = "lib/api/tests/fixtures";
@@ -21,7 +27,7 @@ pub(crate) fn run() -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(show())?;
     println!("\nThe cluster keeps running: `cargo xtask cluster down` stops it.");
-    println!("Next to land: the operator (status conditions, proxy config), the injector and the proxy.");
+    println!("Next to land: the operator (status conditions, proxy config, certificates) and the proxy.");
     Ok(())
 }
 
@@ -69,6 +75,44 @@ async fn show() -> Result<()> {
         Err(other) => return Err(other).context("applying the invalid VirtualService"),
         Ok(_) => anyhow::bail!("the apiserver accepted a VirtualService whose weights sum to 90"),
     }
+
+    println!(
+        "\n3. Label the namespace weft.dev/inject=enabled and create a plain pod: the injector adds the proxy"
+    );
+    enable_injection(&client, NAMESPACE).await?;
+    let scratch = std::env::temp_dir().join(format!("weft-demo-webhook-{}", std::process::id()));
+    let server = WebhookServer::start(&scratch).await?;
+    let registration =
+        Registration::create(&client, "weft-demo-injector", &server, "Fail", &[NAMESPACE]).await?;
+    let shown = show_injection(&client, &registration).await;
+    registration.delete().await?;
+    server.stop().await;
+    shown
+}
+
+async fn show_injection(client: &Client, registration: &Registration) -> Result<()> {
+    registration.wait_until_injecting(NAMESPACE).await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    let name = format!("productpage-{}", std::process::id());
+    let stored = pods.create(&PostParams::default(), &pod(&name, serde_json::json!({}))).await?;
+    let spec = stored.spec.unwrap_or_default();
+    for container in spec.init_containers.iter().flatten() {
+        let role = match container.restart_policy.as_deref() {
+            Some("Always") => "native sidecar",
+            _ => "init",
+        };
+        println!(
+            "   pod {name}: {role} container {} ({})",
+            container.name,
+            container.args.as_deref().unwrap_or_default().join(" ")
+        );
+    }
+    for container in &spec.containers {
+        println!("   pod {name}: app container {}", container.name);
+    }
+    let volumes: Vec<&str> = spec.volumes.iter().flatten().map(|v| v.name.as_str()).collect();
+    println!("   pod {name}: volumes {volumes:?}");
+    println!("   (no node runs it yet: the proxy image and a kubelet arrive with later work)");
     Ok(())
 }
 

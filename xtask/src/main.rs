@@ -1,5 +1,6 @@
 //! Developer tasks for Weft: `cargo xtask <task>`.
 
+mod bench;
 mod cluster;
 mod codegen;
 mod demo;
@@ -32,6 +33,11 @@ enum Task {
     },
     /// The main job, as far as it runs today: start the local cluster and show Weft's API at work.
     Demo,
+    /// Run a benchmark (release build); see BENCHMARKS.md.
+    Bench {
+        #[command(subcommand)]
+        which: bench::Bench,
+    },
     /// Run every test: build the cluster binaries if missing, start the cluster,
     /// run `cargo test --workspace` against it, and stop it again.
     Test {
@@ -57,6 +63,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.task {
         Task::Codegen { check } => codegen::run(check),
         Task::Demo => demo::run(),
+        Task::Bench { which } => bench::run(which),
         Task::Cluster { command } => cluster::run(command),
         Task::Test { cargo_args } => test::run(&cargo_args),
     }
