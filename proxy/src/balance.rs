@@ -28,22 +28,25 @@ pub const DECAY: Duration = Duration::from_secs(10);
 pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
 
 /// A peak-EWMA round-trip estimate: a slower observation replaces the estimate at once, faster
-/// ones pull it down exponentially with time (so an endpoint that was slow gets retried).
+/// ones pull it down exponentially with time (so an endpoint that was slow gets retried). The
+/// first observation replaces the default prior outright.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RttEstimate {
     pub rtt_ns: f64,
     pub at: Instant,
+    /// Still the default prior: nothing observed yet.
+    pub prior: bool,
 }
 
 impl RttEstimate {
     /// The estimate after observing `rtt` at `now`.
     pub fn observe(self, rtt: Duration, now: Instant, decay: Duration) -> RttEstimate {
         let rtt_ns = rtt.as_nanos() as f64;
-        if rtt_ns > self.rtt_ns {
-            return RttEstimate { rtt_ns, at: now };
+        if self.prior || rtt_ns > self.rtt_ns {
+            return RttEstimate { rtt_ns, at: now, prior: false };
         }
         let w = weight(now.saturating_duration_since(self.at), decay);
-        RttEstimate { rtt_ns: self.rtt_ns * w + rtt_ns * (1.0 - w), at: now }
+        RttEstimate { rtt_ns: self.rtt_ns * w + rtt_ns * (1.0 - w), at: now, prior: false }
     }
 
     /// The estimate at `now`, decayed toward zero since the last observation.
@@ -66,6 +69,7 @@ pub fn peak_ewma_cost(rtt_ns: f64, pending: u32) -> f64 {
 #[derive(Debug)]
 pub struct Load {
     pending: AtomicU32,
+    observed: std::sync::atomic::AtomicBool,
     rtt_ns: AtomicU64,
     at_ns: AtomicU64,
     epoch: Instant,
@@ -75,6 +79,7 @@ impl Load {
     pub fn new(now: Instant) -> Load {
         Load {
             pending: AtomicU32::new(0),
+            observed: std::sync::atomic::AtomicBool::new(false),
             rtt_ns: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
             at_ns: AtomicU64::new(0),
             epoch: now,
@@ -87,13 +92,18 @@ impl Load {
 
     pub fn estimate(&self) -> RttEstimate {
         let rtt_ns = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
-        RttEstimate { rtt_ns, at: self.epoch + Duration::from_nanos(self.at_ns.load(Ordering::Relaxed)) }
+        RttEstimate {
+            rtt_ns,
+            at: self.epoch + Duration::from_nanos(self.at_ns.load(Ordering::Relaxed)),
+            prior: !self.observed.load(Ordering::Relaxed),
+        }
     }
 
     /// Records one response latency. Concurrent observers may overwrite each other; the estimate
     /// stays a valid recent value, which is all a balancer needs.
     pub fn observe(&self, rtt: Duration, now: Instant) {
         let next = self.estimate().observe(rtt, now, DECAY);
+        self.observed.store(true, Ordering::Relaxed);
         self.rtt_ns.store(next.rtt_ns.to_bits(), Ordering::Relaxed);
         let at = next.at.saturating_duration_since(self.epoch).as_nanos();
         self.at_ns.store(u64::try_from(at).unwrap_or(u64::MAX), Ordering::Relaxed);
@@ -128,7 +138,7 @@ impl Drop for PendingGuard {
 pub fn choose(
     policy: Policy,
     n: usize,
-    cost: impl Fn(usize) -> f64,
+    mut cost: impl FnMut(usize) -> f64,
     rr: &AtomicUsize,
     mut rand: impl FnMut(usize) -> usize,
 ) -> Option<usize> {
@@ -160,7 +170,9 @@ mod tests {
     #[test]
     fn peak_is_taken_at_once_and_decays_with_time() {
         let t0 = Instant::now();
-        let e = RttEstimate { rtt_ns: 10e6, at: t0 };
+        let prior = RttEstimate { rtt_ns: 30e6, at: t0, prior: true };
+        assert_eq!(prior.observe(ms(1), t0, DECAY).rtt_ns, 1e6, "the first sample replaces the prior");
+        let e = RttEstimate { rtt_ns: 10e6, at: t0, prior: false };
         let slow = e.observe(ms(100), t0 + ms(1), DECAY);
         assert_eq!(slow.rtt_ns, 100e6, "a slower sample is the new peak");
         let fast = slow.observe(ms(10), t0 + ms(1) + DECAY, DECAY);
@@ -228,8 +240,14 @@ mod tests {
         let rr = AtomicUsize::new(0);
         let mut hits = [0u32; 3];
         for _ in 0..3000 {
-            let i = choose(Policy::PeakEwma, 3, |i| loads[i].cost(Policy::PeakEwma, now), &rr, fastrand::usize)
-                .unwrap();
+            let i = choose(
+                Policy::PeakEwma,
+                3,
+                |i| loads[i].cost(Policy::PeakEwma, now),
+                &rr,
+                |n| fastrand::usize(..n),
+            )
+            .unwrap();
             hits[i] += 1;
         }
         assert!(hits[0] < 300, "{hits:?}");

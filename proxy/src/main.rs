@@ -1,1 +1,211 @@
-fn main() {}
+//! `weft-proxy`: flags in, `Settings` out, then run until SIGTERM (drain) or `POST /shutdown`.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use clap::Parser;
+use weft_proxy::settings::{ExplicitListener, Limits, Settings, Timeouts, parse_duration, parse_listener};
+
+/// Weft's sidecar proxy: forwards HTTP/1.1, HTTP/2, gRPC and opaque TCP with routing, weighted
+/// splits and load balancing from a config file (YAML or JSON of weft.proxy.v1.ProxyConfig).
+///
+/// Signals: SIGHUP reloads the config file; SIGTERM or SIGINT drains (stop accepting, finish
+/// in-flight requests up to --drain-timeout) and exits.
+#[derive(Debug, Parser)]
+#[command(name = "weft-proxy", version)]
+struct Args {
+    /// Config file: YAML, or JSON when the name ends in .json. Reloaded when it changes and on SIGHUP;
+    /// a bad file keeps the running config.
+    #[arg(long, env = "WEFT_CONFIG", value_name = "FILE")]
+    config: PathBuf,
+
+    /// How often the config file is checked for changes.
+    #[arg(long, env = "WEFT_CONFIG_POLL", default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
+    config_poll: Duration,
+
+    /// Admin server: /live, /ready, /config, /metrics, POST /shutdown (loopback peers only).
+    #[arg(long, env = "WEFT_ADMIN_ADDR", default_value = "0.0.0.0:15000", value_name = "ADDR")]
+    admin_addr: SocketAddr,
+
+    /// Listener for outbound connections redirected by iptables (reads SO_ORIGINAL_DST).
+    #[arg(long, env = "WEFT_OUTBOUND_ADDR", default_value = "0.0.0.0:15001", value_name = "ADDR")]
+    outbound_addr: SocketAddr,
+
+    /// Listener for inbound connections redirected by iptables; they go to the app on
+    /// --inbound-forward-ip and the original port.
+    #[arg(long, env = "WEFT_INBOUND_ADDR", default_value = "0.0.0.0:15006", value_name = "ADDR")]
+    inbound_addr: SocketAddr,
+
+    /// Do not open the outbound and inbound (redirect) listeners: explicit listeners only.
+    #[arg(long, env = "WEFT_NO_REDIRECT")]
+    no_redirect: bool,
+
+    /// Where inbound traffic goes: the app, on this IP and the connection's original port.
+    #[arg(long, env = "WEFT_INBOUND_FORWARD_IP", default_value = "127.0.0.1", value_name = "IP")]
+    inbound_forward_ip: std::net::IpAddr,
+
+    /// An explicit listener (repeatable): ADDR routes HTTP by Host; ADDR=HOST:PORT also sends
+    /// opaque TCP (and HTTP whose Host names no service) to that service and port.
+    #[arg(long = "listen", env = "WEFT_LISTEN", value_delimiter = ',', value_parser = parse_listener, value_name = "ADDR[=HOST:PORT]")]
+    listen: Vec<ExplicitListener>,
+
+    /// Ports always treated as opaque TCP, skipping protocol detection (server-speaks-first
+    /// protocols such as MySQL or SMTP). Comma-separated.
+    #[arg(long, env = "WEFT_OPAQUE_PORTS", value_delimiter = ',', value_name = "PORTS")]
+    opaque_ports: Vec<u16>,
+
+    /// How long to wait for a connection's first bytes before treating it as opaque TCP.
+    #[arg(long, env = "WEFT_DETECT_TIMEOUT", default_value = "500ms", value_parser = parse_duration, value_name = "DURATION")]
+    detect_timeout: Duration,
+
+    /// HTTP/1 request head (request line and headers) read deadline, from the head's first byte.
+    #[arg(long, env = "WEFT_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    header_read_timeout: Duration,
+
+    /// Close a downstream HTTP connection with no request in flight and no bytes for this long.
+    #[arg(long, env = "WEFT_HTTP_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration, value_name = "DURATION")]
+    http_idle_timeout: Duration,
+
+    /// Close an opaque TCP connection with no bytes in either direction for this long.
+    #[arg(long, env = "WEFT_TCP_IDLE_TIMEOUT", default_value = "1h", value_parser = parse_duration, value_name = "DURATION")]
+    tcp_idle_timeout: Duration,
+
+    /// Upstream connect timeout (a service's connectionPool.connectTimeoutMs overrides it).
+    #[arg(long, env = "WEFT_CONNECT_TIMEOUT", default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
+    connect_timeout: Duration,
+
+    /// Close pooled upstream connections idle this long (connectionPool.idleTimeoutMs overrides it).
+    #[arg(long, env = "WEFT_UPSTREAM_IDLE_TIMEOUT", default_value = "90s", value_parser = parse_duration, value_name = "DURATION")]
+    upstream_idle_timeout: Duration,
+
+    /// On SIGTERM, how long in-flight requests and connections get to finish.
+    #[arg(long, env = "WEFT_DRAIN_TIMEOUT", default_value = "25s", value_parser = parse_duration, value_name = "DURATION")]
+    drain_timeout: Duration,
+
+    /// Concurrent downstream connections per listener; more are closed at accept.
+    #[arg(long, env = "WEFT_MAX_CONNECTIONS", default_value_t = 10_000, value_name = "N")]
+    max_connections: usize,
+
+    /// Largest HTTP/1 request head and HTTP/2 header list, in bytes (431 or stream reset beyond).
+    #[arg(long, env = "WEFT_MAX_HEADER_BYTES", default_value_t = 64 * 1024, value_name = "BYTES")]
+    max_header_bytes: usize,
+
+    /// Most HTTP/1 request headers (431 beyond).
+    #[arg(long, env = "WEFT_MAX_HEADERS", default_value_t = 100, value_name = "N")]
+    max_headers: usize,
+
+    /// Concurrent HTTP/2 streams per downstream connection.
+    #[arg(long, env = "WEFT_H2_MAX_CONCURRENT_STREAMS", default_value_t = 100, value_name = "N")]
+    h2_max_concurrent_streams: u32,
+
+    /// HTTP/2 streams a client may reset before the proxy accepted them (rapid-reset defence);
+    /// beyond it the connection gets GOAWAY.
+    #[arg(long, env = "WEFT_H2_MAX_PENDING_RESETS", default_value_t = 20, value_name = "N")]
+    h2_max_pending_resets: usize,
+
+    /// HTTP/2 streams the proxy may reset for client protocol errors before it sends GOAWAY.
+    #[arg(long, env = "WEFT_H2_MAX_LOCAL_RESETS", default_value_t = 1024, value_name = "N")]
+    h2_max_local_resets: usize,
+
+    /// Write one JSON access log line per request to stdout.
+    #[arg(long, env = "WEFT_ACCESS_LOG")]
+    access_log: bool,
+
+    /// Log format on stderr.
+    #[arg(long, env = "WEFT_LOG_FORMAT", default_value = "plain", value_parser = ["plain", "json"])]
+    log_format: String,
+
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `weft_proxy=debug`.
+    #[arg(long, env = "WEFT_LOG", default_value = "info", value_name = "FILTER")]
+    log: String,
+
+    /// Runtime worker threads.
+    #[arg(long, env = "WEFT_WORKERS", default_value_t = 2, value_name = "N")]
+    workers: usize,
+}
+
+impl Args {
+    fn settings(self) -> Settings {
+        let redirect = |addr| (!self.no_redirect).then_some(addr);
+        Settings {
+            config_path: self.config.clone(),
+            config_poll_interval: self.config_poll,
+            admin_addr: self.admin_addr,
+            outbound_addr: redirect(self.outbound_addr),
+            inbound_addr: redirect(self.inbound_addr),
+            inbound_forward_ip: self.inbound_forward_ip,
+            explicit: self.listen.clone(),
+            opaque_ports: self.opaque_ports.clone(),
+            limits: Limits {
+                max_connections: self.max_connections,
+                max_header_bytes: self.max_header_bytes,
+                max_headers: self.max_headers,
+                h2_max_concurrent_streams: self.h2_max_concurrent_streams,
+                h2_max_pending_accept_reset_streams: self.h2_max_pending_resets,
+                h2_max_local_error_reset_streams: self.h2_max_local_resets,
+            },
+            timeouts: Timeouts {
+                detect: self.detect_timeout,
+                header_read: self.header_read_timeout,
+                http_idle: self.http_idle_timeout,
+                tcp_idle: self.tcp_idle_timeout,
+                connect: self.connect_timeout,
+                upstream_idle: self.upstream_idle_timeout,
+                drain: self.drain_timeout,
+            },
+            access_log: self.access_log,
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_tracing(&args.log_format, &args.log)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.workers.max(1))
+        .thread_name("weft-proxy")
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(run(args.settings()))
+}
+
+fn init_tracing(format: &str, filter: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).context("parsing --log")?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init()
+    } else {
+        builder.with_ansi(false).init()
+    }
+    Ok(())
+}
+
+async fn run(settings: Settings) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+
+    let handle = weft_proxy::start(settings).await.context("starting the proxy")?;
+    tracing::info!(
+        admin = %handle.admin_addr,
+        outbound = ?handle.outbound_addr,
+        inbound = ?handle.inbound_addr,
+        explicit = ?handle.explicit_addrs,
+        "weft-proxy started"
+    );
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading the config");
+                handle.reload();
+            }
+            _ = term.recv() => handle.shutdown(),
+            _ = int.recv() => handle.shutdown(),
+            _ = handle.wait() => break,
+        }
+    }
+    tracing::info!("weft-proxy stopped");
+    Ok(())
+}

@@ -75,9 +75,10 @@ impl Match {
             && self.headers.iter().all(|(name, m)| {
                 req.headers.get_all(name).iter().any(|v| v.to_str().is_ok_and(|v| m.matches(v)))
             })
-            && self.query_params.iter().all(|(name, m)| {
-                query_pairs(req.query).any(|(k, v)| k == name.as_str() && m.matches(&v))
-            })
+            && self
+                .query_params
+                .iter()
+                .all(|(name, m)| query_pairs(req.query).any(|(k, v)| k == name.as_str() && m.matches(&v)))
     }
 
     /// The literal prefix this block matched the path with, for prefix rewrites.
@@ -91,7 +92,10 @@ impl Match {
 
 /// The first rule whose matches hold, with the match block that held (`None` for a rule with no
 /// matches, which takes every request).
-pub fn select<'r>(routes: &'r [HttpRoute], req: &RequestView<'_>) -> Option<(&'r HttpRoute, Option<&'r Match>)> {
+pub fn select<'r>(
+    routes: &'r [HttpRoute],
+    req: &RequestView<'_>,
+) -> Option<(&'r HttpRoute, Option<&'r Match>)> {
     routes.iter().find_map(|route| {
         if route.matches.is_empty() {
             return Some((route, None));
@@ -211,7 +215,12 @@ mod tests {
         }
     }
 
-    fn view<'a>(method: &'a str, path: &'a str, query: Option<&'a str>, headers: &'a HeaderMap) -> RequestView<'a> {
+    fn view<'a>(
+        method: &'a str,
+        path: &'a str,
+        query: Option<&'a str>,
+        headers: &'a HeaderMap,
+    ) -> RequestView<'a> {
         RequestView { method, authority: "reviews", path, query, headers }
     }
 
@@ -236,7 +245,10 @@ mod tests {
         let routes = vec![
             route("exact", vec![Match { uri: Some(StrMatch::Exact("/exact".into())), ..Default::default() }]),
             route("prefix", vec![Match { uri: Some(StrMatch::Prefix("/api".into())), ..Default::default() }]),
-            route("api-post", vec![Match { method: Some(StrMatch::Exact("POST".into())), ..Default::default() }]),
+            route(
+                "api-post",
+                vec![Match { method: Some(StrMatch::Exact("POST".into())), ..Default::default() }],
+            ),
             route("catch-all", vec![]),
         ];
         let name = |m, p| select(&routes, &view(m, p, None, &headers)).map(|(r, _)| r.name.to_string());
@@ -308,7 +320,13 @@ mod tests {
 
     #[test]
     fn redirect_locations() {
-        let r = Redirect { uri: Some("/new".into()), authority: None, port: None, scheme: None, code: StatusCode::MOVED_PERMANENTLY };
+        let r = Redirect {
+            uri: Some("/new".into()),
+            authority: None,
+            port: None,
+            scheme: None,
+            code: StatusCode::MOVED_PERMANENTLY,
+        };
         assert_eq!(redirect_location(&r, "http", "a.com", Some(8080), "/old?x"), "http://a.com:8080/new");
         let r = Redirect {
             uri: None,
@@ -318,7 +336,13 @@ mod tests {
             code: StatusCode::FOUND,
         };
         assert_eq!(redirect_location(&r, "http", "a.com", Some(8080), "/p?x"), "https://b.com/p?x");
-        let r = Redirect { uri: None, authority: None, port: Some(443), scheme: Some("https".into()), code: StatusCode::FOUND };
+        let r = Redirect {
+            uri: None,
+            authority: None,
+            port: Some(443),
+            scheme: Some("https".into()),
+            code: StatusCode::FOUND,
+        };
         assert_eq!(redirect_location(&r, "http", "a.com", Some(80), "/"), "https://a.com/");
     }
 }

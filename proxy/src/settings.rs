@@ -58,7 +58,7 @@ pub struct Limits {
 pub struct Timeouts {
     /// How long to wait for the first bytes before treating a connection as opaque TCP.
     pub detect: Duration,
-    /// HTTP/1 request-head read deadline.
+    /// HTTP/1 request-head read deadline, counted from the head's first byte.
     pub header_read: Duration,
     /// Close a downstream HTTP connection with no request in flight and no bytes for this long.
     pub http_idle: Duration,
@@ -181,7 +181,10 @@ mod tests {
         );
         assert_eq!(
             parse_listener("[::1]:9000=Echo.default:80"),
-            Ok(ExplicitListener { addr: "[::1]:9000".parse().unwrap(), target: Some(("echo.default".into(), 80)) })
+            Ok(ExplicitListener {
+                addr: "[::1]:9000".parse().unwrap(),
+                target: Some(("echo.default".into(), 80))
+            })
         );
         for bad in ["nope", "127.0.0.1:1=echo", "127.0.0.1:1=:80", "127.0.0.1:1=echo:x"] {
             assert!(parse_listener(bad).is_err(), "{bad:?}");

@@ -68,6 +68,8 @@ pub struct Endpoint {
     pub load: Arc<Load>,
     h1: Mutex<Vec<H1Conn>>,
     h2: Mutex<Option<http2::SendRequest<Body>>>,
+    /// Held while an HTTP/2 connection is being established, so concurrent requests share it.
+    h2_connecting: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug)]
@@ -83,6 +85,7 @@ impl Endpoint {
             load: Arc::new(Load::new(Instant::now())),
             h1: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
+            h2_connecting: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -115,10 +118,8 @@ impl Endpoint {
             }
         }
         let mut sender = self.connect_h1(opts).await?;
-        let res = sender
-            .send_request(req)
-            .await
-            .map_err(|source| Error::Request { addr: self.addr, source })?;
+        let res =
+            sender.send_request(req).await.map_err(|source| Error::Request { addr: self.addr, source })?;
         self.checkin_h1(sender);
         Ok(res)
     }
@@ -156,15 +157,20 @@ impl Endpoint {
     }
 
     async fn send_h2(&self, req: Request<Body>, opts: ConnectOpts) -> Result<Response<Incoming>, Error> {
-        let cached = self.h2.lock().unwrap_or_else(|e| e.into_inner()).clone().filter(|s| !s.is_closed());
-        let mut sender = match cached {
+        let cached = || self.h2.lock().unwrap_or_else(|e| e.into_inner()).clone().filter(|s| !s.is_closed());
+        let mut sender = match cached() {
             Some(s) => s,
             None => {
-                // Two requests racing here may both connect; the later one replaces the cached
-                // connection and the earlier closes once its streams finish.
-                let s = self.connect_h2(opts).await?;
-                *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(s.clone());
-                s
+                // One connect at a time; requests that waited reuse its connection.
+                let _connecting = self.h2_connecting.lock().await;
+                match cached() {
+                    Some(s) => s,
+                    None => {
+                        let s = self.connect_h2(opts).await?;
+                        *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(s.clone());
+                        s
+                    }
+                }
             }
         };
         sender.ready().await.map_err(|source| Error::Request { addr: self.addr, source })?;

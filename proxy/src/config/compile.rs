@@ -4,7 +4,7 @@
 //! ignored.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
     sync::{Arc, atomic::AtomicUsize},
     time::Duration,
@@ -13,7 +13,10 @@ use std::{
 use http::{HeaderName, HeaderValue, StatusCode};
 use weft_proto::v1::{self as pb, load_balancer, string_match::Kind};
 
-use super::{Action, Cluster, HeaderOps, HttpRoute, Port, Protocol, Redirect, Rewrite, Service, Snapshot, Split, Target};
+use super::{
+    Action, Cluster, HeaderOps, HttpRoute, Port, Protocol, Redirect, Rewrite, Service, Snapshot, Split,
+    Target,
+};
 use crate::{
     balance::Policy,
     route::{Match, StrMatch},
@@ -85,10 +88,12 @@ pub fn compile(config: pb::ProxyConfig, previous: Option<&Snapshot>) -> Result<S
         let mut ports: Vec<PortShape> = Vec::new();
         for (j, port) in svc.ports.iter().enumerate() {
             let at = format!("{at}.ports[{j}]");
-            let number = u16::try_from(port.number)
-                .ok()
-                .filter(|n| *n != 0)
-                .ok_or_else(|| Error::BadAddress { at: format!("{at}.number"), value: port.number.to_string(), why: "port must be 1-65535" })?;
+            let number =
+                u16::try_from(port.number).ok().filter(|n| *n != 0).ok_or_else(|| Error::BadAddress {
+                    at: format!("{at}.number"),
+                    value: port.number.to_string(),
+                    why: "port must be 1-65535",
+                })?;
             if ports.iter().any(|p| p.number == number) {
                 return Err(Error::DuplicatePort { at, port: port.number });
             }
@@ -101,7 +106,12 @@ pub fn compile(config: pb::ProxyConfig, previous: Option<&Snapshot>) -> Result<S
                 })?;
                 let endpoint = endpoints
                     .entry(addr)
-                    .or_insert_with(|| previous.and_then(|p| p.endpoint(&addr)).cloned().unwrap_or_else(|| Endpoint::new(addr)))
+                    .or_insert_with(|| {
+                        previous
+                            .and_then(|p| p.endpoint(&addr))
+                            .cloned()
+                            .unwrap_or_else(|| Endpoint::new(addr))
+                    })
                     .clone();
                 eps.push((endpoint, ep.labels.clone()));
             }
@@ -126,10 +136,18 @@ pub fn compile(config: pb::ProxyConfig, previous: Option<&Snapshot>) -> Result<S
         let mut subsets: HashMap<String, &pb::Subset> = HashMap::new();
         for (j, s) in svc.subsets.iter().enumerate() {
             if subsets.insert(s.name.clone(), s).is_some() {
-                return Err(Error::DuplicateSubset { at: format!("{at}.subsets[{j}]"), name: s.name.clone() });
+                return Err(Error::DuplicateSubset {
+                    at: format!("{at}.subsets[{j}]"),
+                    name: s.name.clone(),
+                });
             }
         }
-        shapes.push(ServiceShape { name: Arc::from(name.as_str()), ports, subsets, policy: svc.traffic_policy });
+        shapes.push(ServiceShape {
+            name: Arc::from(name.as_str()),
+            ports,
+            subsets,
+            policy: svc.traffic_policy,
+        });
     }
 
     // Pass 2: routes, resolving destinations to clusters.
@@ -140,7 +158,13 @@ pub fn compile(config: pb::ProxyConfig, previous: Option<&Snapshot>) -> Result<S
         let ports = shape
             .ports
             .iter()
-            .map(|p| Ok(Port { number: p.number, protocol: p.protocol, cluster: clusters.get(i, "", p.number, &at)? }))
+            .map(|p| {
+                Ok(Port {
+                    number: p.number,
+                    protocol: p.protocol,
+                    cluster: clusters.get(i, "", p.number, &at)?,
+                })
+            })
             .collect::<Result<Vec<_>, Error>>()?;
         let http_routes = svc
             .http_routes
@@ -172,6 +196,9 @@ struct PortShape {
     protocol: Protocol,
     endpoints: Vec<(Arc<Endpoint>, BTreeMap<String, String>)>,
 }
+
+/// A destination's clusters by port.
+type PortClusters = Vec<(u16, Arc<Cluster>)>;
 
 struct Clusters<'a, 's> {
     shapes: &'a [ServiceShape<'s>],
@@ -224,13 +251,20 @@ impl Clusters<'_, '_> {
         Ok(cluster)
     }
 
-    fn destination(&mut self, dest: &pb::Destination, at: &str) -> Result<(Arc<str>, Vec<(u16, Arc<Cluster>)>), Error> {
+    fn destination(&mut self, dest: &pb::Destination, at: &str) -> Result<(Arc<str>, PortClusters), Error> {
         let host = dest.host.trim().to_ascii_lowercase();
-        let &svc = self.by_host.get(&host).ok_or_else(|| Error::UnknownHost { at: at.to_owned(), host: host.clone() })?;
+        let &svc = self
+            .by_host
+            .get(&host)
+            .ok_or_else(|| Error::UnknownHost { at: at.to_owned(), host: host.clone() })?;
         let shape = &self.shapes[svc];
         let ports: Vec<u16> = match dest.port {
             0 => shape.ports.iter().map(|p| p.number).collect(),
-            n => vec![u16::try_from(n).map_err(|_| Error::UnknownPort { at: at.to_owned(), host: host.clone(), port: n })?],
+            n => vec![u16::try_from(n).map_err(|_| Error::UnknownPort {
+                at: at.to_owned(),
+                host: host.clone(),
+                port: n,
+            })?],
         };
         if ports.is_empty() {
             return Err(Error::NoPorts { at: at.to_owned(), host });
@@ -262,10 +296,10 @@ fn lb_policy(p: load_balancer::Policy) -> Policy {
 }
 
 fn http_route(r: &pb::HttpRoute, at: &str, clusters: &mut Clusters<'_, '_>) -> Result<HttpRoute, Error> {
-    if r.retries.is_some_and(|x| x != pb::Retry::default()) {
+    if r.retries.as_ref().is_some_and(|x| *x != pb::Retry::default()) {
         return Err(Error::Unsupported { at: format!("{at}.retries"), field: "retries" });
     }
-    if r.fault.is_some_and(|x| x != pb::Fault::default()) {
+    if r.fault.as_ref().is_some_and(|x| *x != pb::Fault::default()) {
         return Err(Error::Unsupported { at: format!("{at}.fault"), field: "fault" });
     }
     let matches = r
@@ -278,8 +312,9 @@ fn http_route(r: &pb::HttpRoute, at: &str, clusters: &mut Clusters<'_, '_>) -> R
         (true, None, None) => Action::Forward(split(&r.route, &format!("{at}.route"), clusters)?),
         (false, Some(rd), None) => Action::Redirect(redirect(rd, &format!("{at}.redirect"))?),
         (false, None, Some(d)) => Action::Direct {
-            status: StatusCode::from_u16(u16::try_from(d.status).unwrap_or(0))
-                .map_err(|_| Error::BadStatus { at: format!("{at}.directResponse.status"), code: d.status })?,
+            status: StatusCode::from_u16(u16::try_from(d.status).unwrap_or(0)).map_err(|_| {
+                Error::BadStatus { at: format!("{at}.directResponse.status"), code: d.status }
+            })?,
             body: d.body.clone().into(),
         },
         _ => return Err(Error::Action { at: at.to_owned() }),
@@ -308,7 +343,11 @@ fn http_route(r: &pb::HttpRoute, at: &str, clusters: &mut Clusters<'_, '_>) -> R
     })
 }
 
-fn split(route: &[pb::WeightedDestination], at: &str, clusters: &mut Clusters<'_, '_>) -> Result<Split, Error> {
+fn split(
+    route: &[pb::WeightedDestination],
+    at: &str,
+    clusters: &mut Clusters<'_, '_>,
+) -> Result<Split, Error> {
     let mut targets = Vec::with_capacity(route.len());
     for (i, wd) in route.iter().enumerate() {
         let at = format!("{at}[{i}]");
@@ -373,7 +412,9 @@ fn string_match(s: &pb::StringMatch, at: &str) -> Result<StrMatch, Error> {
     match &s.kind {
         Some(Kind::Exact(v)) => Ok(StrMatch::Exact(v.clone())),
         Some(Kind::Prefix(v)) => Ok(StrMatch::Prefix(v.clone())),
-        Some(Kind::Regex(v)) => StrMatch::regex(v).map_err(|source| Error::BadRegex { at: at.to_owned(), source }),
+        Some(Kind::Regex(v)) => {
+            StrMatch::regex(v).map_err(|source| Error::BadRegex { at: at.to_owned(), source })
+        }
         None => Err(Error::EmptyMatch { at: at.to_owned() }),
     }
 }
@@ -381,7 +422,9 @@ fn string_match(s: &pb::StringMatch, at: &str) -> Result<StrMatch, Error> {
 fn redirect(r: &pb::Redirect, at: &str) -> Result<Redirect, Error> {
     let code = match r.redirect_code {
         0 => StatusCode::MOVED_PERMANENTLY,
-        c @ (301 | 302 | 303 | 307 | 308) => StatusCode::from_u16(c as u16).unwrap_or(StatusCode::MOVED_PERMANENTLY),
+        c @ (301 | 302 | 303 | 307 | 308) => {
+            StatusCode::from_u16(c as u16).unwrap_or(StatusCode::MOVED_PERMANENTLY)
+        }
         c => return Err(Error::BadStatus { at: format!("{at}.redirectCode"), code: c }),
     };
     let scheme = match r.scheme.as_str() {
@@ -413,7 +456,11 @@ fn header_ops(ops: Option<&pb::HeaderOperations>, at: &str) -> Result<HeaderOps,
             .map_err(|_| Error::BadHeaderName { at: at.to_owned(), name: n.to_owned() })
     };
     let pair = |(n, v): (&String, &String)| {
-        Ok((name(n)?, HeaderValue::from_str(v).map_err(|_| Error::BadHeaderValue { at: at.to_owned(), name: n.clone() })?))
+        Ok((
+            name(n)?,
+            HeaderValue::from_str(v)
+                .map_err(|_| Error::BadHeaderValue { at: at.to_owned(), name: n.clone() })?,
+        ))
     };
     Ok(HeaderOps {
         set: ops.set.iter().map(pair).collect::<Result<_, Error>>()?,
@@ -424,7 +471,7 @@ fn header_ops(ops: Option<&pb::HeaderOperations>, at: &str) -> Result<HeaderOps,
 
 /// Set of hosts in a config, for tests and diagnostics.
 #[cfg(test)]
-fn hosts(s: &Snapshot) -> HashSet<String> {
+fn hosts(s: &Snapshot) -> std::collections::HashSet<String> {
     s.by_host.keys().cloned().collect()
 }
 
@@ -464,7 +511,10 @@ services:
     fn compiles_services_subsets_and_routes() {
         let s = compile(parse(BASE), None).expect("valid");
         assert_eq!(s.version, "v1");
-        assert_eq!(hosts(&s), HashSet::from(["reviews.default.svc.cluster.local".into(), "reviews".into()]));
+        assert_eq!(
+            hosts(&s),
+            std::collections::HashSet::from(["reviews.default.svc.cluster.local".into(), "reviews".into()])
+        );
         let (svc, port) = s.service_by_addr("10.96.0.10:9080".parse().unwrap()).expect("by vip");
         assert_eq!(&*svc.name, "reviews.default.svc.cluster.local");
         assert_eq!(port.cluster.endpoints.len(), 2);
@@ -473,7 +523,10 @@ services:
         assert_eq!(v1.endpoints.iter().map(|e| e.addr.to_string()).collect::<Vec<_>>(), ["10.1.0.5:9080"]);
         assert_eq!(v1.policy, Policy::PeakEwma);
         assert_eq!(split.targets[1].cluster(None).policy, Policy::RoundRobin, "subset policy overrides");
-        assert!(matches!(svc.http_routes[1].action, Action::Redirect(Redirect { code: StatusCode::MOVED_PERMANENTLY, .. })));
+        assert!(matches!(
+            svc.http_routes[1].action,
+            Action::Redirect(Redirect { code: StatusCode::MOVED_PERMANENTLY, .. })
+        ));
     }
 
     #[test]
@@ -488,17 +541,56 @@ services:
     #[test]
     fn rejects_with_the_field_path() {
         let cases = [
-            (BASE.replace("subset: v2}", "subset: v3}"), "services[0].httpRoutes[0].route[1].destination: service \"reviews\" has no subset \"v3\""),
-            (BASE.replace("host: reviews, subset: v1", "host: nope"), "services[0].httpRoutes[0].route[0].destination: no service named \"nope\""),
-            (BASE.replace("prefix: /api", "regex: \"(\""), "services[0].httpRoutes[0].matches[0].uri: invalid regex"),
-            (BASE.replace("10.1.0.6:9080", "10.1.0.6"), "services[0].ports[0].endpoints[1].address: invalid address"),
-            (BASE.replace("redirect: {uri: /new}", "redirect: {uri: /new}\n        directResponse: {status: 200}"), "services[0].httpRoutes[1]: a rule needs exactly one"),
-            (BASE.replace("redirect: {uri: /new}", "redirect: {redirectCode: 200}"), "services[0].httpRoutes[1].redirect.redirectCode: invalid status code 200"),
-            (BASE.replace("weight: 90", "weight: 0").replace("weight: 10", "weight: 0"), "services[0].httpRoutes[0].route: at least one destination"),
-            (BASE.replace("name: moved", "name: moved\n        retries: {attempts: 3}"), "services[0].httpRoutes[1].retries: retries is not supported"),
-            (BASE.replace("aliases: [reviews]", "aliases: [reviews, REVIEWS]"), "services[0].aliases[1]: host \"reviews\" is already used"),
-            (BASE.replace("matches: [{uri: {prefix: /api}}]", "matches: [{uri: {}}]"), "services[0].httpRoutes[0].matches[0].uri: a string match needs one"),
-            (BASE.replace("redirect: {uri: /new}", "redirect: {uri: /new}\n        requestHeaders: {set: {\"bad header\": x}}"), "services[0].httpRoutes[1].requestHeaders: invalid header name"),
+            (
+                BASE.replace("subset: v2}", "subset: v3}"),
+                "services[0].httpRoutes[0].route[1].destination: service \"reviews.default.svc.cluster.local\" has no subset \"v3\"",
+            ),
+            (
+                BASE.replace("host: reviews, subset: v1", "host: nope"),
+                "services[0].httpRoutes[0].route[0].destination: no service named \"nope\"",
+            ),
+            (
+                BASE.replace("prefix: /api", "regex: \"(\""),
+                "services[0].httpRoutes[0].matches[0].uri: invalid regex",
+            ),
+            (
+                BASE.replace("10.1.0.6:9080", "10.1.0.6"),
+                "services[0].ports[0].endpoints[1].address: invalid address",
+            ),
+            (
+                BASE.replace(
+                    "redirect: {uri: /new}",
+                    "redirect: {uri: /new}\n        directResponse: {status: 200}",
+                ),
+                "services[0].httpRoutes[1]: a rule needs exactly one",
+            ),
+            (
+                BASE.replace("redirect: {uri: /new}", "redirect: {redirectCode: 200}"),
+                "services[0].httpRoutes[1].redirect.redirectCode: invalid status code 200",
+            ),
+            (
+                BASE.replace("weight: 90", "weight: 0").replace("weight: 10", "weight: 0"),
+                "services[0].httpRoutes[0].route: at least one destination",
+            ),
+            (
+                BASE.replace("name: moved", "name: moved\n        retries: {attempts: 3}"),
+                "services[0].httpRoutes[1].retries: retries is not supported",
+            ),
+            (
+                BASE.replace("aliases: [reviews]", "aliases: [reviews, REVIEWS]"),
+                "services[0].aliases[1]: host \"reviews\" is already used",
+            ),
+            (
+                BASE.replace("matches: [{uri: {prefix: /api}}]", "matches: [{uri: {}}]"),
+                "services[0].httpRoutes[0].matches[0].uri: a string match needs one",
+            ),
+            (
+                BASE.replace(
+                    "redirect: {uri: /new}",
+                    "redirect: {uri: /new}\n        requestHeaders: {set: {\"bad header\": x}}",
+                ),
+                "services[0].httpRoutes[1].requestHeaders: invalid header name",
+            ),
         ];
         for (yaml, want) in cases {
             let err = compile(parse(&yaml), None).expect_err(want).to_string();

@@ -12,7 +12,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use arc_swap::{ArcSwapOption, Guard};
+use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
 use tokio::sync::watch;
@@ -125,10 +125,6 @@ pub struct HeaderOps {
 }
 
 impl HeaderOps {
-    pub fn is_empty(&self) -> bool {
-        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
-    }
-
     /// Set, then add, then remove.
     pub fn apply(&self, headers: &mut http::HeaderMap) {
         for (name, value) in &self.set {
@@ -215,16 +211,17 @@ pub struct Status {
 
 impl Default for Store {
     fn default() -> Self {
-        Store { inner: Arc::new(StoreInner { current: ArcSwapOption::empty(), status: watch::channel(Status::default()).0 }) }
+        Store {
+            inner: Arc::new(StoreInner {
+                current: ArcSwapOption::empty(),
+                status: watch::channel(Status::default()).0,
+            }),
+        }
     }
 }
 
 impl Store {
-    /// The running snapshot, if any config was ever loaded. Lock-free.
-    pub fn load(&self) -> Guard<Option<Arc<Snapshot>>> {
-        self.inner.current.load()
-    }
-
+    /// The running snapshot, if any config was ever loaded. Lock-free (arc-swap).
     pub fn current(&self) -> Option<Arc<Snapshot>> {
         self.inner.current.load_full()
     }

@@ -1,0 +1,481 @@
+//! Wiring: binds the listeners, starts the config source and the admin server, hands each
+//! accepted connection to protocol detection and then to the HTTP server or the TCP splice, and
+//! drains on shutdown.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{Notify, OwnedSemaphorePermit, Semaphore},
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    admin,
+    config::{Protocol, Snapshot, Store, file::FileSource},
+    detect::{self, Detected},
+    http::{Direction, observe::AccessLog, router::ConnInfo, server},
+    io::PrefixedIo,
+    metrics::{ListenerLabels, Metrics, ResultLabels, TcpLabels},
+    route::pick_weighted,
+    settings::{ExplicitListener, Settings},
+    sys, tcp,
+    upstream::{Endpoint, Proto},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("binding the {what} listener on {addr}: {source}")]
+    Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
+}
+
+/// State shared by every connection.
+#[derive(Debug)]
+pub struct Shared {
+    pub settings: Settings,
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    pub access_log: Option<AccessLog>,
+    pub passthrough: Passthrough,
+    /// Cancelled when draining starts: listeners stop, connections close gracefully.
+    pub drain: CancellationToken,
+    /// Every connection task, so drain can wait for them.
+    pub tracker: TaskTracker,
+}
+
+/// Endpoints for destinations the config does not know (original destinations passed through),
+/// kept so their connections are pooled too. Bounded: cleared when full.
+#[derive(Debug, Default)]
+pub struct Passthrough {
+    endpoints: Mutex<HashMap<SocketAddr, Arc<Endpoint>>>,
+}
+
+const MAX_PASSTHROUGH: usize = 1024;
+
+impl Passthrough {
+    pub fn endpoint(&self, snapshot: &Snapshot, addr: SocketAddr) -> Arc<Endpoint> {
+        if let Some(e) = snapshot.endpoint(&addr) {
+            return e.clone();
+        }
+        let mut map = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= MAX_PASSTHROUGH && !map.contains_key(&addr) {
+            map.clear();
+        }
+        map.entry(addr).or_insert_with(|| Endpoint::new(addr)).clone()
+    }
+}
+
+/// A running proxy.
+#[derive(Debug)]
+pub struct Handle {
+    pub admin_addr: SocketAddr,
+    /// Bound addresses of the explicit listeners, in the order given.
+    pub explicit_addrs: Vec<SocketAddr>,
+    pub outbound_addr: Option<SocketAddr>,
+    pub inbound_addr: Option<SocketAddr>,
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    shared: Arc<Shared>,
+    reload: Arc<Notify>,
+    /// Cancelled to ask for shutdown (SIGTERM, `POST /shutdown`, `Handle::shutdown`).
+    shutdown: CancellationToken,
+    /// Cancelled once drain is over.
+    done: CancellationToken,
+}
+
+impl Handle {
+    /// Re-reads the config file now (what SIGHUP does).
+    pub fn reload(&self) {
+        self.reload.notify_one();
+    }
+
+    /// Starts draining; see `wait`.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Whether draining has started.
+    pub fn is_draining(&self) -> bool {
+        self.shared.drain.is_cancelled()
+    }
+
+    /// Resolves when a shutdown was asked for and drain has finished (or hit its deadline).
+    pub async fn wait(&self) {
+        self.done.cancelled().await;
+    }
+}
+
+/// Starts a proxy: loads the config (a failure leaves it running but not ready), binds every
+/// listener and returns once they accept.
+pub async fn start(settings: Settings) -> Result<Handle, Error> {
+    let store = Store::default();
+    let metrics = Metrics::new();
+    let access_log = settings.access_log.then(|| AccessLog::spawn(metrics.clone()));
+    start_with(settings, store, metrics, access_log).await
+}
+
+/// `start` with the store, metrics and access log given (tests).
+pub async fn start_with(
+    settings: Settings,
+    store: Store,
+    metrics: Arc<Metrics>,
+    access_log: Option<AccessLog>,
+) -> Result<Handle, Error> {
+    let shutdown = CancellationToken::new();
+    let done = CancellationToken::new();
+    let reload = Arc::new(Notify::new());
+    let shared = Arc::new(Shared {
+        settings: settings.clone(),
+        store: store.clone(),
+        metrics: metrics.clone(),
+        access_log,
+        passthrough: Passthrough::default(),
+        drain: CancellationToken::new(),
+        tracker: TaskTracker::new(),
+    });
+
+    // The first load happens before the listeners open, so a good file makes the proxy ready at
+    // once.
+    let mut source = FileSource::new(settings.config_path.clone(), store.clone());
+    let first = source.reload(true).await;
+    report(&metrics, first);
+    tokio::spawn(config_loop(
+        source,
+        settings.config_poll_interval,
+        reload.clone(),
+        done.clone(),
+        metrics.clone(),
+    ));
+
+    let bind = |what: &'static str, addr: SocketAddr| async move {
+        TcpListener::bind(addr).await.map_err(|source| Error::Bind { what, addr, source })
+    };
+    let admin_listener = bind("admin", settings.admin_addr).await?;
+    let admin_addr = admin_listener.local_addr().map_err(|source| Error::Bind {
+        what: "admin",
+        addr: settings.admin_addr,
+        source,
+    })?;
+    let mut explicit_addrs = Vec::new();
+    let mut listeners = Vec::new();
+    for l in &settings.explicit {
+        let listener = bind("explicit", l.addr).await?;
+        explicit_addrs.push(listener.local_addr().map_err(|source| Error::Bind {
+            what: "explicit",
+            addr: l.addr,
+            source,
+        })?);
+        listeners.push((listener, Kind::Explicit(l.clone())));
+    }
+    let mut outbound_addr = None;
+    let mut inbound_addr = None;
+    let redirect = [
+        ("outbound", settings.outbound_addr, Kind::Outbound),
+        ("inbound", settings.inbound_addr, Kind::Inbound),
+    ];
+    for (what, addr, kind) in redirect {
+        let Some(addr) = addr else { continue };
+        let listener = bind(what, addr).await?;
+        let local = listener.local_addr().map_err(|source| Error::Bind { what, addr, source })?;
+        match kind {
+            Kind::Outbound => outbound_addr = Some(local),
+            _ => inbound_addr = Some(local),
+        }
+        listeners.push((listener, kind));
+    }
+
+    for (listener, kind) in listeners {
+        let limit = Arc::new(Semaphore::new(settings.limits.max_connections));
+        tokio::spawn(accept_loop(listener, kind, shared.clone(), limit));
+    }
+
+    let handle = Handle {
+        admin_addr,
+        explicit_addrs,
+        outbound_addr,
+        inbound_addr,
+        store,
+        metrics,
+        shared: shared.clone(),
+        reload,
+        shutdown: shutdown.clone(),
+        done: done.clone(),
+    };
+    tokio::spawn(admin::serve(admin_listener, shared.clone(), shutdown.clone(), done.clone()));
+    tokio::spawn(drain(shared, shutdown, done));
+    Ok(handle)
+}
+
+/// Logs and counts one config load attempt.
+fn report(metrics: &Metrics, outcome: Option<Result<Arc<Snapshot>, crate::config::file::Error>>) {
+    let result = match outcome {
+        None => return,
+        Some(Ok(s)) => {
+            tracing::info!(version = %s.version, services = s.services.len(), "config loaded");
+            "ok"
+        }
+        Some(Err(error)) => {
+            tracing::warn!(%error, "config rejected; keeping the running config");
+            "error"
+        }
+    };
+    metrics.config_reloads.get_or_create(&ResultLabels { result }).inc();
+}
+
+/// Reloads when the file changes (polled) and on every `reload` notification (SIGHUP), until
+/// `stop`.
+async fn config_loop(
+    mut source: FileSource,
+    poll: std::time::Duration,
+    reload: Arc<Notify>,
+    stop: CancellationToken,
+    metrics: Arc<Metrics>,
+) {
+    // The first load already happened at start.
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + poll, poll);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let force = tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => false,
+            _ = reload.notified() => true,
+        };
+        report(&metrics, source.reload(force).await);
+    }
+}
+
+/// Waits for a shutdown request, then drains: listeners stop accepting, HTTP connections close
+/// gracefully (GOAWAY on HTTP/2), and in-flight work gets until the deadline.
+async fn drain(shared: Arc<Shared>, shutdown: CancellationToken, done: CancellationToken) {
+    shutdown.cancelled().await;
+    let deadline = shared.settings.timeouts.drain;
+    tracing::info!(?deadline, in_flight = shared.tracker.len(), "draining");
+    shared.drain.cancel();
+    shared.tracker.close();
+    if tokio::time::timeout(deadline, shared.tracker.wait()).await.is_err() {
+        tracing::warn!(
+            remaining = shared.tracker.len(),
+            "drain deadline passed; closing remaining connections"
+        );
+    } else {
+        tracing::info!("drained");
+    }
+    done.cancel();
+}
+
+#[derive(Clone, Debug)]
+enum Kind {
+    Outbound,
+    Inbound,
+    Explicit(ExplicitListener),
+}
+
+impl Kind {
+    fn name(&self) -> &'static str {
+        match self {
+            Kind::Outbound => "outbound",
+            Kind::Inbound => "inbound",
+            Kind::Explicit(_) => "explicit",
+        }
+    }
+
+    fn direction(&self) -> Direction {
+        match self {
+            Kind::Outbound => Direction::Outbound,
+            Kind::Inbound => Direction::Inbound,
+            Kind::Explicit(_) => Direction::Explicit,
+        }
+    }
+}
+
+async fn accept_loop(listener: TcpListener, kind: Kind, shared: Arc<Shared>, limit: Arc<Semaphore>) {
+    let labels = ListenerLabels { listener: kind.name() };
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.drain.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(error) => {
+                // Out of file descriptors and the like: back off briefly rather than spin.
+                tracing::warn!(%error, listener = kind.name(), "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            shared.metrics.connections_rejected.get_or_create(&labels).inc();
+            tracing::debug!(%peer, listener = kind.name(), "connection limit reached; closing");
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let shared2 = shared.clone();
+        let kind = kind.clone();
+        shared.tracker.spawn(async move {
+            let gauge = shared2
+                .metrics
+                .connections_active
+                .get_or_create(&ListenerLabels { listener: kind.name() })
+                .clone();
+            gauge.inc();
+            handle_connection(stream, peer, kind, &shared2, permit).await;
+            gauge.dec();
+        });
+    }
+    tracing::debug!(listener = kind.name(), "listener closed");
+}
+
+async fn handle_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    kind: Kind,
+    shared: &Arc<Shared>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let dst = match kind {
+        Kind::Outbound | Kind::Inbound => match sys::original_dst(&stream) {
+            // A connection made straight to the listener (not redirected) would loop back into
+            // the proxy.
+            Ok(dst) if stream.local_addr().is_ok_and(|local| local == dst) => {
+                tracing::warn!(%peer, listener = kind.name(), "connection was not redirected; closing");
+                return;
+            }
+            Ok(dst) => Some(dst),
+            Err(error) => {
+                tracing::warn!(%peer, %error, listener = kind.name(), "no original destination; closing");
+                return;
+            }
+        },
+        Kind::Explicit(_) => None,
+    };
+    let target = match &kind {
+        Kind::Explicit(l) => l.target.clone(),
+        _ => None,
+    };
+    let declared = declared_protocol(shared, &kind, dst, target.as_ref());
+    let (detected, prefix, mut stream) = match declared {
+        Protocol::Tcp => (Detected::Opaque, bytes::Bytes::new(), stream),
+        Protocol::Http1 => (Detected::Http1, bytes::Bytes::new(), stream),
+        Protocol::Http2 => (Detected::Http2, bytes::Bytes::new(), stream),
+        Protocol::Detect => {
+            let mut stream = stream;
+            match detect::detect(&mut stream, shared.settings.timeouts.detect).await {
+                Ok((d, prefix)) => (d, prefix, stream),
+                Err(error) => {
+                    tracing::debug!(%peer, %error, "connection failed during detection");
+                    return;
+                }
+            }
+        }
+    };
+    let conn =
+        |downstream| ConnInfo { direction: kind.direction(), peer, dst, target: target.clone(), downstream };
+    match detected {
+        Detected::Http1 => {
+            server::serve(PrefixedIo::new(prefix, stream), conn(Proto::Http1), shared.clone()).await
+        }
+        Detected::Http2 => {
+            server::serve(PrefixedIo::new(prefix, stream), conn(Proto::Http2), shared.clone()).await
+        }
+        Detected::Opaque => {
+            let Some((endpoint, service)) = tcp_destination(shared, &kind, dst, target.as_ref()) else {
+                tracing::debug!(%peer, "no TCP destination; closing");
+                return;
+            };
+            let timeout = shared.settings.timeouts.connect;
+            let upstream = match endpoint.connect_tcp(timeout).await {
+                Ok(u) => u,
+                Err(error) => {
+                    tracing::debug!(%peer, %error, "TCP upstream connect failed");
+                    let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
+                    return;
+                }
+            };
+            let labels = TcpLabels {
+                direction: kind.direction().as_str(),
+                destination_service: service,
+                tls: "false",
+            };
+            match tcp::splice(
+                stream,
+                prefix,
+                upstream,
+                shared.settings.timeouts.tcp_idle,
+                &shared.metrics,
+                labels,
+            )
+            .await
+            {
+                Ok(t) => {
+                    tracing::debug!(%peer, upstream = %endpoint.addr, received = t.received, sent = t.sent, "TCP connection closed")
+                }
+                Err(error) => tracing::debug!(%peer, %error, "TCP connection ended with an error"),
+            }
+        }
+    }
+}
+
+/// The protocol a connection is declared to carry, when the port says so.
+fn declared_protocol(
+    shared: &Shared,
+    kind: &Kind,
+    dst: Option<SocketAddr>,
+    target: Option<&(String, u16)>,
+) -> Protocol {
+    let port = dst.map(|d| d.port()).or(target.map(|t| t.1));
+    if port.is_some_and(|p| shared.settings.opaque_ports.contains(&p)) {
+        return Protocol::Tcp;
+    }
+    let Some(snapshot) = shared.store.current() else { return Protocol::Detect };
+    let declared = match (kind, dst, target) {
+        (Kind::Outbound, Some(dst), _) => snapshot.service_by_addr(dst).map(|(_, p)| p.protocol),
+        (Kind::Explicit(_), _, Some((host, port))) => {
+            snapshot.service_by_host(host).and_then(|s| s.port(*port)).map(|p| p.protocol)
+        }
+        _ => None,
+    };
+    declared.unwrap_or(Protocol::Detect)
+}
+
+/// Where an opaque TCP connection goes: the service's TCP route (or its port's endpoints) when
+/// the destination is a known service, the original destination otherwise (the local app for
+/// inbound).
+fn tcp_destination(
+    shared: &Shared,
+    kind: &Kind,
+    dst: Option<SocketAddr>,
+    target: Option<&(String, u16)>,
+) -> Option<(Arc<Endpoint>, String)> {
+    let snapshot = shared.store.current()?;
+    if let (Kind::Inbound, Some(dst)) = (kind, dst) {
+        let addr = SocketAddr::new(shared.settings.inbound_forward_ip, dst.port());
+        return Some((shared.passthrough.endpoint(&snapshot, addr), "inbound".into()));
+    }
+    let service = match (dst, target) {
+        (Some(dst), _) => snapshot.service_by_addr(dst).map(|(s, p)| (s.clone(), p.number)),
+        (None, Some((host, port))) => snapshot.service_by_host(host).map(|s| (s.clone(), *port)),
+        _ => None,
+    };
+    match service {
+        Some((svc, port)) => {
+            let cluster = match svc.tcp_routes.first() {
+                Some(split) if !split.targets.is_empty() => {
+                    let total: u64 = split.targets.iter().map(|t| u64::from(t.weight)).sum();
+                    let i =
+                        pick_weighted(split.targets.iter().map(|t| t.weight), fastrand::u64(..total.max(1)));
+                    split.targets[i].cluster(Some(port)).clone()
+                }
+                _ => svc.port_or_only(Some(port))?.cluster.clone(),
+            };
+            let endpoint = crate::http::router::pick_endpoint(&cluster)?.clone();
+            Some((endpoint, svc.name.to_string()))
+        }
+        None => dst.map(|d| (shared.passthrough.endpoint(&snapshot, d), "passthrough".into())),
+    }
+}

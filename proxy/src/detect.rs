@@ -1,0 +1,135 @@
+//! Protocol detection on a connection's first bytes: the HTTP/2 prior-knowledge preface, an
+//! HTTP/1 request line, or anything else (opaque TCP). The decision is a pure function of the
+//! bytes; the async part only reads them, bounded in size and time, so a server-speaks-first
+//! protocol waits at most the detection timeout before it is forwarded as TCP.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// What the first bytes say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Detected {
+    Http1,
+    Http2,
+    Opaque,
+}
+
+/// The HTTP/2 connection preface (RFC 9113 section 3.4).
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Bytes read at most before deciding.
+pub const MAX_DETECT_BYTES: usize = 8 * 1024;
+
+const METHODS: [&[u8]; 9] =
+    [b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"CONNECT ", b"OPTIONS ", b"TRACE ", b"PATCH "];
+
+/// Decides from the bytes so far, or `None` when more bytes could change the answer.
+pub fn classify(buf: &[u8]) -> Option<Detected> {
+    if buf.is_empty() {
+        return None;
+    }
+    let n = buf.len().min(H2_PREFACE.len());
+    if buf[..n] == H2_PREFACE[..n] {
+        return if buf.len() >= H2_PREFACE.len() { Some(Detected::Http2) } else { None };
+    }
+    for m in METHODS {
+        let n = buf.len().min(m.len());
+        if buf[..n] == m[..n] {
+            return if buf.len() >= m.len() { Some(Detected::Http1) } else { None };
+        }
+    }
+    // Other methods: a token, a space, and a request line ending in HTTP/1.x.
+    let token_len = buf.iter().take_while(|b| b.is_ascii_uppercase() || **b == b'-' || **b == b'_').count();
+    if token_len == 0 || token_len > 32 {
+        return Some(Detected::Opaque);
+    }
+    match buf.get(token_len) {
+        None => return None,
+        Some(b' ') => {}
+        Some(_) => return Some(Detected::Opaque),
+    }
+    match buf.windows(2).position(|w| w == b"\r\n") {
+        Some(end) => {
+            let line = &buf[..end];
+            Some(if line.ends_with(b" HTTP/1.1") || line.ends_with(b" HTTP/1.0") {
+                Detected::Http1
+            } else {
+                Detected::Opaque
+            })
+        }
+        None if buf.len() >= MAX_DETECT_BYTES => Some(Detected::Opaque),
+        None => None,
+    }
+}
+
+/// Reads until `classify` decides, the peer closes, the buffer is full or `timeout` passes (then
+/// opaque). Returns the decision and the bytes read, which the caller must replay.
+pub async fn detect<I: AsyncRead + Unpin>(
+    io: &mut I,
+    timeout: Duration,
+) -> std::io::Result<(Detected, Bytes)> {
+    let mut buf = BytesMut::with_capacity(1024);
+    let read = async {
+        loop {
+            if let Some(d) = classify(&buf) {
+                return Ok::<_, std::io::Error>(d);
+            }
+            if buf.len() >= MAX_DETECT_BYTES {
+                return Ok(Detected::Opaque);
+            }
+            if io.read_buf(&mut buf).await? == 0 {
+                // Closed before a decision: whatever arrived is forwarded as-is.
+                return Ok(Detected::Opaque);
+            }
+        }
+    };
+    let detected = match tokio::time::timeout(timeout, read).await {
+        Ok(result) => result?,
+        Err(_) => Detected::Opaque,
+    };
+    Ok((detected, buf.freeze()))
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+
+    #[test]
+    fn classifies_first_bytes() {
+        assert_eq!(classify(b""), None);
+        assert_eq!(classify(b"GE"), None);
+        assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Detected::Http1));
+        assert_eq!(classify(b"POST "), Some(Detected::Http1));
+        assert_eq!(classify(b"PRI * HTTP/2.0"), None, "a preface prefix waits for more");
+        assert_eq!(classify(H2_PREFACE), Some(Detected::Http2));
+        assert_eq!(classify(b"PROPFIND /x HTTP/1.1\r\n"), Some(Detected::Http1));
+        assert_eq!(classify(b"PROPFIND /x"), None);
+        assert_eq!(classify(b"HELLO world\r\n"), Some(Detected::Opaque));
+        assert_eq!(classify(b"\x16\x03\x01\x02\x00"), Some(Detected::Opaque), "TLS ClientHello");
+        assert_eq!(classify(b"get / HTTP/1.1\r\n"), Some(Detected::Opaque), "methods are case-sensitive");
+        let long = [b'A'; MAX_DETECT_BYTES];
+        assert_eq!(classify(&long), Some(Detected::Opaque));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silence_falls_back_to_opaque_after_the_timeout() {
+        let (mut a, _b) = tokio::io::duplex(64);
+        let start = tokio::time::Instant::now();
+        let (d, bytes) = detect(&mut a, Duration::from_millis(300)).await.unwrap();
+        assert_eq!((d, bytes.len()), (Detected::Opaque, 0));
+        assert_eq!(start.elapsed(), Duration::from_millis(300));
+    }
+
+    #[tokio::test]
+    async fn keeps_the_bytes_it_read() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        b.write_all(b"GET /x HTTP/1.1\r\n").await.unwrap();
+        let (d, bytes) = detect(&mut a, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(d, Detected::Http1);
+        assert_eq!(&bytes[..], b"GET /x HTTP/1.1\r\n");
+    }
+}

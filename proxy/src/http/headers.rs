@@ -1,0 +1,210 @@
+//! Header rules, as pure functions: hop-by-hop stripping, message framing checks, upgrade
+//! detection, request ids. Trace context (`traceparent`, `tracestate`, `b3`, `x-b3-*`) is
+//! end-to-end and passes through untouched.
+
+use http::{
+    HeaderMap, HeaderName, HeaderValue,
+    header::{CONNECTION, CONTENT_LENGTH, TE, TRANSFER_ENCODING, UPGRADE},
+};
+use tower::{Layer, Service};
+
+/// Headers that describe one connection, never forwarded (RFC 9110 section 7.6.1).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+];
+
+pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Whether a request asks to switch protocols (WebSocket and friends).
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(UPGRADE) && connection_has(headers, "upgrade")
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Removes hop-by-hop headers, including those the `Connection` header names. With `upgrade`,
+/// `Connection: upgrade` and `Upgrade` are kept so the upstream sees the handshake. `te:
+/// trailers` is kept (gRPC needs it end to end).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(upgrade && n == UPGRADE))
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    let te_trailers = headers.get_all(TE).iter().any(|v| v.to_str().is_ok_and(|v| v.contains("trailers")));
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if te_trailers {
+        headers.insert(TE, HeaderValue::from_static("trailers"));
+    }
+    if upgrade {
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(UPGRADE);
+    }
+}
+
+/// Why an HTTP/1 request's framing is ambiguous (request smuggling), if it is.
+pub fn ambiguous_framing(headers: &HeaderMap) -> Option<&'static str> {
+    let te: Vec<&HeaderValue> = headers.get_all(TRANSFER_ENCODING).iter().collect();
+    let cl: Vec<&HeaderValue> = headers.get_all(CONTENT_LENGTH).iter().collect();
+    if !te.is_empty() && !cl.is_empty() {
+        return Some("both Content-Length and Transfer-Encoding");
+    }
+    if cl.len() > 1 && cl.windows(2).any(|w| w[0] != w[1]) {
+        return Some("conflicting Content-Length values");
+    }
+    if !te.is_empty() {
+        let codings: Vec<String> = te
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|c| c.trim().to_ascii_lowercase())
+            .collect();
+        if codings.last().map(String::as_str) != Some("chunked")
+            || codings.iter().filter(|c| *c == "chunked").count() != 1
+        {
+            return Some("Transfer-Encoding must end with a single chunked");
+        }
+    }
+    None
+}
+
+/// A random version-4 UUID.
+pub fn new_request_id() -> HeaderValue {
+    let a = fastrand::u64(..);
+    let b = fastrand::u64(..);
+    let a = (a & 0xffff_ffff_ffff_0fff) | 0x0000_0000_0000_4000;
+    let b = (b & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;
+    let s = format!(
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xffff,
+        b >> 48,
+        b & 0xffff_ffff_ffff
+    );
+    HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+/// Adds `x-request-id` to requests that have none.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RequestIdLayer;
+
+impl<S> Layer<S> for RequestIdLayer {
+    type Service = RequestId<S>;
+    fn layer(&self, inner: S) -> RequestId<S> {
+        RequestId(inner)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct RequestId<S>(S);
+
+impl<S, B> Service<http::Request<B>> for RequestId<S>
+where
+    S: Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> S::Future {
+        if !req.headers().contains_key(&REQUEST_ID) {
+            req.headers_mut().insert(REQUEST_ID.clone(), new_request_id());
+        }
+        self.0.call(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named_headers() {
+        let mut h = map(&[
+            ("connection", "keep-alive, x-private"),
+            ("keep-alive", "timeout=5"),
+            ("x-private", "1"),
+            ("transfer-encoding", "chunked"),
+            ("te", "trailers"),
+            ("upgrade", "websocket"),
+            ("traceparent", "00-abc-def-01"),
+            ("b3", "1-2-1"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let mut names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["b3", "te", "traceparent"]);
+    }
+
+    #[test]
+    fn keeps_the_upgrade_handshake() {
+        let mut h = map(&[("connection", "Upgrade"), ("upgrade", "websocket"), ("sec-websocket-key", "k")]);
+        assert!(is_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["connection"], "upgrade");
+        assert_eq!(h["upgrade"], "websocket");
+        assert!(!is_upgrade(&map(&[("upgrade", "websocket")])), "needs Connection: upgrade too");
+    }
+
+    #[test]
+    fn framing() {
+        assert_eq!(ambiguous_framing(&map(&[("content-length", "3")])), None);
+        assert_eq!(ambiguous_framing(&map(&[("content-length", "3"), ("content-length", "3")])), None);
+        assert_eq!(ambiguous_framing(&map(&[("transfer-encoding", "gzip, chunked")])), None);
+        for bad in [
+            &[("content-length", "3"), ("transfer-encoding", "chunked")][..],
+            &[("content-length", "3"), ("content-length", "4")],
+            &[("transfer-encoding", "chunked, identity")],
+            &[("transfer-encoding", "chunked"), ("transfer-encoding", "chunked")],
+            &[("transfer-encoding", "xchunked")],
+        ] {
+            assert!(ambiguous_framing(&map(bad)).is_some(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn request_ids_are_uuid_v4() {
+        let id = new_request_id();
+        let s = id.to_str().unwrap();
+        assert_eq!(s.len(), 36);
+        assert_eq!(&s[14..15], "4");
+        assert!(matches!(&s[19..20], "8" | "9" | "a" | "b"));
+        assert_ne!(new_request_id(), id);
+    }
+}

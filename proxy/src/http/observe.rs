@@ -1,0 +1,274 @@
+//! The outermost request layer: counts and times every request when its response ends, writes
+//! the access log line, and tracks the connection's in-flight requests (for the idle timeout).
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response};
+use http_body::{Body as _, Frame, SizeHint};
+use tokio::{io::AsyncWriteExt, sync::mpsc, time::Instant};
+use tower::{Layer, Service};
+
+use super::{Body, BoxError, Direction, headers::REQUEST_ID};
+use crate::{
+    io::Activity,
+    metrics::{Metrics, RequestLabels},
+};
+
+/// What the router did, attached to the response for this layer.
+#[derive(Clone, Debug, Default)]
+pub struct ResponseInfo {
+    pub route: Option<Arc<str>>,
+    pub service: Option<Arc<str>>,
+    pub cluster: Option<Arc<str>>,
+    pub upstream: Option<SocketAddr>,
+    /// Envoy-style response flags: `NR` no route, `UH` no healthy upstream, `UF` upstream connect
+    /// failure, `UT` upstream timeout, `UC` upstream connection error, `DC` downstream closed
+    /// early, `BR` bad request.
+    pub flags: &'static str,
+}
+
+/// One JSON access log line per request, written by a background task; lines are dropped (and
+/// counted) rather than slowing requests when stdout falls behind.
+#[derive(Clone, Debug)]
+pub struct AccessLog {
+    tx: mpsc::Sender<String>,
+}
+
+impl AccessLog {
+    pub fn spawn(metrics: Arc<Metrics>) -> AccessLog {
+        let (tx, mut rx) = mpsc::channel::<String>(1024);
+        tokio::spawn(async move {
+            let mut out = tokio::io::stdout();
+            while let Some(line) = rx.recv().await {
+                if out.write_all(line.as_bytes()).await.is_err() {
+                    metrics.access_log_dropped.inc();
+                }
+            }
+            let _ = out.flush().await;
+        });
+        AccessLog { tx }
+    }
+
+    /// An access log whose lines go to a channel (tests).
+    pub fn to_channel(tx: mpsc::Sender<String>) -> AccessLog {
+        AccessLog { tx }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ObserveLayer {
+    pub metrics: Arc<Metrics>,
+    pub access_log: Option<AccessLog>,
+    pub direction: Direction,
+    /// The connection's activity: requests in flight and the head-read clock.
+    pub activity: Arc<Activity>,
+}
+
+impl<S> Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+    fn layer(&self, inner: S) -> Observe<S> {
+        Observe { inner, layer: self.clone() }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Observe<S> {
+    inner: S,
+    layer: ObserveLayer,
+}
+
+/// The request fields kept for the access log (the path without its query, which may carry
+/// secrets).
+struct RequestSummary {
+    method: http::Method,
+    authority: String,
+    path: String,
+    version: http::Version,
+    request_id: Option<http::HeaderValue>,
+}
+
+impl<S> Service<Request<hyper::body::Incoming>> for Observe<S>
+where
+    S: Service<Request<hyper::body::Incoming>, Response = Response<Body>, Error = std::convert::Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = std::convert::Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, std::convert::Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<hyper::body::Incoming>) -> Self::Future {
+        let start = Instant::now();
+        self.layer.activity.request_started();
+        let guard = InFlightGuard(self.layer.activity.clone());
+        let summary = self.layer.access_log.as_ref().map(|_| RequestSummary {
+            method: req.method().clone(),
+            authority: req
+                .uri()
+                .authority()
+                .map(|a| a.to_string())
+                .or_else(|| {
+                    req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).map(String::from)
+                })
+                .unwrap_or_default(),
+            path: req.uri().path().to_owned(),
+            version: req.version(),
+            request_id: req.headers().get(&REQUEST_ID).cloned(),
+        });
+        let layer = self.layer.clone();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let Ok(res) = fut.await;
+            let (mut parts, body) = res.into_parts();
+            let info = parts.extensions.remove::<ResponseInfo>().unwrap_or_default();
+            let grpc_status = grpc_status(&parts.headers);
+            let done = Done {
+                start,
+                status: parts.status.as_u16(),
+                grpc_status,
+                info,
+                summary,
+                layer,
+                _guard: guard,
+            };
+            Ok(Response::from_parts(parts, Body::new(ObservedBody { inner: body, done: Some(done) })))
+        })
+    }
+}
+
+struct InFlightGuard(Arc<Activity>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.request_finished();
+    }
+}
+
+fn grpc_status(headers: &HeaderMap) -> Option<String> {
+    headers.get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_owned)
+}
+
+struct Done {
+    start: Instant,
+    status: u16,
+    grpc_status: Option<String>,
+    info: ResponseInfo,
+    summary: Option<RequestSummary>,
+    layer: ObserveLayer,
+    _guard: InFlightGuard,
+}
+
+impl Done {
+    fn finish(self, complete: bool) {
+        let elapsed = self.start.elapsed();
+        let flags = if !complete && self.info.flags.is_empty() { "DC" } else { self.info.flags };
+        let labels = RequestLabels {
+            direction: self.layer.direction.as_str(),
+            destination_service: self.info.service.as_deref().unwrap_or("unknown").to_owned(),
+            response_code: self.status,
+            grpc_status: self.grpc_status.clone().unwrap_or_default(),
+            tls: "false",
+        };
+        self.layer.metrics.requests.get_or_create(&labels).inc();
+        self.layer.metrics.request_duration.get_or_create(&labels).observe(elapsed.as_secs_f64());
+        if let (Some(log), Some(req)) = (&self.layer.access_log, &self.summary) {
+            let ts = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+            let mut line = serde_json::json!({
+                "timestamp": ts,
+                "direction": self.layer.direction.as_str(),
+                "method": req.method.as_str(),
+                "authority": req.authority,
+                "path": req.path,
+                "protocol": format!("{:?}", req.version),
+                "status": self.status,
+                "grpc_status": self.grpc_status,
+                "route": self.info.route.as_deref(),
+                "destination_service": self.info.service.as_deref(),
+                "cluster": self.info.cluster.as_deref(),
+                "upstream": self.info.upstream.map(|a| a.to_string()),
+                "response_flags": flags,
+                "duration_ms": elapsed.as_secs_f64() * 1000.0,
+                "request_id": req.request_id.as_ref().and_then(|v| v.to_str().ok()),
+            })
+            .to_string();
+            line.push('\n');
+            if log.tx.try_send(line).is_err() {
+                self.layer.metrics.access_log_dropped.inc();
+            }
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Passes frames through; reports the request when the body ends, fails, or is dropped.
+    struct ObservedBody {
+        #[pin]
+        inner: Body,
+        done: Option<Done>,
+    }
+
+    impl PinnedDrop for ObservedBody {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(done) = this.done.take() {
+                // A body hyper never polled because it was known to be empty is complete.
+                done.finish(this.inner.is_end_stream());
+            }
+        }
+    }
+}
+
+impl http_body::Body for ObservedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(trailers), Some(done)) = (frame.trailers_ref(), this.done.as_mut())
+                    && let Some(s) = grpc_status(trailers)
+                {
+                    done.grpc_status = Some(s);
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(done) = this.done.take() {
+                    done.finish(true);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(done) = this.done.take() {
+                    done.finish(false);
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,24 @@
+//! Weft's data plane: a sidecar proxy for HTTP/1.1, HTTP/2, gRPC and opaque TCP.
+//!
+//! Layout, from the edge inward: `app` binds listeners and hands each connection to `detect`,
+//! then to `http::server` (hyper) or `tcp` (splice). HTTP requests pass through tower layers
+//! (`http::observe`, `http::headers::RequestIdLayer`) to `http::router`, which asks the pure
+//! `route` and `balance` functions what to do against the current `config::Snapshot`, and sends
+//! upstream through `upstream` connection pools. `admin` serves health, config and metrics.
+
+pub mod admin;
+pub mod app;
+pub mod balance;
+pub mod config;
+pub mod detect;
+pub mod http;
+pub mod io;
+pub mod metrics;
+pub mod route;
+pub mod settings;
+pub mod sys;
+pub mod tcp;
+pub mod upstream;
+
+pub use app::{Handle, start};
+pub use settings::Settings;

@@ -1,0 +1,173 @@
+//! The `weft-proxy` binary as an operator runs it: every flag documented in `--help`, startup
+//! from a config file, SIGHUP reload, SIGTERM drain and exit, and idle memory (reported, and
+//! held under a budget). Spawns the real process because signals and RSS are per process.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_weft-proxy");
+const DEADLINE: Duration = Duration::from_secs(20);
+
+#[test]
+fn help_documents_every_flag() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    for flag in [
+        "--config",
+        "--config-poll",
+        "--admin-addr",
+        "--outbound-addr",
+        "--inbound-addr",
+        "--no-redirect",
+        "--inbound-forward-ip",
+        "--listen",
+        "--opaque-ports",
+        "--detect-timeout",
+        "--header-read-timeout",
+        "--http-idle-timeout",
+        "--tcp-idle-timeout",
+        "--connect-timeout",
+        "--upstream-idle-timeout",
+        "--drain-timeout",
+        "--max-connections",
+        "--max-header-bytes",
+        "--max-headers",
+        "--h2-max-concurrent-streams",
+        "--h2-max-pending-resets",
+        "--h2-max-local-resets",
+        "--access-log",
+        "--log-format",
+        "--log",
+        "--workers",
+        "--version",
+    ] {
+        assert!(
+            help.contains(&format!("{flag} ")) || help.contains(&format!("{flag}\n")),
+            "--help lacks {flag}:\n{help}"
+        );
+    }
+    // Every flag has a description and an environment variable.
+    assert!(help.matches("[env: WEFT_").count() >= 25, "{help}");
+}
+
+/// A running `weft-proxy` whose JSON log lines arrive on a channel.
+struct Proxy {
+    child: Child,
+    logs: mpsc::Receiver<serde_json::Value>,
+}
+
+impl Proxy {
+    fn start(config: &Path) -> Proxy {
+        let mut child = Command::new(BIN)
+            .args(["--config", config.to_str().unwrap()])
+            .args(["--no-redirect", "--admin-addr", "127.0.0.1:0", "--listen", "127.0.0.1:0"])
+            .args(["--config-poll", "1h", "--log-format", "json", "--drain-timeout", "5s"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, logs) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str(&line) {
+                    let _ = tx.send(v);
+                }
+            }
+        });
+        Proxy { child, logs }
+    }
+
+    /// Waits for a log line whose message is `msg`, returning its fields.
+    fn wait_log(&self, msg: &str) -> serde_json::Value {
+        let until = Instant::now() + DEADLINE;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            let line = self.logs.recv_timeout(left).unwrap_or_else(|_| panic!("no {msg:?} log line"));
+            if line["fields"]["message"] == msg {
+                return line["fields"].clone();
+            }
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap().success();
+        assert!(ok, "kill {sig}");
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn get(addr: SocketAddr, host: &str, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn starts_reloads_on_sighup_drains_on_sigterm_and_idles_small() {
+    let dir = std::env::temp_dir().join(format!("weft-proxy-bin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("config.yaml");
+    let v = |version: &str| {
+        format!(
+            "version: {version}\nservices:\n  - name: hello\n    ports: [{{number: 80}}]\n    httpRoutes:\n      - directResponse: {{status: 200, body: \"{version}\"}}\n"
+        )
+    };
+    std::fs::write(&config, v("v1")).unwrap();
+    let proxy = Proxy::start(&config);
+    let started = proxy.wait_log("weft-proxy started");
+    let admin: SocketAddr = started["admin"].as_str().unwrap().parse().unwrap();
+    let listen: SocketAddr =
+        started["explicit"].as_str().unwrap().trim_matches(&['[', ']'][..]).parse().unwrap();
+
+    assert!(get(admin, "admin", "/ready").starts_with("HTTP/1.1 200"));
+    assert!(get(listen, "hello", "/").ends_with("v1"));
+
+    let rss = proxy.rss_kib();
+    println!("weft-proxy idle RSS: {rss} KiB ({:.1} MiB)", rss as f64 / 1024.0);
+    // The target is 10 MiB for a release build; a debug build carries more code pages.
+    let budget = if cfg!(debug_assertions) { 20 * 1024 } else { 10 * 1024 };
+    assert!(rss < budget, "idle RSS {rss} KiB over {budget} KiB");
+
+    // Replace the file atomically, as a ConfigMap update does.
+    std::fs::write(config.with_extension("tmp"), v("v2")).unwrap();
+    std::fs::rename(config.with_extension("tmp"), &config).unwrap();
+    proxy.signal("-HUP");
+    let loaded = proxy.wait_log("config loaded");
+    assert_eq!(loaded["version"], "v2");
+    assert!(get(listen, "hello", "/").ends_with("v2"));
+
+    proxy.signal("-TERM");
+    proxy.wait_log("drained");
+    let mut proxy = proxy;
+    let mut child = std::mem::replace(&mut proxy.child, Command::new("true").spawn().unwrap());
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    let status = rx.recv_timeout(DEADLINE).expect("exits after SIGTERM").unwrap();
+    assert!(status.success(), "{status:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

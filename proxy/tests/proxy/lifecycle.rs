@@ -1,0 +1,126 @@
+//! Drain on shutdown, trace context and request ids.
+
+use std::{sync::atomic::Ordering, time::Duration};
+
+use http::StatusCode;
+use http_body_util::Full;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+use weft_proxy::settings::ExplicitListener;
+
+use crate::support::*;
+
+/// SIGTERM semantics: in-flight HTTP/1 and HTTP/2 requests finish, HTTP/2 clients get GOAWAY,
+/// new connections are refused, and `wait` returns once everything is done.
+#[tokio::test]
+async fn drain_completes_in_flight_requests_and_refuses_new_ones() {
+    let up = slow_backend("slow", Duration::from_millis(300)).await;
+    let proxy = TestProxy::start(&format!(
+        "services: [{{name: svc, ports: [{{number: 80, endpoints: [{{address: \"{}\"}}]}}]}}]",
+        up.addr
+    ))
+    .await;
+    let addr = proxy.addr();
+    let mut tasks = Vec::new();
+    for _ in 0..3 {
+        tasks.push(tokio::spawn(async move { H1::connect(addr).await.get("svc", "/").await.status }));
+    }
+    let h2 = H2::connect(addr).await;
+    for _ in 0..3 {
+        let mut c = h2.clone();
+        tasks.push(tokio::spawn(async move { c.get("svc", "/").await.status }));
+    }
+    within("requests in flight", async {
+        while up.hits.load(Ordering::Relaxed) < 6 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    proxy.handle.shutdown();
+    within("drain starts", async {
+        while !proxy.handle.is_draining() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    for t in tasks {
+        assert_eq!(within("in-flight request", t).await.unwrap(), StatusCode::OK);
+    }
+    within("drain completes", proxy.handle.wait()).await;
+    // The listener is closed: connecting fails or the connection is closed at once.
+    if let Ok(mut s) = TcpStream::connect(addr).await {
+        let _ = s.write_all(b"GET / HTTP/1.1\r\nhost: svc\r\n\r\n").await;
+        let mut buf = [0u8; 1];
+        assert_eq!(within("refused", s.read(&mut buf)).await.unwrap_or(0), 0);
+    }
+    // The HTTP/2 connection was told to go away.
+    let mut c = h2.clone();
+    assert!(c.send_raw(http::Request::get("http://svc/").body(empty()).unwrap()).await.is_err());
+}
+
+#[tokio::test]
+async fn drain_gives_up_at_the_deadline() {
+    // A TCP connection that never ends keeps drain waiting until the deadline.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (_s, _) = l.accept().await.unwrap();
+        std::future::pending::<()>().await;
+    });
+    let proxy = TestProxy::start_with(
+        &format!("services: [{{name: db, ports: [{{number: 1, protocol: TCP, endpoints: [{{address: \"{upstream}\"}}]}}]}}]"),
+        |s| {
+            s.explicit = vec![ExplicitListener { addr: "127.0.0.1:0".parse().unwrap(), target: Some(("db".into(), 1)) }];
+            s.timeouts.drain = Duration::from_millis(300);
+        },
+    )
+    .await;
+    let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
+    s.write_all(b"x").await.unwrap();
+    within("connection tracked", async {
+        while !proxy.handle.metrics.encode().contains("weft_tcp_connections_opened_total") {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let started = tokio::time::Instant::now();
+    proxy.handle.shutdown();
+    within("drain deadline", proxy.handle.wait()).await;
+    assert!(started.elapsed() >= Duration::from_millis(300));
+}
+
+#[tokio::test]
+async fn trace_context_passes_through_and_request_ids_are_generated() {
+    let up = backend("up").await;
+    let proxy = TestProxy::start(&format!(
+        "services: [{{name: svc, ports: [{{number: 80, endpoints: [{{address: \"{}\"}}]}}]}}]",
+        up.addr
+    ))
+    .await;
+    let mut c = H1::connect(proxy.addr()).await;
+    let trace = [
+        ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        ("tracestate", "congo=t61rcWkgMzE"),
+        ("b3", "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1"),
+        ("x-b3-traceid", "80f198ee56343ba864fe8b2a57d3eff7"),
+        ("x-b3-spanid", "e457b5a2e4d86bd1"),
+        ("x-b3-sampled", "1"),
+    ];
+    let mut b = req("svc", "/");
+    for (k, v) in trace {
+        b = b.header(k, v);
+    }
+    let seen = c.send(b.body(Full::default()).unwrap()).await.json();
+    for (k, v) in trace {
+        assert_eq!(seen["headers"][k], v, "{k}");
+    }
+    let generated = seen["headers"]["x-request-id"].as_str().expect("generated").to_owned();
+    assert_eq!(generated.len(), 36);
+    let again = c.get("svc", "/").await.json();
+    assert_ne!(again["headers"]["x-request-id"], generated.as_str(), "one id per request");
+    let kept =
+        c.send(req("svc", "/").header("x-request-id", "mine").body(Full::default()).unwrap()).await.json();
+    assert_eq!(kept["headers"]["x-request-id"], "mine");
+}

@@ -1,0 +1,10 @@
+//! The proxy in-process on loopback (tier 2): real TCP, real hyper clients and backends, the
+//! config loaded from a file. One test binary, so the suite links once.
+
+mod support;
+
+mod admin;
+mod hardening;
+mod lifecycle;
+mod protocols;
+mod routing;

@@ -1,0 +1,316 @@
+//! In-process harness: the proxy with a config file in a temp dir, backends and clients on
+//! 127.0.0.1 with ephemeral ports. Waits use readiness signals (the store's status channel,
+//! bound listeners), never sleeps; every wait has a deadline.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    convert::Infallible,
+    net::SocketAddr,
+    path::PathBuf,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::{BodyExt, Full};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::{net::TcpListener, sync::mpsc};
+use weft_proxy::{Handle, Settings, http::observe::AccessLog, metrics::Metrics};
+
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Runs `f` or fails the test after `DEADLINE`.
+pub async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(DEADLINE, f).await.unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+static DIRS: AtomicUsize = AtomicUsize::new(0);
+
+pub struct TestProxy {
+    pub handle: Handle,
+    pub config: PathBuf,
+    pub access_log: Option<mpsc::Receiver<String>>,
+}
+
+impl TestProxy {
+    pub async fn start(yaml: &str) -> TestProxy {
+        Self::start_with(yaml, |_| {}).await
+    }
+
+    pub async fn start_with(yaml: &str, tweak: impl FnOnce(&mut Settings)) -> TestProxy {
+        let dir = std::env::temp_dir().join(format!(
+            "weft-proxy-test-{}-{}",
+            std::process::id(),
+            DIRS.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("config.yaml");
+        std::fs::write(&config, yaml).unwrap();
+        let mut settings = Settings::for_tests(config.clone());
+        tweak(&mut settings);
+        let metrics = Metrics::new();
+        let (tx, rx) = mpsc::channel(10_000);
+        let log = settings.access_log.then(|| AccessLog::to_channel(tx));
+        let handle = weft_proxy::app::start_with(settings, Default::default(), metrics, log.clone())
+            .await
+            .expect("proxy starts");
+        TestProxy { handle, config, access_log: log.map(|_| rx) }
+    }
+
+    /// The first explicit listener.
+    pub fn addr(&self) -> SocketAddr {
+        self.handle.explicit_addrs[0]
+    }
+
+    pub fn version(&self) -> Option<String> {
+        self.handle.store.current().map(|s| s.version.clone())
+    }
+
+    /// Rewrites the config file (atomically, as a ConfigMap update would) and waits for the
+    /// outcome of the next load attempt.
+    pub async fn write_config(&self, yaml: &str) -> Result<(), String> {
+        let mut status = self.handle.store.subscribe();
+        status.borrow_and_update();
+        let tmp = self.config.with_extension("tmp");
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, &self.config).unwrap();
+        within("config reload", status.changed()).await.unwrap();
+        match status.borrow().last_error.clone() {
+            None => Ok(()),
+            Some(e) => Err(e),
+        }
+    }
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        if let Some(dir) = self.config.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+// === Backends ===
+
+/// An HTTP backend (HTTP/1.1 and HTTP/2) that answers with a JSON echo of the request:
+/// `{"backend", "method", "uri", "version", "headers"}`. `/slow?ms=N` waits first;
+/// `/status/N` answers with that status.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicUsize>,
+    pub connections: Arc<AtomicUsize>,
+}
+
+pub async fn backend(name: &'static str) -> Backend {
+    slow_backend(name, Duration::ZERO).await
+}
+
+/// A backend that waits `delay` before every answer.
+pub async fn slow_backend(name: &'static str, delay: Duration) -> Backend {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let connections = Arc::new(AtomicUsize::new(0));
+    let (h, c) = (hits.clone(), connections.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            c.fetch_add(1, Ordering::Relaxed);
+            let h = h.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    h.fetch_add(1, Ordering::Relaxed);
+                    async move {
+                        tokio::time::sleep(delay).await;
+                        echo(name, req).await
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Backend { addr, hits, connections }
+}
+
+async fn echo(name: &'static str, mut req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path().to_owned();
+    if let Some(ms) =
+        path.strip_prefix("/slow").and_then(|_| req.uri().query()?.strip_prefix("ms=")?.parse().ok())
+    {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if req.headers().contains_key(http::header::UPGRADE) {
+        // Upgrade: answer 101, then echo raw bytes on the upgraded connection.
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = on.await {
+                let (mut r, mut w) = tokio::io::split(TokioIo::new(up));
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            }
+        });
+        let mut res = Response::new(Full::new(Bytes::new()));
+        *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        res.headers_mut().insert("connection", "upgrade".parse().unwrap());
+        res.headers_mut().insert("upgrade", req.headers()["upgrade"].clone());
+        return Ok(res);
+    }
+    let headers: BTreeMap<String, String> =
+        req.headers().iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned())).collect();
+    let body = serde_json::json!({
+        "backend": name,
+        "method": req.method().as_str(),
+        "uri": req.uri().to_string(),
+        "path": req.uri().path_and_query().map(|p| p.as_str()),
+        "version": format!("{:?}", req.version()),
+        "headers": headers,
+    });
+    let status = path.strip_prefix("/status/").and_then(|s| s.parse().ok()).unwrap_or(200);
+    let mut res = Response::new(Full::new(Bytes::from(body.to_string())));
+    *res.status_mut() = StatusCode::from_u16(status).unwrap();
+    res.headers_mut().insert("x-backend", name.parse().unwrap());
+    Ok(res)
+}
+
+// === Clients ===
+
+/// One HTTP/1.1 keep-alive connection.
+pub struct H1 {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl H1 {
+    pub async fn connect(addr: SocketAddr) -> H1 {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        H1 { sender }
+    }
+
+    pub async fn send(&mut self, req: Request<Full<Bytes>>) -> Reply {
+        within("h1 ready", self.sender.ready()).await.unwrap();
+        let res = within("h1 response", self.sender.send_request(req)).await.unwrap();
+        Reply::read(res).await
+    }
+
+    pub async fn get(&mut self, host: &str, path: &str) -> Reply {
+        self.send(req(host, path).body(Full::default()).unwrap()).await
+    }
+}
+
+pub fn req(host: &str, path: &str) -> http::request::Builder {
+    Request::get(path).header("host", host)
+}
+
+/// One HTTP/2 (prior knowledge) connection.
+#[derive(Clone)]
+pub struct H2 {
+    sender: hyper::client::conn::http2::SendRequest<BoxBody>,
+}
+
+pub type BoxBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
+
+impl H2 {
+    pub async fn connect(addr: SocketAddr) -> H2 {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
+        tokio::spawn(conn);
+        H2 { sender }
+    }
+
+    pub async fn send(&mut self, req: Request<BoxBody>) -> Reply {
+        within("h2 ready", self.sender.ready()).await.unwrap();
+        let res = within("h2 response", self.sender.send_request(req)).await.unwrap();
+        Reply::read(res).await
+    }
+
+    pub async fn send_raw(&mut self, req: Request<BoxBody>) -> hyper::Result<Response<Incoming>> {
+        self.sender.ready().await?;
+        self.sender.send_request(req).await
+    }
+
+    pub async fn get(&mut self, authority: &str, path: &str) -> Reply {
+        let uri = format!("http://{authority}{path}");
+        self.send(Request::get(uri).body(empty()).unwrap()).await
+    }
+}
+
+pub fn empty() -> BoxBody {
+    Full::new(Bytes::new()).boxed_unsync()
+}
+
+/// A read response.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub trailers: Option<HeaderMap>,
+}
+
+impl Reply {
+    pub async fn read(res: Response<Incoming>) -> Reply {
+        let (parts, body) = res.into_parts();
+        let collected = within("body", body.collect()).await.expect("body");
+        let trailers = collected.trailers().cloned();
+        Reply { status: parts.status, headers: parts.headers, body: collected.to_bytes(), trailers }
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+
+    pub fn backend(&self) -> String {
+        self.json()["backend"].as_str().unwrap_or_default().to_owned()
+    }
+}
+
+/// A body fed frame by frame from a channel (streaming requests).
+pub struct ChannelBody(pub mpsc::Receiver<Frame<Bytes>>);
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|f| f.map(Ok))
+    }
+}
+
+/// A body made of given frames (data and trailers).
+pub struct Frames(pub VecDeque<Frame<Bytes>>);
+
+impl http_body::Body for Frames {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Poll::Ready(self.0.pop_front().map(Ok))
+    }
+    fn is_end_stream(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// GETs an admin path.
+pub async fn admin(proxy: &TestProxy, method: http::Method, path: &str) -> Reply {
+    let mut c = H1::connect(proxy.handle.admin_addr).await;
+    c.send(Request::builder().method(method).uri(path).header("host", "admin").body(Full::default()).unwrap())
+        .await
+}
