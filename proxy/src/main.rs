@@ -112,7 +112,7 @@ struct Args {
     access_log: bool,
 
     /// Log format on stderr.
-    #[arg(long, env = "WEFT_LOG_FORMAT", default_value = "plain", value_parser = ["plain", "json"])]
+    #[arg(long, env = "WEFT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
 
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `weft_proxy=debug`.

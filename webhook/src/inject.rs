@@ -418,9 +418,11 @@ fn proxy_container(resources: ResourceRequirements, config: &InjectConfig) -> Co
             value("WEFT_TRUST_DOMAIN", config.trust_domain.clone()),
             value("WEFT_TOKEN_FILE", format!("{TOKEN_DIR}/token")),
             value("WEFT_TRUST_BUNDLE_FILE", format!("{TRUST_BUNDLE_DIR}/ca.crt")),
-            value("WEFT_ADMIN_PORT", config.ports.admin.to_string()),
+            value("WEFT_ADMIN_ADDR", format!("0.0.0.0:{}", config.ports.admin)),
+            value("WEFT_OUTBOUND_ADDR", format!("0.0.0.0:{}", config.ports.outbound)),
+            value("WEFT_INBOUND_ADDR", format!("0.0.0.0:{}", config.ports.inbound)),
             value("WEFT_LOG_FORMAT", config.log_format.clone()),
-            value("WEFT_LOG_LEVEL", config.log_level.clone()),
+            value("WEFT_LOG", config.log_level.clone()),
         ]),
         ports: Some(vec![ContainerPort {
             name: Some("weft-admin".to_owned()),
