@@ -16,7 +16,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     admin,
-    config::{Protocol, Snapshot, Store, file::FileSource},
+    config::{Protocol, Snapshot, Store, control_plane, file::FileSource},
     detect::{self, Detected},
     http::{Direction, observe::AccessLog, router::ConnInfo, server},
     io::PrefixedIo,
@@ -79,6 +79,8 @@ pub struct Handle {
     pub inbound_addr: Option<SocketAddr>,
     pub store: Store,
     pub metrics: Arc<Metrics>,
+    /// With a control-plane source: add or remove destinations, see the stream state.
+    pub control_plane: Option<control_plane::Subscriptions>,
     shared: Arc<Shared>,
     reload: Arc<Notify>,
     /// Cancelled to ask for shutdown (SIGTERM, `POST /shutdown`, `Handle::shutdown`).
@@ -138,18 +140,25 @@ pub async fn start_with(
         tracker: TaskTracker::new(),
     });
 
-    // The first load happens before the listeners open, so a good file makes the proxy ready at
-    // once.
-    let mut source = FileSource::new(settings.config_path.clone(), store.clone());
-    let first = source.reload(true).await;
-    report(&metrics, first);
-    tokio::spawn(config_loop(
-        source,
-        settings.config_poll_interval,
-        reload.clone(),
-        done.clone(),
-        metrics.clone(),
-    ));
+    let control_plane = match &settings.control_plane {
+        // Ready once the first update arrives; the last config stays through disconnects.
+        Some(cp) => Some(control_plane::spawn(cp.clone(), store.clone(), done.clone())),
+        None => {
+            // The first load happens before the listeners open, so a good file makes the proxy
+            // ready at once.
+            let mut source = FileSource::new(settings.config_path.clone(), store.clone());
+            let first = source.reload(true).await;
+            report(&metrics, first);
+            tokio::spawn(config_loop(
+                source,
+                settings.config_poll_interval,
+                reload.clone(),
+                done.clone(),
+                metrics.clone(),
+            ));
+            None
+        }
+    };
 
     let bind = |what: &'static str, addr: SocketAddr| async move {
         TcpListener::bind(addr).await.map_err(|source| Error::Bind { what, addr, source })
@@ -200,6 +209,7 @@ pub async fn start_with(
         inbound_addr,
         store,
         metrics,
+        control_plane,
         shared: shared.clone(),
         reload,
         shutdown: shutdown.clone(),

@@ -4,6 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::Parser;
+use weft_proxy::config::control_plane::ControlPlane;
 use weft_proxy::settings::{ExplicitListener, Limits, Settings, Timeouts, parse_duration, parse_listener};
 
 /// Weft's sidecar proxy: forwards HTTP/1.1, HTTP/2, gRPC and opaque TCP with routing, weighted
@@ -15,9 +16,27 @@ use weft_proxy::settings::{ExplicitListener, Limits, Settings, Timeouts, parse_d
 #[command(name = "weft-proxy", version)]
 struct Args {
     /// Config file: YAML, or JSON when the name ends in .json. Reloaded when it changes and on SIGHUP;
-    /// a bad file keeps the running config.
-    #[arg(long, env = "WEFT_CONFIG", value_name = "FILE")]
-    config: PathBuf,
+    /// a bad file keeps the running config. Takes precedence over --control-plane.
+    #[arg(long, env = "WEFT_CONFIG", value_name = "FILE", required_unless_present = "control_plane")]
+    config: Option<PathBuf>,
+
+    /// The operator's config server (HOST:PORT, plaintext gRPC for now): the proxy subscribes
+    /// for its workload and its destinations, keeps its last config when the stream breaks, and
+    /// reconnects with backoff.
+    #[arg(long, env = "WEFT_CONTROL_PLANE", value_name = "HOST:PORT")]
+    control_plane: Option<String>,
+
+    /// This pod's name (the control plane's node is <pod>.<namespace>).
+    #[arg(long, env = "POD_NAME", default_value = "", value_name = "NAME")]
+    pod_name: String,
+
+    /// This pod's namespace.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default", value_name = "NAMESPACE")]
+    pod_namespace: String,
+
+    /// Destinations to subscribe to from the start (service names or virtual IPs), comma-separated.
+    #[arg(long, env = "WEFT_DESTINATIONS", value_delimiter = ',', value_name = "NAMES")]
+    destinations: Vec<String>,
 
     /// How often the config file is checked for changes.
     #[arg(long, env = "WEFT_CONFIG_POLL", default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
@@ -127,8 +146,20 @@ struct Args {
 impl Args {
     fn settings(self) -> Settings {
         let redirect = |addr| (!self.no_redirect).then_some(addr);
+        let control_plane = match (&self.config, &self.control_plane) {
+            (None, Some(addr)) => {
+                let pod = if self.pod_name.is_empty() { "weft-proxy" } else { self.pod_name.as_str() };
+                Some(ControlPlane::new(
+                    addr.clone(),
+                    format!("{pod}.{}", self.pod_namespace),
+                    self.destinations.clone(),
+                ))
+            }
+            _ => None,
+        };
         Settings {
-            config_path: self.config.clone(),
+            config_path: self.config.clone().unwrap_or_default(),
+            control_plane,
             config_poll_interval: self.config_poll,
             admin_addr: self.admin_addr,
             outbound_addr: redirect(self.outbound_addr),

@@ -7,8 +7,11 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 /// Everything the proxy needs besides the routing config.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    /// The config file (YAML or JSON of `weft.proxy.v1.ProxyConfig`).
+    /// The config file (YAML or JSON of `weft.proxy.v1.ProxyConfig`); used when
+    /// `control_plane` is `None`.
     pub config_path: PathBuf,
+    /// Take the config from the operator instead of the file.
+    pub control_plane: Option<crate::config::control_plane::ControlPlane>,
     /// How often the file is checked for changes (SIGHUP reloads at once).
     pub config_poll_interval: Duration,
     pub admin_addr: SocketAddr,
@@ -104,6 +107,7 @@ impl Settings {
     pub fn for_tests(config_path: PathBuf) -> Self {
         Settings {
             config_path,
+            control_plane: None,
             config_poll_interval: Duration::from_millis(50),
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             outbound_addr: None,

@@ -59,7 +59,7 @@ pub struct ProxyResources {
 impl Default for InjectConfig {
     fn default() -> Self {
         Self {
-            proxy_image: format!("weft/proxy:{}", env!("CARGO_PKG_VERSION")),
+            proxy_image: format!("docker.io/weftmesh/proxy:{}", env!("CARGO_PKG_VERSION")),
             image_pull_policy: None,
             proxy_uid: 1337,
             ports: ProxyPorts::default(),

@@ -2,7 +2,10 @@
 //! and stop it again whatever the tests did. A cluster that was already running (started by
 //! hand with `cargo xtask cluster up`) is left running.
 
-use std::process::Command;
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+};
 
 use anyhow::{Context, Result, bail};
 
@@ -67,7 +70,45 @@ fn run_tests(cargo_args: &[String]) -> Result<std::process::ExitStatus> {
     }
     args.extend(cargo_args.iter().cloned());
     eprintln!("[test] cargo {}", args.join(" "));
-    Command::new(cargo).args(&args).status().context("running cargo test")
+    let mut child =
+        Command::new(cargo).args(&args).stdout(Stdio::piped()).spawn().context("running cargo test")?;
+    // Pass the output through and add up every test binary's result line, so the run ends with
+    // one total (the last binary is often a doc-test run of 0 tests).
+    let mut totals = Totals::default();
+    let stdout = child.stdout.take().context("cargo test's stdout")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test's output")?;
+        println!("{line}");
+        totals.add(&line);
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    println!("\ntests: {} passed, {} failed, {} skipped", totals.passed, totals.failed, totals.ignored);
+    Ok(status)
+}
+
+/// Sums of cargo's `test result: ok. 3 passed; 0 failed; 1 ignored; ...` lines.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl Totals {
+    fn add(&mut self, line: &str) {
+        let Some(result) = line.strip_prefix("test result: ") else { return };
+        for part in result.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(kind), Some(count)) = (words.next(), words.next()) else { continue };
+            let Ok(count) = count.parse::<u64>() else { continue };
+            match kind {
+                "passed" => self.passed += count,
+                "failed" => self.failed += count,
+                "ignored" => self.ignored += count,
+                _ => {}
+            }
+        }
+    }
 }
 
 /// Whether cargo's own arguments (those before a `--`) choose packages.
@@ -80,7 +121,21 @@ fn selects_packages(cargo_args: &[String]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::selects_packages;
+    use super::{Totals, selects_packages};
+
+    #[test]
+    fn totals_add_up_result_lines_and_ignore_the_rest() {
+        let mut totals = Totals::default();
+        for line in [
+            "test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.02s",
+            "test result: FAILED. 2 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.00s",
+            "test something ... ok",
+            "running 3 tests",
+        ] {
+            totals.add(line);
+        }
+        assert_eq!(totals, Totals { passed: 5, failed: 1, ignored: 1 });
+    }
 
     fn args(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| (*s).to_owned()).collect()

@@ -3,6 +3,7 @@
 //! taking a lock (arc-swap); a request keeps the snapshot it started with until it ends.
 
 mod compile;
+pub mod control_plane;
 pub mod file;
 
 use std::{

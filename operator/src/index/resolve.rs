@@ -1,0 +1,670 @@
+//! [`Index::resolve`]: from the translated objects to per-service proxy config, inbound policies
+//! and desired status conditions. Pure and deterministic (ordered maps throughout), so equal
+//! inputs give byte-equal outputs and content hashes make stable versions.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
+
+use weft_api::{
+    Status,
+    networking::{self as net, Destination, DestinationRuleSpec, StringMatch, VirtualServiceSpec},
+    security::{self as sec, MtlsMode, WorkloadSelector},
+};
+use weft_proto::v1 as pb;
+
+use super::{Crd, Index, Key, Kind, PodInfo, Slice};
+
+/// What the index resolves to.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Resolution {
+    /// Every Service, by fully qualified name, with endpoints, subsets, policy and routes.
+    pub services: BTreeMap<String, Arc<pb::Service>>,
+    /// Virtual IP to the fully qualified name of its Service.
+    pub by_address: BTreeMap<String, String>,
+    /// Inbound policy of every pod, by `<pod>.<namespace>`.
+    pub workloads: BTreeMap<String, Arc<pb::InboundPolicy>>,
+    /// The status each custom resource should carry.
+    pub statuses: BTreeMap<(Kind, Key), DesiredStatus>,
+}
+
+/// The two conditions for one custom resource, for the generation they describe.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DesiredStatus {
+    pub generation: Option<i64>,
+    pub accepted: Condition,
+    pub resolved_refs: Condition,
+    /// The status the object carries now.
+    pub current: Option<Status>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Condition {
+    pub ok: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Resolution {
+    /// The hosts `service`'s routes send traffic to (other than itself).
+    pub fn dependencies(service: &pb::Service) -> BTreeSet<String> {
+        let http = service.http_routes.iter().flat_map(|r| r.route.iter());
+        let tcp = service.tcp_routes.iter().flat_map(|r| r.route.iter());
+        http.chain(tcp)
+            .filter_map(|w| w.destination.as_ref())
+            .map(|d| d.host.clone())
+            .filter(|h| *h != service.name)
+            .collect()
+    }
+}
+
+/// What went wrong with one resource, sorted into the condition each problem affects.
+#[derive(Debug, Default)]
+struct Problems {
+    invalid: Vec<String>,
+    conflicts: Vec<String>,
+    unresolved: Vec<String>,
+    /// Fields the proxies do not enforce yet (never emitted into proxy config).
+    not_enforced: BTreeSet<&'static str>,
+}
+
+impl Problems {
+    fn into_status(self, generation: Option<i64>, current: Option<Status>) -> DesiredStatus {
+        let accepted = if !self.invalid.is_empty() {
+            Condition { ok: false, reason: "Invalid", message: self.invalid.join("; ") }
+        } else if !self.conflicts.is_empty() {
+            Condition { ok: false, reason: "Conflict", message: self.conflicts.join("; ") }
+        } else if !self.not_enforced.is_empty() {
+            let fields: Vec<&str> = self.not_enforced.into_iter().collect();
+            Condition {
+                ok: true,
+                reason: "Accepted",
+                message: format!("accepted; not yet enforced by proxies: {}", fields.join(", ")),
+            }
+        } else {
+            Condition { ok: true, reason: "Accepted", message: "accepted".into() }
+        };
+        let resolved_refs = if self.unresolved.is_empty() {
+            Condition { ok: true, reason: "ResolvedRefs", message: "all references resolved".into() }
+        } else {
+            Condition { ok: false, reason: "RefNotFound", message: self.unresolved.join("; ") }
+        };
+        DesiredStatus { generation, accepted, resolved_refs, current }
+    }
+}
+
+/// The DestinationRule that configures a host.
+struct RuleRef<'a> {
+    key: &'a Key,
+    spec: &'a DestinationRuleSpec,
+}
+
+impl Index {
+    /// `reviews` (in `ns`), `reviews.prod`, `reviews.prod.svc` and
+    /// `reviews.prod.svc.cluster.local` all name `reviews.prod.svc.cluster.local`; anything else
+    /// with two or more dots is kept as written (and names no Service).
+    pub fn fqdn(&self, host: &str, ns: &str) -> String {
+        super::fqdn(host, ns, &self.settings.cluster_domain)
+    }
+
+    /// The Service a fully qualified name belongs to.
+    fn service_key(&self, fqdn: &str) -> Option<Key> {
+        let rest = fqdn.strip_suffix(&format!(".svc.{}", self.settings.cluster_domain))?;
+        let (name, ns) = rest.split_once('.')?;
+        let key = Key::new(ns, name);
+        self.services.contains_key(&key).then_some(key)
+    }
+
+    fn service_fqdn(&self, key: &Key) -> String {
+        format!("{}.{}.svc.{}", key.name, key.namespace, self.settings.cluster_domain)
+    }
+
+    /// Resolves everything. Pure: same index, same result.
+    pub fn resolve(&self) -> Resolution {
+        let mut out = Resolution::default();
+        let mut services: BTreeMap<String, pb::Service> = BTreeMap::new();
+
+        // Services with their endpoints.
+        let mut slices: BTreeMap<Key, Vec<&Slice>> = BTreeMap::new();
+        for (key, slice) in &self.slices {
+            slices.entry(Key::new(&key.namespace, &slice.service)).or_default().push(slice);
+        }
+        for (key, svc) in &self.services {
+            let fqdn = self.service_fqdn(key);
+            for ip in &svc.cluster_ips {
+                out.by_address.insert(ip.clone(), fqdn.clone());
+            }
+            let own_slices = slices.get(key).map(Vec::as_slice).unwrap_or_default();
+            let ports = svc
+                .ports
+                .iter()
+                .map(|port| pb::ServicePort {
+                    number: port.port,
+                    name: port.name.clone(),
+                    protocol: port.protocol as i32,
+                    endpoints: self.endpoints(&key.namespace, own_slices, &port.name),
+                })
+                .collect();
+            services.insert(
+                fqdn.clone(),
+                pb::Service {
+                    name: fqdn,
+                    aliases: vec![
+                        format!("{}.{}", key.name, key.namespace),
+                        format!("{}.{}.svc", key.name, key.namespace),
+                    ],
+                    addresses: svc.cluster_ips.clone(),
+                    ports,
+                    ..pb::Service::default()
+                },
+            );
+        }
+
+        // DestinationRules: the oldest for a host wins.
+        let mut rules: BTreeMap<String, RuleRef<'_>> = BTreeMap::new();
+        for (key, dr) in by_age(&self.destination_rules) {
+            let mut problems = Problems::default();
+            let host = self.fqdn(&dr.spec.host, &key.namespace);
+            if self.service_key(&host).is_none() {
+                problems.unresolved.push(format!("host {} not found (no Service {host})", dr.spec.host));
+            } else if let Some(winner) = rules.get(&host) {
+                problems
+                    .conflicts
+                    .push(format!("host {host} is already configured by DestinationRule {}", winner.key));
+            } else {
+                if dr.spec.traffic_policy.as_ref().is_some_and(|t| t.outlier_detection.is_some()) {
+                    problems.not_enforced.insert("trafficPolicy.outlierDetection");
+                }
+                let svc = services.get_mut(&host).expect("resolved hosts are services");
+                svc.traffic_policy = dr.spec.traffic_policy.as_ref().map(traffic_policy);
+                svc.subsets = dr
+                    .spec
+                    .subsets
+                    .iter()
+                    .map(|s| pb::Subset {
+                        name: s.name.clone(),
+                        labels: s.labels.clone(),
+                        traffic_policy: s.traffic_policy.as_ref().map(traffic_policy),
+                    })
+                    .collect();
+                rules.insert(host, RuleRef { key, spec: &dr.spec });
+            }
+            out.statuses.insert(
+                (Kind::DestinationRule, key.clone()),
+                problems.into_status(dr.generation, dr.status.clone()),
+            );
+        }
+
+        // VirtualServices: the oldest for a host wins it.
+        let mut routed: BTreeMap<String, &Key> = BTreeMap::new();
+        let mut routes: Vec<(String, Vec<pb::HttpRoute>, Vec<pb::TcpRoute>)> = Vec::new();
+        for (key, vs) in by_age(&self.virtual_services) {
+            let mut problems = Problems::default();
+            let (http, tcp) = self.routes(key, &vs.spec, &services, &rules, &mut problems);
+            let mut won = Vec::new();
+            for host in &vs.spec.hosts {
+                let fqdn = self.fqdn(host, &key.namespace);
+                if self.service_key(&fqdn).is_none() {
+                    problems.unresolved.push(format!("host {host} not found (no Service {fqdn})"));
+                } else if let Some(winner) = routed.get(&fqdn) {
+                    if *winner != key {
+                        problems
+                            .conflicts
+                            .push(format!("host {fqdn} is already routed by VirtualService {winner}"));
+                    }
+                } else if !won.contains(&fqdn) {
+                    won.push(fqdn);
+                }
+            }
+            // An invalid resource is not used at all; a conflicting one keeps the hosts it won.
+            if problems.invalid.is_empty() {
+                for fqdn in won {
+                    routed.insert(fqdn.clone(), key);
+                    routes.push((fqdn, http.clone(), tcp.clone()));
+                }
+            }
+            out.statuses.insert(
+                (Kind::VirtualService, key.clone()),
+                problems.into_status(vs.generation, vs.status.clone()),
+            );
+        }
+        for (fqdn, http, tcp) in routes {
+            let svc = services.get_mut(&fqdn).expect("routed hosts are services");
+            svc.http_routes = http;
+            svc.tcp_routes = tcp;
+        }
+
+        // Security policies.
+        for (key, pa) in &self.peer_authentications {
+            let mut problems = Problems::default();
+            if !pa.spec.port_level_mtls.is_empty() && pa.spec.selector.is_none() {
+                problems.invalid.push("portLevelMtls needs a selector".into());
+            }
+            out.statuses.insert(
+                (Kind::PeerAuthentication, key.clone()),
+                problems.into_status(pa.generation, pa.status.clone()),
+            );
+        }
+        for (key, ap) in &self.authorization_policies {
+            let mut problems = Problems::default();
+            let ports = ap
+                .spec
+                .rules
+                .iter()
+                .flat_map(|r| &r.to)
+                .flat_map(|t| t.operation.ports.iter().chain(&t.operation.not_ports));
+            for port in ports {
+                if port.parse::<u16>().ok().filter(|p| *p != 0).is_none() {
+                    problems.invalid.push(format!("port {port} is not a port number (1-65535)"));
+                }
+            }
+            out.statuses.insert(
+                (Kind::AuthorizationPolicy, key.clone()),
+                problems.into_status(ap.generation, ap.status.clone()),
+            );
+        }
+        for (key, pod) in &self.pods {
+            out.workloads.insert(format!("{}.{}", key.name, key.namespace), Arc::new(self.inbound(key, pod)));
+        }
+
+        out.services = services.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
+        out
+    }
+
+    /// The ready endpoints of one service port, deduplicated across slices, sorted by address.
+    fn endpoints(&self, ns: &str, slices: &[&Slice], port_name: &str) -> Vec<pb::Endpoint> {
+        let mut found: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        for slice in slices {
+            let Some(&(_, target)) = slice.ports.iter().find(|(name, _)| name == port_name) else {
+                continue;
+            };
+            for ep in slice.endpoints.iter().filter(|e| e.ready) {
+                let labels = ep
+                    .pod
+                    .as_ref()
+                    .and_then(|p| self.pods.get(&Key::new(ns, p.as_str())))
+                    .map(|p| p.labels.clone())
+                    .unwrap_or_default();
+                for ip in &ep.addresses {
+                    let address =
+                        if ip.contains(':') { format!("[{ip}]:{target}") } else { format!("{ip}:{target}") };
+                    found.insert(address, labels.clone());
+                }
+            }
+        }
+        found.into_iter().map(|(address, labels)| pb::Endpoint { address, labels }).collect()
+    }
+
+    fn routes(
+        &self,
+        key: &Key,
+        spec: &VirtualServiceSpec,
+        services: &BTreeMap<String, pb::Service>,
+        rules: &BTreeMap<String, RuleRef<'_>>,
+        problems: &mut Problems,
+    ) -> (Vec<pb::HttpRoute>, Vec<pb::TcpRoute>) {
+        let mut http = Vec::new();
+        for (i, rule) in spec.http.iter().enumerate() {
+            let at = format!("http[{i}]");
+            let mut matches = Vec::new();
+            for (j, m) in rule.matches.iter().enumerate() {
+                let at = format!("{at}.match[{j}]");
+                if m.scheme.is_some() {
+                    problems.not_enforced.insert("http.match.scheme");
+                }
+                if !m.without_headers.is_empty() {
+                    problems.not_enforced.insert("http.match.withoutHeaders");
+                }
+                if m.port.is_some() {
+                    problems.not_enforced.insert("http.match.port");
+                }
+                let uri = m.uri.as_ref().map(|s| string_match(&format!("{at}.uri"), s, problems));
+                let method = m.method.as_ref().map(|s| string_match(&format!("{at}.method"), s, problems));
+                let authority =
+                    m.authority.as_ref().map(|s| string_match(&format!("{at}.authority"), s, problems));
+                let mut headers = BTreeMap::new();
+                for (name, sm) in &m.headers {
+                    if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                        problems.invalid.push(format!("{at}.headers: invalid header name {name:?}"));
+                    }
+                    let sm = string_match(&format!("{at}.headers.{name}"), sm, problems);
+                    headers.insert(name.to_ascii_lowercase(), sm);
+                }
+                let mut query_params = BTreeMap::new();
+                for (name, sm) in &m.query_params {
+                    let sm = string_match(&format!("{at}.queryParams.{name}"), sm, problems);
+                    query_params.insert(name.clone(), sm);
+                }
+                matches.push(pb::HttpMatch {
+                    uri,
+                    method,
+                    authority,
+                    headers,
+                    query_params,
+                    ignore_uri_case: m.ignore_uri_case.unwrap_or(false),
+                });
+            }
+            if rule.retries.is_some() {
+                problems.not_enforced.insert("http.retries");
+            }
+            if rule.fault.is_some() {
+                problems.not_enforced.insert("http.fault");
+            }
+            if rule.mirror.is_some() || rule.mirror_percentage.is_some() {
+                problems.not_enforced.insert("http.mirror");
+            }
+            let headers = rule.headers.as_ref();
+            let mut out = pb::HttpRoute {
+                name: rule.name.clone().unwrap_or_else(|| format!("{}.{i}", key.name)),
+                matches,
+                request_headers: headers.and_then(|h| h.request.as_ref()).map(header_ops),
+                response_headers: headers.and_then(|h| h.response.as_ref()).map(header_ops),
+                timeout_ms: rule
+                    .timeout
+                    .as_ref()
+                    .map_or(0, |t| duration_ms(t, &format!("{at}.timeout"), problems)),
+                rewrite: rule.rewrite.as_ref().map(|r| pb::Rewrite {
+                    uri: r.uri.clone().unwrap_or_default(),
+                    authority: r.authority.clone().unwrap_or_default(),
+                }),
+                ..pb::HttpRoute::default()
+            };
+            if let Some(r) = &rule.redirect {
+                out.redirect = Some(pb::Redirect {
+                    uri: r.uri.clone().unwrap_or_default(),
+                    authority: r.authority.clone().unwrap_or_default(),
+                    port: r.port.unwrap_or_default(),
+                    scheme: match r.scheme {
+                        Some(net::RedirectScheme::Http) => "http".into(),
+                        Some(net::RedirectScheme::Https) => "https".into(),
+                        None => String::new(),
+                    },
+                    redirect_code: r.redirect_code.unwrap_or(301),
+                });
+            } else if let Some(d) = &rule.direct_response {
+                out.direct_response = Some(pb::DirectResponse {
+                    status: d.status,
+                    body: d.body.as_ref().map(|b| b.string.clone()).unwrap_or_default(),
+                });
+            } else {
+                let weighted: Vec<_> =
+                    rule.route.iter().map(|d| (&d.destination, d.weight, d.headers.as_ref())).collect();
+                match self.split(key, &weighted, services, rules, problems) {
+                    Some(route) => out.route = route,
+                    // Nothing left to send to: fail those requests visibly rather than let a
+                    // later rule or the service's default catch them.
+                    None => {
+                        out.direct_response = Some(pb::DirectResponse {
+                            status: 503,
+                            body: "no healthy upstream: unresolved destination\n".into(),
+                        })
+                    }
+                }
+            }
+            http.push(out);
+        }
+        let mut tcp = Vec::new();
+        for rule in &spec.tcp {
+            if !rule.matches.is_empty() {
+                problems.not_enforced.insert("tcp.match");
+            }
+            let weighted: Vec<_> = rule.route.iter().map(|d| (&d.destination, d.weight, None)).collect();
+            if let Some(route) = self.split(key, &weighted, services, rules, problems) {
+                tcp.push(pb::TcpRoute { route });
+            }
+        }
+        (http, tcp)
+    }
+
+    /// Weighted destinations with the unresolved ones left out (each reported); `None` when
+    /// nothing with a weight is left.
+    fn split(
+        &self,
+        key: &Key,
+        weighted: &[(&Destination, Option<i32>, Option<&net::Headers>)],
+        services: &BTreeMap<String, pb::Service>,
+        rules: &BTreeMap<String, RuleRef<'_>>,
+        problems: &mut Problems,
+    ) -> Option<Vec<pb::WeightedDestination>> {
+        let unweighted = weighted.len() > 1 && weighted.iter().all(|(_, w, _)| w.is_none());
+        let mut out = Vec::new();
+        for (dest, weight, headers) in weighted {
+            let Some(destination) = self.destination(key, dest, services, rules, problems) else {
+                continue;
+            };
+            out.push(pb::WeightedDestination {
+                destination: Some(destination),
+                weight: if unweighted { 1 } else { weight.and_then(|w| u32::try_from(w).ok()).unwrap_or(0) },
+                request_headers: headers.and_then(|h| h.request.as_ref()).map(header_ops),
+                response_headers: headers.and_then(|h| h.response.as_ref()).map(header_ops),
+            });
+        }
+        let usable = match out.len() {
+            0 => false,
+            1 => true,
+            _ => out.iter().any(|w| w.weight > 0),
+        };
+        usable.then_some(out)
+    }
+
+    fn destination(
+        &self,
+        key: &Key,
+        dest: &Destination,
+        services: &BTreeMap<String, pb::Service>,
+        rules: &BTreeMap<String, RuleRef<'_>>,
+        problems: &mut Problems,
+    ) -> Option<pb::Destination> {
+        let fqdn = self.fqdn(&dest.host, &key.namespace);
+        let Some(svc) = services.get(&fqdn) else {
+            problems.unresolved.push(format!("host {} not found (no Service {fqdn})", dest.host));
+            return None;
+        };
+        if svc.ports.is_empty() {
+            problems.unresolved.push(format!("host {} has no TCP ports", dest.host));
+            return None;
+        }
+        let port = dest.port.as_ref().map_or(0, |p| p.number);
+        if port != 0 && !svc.ports.iter().any(|p| p.number == port) {
+            problems.unresolved.push(format!("port {port} not defined in Service {fqdn}"));
+            return None;
+        }
+        let subset = dest.subset.clone().unwrap_or_default();
+        if !subset.is_empty() {
+            match rules.get(&fqdn) {
+                None => {
+                    problems.unresolved.push(format!(
+                        "subset {subset} of host {} not defined: no DestinationRule for {fqdn}",
+                        dest.host
+                    ));
+                    return None;
+                }
+                Some(rule) if !rule.spec.subsets.iter().any(|s| s.name == subset) => {
+                    let name = if rule.key.namespace == key.namespace {
+                        rule.key.name.clone()
+                    } else {
+                        rule.key.to_string()
+                    };
+                    problems
+                        .unresolved
+                        .push(format!("subset {subset} not defined in DestinationRule {name}"));
+                    return None;
+                }
+                Some(_) => {}
+            }
+        }
+        Some(pb::Destination { host: fqdn, subset, port })
+    }
+
+    fn inbound(&self, key: &Key, pod: &PodInfo) -> pb::InboundPolicy {
+        let root = &self.settings.root_namespace;
+        let selects = |sel: &Option<WorkloadSelector>| match sel {
+            None => true,
+            Some(s) => s.match_labels.iter().all(|(k, v)| pod.labels.get(k) == Some(v)),
+        };
+        // Most specific first, then oldest: workload, namespace, mesh.
+        let mut candidates: Vec<Candidate<'_>> = Vec::new();
+        for (k, pa) in &self.peer_authentications {
+            let rank = match (&pa.spec.selector, k.namespace == key.namespace, &k.namespace == root) {
+                (Some(_), true, _) if selects(&pa.spec.selector) => 0,
+                (None, true, _) => 1,
+                (None, false, true) => 2,
+                _ => continue,
+            };
+            candidates.push((rank, pa.age_key(k), pa));
+        }
+        candidates.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        let mode = candidates
+            .iter()
+            .filter_map(|(_, _, pa)| pa.spec.mtls.as_ref().map(|m| m.mode))
+            .find(|m| *m != MtlsMode::Unset)
+            .unwrap_or(MtlsMode::Permissive);
+        let port_mtls = candidates
+            .first()
+            .filter(|(rank, _, _)| *rank == 0)
+            .map(|(_, _, pa)| {
+                pa.spec
+                    .port_level_mtls
+                    .iter()
+                    .filter_map(|(port, m)| {
+                        let port: u32 = port.parse().ok()?;
+                        let m = if m.mode == MtlsMode::Unset { mode } else { m.mode };
+                        Some((port, mtls_mode(m) as i32))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+
+        let authorizations = self
+            .authorization_policies
+            .iter()
+            .filter(|(k, ap)| {
+                (k.namespace == key.namespace || &k.namespace == root) && selects(&ap.spec.selector)
+            })
+            .map(|(k, ap)| pb::Authorization {
+                name: k.to_string(),
+                action: match ap.spec.action.unwrap_or_default() {
+                    sec::Action::Allow => pb::authorization::Action::Allow,
+                    sec::Action::Deny => pb::authorization::Action::Deny,
+                } as i32,
+                rules: ap.spec.rules.iter().map(authorization_rule).collect(),
+            })
+            .collect();
+        pb::InboundPolicy {
+            workload: format!("{}.{}", key.name, key.namespace),
+            service_account: pod.service_account.clone(),
+            mtls_mode: mtls_mode(mode) as i32,
+            port_mtls,
+            authorizations,
+        }
+    }
+}
+
+/// A PeerAuthentication that applies to a pod: (specificity rank, age, the policy).
+type Candidate<'a> =
+    (u8, (bool, Option<k8s_openapi::jiff::Timestamp>, &'a Key), &'a Crd<sec::PeerAuthenticationSpec>);
+
+/// Entries oldest first (creation time, then namespace/name).
+fn by_age<S>(map: &BTreeMap<Key, Crd<S>>) -> Vec<(&Key, &Crd<S>)> {
+    let mut all: Vec<_> = map.iter().collect();
+    all.sort_by(|(ka, a), (kb, b)| a.age_key(ka).cmp(&b.age_key(kb)));
+    all
+}
+
+fn string_match(at: &str, sm: &StringMatch, problems: &mut Problems) -> pb::StringMatch {
+    use pb::string_match::Kind;
+    let kind = if let Some(e) = &sm.exact {
+        Kind::Exact(e.clone())
+    } else if let Some(p) = &sm.prefix {
+        Kind::Prefix(p.clone())
+    } else if let Some(r) = &sm.regex {
+        if let Err(e) = regex::Regex::new(r) {
+            let why = e.to_string().lines().last().unwrap_or_default().trim().to_owned();
+            problems.invalid.push(format!("{at}: invalid regex {r:?}: {why}"));
+        }
+        Kind::Regex(r.clone())
+    } else {
+        problems.invalid.push(format!("{at}: needs one of exact, prefix or regex"));
+        Kind::Prefix(String::new())
+    };
+    pb::StringMatch { kind: Some(kind) }
+}
+
+fn duration_ms(d: &weft_api::Duration, at: &str, problems: &mut Problems) -> u32 {
+    match d.parse() {
+        Ok(d) => u32::try_from(d.as_millis()).unwrap_or(u32::MAX).max(1),
+        Err(e) => {
+            problems.invalid.push(format!("{at}: {e}"));
+            0
+        }
+    }
+}
+
+fn header_ops(h: &net::HeaderOperations) -> pb::HeaderOperations {
+    pb::HeaderOperations { set: h.set.clone(), add: h.add.clone(), remove: h.remove.clone() }
+}
+
+fn traffic_policy(t: &net::TrafficPolicy) -> pb::TrafficPolicy {
+    let ms = |d: Option<&weft_api::Duration>| {
+        d.and_then(|d| d.parse().ok()).map_or(0, |d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX))
+    };
+    let tcp = t.connection_pool.as_ref().and_then(|c| c.tcp.as_ref());
+    let http = t.connection_pool.as_ref().and_then(|c| c.http.as_ref());
+    pb::TrafficPolicy {
+        load_balancer: t.load_balancer.as_ref().and_then(|l| l.simple).map(|s| pb::LoadBalancer {
+            policy: match s {
+                net::SimpleLb::Unspecified => pb::load_balancer::Policy::PeakEwma,
+                net::SimpleLb::Random => pb::load_balancer::Policy::Random,
+                net::SimpleLb::RoundRobin => pb::load_balancer::Policy::RoundRobin,
+                net::SimpleLb::LeastRequest => pb::load_balancer::Policy::LeastRequest,
+            } as i32,
+        }),
+        connection_pool: t.connection_pool.as_ref().map(|_| pb::ConnectionPool {
+            connect_timeout_ms: ms(tcp.and_then(|t| t.connect_timeout.as_ref())),
+            idle_timeout_ms: ms(http
+                .and_then(|h| h.idle_timeout.as_ref())
+                .or(tcp.and_then(|t| t.idle_timeout.as_ref()))),
+        }),
+    }
+}
+
+fn mtls_mode(m: MtlsMode) -> pb::MtlsMode {
+    match m {
+        MtlsMode::Strict => pb::MtlsMode::MtlsStrict,
+        MtlsMode::Disable => pb::MtlsMode::MtlsDisable,
+        MtlsMode::Permissive | MtlsMode::Unset => pb::MtlsMode::MtlsPermissive,
+    }
+}
+
+fn authorization_rule(r: &sec::Rule) -> pb::AuthorizationRule {
+    let ports = |p: &[String]| p.iter().filter_map(|p| p.parse().ok()).collect();
+    pb::AuthorizationRule {
+        from: r
+            .from
+            .iter()
+            .map(|f| pb::PeerMatch {
+                principals: f.source.principals.clone(),
+                not_principals: f.source.not_principals.clone(),
+                namespaces: f.source.namespaces.clone(),
+                not_namespaces: f.source.not_namespaces.clone(),
+                ip_blocks: f.source.ip_blocks.clone(),
+                not_ip_blocks: f.source.not_ip_blocks.clone(),
+            })
+            .collect(),
+        to: r
+            .to
+            .iter()
+            .map(|t| pb::OperationMatch {
+                hosts: t.operation.hosts.clone(),
+                not_hosts: t.operation.not_hosts.clone(),
+                ports: ports(&t.operation.ports),
+                not_ports: ports(&t.operation.not_ports),
+                methods: t.operation.methods.clone(),
+                not_methods: t.operation.not_methods.clone(),
+                paths: t.operation.paths.clone(),
+                not_paths: t.operation.not_paths.clone(),
+            })
+            .collect(),
+    }
+}

@@ -1,0 +1,640 @@
+//! The index without a cluster: objects in, resolution out.
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Pod, Service},
+        discovery::v1::EndpointSlice,
+    },
+    jiff::Timestamp,
+};
+use serde_json::{Value, json};
+use weft_api::{AuthorizationPolicy, DestinationRule, PeerAuthentication, VirtualService};
+use weft_proto::v1 as pb;
+
+use super::*;
+
+const NS: &str = "shop";
+
+fn meta(ns: &str, name: &str, created: i64) -> Value {
+    let ts = Timestamp::from_second(1_700_000_000 + created).unwrap().to_string();
+    json!({"namespace": ns, "name": name, "creationTimestamp": ts, "generation": 1})
+}
+
+fn mk_service(ns: &str, name: &str, ip: &str, ports: &[(&str, i32)]) -> Object {
+    let ports: Vec<Value> = ports.iter().map(|(n, p)| json!({"name": n, "port": p})).collect();
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": meta(ns, name, 0),
+        "spec": {"clusterIP": ip, "clusterIPs": [ip], "ports": ports},
+    }))
+    .unwrap();
+    Object::Service(Box::new(svc))
+}
+
+/// A slice of `service` with endpoints `(ip, pod, ready)` on target port `port` named `port_name`.
+fn mk_slice(
+    ns: &str,
+    name: &str,
+    service: &str,
+    port_name: &str,
+    port: i32,
+    eps: &[(&str, &str, bool)],
+) -> Object {
+    let endpoints: Vec<Value> = eps
+        .iter()
+        .map(|(ip, pod, ready)| {
+            json!({"addresses": [ip], "conditions": {"ready": ready},
+                   "targetRef": {"kind": "Pod", "name": pod, "namespace": ns}})
+        })
+        .collect();
+    let slice: EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"namespace": ns, "name": name, "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "ports": [{"name": port_name, "port": port, "protocol": "TCP"}],
+        "endpoints": endpoints,
+    }))
+    .unwrap();
+    Object::EndpointSlice(Box::new(slice))
+}
+
+fn mk_pod(ns: &str, name: &str, labels: Value) -> Object {
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"namespace": ns, "name": name, "labels": labels},
+        "spec": {"serviceAccountName": "reviews", "containers": [{"name": "app"}]},
+    }))
+    .unwrap();
+    Object::Pod(Box::new(pod))
+}
+
+fn mk_vs(ns: &str, name: &str, created: i64, spec: Value) -> Object {
+    let vs: VirtualService =
+        serde_json::from_value(json!({"metadata": meta(ns, name, created), "spec": spec})).unwrap();
+    Object::VirtualService(Box::new(vs))
+}
+
+fn mk_dr(ns: &str, name: &str, created: i64, spec: Value) -> Object {
+    let dr: DestinationRule =
+        serde_json::from_value(json!({"metadata": meta(ns, name, created), "spec": spec})).unwrap();
+    Object::DestinationRule(Box::new(dr))
+}
+
+fn mk_pa(ns: &str, name: &str, created: i64, spec: Value) -> Object {
+    let pa: PeerAuthentication =
+        serde_json::from_value(json!({"metadata": meta(ns, name, created), "spec": spec})).unwrap();
+    Object::PeerAuthentication(Box::new(pa))
+}
+
+fn mk_ap(ns: &str, name: &str, spec: Value) -> Object {
+    let ap: AuthorizationPolicy =
+        serde_json::from_value(json!({"metadata": meta(ns, name, 0), "spec": spec})).unwrap();
+    Object::AuthorizationPolicy(Box::new(ap))
+}
+
+fn reviews_subsets() -> Value {
+    json!({"host": "reviews", "subsets": [
+        {"name": "v1", "labels": {"version": "v1"}},
+        {"name": "v2", "labels": {"version": "v2"}},
+    ]})
+}
+
+/// `reviews` (two pods, v1 and v2) and `ratings` in `shop`, `details` in `other`.
+fn bookinfo() -> Index {
+    let mut index = Index::new(Settings::default());
+    for obj in [
+        mk_service(NS, "reviews", "10.0.0.10", &[("http", 9080)]),
+        mk_service(NS, "ratings", "10.0.0.11", &[("http", 9080)]),
+        mk_service("other", "details", "10.0.0.12", &[("grpc-api", 9090), ("tcp-db", 5432)]),
+        mk_pod(NS, "reviews-v1", json!({"app": "reviews", "version": "v1"})),
+        mk_pod(NS, "reviews-v2", json!({"app": "reviews", "version": "v2"})),
+        mk_slice(
+            NS,
+            "reviews-a",
+            "reviews",
+            "http",
+            8080,
+            &[("10.1.0.1", "reviews-v1", true), ("10.1.0.2", "reviews-v2", true)],
+        ),
+    ] {
+        index.apply(obj);
+    }
+    index
+}
+
+fn weights(svc: &pb::Service, rule: usize) -> Vec<(String, String, u32)> {
+    svc.http_routes[rule]
+        .route
+        .iter()
+        .map(|w| {
+            let d = w.destination.as_ref().unwrap();
+            (d.host.clone(), d.subset.clone(), w.weight)
+        })
+        .collect()
+}
+
+fn status(r: &Resolution, kind: Kind, ns: &str, name: &str) -> DesiredStatus {
+    r.statuses.get(&(kind, Key::new(ns, name))).cloned().unwrap_or_else(|| panic!("no status for {name}"))
+}
+
+const REVIEWS: &str = "reviews.shop.svc.cluster.local";
+
+/// The proxy must accept everything the index emits: compile it as the proxy does.
+fn proxy_accepts(r: &Resolution) {
+    let config = pb::ProxyConfig {
+        version: "test".into(),
+        services: r.services.values().map(|s| (**s).clone()).collect(),
+    };
+    if let Err(e) = weft_proxy::config::compile(config, None) {
+        panic!("the proxy rejects the resolved config: {e}");
+    }
+}
+
+#[test]
+fn host_names_resolve_like_dns_search_paths() {
+    let index = bookinfo();
+    assert_eq!(index.fqdn("reviews", NS), REVIEWS);
+    assert_eq!(index.fqdn("Reviews.shop", "x"), REVIEWS);
+    assert_eq!(index.fqdn("reviews.shop.svc", "x"), REVIEWS);
+    assert_eq!(index.fqdn("reviews.shop.svc.cluster.local.", "x"), REVIEWS);
+    assert_eq!(index.fqdn("example.com.", NS), "example.com.svc.cluster.local");
+    assert_eq!(index.fqdn("api.example.com", NS), "api.example.com");
+}
+
+#[test]
+fn services_carry_addresses_ports_protocols_and_ready_endpoints_with_pod_labels() {
+    let mut index = bookinfo();
+    index.apply(mk_slice(
+        NS,
+        "reviews-b",
+        "reviews",
+        "http",
+        8080,
+        &[
+            ("10.1.0.2", "reviews-v2", true), // also in reviews-a: listed once
+            ("10.1.0.3", "reviews-v3", false),
+        ],
+    ));
+    let r = index.resolve();
+    let svc = &r.services[REVIEWS];
+    assert_eq!(svc.aliases, ["reviews.shop", "reviews.shop.svc"]);
+    assert_eq!(svc.addresses, ["10.0.0.10"]);
+    assert_eq!(r.by_address["10.0.0.10"], REVIEWS);
+    let port = &svc.ports[0];
+    assert_eq!((port.number, port.protocol()), (9080, pb::Protocol::Http1));
+    let eps: Vec<_> =
+        port.endpoints.iter().map(|e| (e.address.as_str(), e.labels["version"].as_str())).collect();
+    assert_eq!(eps, [("10.1.0.1:8080", "v1"), ("10.1.0.2:8080", "v2")]);
+    let details = &r.services["details.other.svc.cluster.local"];
+    let protos: Vec<_> = details.ports.iter().map(|p| p.protocol()).collect();
+    assert_eq!(protos, [pb::Protocol::Grpc, pb::Protocol::Tcp]);
+    assert!(details.ports[0].endpoints.is_empty(), "no slices yet");
+    proxy_accepts(&r);
+}
+
+#[test]
+fn port_hints_come_from_app_protocol_then_the_name() {
+    assert_eq!(port_protocol("web", Some("kubernetes.io/h2c")), pb::Protocol::Http2);
+    assert_eq!(port_protocol("web", Some("grpc")), pb::Protocol::Grpc);
+    assert_eq!(port_protocol("http-web", None), pb::Protocol::Http1);
+    assert_eq!(port_protocol("mysql", None), pb::Protocol::ServerFirst);
+    assert_eq!(port_protocol("web", None), pb::Protocol::Unspecified);
+    assert_eq!(port_protocol("", None), pb::Protocol::Unspecified);
+}
+
+#[test]
+fn subsets_by_labels_and_weighted_routes_with_short_names() {
+    let mut index = bookinfo();
+    index.apply(mk_dr(NS, "reviews", 0, reviews_subsets()));
+    index.apply(mk_vs(NS, "reviews", 0, json!({"hosts": ["reviews"], "http": [
+        {"match": [{"headers": {"x-user": {"exact": "jason"}}}], "route": [{"destination": {"host": "reviews", "subset": "v2"}}]},
+        {"route": [
+            {"destination": {"host": "reviews", "subset": "v1"}, "weight": 90},
+            {"destination": {"host": "reviews.shop.svc.cluster.local", "subset": "v2"}, "weight": 10},
+        ], "timeout": "1.5s"},
+    ]})));
+    let r = index.resolve();
+    let svc = &r.services[REVIEWS];
+    let subsets: Vec<_> =
+        svc.subsets.iter().map(|s| (s.name.as_str(), s.labels["version"].as_str())).collect();
+    assert_eq!(subsets, [("v1", "v1"), ("v2", "v2")]);
+    assert_eq!(weights(svc, 0), [(REVIEWS.into(), "v2".into(), 0)]);
+    assert_eq!(weights(svc, 1), [(REVIEWS.into(), "v1".into(), 90), (REVIEWS.into(), "v2".into(), 10)]);
+    assert_eq!(svc.http_routes[1].timeout_ms, 1500);
+    assert_eq!(svc.http_routes[1].name, "reviews.1");
+    let header = &svc.http_routes[0].matches[0].headers["x-user"];
+    assert_eq!(header.kind, Some(pb::string_match::Kind::Exact("jason".into())));
+    let st = status(&r, Kind::VirtualService, NS, "reviews");
+    assert!(st.accepted.ok && st.resolved_refs.ok, "{st:?}");
+    assert_eq!(st.generation, Some(1));
+    assert!(status(&r, Kind::DestinationRule, NS, "reviews").accepted.ok);
+    proxy_accepts(&r);
+}
+
+#[test]
+fn an_unknown_subset_is_named_with_its_destination_rule_and_left_out() {
+    let mut index = bookinfo();
+    index.apply(mk_dr(NS, "reviews", 0, reviews_subsets()));
+    index.apply(mk_vs(
+        NS,
+        "reviews",
+        0,
+        json!({"hosts": ["reviews"], "http": [{"route": [
+            {"destination": {"host": "reviews", "subset": "v1"}, "weight": 50},
+            {"destination": {"host": "reviews", "subset": "v3"}, "weight": 50},
+        ]}]}),
+    ));
+    let r = index.resolve();
+    let st = status(&r, Kind::VirtualService, NS, "reviews");
+    assert!(st.accepted.ok);
+    assert!(!st.resolved_refs.ok);
+    assert_eq!(st.resolved_refs.reason, "RefNotFound");
+    assert_eq!(st.resolved_refs.message, "subset v3 not defined in DestinationRule reviews");
+    assert_eq!(weights(&r.services[REVIEWS], 0), [(REVIEWS.into(), "v1".into(), 50)]);
+    proxy_accepts(&r);
+
+    // Without any DestinationRule for the host.
+    let mut index = bookinfo();
+    index.apply(mk_vs(
+        NS,
+        "reviews",
+        0,
+        json!({"hosts": ["reviews"], "http": [{"route": [
+            {"destination": {"host": "reviews", "subset": "v1"}},
+        ]}]}),
+    ));
+    let r = index.resolve();
+    let st = status(&r, Kind::VirtualService, NS, "reviews");
+    assert_eq!(
+        st.resolved_refs.message,
+        format!("subset v1 of host reviews not defined: no DestinationRule for {REVIEWS}")
+    );
+    // Nothing left to route to: those requests fail visibly.
+    let rule = &r.services[REVIEWS].http_routes[0];
+    assert!(rule.route.is_empty());
+    assert_eq!(rule.direct_response.as_ref().unwrap().status, 503);
+    proxy_accepts(&r);
+}
+
+#[test]
+fn unknown_hosts_and_ports_are_reported() {
+    let mut index = bookinfo();
+    index.apply(mk_vs(
+        NS,
+        "mixed",
+        0,
+        json!({"hosts": ["reviews", "nope"], "http": [{"route": [
+            {"destination": {"host": "ratings", "port": {"number": 1234}}, "weight": 30},
+            {"destination": {"host": "missing"}, "weight": 30},
+            {"destination": {"host": "details.other", "port": {"number": 9090}}, "weight": 40},
+        ]}]}),
+    ));
+    index.apply(mk_dr(NS, "ghost", 0, json!({"host": "ghost"})));
+    let r = index.resolve();
+    let st = status(&r, Kind::VirtualService, NS, "mixed");
+    assert!(st.accepted.ok);
+    assert_eq!(
+        st.resolved_refs.message,
+        "port 1234 not defined in Service ratings.shop.svc.cluster.local; \
+         host missing not found (no Service missing.shop.svc.cluster.local); \
+         host nope not found (no Service nope.shop.svc.cluster.local)"
+    );
+    assert_eq!(
+        weights(&r.services[REVIEWS], 0),
+        [("details.other.svc.cluster.local".into(), String::new(), 40)]
+    );
+    assert!(!r.services.contains_key("nope.shop.svc.cluster.local"));
+    let dr = status(&r, Kind::DestinationRule, NS, "ghost");
+    assert_eq!(dr.resolved_refs.message, "host ghost not found (no Service ghost.shop.svc.cluster.local)");
+    proxy_accepts(&r);
+}
+
+#[test]
+fn conflicting_virtual_services_oldest_wins_and_the_loser_names_the_winner() {
+    let mut index = bookinfo();
+    let route = |subset: &str| json!({"hosts": ["reviews"], "http": [{"route": [{"destination": {"host": "reviews", "subset": subset}}]}]});
+    index.apply(mk_dr(NS, "reviews", 0, reviews_subsets()));
+    index.apply(mk_vs(NS, "newer", 20, route("v2")));
+    index.apply(mk_vs(NS, "older", 10, route("v1")));
+    // Same creation time: the name decides.
+    index.apply(mk_vs(NS, "a-tie", 20, route("v2")));
+    let r = index.resolve();
+    assert_eq!(weights(&r.services[REVIEWS], 0), [(REVIEWS.into(), "v1".into(), 0)]);
+    assert!(status(&r, Kind::VirtualService, NS, "older").accepted.ok);
+    for loser in ["newer", "a-tie"] {
+        let st = status(&r, Kind::VirtualService, NS, loser);
+        assert!(!st.accepted.ok);
+        assert_eq!(st.accepted.reason, "Conflict");
+        assert_eq!(
+            st.accepted.message,
+            format!("host {REVIEWS} is already routed by VirtualService shop/older")
+        );
+        assert!(st.resolved_refs.ok, "its references resolve");
+    }
+
+    // The winner goes: the next oldest takes over and is accepted.
+    assert!(index.delete(Kind::VirtualService, &Key::new(NS, "older")));
+    let r = index.resolve();
+    assert_eq!(weights(&r.services[REVIEWS], 0), [(REVIEWS.into(), "v2".into(), 0)]);
+    assert!(status(&r, Kind::VirtualService, NS, "a-tie").accepted.ok);
+    assert!(status(&r, Kind::VirtualService, NS, "newer").accepted.message.contains("shop/a-tie"));
+    assert!(!r.statuses.contains_key(&(Kind::VirtualService, Key::new(NS, "older"))));
+
+    // A host short name and its full name are the same host.
+    index.apply(mk_vs(
+        "other",
+        "cross",
+        0,
+        json!({"hosts": ["reviews.shop"], "http": [{"route": [{"destination": {"host": "ratings.shop"}}]}]}),
+    ));
+    let r = index.resolve();
+    assert_eq!(
+        weights(&r.services[REVIEWS], 0),
+        [("ratings.shop.svc.cluster.local".into(), String::new(), 0)]
+    );
+    assert!(!status(&r, Kind::VirtualService, NS, "a-tie").accepted.ok);
+}
+
+#[test]
+fn conflicting_destination_rules_oldest_wins_and_policies_translate() {
+    let mut index = bookinfo();
+    index.apply(mk_dr(
+        NS,
+        "second",
+        5,
+        json!({"host": "reviews", "subsets": [{"name": "x", "labels": {"a": "b"}}]}),
+    ));
+    index.apply(mk_dr(NS, "first", 1, json!({
+        "host": "reviews.shop.svc.cluster.local",
+        "trafficPolicy": {"loadBalancer": {"simple": "ROUND_ROBIN"},
+                          "connectionPool": {"tcp": {"connectTimeout": "250ms"}, "http": {"idleTimeout": "1m"}},
+                          "outlierDetection": {"consecutive5xxErrors": 3}},
+        "subsets": [{"name": "v1", "labels": {"version": "v1"}, "trafficPolicy": {"loadBalancer": {"simple": "RANDOM"}}}],
+    })));
+    let r = index.resolve();
+    let svc = &r.services[REVIEWS];
+    let tp = svc.traffic_policy.as_ref().unwrap();
+    assert_eq!(tp.load_balancer.unwrap().policy(), pb::load_balancer::Policy::RoundRobin);
+    assert_eq!(
+        tp.connection_pool.unwrap(),
+        pb::ConnectionPool { connect_timeout_ms: 250, idle_timeout_ms: 60_000 }
+    );
+    assert_eq!(svc.subsets.len(), 1);
+    assert_eq!(
+        svc.subsets[0].traffic_policy.as_ref().unwrap().load_balancer.unwrap().policy(),
+        pb::load_balancer::Policy::Random
+    );
+    let first = status(&r, Kind::DestinationRule, NS, "first");
+    assert!(first.accepted.ok);
+    assert_eq!(
+        first.accepted.message,
+        "accepted; not yet enforced by proxies: trafficPolicy.outlierDetection"
+    );
+    let second = status(&r, Kind::DestinationRule, NS, "second");
+    assert_eq!(
+        second.accepted.message,
+        format!("host {REVIEWS} is already configured by DestinationRule shop/first")
+    );
+    proxy_accepts(&r);
+}
+
+#[test]
+fn deleting_objects_removes_what_they_contributed() {
+    let mut index = bookinfo();
+    index.apply(mk_vs(
+        NS,
+        "reviews",
+        0,
+        json!({"hosts": ["reviews"], "http": [{"route": [{"destination": {"host": "ratings"}}]}]}),
+    ));
+    assert_eq!(index.resolve().services[REVIEWS].http_routes.len(), 1);
+
+    // The destination Service goes: the reference no longer resolves.
+    assert!(index.delete(Kind::Service, &Key::new(NS, "ratings")));
+    let r = index.resolve();
+    assert!(!r.services.contains_key("ratings.shop.svc.cluster.local"));
+    assert!(!r.by_address.contains_key("10.0.0.11"));
+    assert!(!status(&r, Kind::VirtualService, NS, "reviews").resolved_refs.ok);
+    proxy_accepts(&r);
+
+    // The VirtualService goes: routes and status go with it.
+    assert!(index.delete(Kind::VirtualService, &Key::new(NS, "reviews")));
+    let r = index.resolve();
+    assert!(r.services[REVIEWS].http_routes.is_empty());
+    assert!(r.statuses.is_empty());
+    assert!(!index.delete(Kind::VirtualService, &Key::new(NS, "reviews")), "already gone");
+
+    // The routed Service goes.
+    index.delete(Kind::Service, &Key::new(NS, "reviews"));
+    assert!(!index.resolve().services.contains_key(REVIEWS));
+}
+
+#[test]
+fn endpoint_churn_and_resets() {
+    let mut index = bookinfo();
+    let eps = |index: &Index| -> Vec<String> {
+        index.resolve().services[REVIEWS].ports[0].endpoints.iter().map(|e| e.address.clone()).collect()
+    };
+    assert_eq!(eps(&index), ["10.1.0.1:8080", "10.1.0.2:8080"]);
+    // Re-applying the same slice changes nothing.
+    assert!(!index.apply(mk_slice(
+        NS,
+        "reviews-a",
+        "reviews",
+        "http",
+        8080,
+        &[("10.1.0.1", "reviews-v1", true), ("10.1.0.2", "reviews-v2", true),]
+    )));
+    // An endpoint turns unready, another appears.
+    assert!(index.apply(mk_slice(
+        NS,
+        "reviews-a",
+        "reviews",
+        "http",
+        8080,
+        &[
+            ("10.1.0.1", "reviews-v1", false),
+            ("10.1.0.2", "reviews-v2", true),
+            ("10.1.0.4", "reviews-v4", true),
+        ]
+    )));
+    assert_eq!(eps(&index), ["10.1.0.2:8080", "10.1.0.4:8080"]);
+    // A pod's labels change: the endpoint's labels follow.
+    index.apply(mk_pod(NS, "reviews-v2", json!({"version": "v9"})));
+    assert_eq!(index.resolve().services[REVIEWS].ports[0].endpoints[0].labels["version"], "v9");
+    // A slice for an unnamed port does not match the named service port.
+    index.apply(mk_slice(NS, "reviews-c", "reviews", "", 7000, &[("10.1.0.7", "x", true)]));
+    assert_eq!(eps(&index).len(), 2);
+    // A watch restart lists what exists now: the rest is forgotten.
+    let changed = index.change(Change::Reset(
+        Kind::EndpointSlice,
+        vec![mk_slice(NS, "reviews-z", "reviews", "http", 8080, &[("10.1.0.9", "reviews-v1", true)])],
+    ));
+    assert!(changed);
+    assert_eq!(eps(&index), ["10.1.0.9:8080"]);
+    assert_eq!(index.counts()[&Kind::EndpointSlice], 1);
+    assert!(!index.change(Change::Delete(Kind::EndpointSlice, Key::new(NS, "reviews-a"))));
+    assert!(index.change(Change::Delete(Kind::EndpointSlice, Key::new(NS, "reviews-z"))));
+    assert!(eps(&index).is_empty());
+    proxy_accepts(&index.resolve());
+}
+
+#[test]
+fn invalid_virtual_services_are_not_used() {
+    let mut index = bookinfo();
+    index.apply(mk_vs(NS, "bad", 0, json!({"hosts": ["reviews"], "http": [
+        {"match": [{"uri": {"regex": "/(unclosed"}}, {"headers": {"bad header": {"exact": "x"}}}], "route": [{"destination": {"host": "ratings"}}]},
+    ]})));
+    index.apply(mk_vs(
+        NS,
+        "good",
+        5,
+        json!({"hosts": ["reviews"], "http": [{"route": [{"destination": {"host": "reviews"}}]}]}),
+    ));
+    let r = index.resolve();
+    let st = status(&r, Kind::VirtualService, NS, "bad");
+    assert!(!st.accepted.ok);
+    assert_eq!(st.accepted.reason, "Invalid");
+    assert!(
+        st.accepted.message.starts_with("http[0].match[0].uri: invalid regex \"/(unclosed\""),
+        "{}",
+        st.accepted.message
+    );
+    assert!(st.accepted.message.contains("http[0].match[1].headers: invalid header name \"bad header\""));
+    // The younger valid one gets the host.
+    assert!(status(&r, Kind::VirtualService, NS, "good").accepted.ok);
+    assert_eq!(weights(&r.services[REVIEWS], 0), [(REVIEWS.into(), String::new(), 0)]);
+    proxy_accepts(&r);
+}
+
+#[test]
+fn fields_proxies_do_not_enforce_yet_are_named_and_left_out() {
+    let mut index = bookinfo();
+    index.apply(mk_vs(NS, "r", 0, json!({"hosts": ["reviews"], "http": [{
+        "route": [{"destination": {"host": "reviews"}}],
+        "retries": {"attempts": 3}, "fault": {"abort": {"httpStatus": 500}},
+        "mirror": {"host": "ratings"},
+        "redirect": null,
+    }], "tcp": [{"match": [{"port": 5432}], "route": [{"destination": {"host": "details.other", "port": {"number": 5432}}}]}]})));
+    let r = index.resolve();
+    let st = status(&r, Kind::VirtualService, NS, "r");
+    assert!(st.accepted.ok);
+    assert_eq!(
+        st.accepted.message,
+        "accepted; not yet enforced by proxies: http.fault, http.mirror, http.retries, tcp.match"
+    );
+    let rule = &r.services[REVIEWS].http_routes[0];
+    assert!(rule.retries.is_none() && rule.fault.is_none());
+    assert_eq!(r.services[REVIEWS].tcp_routes.len(), 1);
+    proxy_accepts(&r);
+}
+
+#[test]
+fn redirects_direct_responses_rewrites_and_headers_translate() {
+    let mut index = bookinfo();
+    index.apply(mk_vs(NS, "r", 0, json!({"hosts": ["reviews"], "http": [
+        {"name": "old", "match": [{"uri": {"prefix": "/old"}, "ignoreUriCase": true}], "redirect": {"uri": "/new", "scheme": "https", "redirectCode": 308}},
+        {"match": [{"method": {"exact": "DELETE"}}], "directResponse": {"status": 403, "body": {"string": "no"}}},
+        {"rewrite": {"uri": "/v2"}, "headers": {"request": {"set": {"x-a": "1"}}, "response": {"remove": ["server"]}},
+         "route": [{"destination": {"host": "reviews"}, "headers": {"request": {"add": {"x-b": "2"}}}}, {"destination": {"host": "ratings"}}]},
+    ]})));
+    let r = index.resolve();
+    let rules = &r.services[REVIEWS].http_routes;
+    assert_eq!(rules[0].name, "old");
+    assert!(rules[0].matches[0].ignore_uri_case);
+    assert_eq!(
+        rules[0].redirect,
+        Some(pb::Redirect {
+            uri: "/new".into(),
+            scheme: "https".into(),
+            redirect_code: 308,
+            ..Default::default()
+        })
+    );
+    assert_eq!(rules[1].direct_response, Some(pb::DirectResponse { status: 403, body: "no".into() }));
+    assert_eq!(rules[2].rewrite.as_ref().unwrap().uri, "/v2");
+    assert_eq!(rules[2].request_headers.as_ref().unwrap().set["x-a"], "1");
+    assert_eq!(rules[2].response_headers.as_ref().unwrap().remove, ["server"]);
+    assert_eq!(rules[2].route[0].request_headers.as_ref().unwrap().add["x-b"], "2");
+    // Two destinations without weights share equally.
+    assert_eq!(weights(&r.services[REVIEWS], 2).iter().map(|w| w.2).collect::<Vec<_>>(), [1, 1]);
+    proxy_accepts(&r);
+}
+
+#[test]
+fn inbound_policy_most_specific_peer_authentication_wins_and_authorizations_select_by_labels() {
+    let mut index = bookinfo();
+    let policy =
+        |index: &Index, pod: &str| index.resolve().workloads[&format!("{pod}.{NS}")].as_ref().clone();
+    assert_eq!(policy(&index, "reviews-v1").mtls_mode(), pb::MtlsMode::MtlsPermissive);
+    assert_eq!(policy(&index, "reviews-v1").service_account, "reviews");
+
+    index.apply(mk_pa("weft-system", "mesh", 0, json!({"mtls": {"mode": "STRICT"}})));
+    assert_eq!(policy(&index, "reviews-v1").mtls_mode(), pb::MtlsMode::MtlsStrict);
+    index.apply(mk_pa(NS, "ns", 0, json!({"mtls": {"mode": "DISABLE"}})));
+    assert_eq!(policy(&index, "reviews-v1").mtls_mode(), pb::MtlsMode::MtlsDisable);
+    index.apply(mk_pa(
+        NS,
+        "v1-only",
+        0,
+        json!({
+            "selector": {"matchLabels": {"version": "v1"}}, "mtls": {"mode": "UNSET"},
+            "portLevelMtls": {"8080": {"mode": "STRICT"}},
+        }),
+    ));
+    let v1 = policy(&index, "reviews-v1");
+    assert_eq!(v1.mtls_mode(), pb::MtlsMode::MtlsDisable, "UNSET inherits the namespace's");
+    assert_eq!(v1.port_mtls[&8080], pb::MtlsMode::MtlsStrict as i32);
+    assert!(policy(&index, "reviews-v2").port_mtls.is_empty());
+
+    index.apply(mk_ap(NS, "deny-v2", json!({"selector": {"matchLabels": {"version": "v2"}}, "action": "DENY",
+        "rules": [{"from": [{"source": {"namespaces": ["evil"]}}], "to": [{"operation": {"ports": ["8080"], "methods": ["POST"]}}]}]})));
+    index.apply(mk_ap("weft-system", "mesh-allow", json!({"rules": [{}]})));
+    index.apply(mk_ap("elsewhere", "not-here", json!({})));
+    let v2 = policy(&index, "reviews-v2");
+    let names: Vec<_> = v2.authorizations.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(names, ["shop/deny-v2", "weft-system/mesh-allow"]);
+    assert_eq!(v2.authorizations[0].action(), pb::authorization::Action::Deny);
+    assert_eq!(v2.authorizations[0].rules[0].to[0].ports, [8080]);
+    assert_eq!(v2.authorizations[0].rules[0].from[0].namespaces, ["evil"]);
+    assert_eq!(policy(&index, "reviews-v1").authorizations.len(), 1);
+
+    let r = index.resolve();
+    assert!(status(&r, Kind::PeerAuthentication, NS, "v1-only").accepted.ok);
+    assert!(status(&r, Kind::AuthorizationPolicy, NS, "deny-v2").accepted.ok);
+    index.apply(mk_pa(NS, "bad", 0, json!({"portLevelMtls": {"80": {"mode": "STRICT"}}})));
+    index.apply(mk_ap(NS, "bad", json!({"rules": [{"to": [{"operation": {"ports": ["70000"]}}]}]})));
+    let r = index.resolve();
+    assert_eq!(
+        status(&r, Kind::PeerAuthentication, NS, "bad").accepted.message,
+        "portLevelMtls needs a selector"
+    );
+    assert_eq!(
+        status(&r, Kind::AuthorizationPolicy, NS, "bad").accepted.message,
+        "port 70000 is not a port number (1-65535)"
+    );
+}
+
+#[test]
+fn resolution_is_deterministic_and_lists_route_dependencies() {
+    let mut index = bookinfo();
+    index.apply(mk_vs(NS, "r", 0, json!({"hosts": ["reviews"], "http": [{"route": [
+        {"destination": {"host": "ratings"}, "weight": 50}, {"destination": {"host": "reviews"}, "weight": 50}]}]})));
+    let a = index.resolve();
+    assert_eq!(a, index.clone().resolve());
+    assert_eq!(
+        Resolution::dependencies(&a.services[REVIEWS]),
+        BTreeSet::from(["ratings.shop.svc.cluster.local".to_owned()])
+    );
+}
+
+#[test]
+fn external_name_services_and_slices_without_a_service_are_ignored() {
+    let mut index = Index::default();
+    let svc: Service = serde_json::from_value(json!({"metadata": {"namespace": NS, "name": "ext"},
+        "spec": {"type": "ExternalName", "externalName": "example.com"}}))
+    .unwrap();
+    assert!(!index.apply(Object::Service(Box::new(svc))));
+    let slice: EndpointSlice = serde_json::from_value(json!({"metadata": {"namespace": NS, "name": "s"},
+        "addressType": "IPv4", "endpoints": []}))
+    .unwrap();
+    assert!(!index.apply(Object::EndpointSlice(Box::new(slice))));
+    assert!(index.resolve().services.is_empty());
+}

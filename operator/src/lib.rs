@@ -1,0 +1,28 @@
+//! Weft's control plane.
+//!
+//! ```text
+//! kube-apiserver --watch--> controllers --Change--> index (pure, sync) --resolve--> Snapshot
+//!                                                                       |  tokio::sync::watch
+//!                             status writer (leader only, SSA) <--------+--------> config server (gRPC :15012)
+//! ```
+//!
+//! - [`index`]: the watched objects and [`index::Index::resolve`], a pure function from them to
+//!   per-service proxy config, inbound policies and desired status conditions.
+//! - [`controllers`]: kube-runtime watchers feeding the index, with debounced publishing.
+//! - [`status`]: conditions written with server-side apply on the status subresource.
+//! - [`server`]: the `ConfigDiscovery` gRPC service.
+//! - [`lease`]: leader election with a coordination.k8s.io Lease.
+//! - [`metrics`], [`admin`]: Prometheus metrics, `/live`, `/ready`, `/metrics`.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod controllers;
+pub mod index;
+pub mod lease;
+pub mod metrics;
+pub mod run;
+pub mod server;
+pub mod status;
+
+pub use run::{Config, Handle, LeaseConfig, start};

@@ -1,0 +1,109 @@
+//! `weft-operator`: flags in, `Config` out, then run until SIGTERM or SIGINT.
+
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::Context as _;
+use clap::Parser;
+use weft_operator::{Config, LeaseConfig, controllers::Debounce, index::Settings};
+
+/// Weft's control plane: watches VirtualService, DestinationRule, PeerAuthentication,
+/// AuthorizationPolicy, Services, EndpointSlices and Pods; serves resolved proxy config over gRPC;
+/// writes status conditions while it holds the leader Lease.
+#[derive(Debug, Parser)]
+#[command(name = "weft-operator", version)]
+struct Args {
+    /// The config server (gRPC, ConfigDiscovery; plaintext until the identity work adds mTLS).
+    #[arg(long, env = "WEFT_OPERATOR_GRPC_ADDR", default_value = "0.0.0.0:15012")]
+    grpc_addr: SocketAddr,
+    /// Admin server: /live, /ready, /metrics.
+    #[arg(long, env = "WEFT_OPERATOR_ADMIN_ADDR", default_value = "0.0.0.0:15014")]
+    admin_addr: SocketAddr,
+    /// Services are <name>.<namespace>.svc.<domain>.
+    #[arg(long, env = "WEFT_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    cluster_domain: String,
+    /// The mesh's root namespace: selector-less PeerAuthentication and AuthorizationPolicy here
+    /// apply mesh-wide. Also where the leader Lease lives.
+    #[arg(long, env = "WEFT_OPERATOR_NAMESPACE", default_value = "weft-system")]
+    namespace: String,
+    /// This replica's identity in the Lease (the pod name); leader election is off without it.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// The leader Lease's name.
+    #[arg(long, env = "WEFT_OPERATOR_LEASE", default_value = "weft-operator")]
+    lease_name: String,
+    /// How long a Lease stays valid without renewal, in seconds.
+    #[arg(long, default_value_t = 15)]
+    lease_duration_seconds: u64,
+    /// Publish config once no change arrived for this long (milliseconds).
+    #[arg(long, default_value_t = 50)]
+    debounce_ms: u64,
+    /// ...and at the latest this long after the first change (milliseconds).
+    #[arg(long, default_value_t = 250)]
+    debounce_max_ms: u64,
+    /// Log format on stderr.
+    #[arg(long, env = "WEFT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, env = "WEFT_LOG", default_value = "info")]
+    log: String,
+}
+
+impl Args {
+    fn config(self) -> Config {
+        let Args {
+            grpc_addr,
+            admin_addr,
+            cluster_domain,
+            namespace,
+            identity,
+            lease_name,
+            lease_duration_seconds,
+            debounce_ms,
+            debounce_max_ms,
+            log_format: _,
+            log: _,
+        } = self;
+        let duration = Duration::from_secs(lease_duration_seconds.max(2));
+        Config {
+            grpc_addr,
+            admin_addr,
+            index: Settings { cluster_domain, root_namespace: namespace.clone() },
+            debounce: Debounce {
+                quiet: Duration::from_millis(debounce_ms),
+                max_delay: Duration::from_millis(debounce_max_ms.max(debounce_ms)),
+            },
+            lease: identity.map(|identity| LeaseConfig {
+                namespace,
+                name: lease_name,
+                identity,
+                duration,
+                retry_period: duration / 5,
+            }),
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log).context("parsing --log")?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if args.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.with_ansi(false).init();
+    }
+    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let handle = weft_operator::start(client, args.config()).await.context("starting")?;
+
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutting down");
+    handle.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}

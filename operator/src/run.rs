@@ -1,0 +1,170 @@
+//! Wiring: watchers -> index task -> snapshots -> (config server, status writer); the elector
+//! decides who writes status; admin serves health and metrics. [`start`] returns once the
+//! listeners are bound; [`Handle::ready`] waits for the first snapshot.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::{Api, Client};
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, watch},
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{error, info};
+
+use crate::{
+    admin,
+    controllers::{self, Debounce, Snapshot},
+    index::{Index, Settings},
+    lease::Elector,
+    metrics::Metrics,
+    server::ConfigServer,
+    status,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("binding the {what} listener on {addr}: {source}")]
+    Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The config server (gRPC): `0.0.0.0:15012`.
+    pub grpc_addr: SocketAddr,
+    /// `/live`, `/ready`, `/metrics`: `0.0.0.0:15014`.
+    pub admin_addr: SocketAddr,
+    pub index: Settings,
+    pub debounce: Debounce,
+    /// `None`: this replica always leads (one replica, tests).
+    pub lease: Option<LeaseConfig>,
+}
+
+#[derive(Clone, Debug)]
+pub struct LeaseConfig {
+    pub namespace: String,
+    pub name: String,
+    /// Unique per replica: the pod name.
+    pub identity: String,
+    pub duration: Duration,
+    pub retry_period: Duration,
+}
+
+impl Config {
+    /// Loopback, ephemeral ports, no lease.
+    pub fn for_tests() -> Config {
+        Config {
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            index: Settings::default(),
+            debounce: Debounce::default(),
+            lease: None,
+        }
+    }
+}
+
+/// A running operator.
+#[derive(Debug)]
+pub struct Handle {
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub metrics: Arc<Metrics>,
+    snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
+    leader: watch::Receiver<bool>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Handle {
+    /// Resolves once every kind has listed and the first snapshot is served.
+    pub async fn ready(&self) {
+        let mut rx = self.snapshots.clone();
+        let _ = rx.wait_for(Option::is_some).await;
+    }
+
+    pub fn snapshots(&self) -> watch::Receiver<Option<Arc<Snapshot>>> {
+        self.snapshots.clone()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        *self.leader.borrow()
+    }
+
+    pub fn leader(&self) -> watch::Receiver<bool> {
+        self.leader.clone()
+    }
+
+    /// Stops everything: streams close, the lease is released, tasks end.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+pub async fn start(client: Client, config: Config) -> Result<Handle, Error> {
+    let bind = |what: &'static str, addr: SocketAddr| async move {
+        let l = TcpListener::bind(addr).await.map_err(|source| Error::Bind { what, addr, source })?;
+        let local = l.local_addr().map_err(|source| Error::Bind { what, addr, source })?;
+        Ok::<_, Error>((l, local))
+    };
+    let (grpc, grpc_addr) = bind("gRPC", config.grpc_addr).await?;
+    let (admin_listener, admin_addr) = bind("admin", config.admin_addr).await?;
+
+    let metrics = Arc::new(Metrics::default());
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let (publish, snapshots) = watch::channel(None);
+    let (changes_tx, changes_rx) = mpsc::channel(1024);
+
+    controllers::spawn_watchers(&client, changes_tx, metrics.clone(), &tasks, stop.clone());
+    tasks.spawn(controllers::run_index(
+        Index::new(config.index.clone()),
+        changes_rx,
+        publish,
+        config.debounce,
+        metrics.clone(),
+    ));
+
+    let (leader_tx, leader) = watch::channel(false);
+    match config.lease.clone() {
+        Some(l) => {
+            let elector = Elector {
+                api: Api::<Lease>::namespaced(client.clone(), &l.namespace),
+                name: l.name,
+                identity: l.identity,
+                lease_duration: l.duration,
+                retry_period: l.retry_period,
+            };
+            tasks.spawn(elector.run(leader_tx, metrics.clone(), stop.clone()));
+        }
+        None => {
+            metrics.set_leader(true);
+            leader_tx.send_replace(true);
+            // Keep the sender alive until stop, so the writer does not see a closed channel.
+            let stop = stop.clone();
+            tasks.spawn(async move {
+                stop.cancelled().await;
+                drop(leader_tx);
+            });
+        }
+    }
+    tasks.spawn(status::run_writer(client, snapshots.clone(), leader.clone(), metrics.clone(), stop.clone()));
+
+    let server = ConfigServer::new(snapshots.clone(), metrics.clone(), stop.clone());
+    tasks.spawn(async move {
+        if let Err(error) = server.serve(grpc).await {
+            error!(%error, "config server stopped");
+        }
+    });
+    let router = admin::router(snapshots.clone(), metrics.clone());
+    let admin_stop = stop.clone();
+    tasks.spawn(async move {
+        if let Err(error) = admin::serve(admin_listener, router, admin_stop).await {
+            error!(%error, "admin server stopped");
+        }
+    });
+    info!(grpc = %grpc_addr, admin = %admin_addr, "weft-operator started");
+    Ok(Handle { grpc_addr, admin_addr, metrics, snapshots, leader, stop, tasks })
+}

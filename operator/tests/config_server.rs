@@ -1,0 +1,187 @@
+//! The config server in-process on loopback, driven by hand-made snapshots and a real tonic
+//! client: the stream protocol without a cluster.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_util::sync::CancellationToken;
+use weft_operator::{controllers::Snapshot, index::Resolution, metrics::Metrics, server::ConfigServer};
+use weft_proto::v1::{self as pb, config_discovery_client::ConfigDiscoveryClient};
+
+const A: &str = "a.shop.svc.cluster.local";
+const B: &str = "b.shop.svc.cluster.local";
+const D: &str = "d.shop.svc.cluster.local";
+const BOUND: Duration = Duration::from_secs(10);
+
+/// Services a (routing to b), b and d; `port` varies a's port so its content changes.
+fn snapshot(generation: u64, a_port: u32, d_port: u32) -> Option<Arc<Snapshot>> {
+    let svc = |name: &str, port: u32, to: Option<&str>| {
+        Arc::new(pb::Service {
+            name: name.into(),
+            ports: vec![pb::ServicePort { number: port, ..Default::default() }],
+            http_routes: to
+                .map(|to| {
+                    vec![pb::HttpRoute {
+                        route: vec![pb::WeightedDestination {
+                            destination: Some(pb::Destination { host: to.into(), ..Default::default() }),
+                            weight: 1,
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    }]
+                })
+                .unwrap_or_default(),
+            ..Default::default()
+        })
+    };
+    let resolution = Resolution {
+        services: BTreeMap::from([
+            (A.into(), svc(A, a_port, Some(B))),
+            (B.into(), svc(B, 80, None)),
+            (D.into(), svc(D, d_port, None)),
+        ]),
+        ..Resolution::default()
+    };
+    Some(Arc::new(Snapshot {
+        generation,
+        resolution,
+        versions: BTreeMap::new(),
+        cluster_domain: "cluster.local".into(),
+        changed_at: tokio::time::Instant::now(),
+    }))
+}
+
+struct Server {
+    addr: std::net::SocketAddr,
+    publish: watch::Sender<Option<Arc<Snapshot>>>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+}
+
+async fn serve() -> Server {
+    let (publish, snapshots) = watch::channel(None);
+    let metrics = Arc::new(Metrics::default());
+    let stop = CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(ConfigServer::new(snapshots, metrics.clone(), stop.clone()).serve(listener));
+    Server { addr, publish, metrics, stop }
+}
+
+async fn client(addr: std::net::SocketAddr) -> ConfigDiscoveryClient<tonic::transport::Channel> {
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    ConfigDiscoveryClient::new(channel)
+}
+
+struct Sub {
+    requests: mpsc::UnboundedSender<pb::SubscribeRequest>,
+    updates: tonic::Streaming<pb::ConfigUpdate>,
+}
+
+impl Sub {
+    async fn open(addr: std::net::SocketAddr, first: pb::SubscribeRequest) -> Sub {
+        let (requests, rx) = mpsc::unbounded_channel();
+        requests.send(first).unwrap();
+        let updates =
+            client(addr).await.subscribe(UnboundedReceiverStream::new(rx)).await.unwrap().into_inner();
+        Sub { requests, updates }
+    }
+
+    async fn next(&mut self) -> pb::ConfigUpdate {
+        tokio::time::timeout(BOUND, self.updates.message())
+            .await
+            .expect("an update in time")
+            .unwrap()
+            .unwrap()
+    }
+}
+
+fn names(u: &pb::ConfigUpdate) -> Vec<&str> {
+    u.config.as_ref().unwrap().services.iter().map(|s| s.name.as_str()).collect()
+}
+
+fn a_port(u: &pb::ConfigUpdate) -> u32 {
+    u.config.as_ref().unwrap().services.iter().find(|s| s.name == A).unwrap().ports[0].number
+}
+
+fn first(version: &str, subscribe: &[&str]) -> pb::SubscribeRequest {
+    pb::SubscribeRequest {
+        node: "web-1.shop".into(),
+        subscribe: subscribe.iter().map(|s| (*s).to_owned()).collect(),
+        unsubscribe: vec![],
+        version: version.into(),
+    }
+}
+
+#[tokio::test]
+async fn a_stream_gets_a_full_snapshot_then_only_changes_it_can_see() {
+    let server = serve().await;
+    let mut sub = Sub::open(server.addr, first("", &["a"])).await;
+    // Nothing is served before the first snapshot; the first one arrives whole.
+    server.publish.send_replace(snapshot(1, 80, 80));
+    let update = sub.next().await;
+    assert_eq!(names(&update), [A, B], "a and where its routes lead");
+    assert_eq!(update.config.as_ref().unwrap().version, update.version);
+    let v1 = update.version.clone();
+
+    // A change to a service this proxy does not hold is not pushed: the next update it gets
+    // is the one that changes a.
+    server.publish.send_replace(snapshot(2, 80, 81));
+    server.publish.send_replace(snapshot(3, 8080, 81));
+    let update = sub.next().await;
+    assert_eq!(a_port(&update), 8080);
+    assert_ne!(update.version, v1);
+
+    // Lazily adding a destination pushes a config with it.
+    sub.requests.send(pb::SubscribeRequest { subscribe: vec![D.into()], ..Default::default() }).unwrap();
+    let update = sub.next().await;
+    assert_eq!(names(&update), [A, B, D]);
+    // ...and removing it takes it out again.
+    sub.requests.send(pb::SubscribeRequest { unsubscribe: vec![D.into()], ..Default::default() }).unwrap();
+    assert_eq!(names(&sub.next().await), [A, B]);
+    let text = server.metrics.encode();
+    assert!(text.contains("weft_operator_connected_proxies 1"), "{text}");
+    assert!(text.contains("weft_operator_pushes_total 4"), "{text}");
+    server.stop.cancel();
+}
+
+#[tokio::test]
+async fn a_reconnecting_proxy_that_is_up_to_date_gets_no_redundant_push() {
+    let server = serve().await;
+    server.publish.send_replace(snapshot(1, 80, 80));
+    let mut sub = Sub::open(server.addr, first("", &["a"])).await;
+    let version = sub.next().await.version;
+    drop(sub);
+
+    let mut again = Sub::open(server.addr, first(&version, &["a"])).await;
+    // The first message this stream sees is the next change, not a copy of what it has.
+    server.publish.send_replace(snapshot(2, 9090, 80));
+    assert_eq!(a_port(&again.next().await), 9090);
+    server.stop.cancel();
+}
+
+#[tokio::test]
+async fn a_first_message_without_a_node_is_refused_and_watch_streams_everything() {
+    let server = serve().await;
+    server.publish.send_replace(snapshot(1, 80, 80));
+    let (tx, rx) = mpsc::unbounded_channel();
+    tx.send(pb::SubscribeRequest::default()).unwrap();
+    let status = client(server.addr).await.subscribe(UnboundedReceiverStream::new(rx)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("<pod>.<namespace>"));
+
+    let mut watch = client(server.addr)
+        .await
+        .watch(pb::WatchRequest { node: "tool.x".into(), version: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    let all = tokio::time::timeout(BOUND, watch.message()).await.unwrap().unwrap().unwrap();
+    assert_eq!(all.services.len(), 3);
+    server.publish.send_replace(snapshot(2, 80, 99));
+    let next = tokio::time::timeout(BOUND, watch.message()).await.unwrap().unwrap().unwrap();
+    assert_ne!(next.version, all.version);
+    server.stop.cancel();
+}
