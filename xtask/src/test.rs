@@ -22,8 +22,10 @@ pub(crate) fn run(cargo_args: &[String]) -> Result<()> {
     let tests = run_tests(cargo_args);
     // Stop the cluster this started, even when the tests failed or could not start.
     let stopped = if started { cluster::down().context("stopping the test cluster") } else { Ok(()) };
-    let status = tests?;
+    let (status, totals) = tests?;
     stopped?;
+    // Last, after the cluster's own messages: the total over every test binary.
+    println!("\ntests: {} passed, {} failed, {} skipped", totals.passed, totals.failed, totals.ignored);
     if !status.success() {
         bail!("cargo test failed ({status})");
     }
@@ -61,7 +63,7 @@ fn install_system_tools() -> Result<()> {
     apt(&[&["install", "-y", "-qq", "--no-install-recommends"][..], &missing].concat())
 }
 
-fn run_tests(cargo_args: &[String]) -> Result<std::process::ExitStatus> {
+fn run_tests(cargo_args: &[String]) -> Result<(std::process::ExitStatus, Totals)> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut args = vec!["test".to_owned()];
     // `--workspace` would override a `-p`, so it is only the default.
@@ -82,8 +84,7 @@ fn run_tests(cargo_args: &[String]) -> Result<std::process::ExitStatus> {
         totals.add(&line);
     }
     let status = child.wait().context("waiting for cargo test")?;
-    println!("\ntests: {} passed, {} failed, {} skipped", totals.passed, totals.failed, totals.ignored);
-    Ok(status)
+    Ok((status, totals))
 }
 
 /// Sums of cargo's `test result: ok. 3 passed; 0 failed; 1 ignored; ...` lines.
