@@ -4,7 +4,7 @@
 //! published until every kind has listed once, so a restarted operator never serves a partial
 //! view: proxies keep the config they have until then.
 
-use std::{collections::BTreeMap, fmt::Debug, hash::Hasher, sync::Arc, time::Duration};
+use std::{fmt::Debug, hash::Hasher, sync::Arc, time::Duration};
 
 use futures::{StreamExt as _, TryStreamExt as _, future::BoxFuture};
 use k8s_openapi::api::{
@@ -33,8 +33,6 @@ pub struct Snapshot {
     /// Increases with every publication.
     pub generation: u64,
     pub resolution: Resolution,
-    /// Content hash of each service, by name.
-    pub versions: BTreeMap<String, u64>,
     /// `cluster.local`.
     pub cluster_domain: String,
     /// When the oldest change this snapshot carries arrived (push latency is measured from it).
@@ -122,8 +120,6 @@ pub async fn run_index(
         let resolution = index.resolve();
         metrics.record_resolve(timer.elapsed().as_secs_f64());
         generation += 1;
-        let versions =
-            resolution.services.iter().map(|(k, s)| (k.clone(), content_hash(s.as_ref()))).collect();
         debug!(
             generation,
             services = resolution.services.len(),
@@ -136,7 +132,6 @@ pub async fn run_index(
         let snapshot = Snapshot {
             generation,
             resolution,
-            versions,
             cluster_domain: index.settings().cluster_domain.clone(),
             changed_at,
         };

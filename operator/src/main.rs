@@ -23,7 +23,7 @@ struct Args {
     cluster_domain: String,
     /// The mesh's root namespace: selector-less PeerAuthentication and AuthorizationPolicy here
     /// apply mesh-wide. Also where the leader Lease lives.
-    #[arg(long, env = "WEFT_OPERATOR_NAMESPACE", default_value = "weft-system")]
+    #[arg(long, env = "POD_NAMESPACE", default_value = "weft-system")]
     namespace: String,
     /// This replica's identity in the Lease (the pod name); leader election is off without it.
     #[arg(long, env = "POD_NAME")]
@@ -44,8 +44,53 @@ struct Args {
     #[arg(long, env = "WEFT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
     /// Log filter (tracing EnvFilter syntax).
-    #[arg(long, env = "WEFT_LOG", default_value = "info")]
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
     log: String,
+    /// CA settings the chart already passes. They take effect with the CA (identity issue);
+    /// until then they are accepted, logged as not in effect, and otherwise unused.
+    #[command(flatten)]
+    pending: PendingCaArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct PendingCaArgs {
+    /// SPIFFE trust domain of workload certificates (CA, not built yet).
+    #[arg(long)]
+    trust_domain: Option<String>,
+    /// Lifetime of workload certificates (CA, not built yet).
+    #[arg(long)]
+    workload_cert_ttl: Option<String>,
+    /// The injector's MutatingWebhookConfiguration whose caBundle the operator keeps (not built yet).
+    #[arg(long)]
+    webhook_configuration: Option<String>,
+    /// The injector's Service (for its serving certificate; not built yet).
+    #[arg(long)]
+    webhook_service: Option<String>,
+    /// The Secret holding the injector's serving certificate (not built yet).
+    #[arg(long)]
+    webhook_tls_secret: Option<String>,
+}
+
+impl PendingCaArgs {
+    fn given(&self) -> Vec<&'static str> {
+        let PendingCaArgs {
+            trust_domain,
+            workload_cert_ttl,
+            webhook_configuration,
+            webhook_service,
+            webhook_tls_secret,
+        } = self;
+        [
+            ("--trust-domain", trust_domain.is_some()),
+            ("--workload-cert-ttl", workload_cert_ttl.is_some()),
+            ("--webhook-configuration", webhook_configuration.is_some()),
+            ("--webhook-service", webhook_service.is_some()),
+            ("--webhook-tls-secret", webhook_tls_secret.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(flag, set)| set.then_some(flag))
+        .collect()
+    }
 }
 
 impl Args {
@@ -62,6 +107,7 @@ impl Args {
             debounce_max_ms,
             log_format: _,
             log: _,
+            pending: _,
         } = self;
         let duration = Duration::from_secs(lease_duration_seconds.max(2));
         Config {
@@ -92,6 +138,10 @@ async fn main() -> anyhow::Result<()> {
         builder.json().init();
     } else {
         builder.with_ansi(false).init();
+    }
+    let pending = args.pending.given();
+    if !pending.is_empty() {
+        tracing::warn!(flags = ?pending, "CA flags are not in effect yet: the CA comes with the identity work");
     }
     let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
     let handle = weft_operator::start(client, args.config()).await.context("starting")?;

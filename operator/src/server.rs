@@ -187,7 +187,7 @@ impl ConfigDiscovery for ConfigServer {
             return Err(Status::invalid_argument("node must be <pod>.<namespace>"));
         }
         let (tx, rx) = mpsc::channel(4);
-        let stream = Stream_ {
+        let stream = Subscription {
             node: first.node.clone(),
             subscribed: BTreeSet::new(),
             last_version: first.version.clone(),
@@ -202,7 +202,7 @@ impl ConfigDiscovery for ConfigServer {
 }
 
 /// One proxy's subscription.
-struct Stream_ {
+struct Subscription {
     node: String,
     subscribed: BTreeSet<String>,
     last_version: String,
@@ -211,7 +211,7 @@ struct Stream_ {
     stop: CancellationToken,
 }
 
-impl Stream_ {
+impl Subscription {
     async fn run(
         mut self,
         first: pb::SubscribeRequest,
@@ -330,7 +330,6 @@ mod tests {
         Snapshot {
             generation: 1,
             resolution,
-            versions: BTreeMap::new(),
             cluster_domain: "cluster.local".into(),
             changed_at: tokio::time::Instant::now(),
         }

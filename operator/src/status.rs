@@ -72,7 +72,10 @@ pub fn desired(d: &DesiredStatus, now: Timestamp) -> Option<Status> {
             condition(ConditionType::ResolvedRefs, &d.resolved_refs),
         ],
     };
+    // Only the two conditions this operator owns are compared (SSA leaves others alone).
     let mut have = current.clone();
+    let ours = [ConditionType::Accepted.as_str(), ConditionType::ResolvedRefs.as_str()];
+    have.conditions.retain(|c| ours.contains(&c.type_.as_str()));
     have.conditions.sort_by(|a, b| a.type_.cmp(&b.type_));
     (have != wanted).then_some(wanted)
 }
@@ -209,5 +212,10 @@ mod tests {
         let flipped = desired(&d(2, cond(false, "conflict"), Some(next)), t1).unwrap();
         assert_eq!(flipped.conditions[0].last_transition_time.0, t1);
         assert_eq!(flipped.conditions[1].last_transition_time.0, t0);
+
+        // Conditions of other writers do not make ours look stale.
+        let mut shared = flipped.clone();
+        shared.conditions.insert(0, K8sCondition { type_: "Ready".into(), ..flipped.conditions[0].clone() });
+        assert_eq!(desired(&d(2, cond(false, "conflict"), Some(shared)), t1), None);
     }
 }

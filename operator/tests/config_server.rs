@@ -46,7 +46,6 @@ fn snapshot(generation: u64, a_port: u32, d_port: u32) -> Option<Arc<Snapshot>> 
     Some(Arc::new(Snapshot {
         generation,
         resolution,
-        versions: BTreeMap::new(),
         cluster_domain: "cluster.local".into(),
         changed_at: tokio::time::Instant::now(),
     }))
@@ -183,5 +182,53 @@ async fn a_first_message_without_a_node_is_refused_and_watch_streams_everything(
     server.publish.send_replace(snapshot(2, 80, 99));
     let next = tokio::time::timeout(BOUND, watch.message()).await.unwrap().unwrap().unwrap();
     assert_ne!(next.version, all.version);
+    server.stop.cancel();
+}
+
+/// The real proxy's control-plane source against this server: it installs updates, subscribes
+/// lazily at run time, and keeps its running config when an update does not compile.
+#[tokio::test]
+async fn a_real_proxy_installs_updates_subscribes_lazily_and_keeps_its_config_on_a_bad_one() {
+    let server = serve().await;
+    server.publish.send_replace(snapshot(1, 80, 80));
+    let mut settings = weft_proxy::Settings::for_tests("/nonexistent".into());
+    settings.control_plane = Some(weft_proxy::config::control_plane::ControlPlane::new(
+        server.addr.to_string(),
+        "web-1.shop",
+        vec!["a".into()],
+    ));
+    let proxy = weft_proxy::start(settings).await.unwrap();
+    let mut status = proxy.store.subscribe();
+    let wait = |status: &mut watch::Receiver<weft_proxy::config::Status>, attempts: u64| {
+        let mut status = status.clone();
+        async move {
+            tokio::time::timeout(BOUND, status.wait_for(|s| s.attempts >= attempts)).await.unwrap().unwrap();
+        }
+    };
+    wait(&mut status, 1).await;
+    let names = |proxy: &weft_proxy::Handle| -> Vec<String> {
+        proxy.store.current().unwrap().services.iter().map(|s| s.name.to_string()).collect()
+    };
+    assert_eq!(names(&proxy), [A, B]);
+    assert!(proxy.store.current().unwrap().service_by_host("a").is_some(), "short name in its namespace");
+
+    // Lazily: a destination the proxy meets later.
+    proxy.control_plane.as_ref().unwrap().subscribe("d");
+    wait(&mut status, 2).await;
+    assert_eq!(names(&proxy), [A, B, D]);
+    let version = proxy.store.current().unwrap().version.clone();
+
+    // An update the proxy cannot compile (port 0) is rejected; the running config stays.
+    server.publish.send_replace(snapshot(2, 0, 80));
+    wait(&mut status, 3).await;
+    assert_eq!(proxy.store.current().unwrap().version, version);
+    assert!(proxy.store.status().last_error.is_some());
+
+    // The next good one is installed.
+    server.publish.send_replace(snapshot(3, 81, 80));
+    wait(&mut status, 4).await;
+    assert_ne!(proxy.store.current().unwrap().version, version);
+    assert!(proxy.store.status().last_error.is_none());
+    proxy.shutdown();
     server.stop.cancel();
 }

@@ -13,12 +13,14 @@ pub mod config;
 pub mod detect;
 pub mod http;
 pub mod io;
+pub mod iptables;
 pub mod metrics;
 pub mod route;
 pub mod settings;
 pub mod sys;
 pub mod tcp;
 pub mod upstream;
+pub mod wait;
 
 pub use app::{Handle, start};
 pub use settings::Settings;

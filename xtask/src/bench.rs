@@ -2,7 +2,7 @@
 //! started first. Results go to stdout (a Markdown table) and `bench/results/`; BENCHMARKS.md
 //! records them with the command, machine and date.
 
-use std::process::Command;
+use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
@@ -18,7 +18,28 @@ pub(crate) enum Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The proxy side by side with direct, HAProxy and nginx on this machine: latency at a fixed
+    /// rate, throughput per core, CPU and memory (M0-M4 of issue 7). Installs what it needs
+    /// first (Debian haproxy, nginx-light, wrk, nghttp2-client; oha from crates.io into
+    /// ~/.cache/weft) and builds weft-proxy in release mode.
+    Proxy {
+        /// Passed to the benchmark (`--quick`, `--rounds N`, `--seconds N`, `--out FILE`, ...).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
+
+/// Commands the proxy benchmark runs, and the Debian package that provides each.
+const PROXY_TOOLS: [(&str, &str); 5] = [
+    ("haproxy", "haproxy"),
+    ("nginx", "nginx-light"),
+    ("wrk", "wrk"),
+    ("h2load", "nghttp2-client"),
+    ("taskset", "util-linux"),
+];
+
+/// The fixed-rate load generator (open loop, coordinated-omission correction, HTTP/2).
+const OHA_VERSION: &str = "1.16.0";
 
 pub(crate) fn run(bench: Bench) -> Result<()> {
     match bench {
@@ -28,7 +49,81 @@ pub(crate) fn run(bench: Bench) -> Result<()> {
             let stopped = if started { cluster::down() } else { Ok(()) };
             result.and(stopped)
         }
+        Bench::Proxy { args } => {
+            install_proxy_tools()?;
+            let oha = install_oha()?;
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let root = crate::codegen::repo_root();
+            let status = Command::new(cargo)
+                .args(["build", "--quiet", "--release", "--package", "weft-proxy"])
+                .current_dir(&root)
+                .status()
+                .context("running cargo build")?;
+            if !status.success() {
+                bail!("building weft-proxy failed ({status})");
+            }
+            let mut all = vec![
+                "--oha".to_owned(),
+                oha.display().to_string(),
+                "--weft-proxy".to_owned(),
+                root.join("target/release/weft-proxy").display().to_string(),
+            ];
+            all.extend(args);
+            cargo_run("proxy", &all)
+        }
     }
+}
+
+/// Installs the missing [`PROXY_TOOLS`] with apt-get (a fresh machine has none of them).
+fn install_proxy_tools() -> Result<()> {
+    let missing: Vec<&str> = PROXY_TOOLS
+        .iter()
+        .filter(|(tool, _)| {
+            !Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("[bench] installing Debian packages the benchmark needs: {}", missing.join(" "));
+    let apt = |args: &[&str]| -> Result<()> {
+        let status = Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .context("running apt-get")?;
+        if !status.success() {
+            bail!("apt-get {} failed ({status}); install {} by hand", args.join(" "), missing.join(" "));
+        }
+        Ok(())
+    };
+    apt(&["update", "-qq"])?;
+    apt(&[&["install", "-y", "-qq", "--no-install-recommends"][..], &missing].concat())
+}
+
+/// oha from crates.io, built once into `~/.cache/weft/oha-VERSION` (about 8 minutes on 2 cores).
+fn install_oha() -> Result<PathBuf> {
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    let root = PathBuf::from(home).join(format!(".cache/weft/oha-{OHA_VERSION}"));
+    let bin = root.join("bin/oha");
+    if bin.exists() {
+        return Ok(bin);
+    }
+    eprintln!("[bench] building oha {OHA_VERSION} into {} (once)", root.display());
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["install", "--quiet", "--locked", "oha", "--version", OHA_VERSION, "--root"])
+        .arg(&root)
+        .status()
+        .context("running cargo install oha")?;
+    if !status.success() {
+        bail!("cargo install oha {OHA_VERSION} failed ({status})");
+    }
+    Ok(bin)
 }
 
 fn cargo_run(bin: &str, args: &[String]) -> Result<()> {

@@ -1,7 +1,8 @@
 //! Convergence of Weft's operator at scale, against the real kube-apiserver of the test cluster:
 //! `cargo run --release -p weft-bench --bin operator-scale` (with `cargo xtask cluster up`).
 //!
-//! Creates `--services` Services (no selector) with one EndpointSlice each (`--endpoints` in
+//! Creates `--services` Services (no selector; past the first 200 headless, as the test cluster's
+//! service range is a /24) with one EndpointSlice each (`--endpoints` in
 //! all), and `--virtual-services` VirtualServices (a 90/10 split between two services). The
 //! operator runs as a child process of its own (this binary with `--serve`), so its RSS and CPU
 //! are its alone. `--subscribers` gRPC streams subscribe as proxies would, each to the `--hot`
@@ -111,6 +112,16 @@ fn free_port() -> Result<SocketAddr> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
+/// The whole response to `GET path` (HTTP/1.0).
+async fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
 /// VmRSS and VmHWM in MiB, and CPU seconds (user + system) of a process.
 fn usage(pid: u32) -> Result<(f64, f64, f64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -168,8 +179,11 @@ async fn bench(args: Args) -> Result<()> {
         let (services, slices) = (services.clone(), slices.clone());
         let endpoints = per.min(args.endpoints.saturating_sub(i * per));
         async move {
+            // The test cluster's service range is a /24: past the first 200, services are
+            // headless (no virtual IP; routing by name is the same).
+            let cluster_ip = if i < 200 { json!(null) } else { json!("None") };
             let svc: Service = serde_json::from_value(json!({"metadata": {"name": svc_name(i)},
-                "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}))?;
+                "spec": {"clusterIP": cluster_ip, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}))?;
             services.create(&PostParams::default(), &svc).await?;
             let eps: Vec<Value> = (0..endpoints)
                 .map(|e| json!({"addresses": [format!("10.{}.{}.{}", 1 + i / 250, i % 250, 1 + e)], "conditions": {"ready": true}}))
@@ -217,14 +231,8 @@ async fn bench(args: Args) -> Result<()> {
         if started.elapsed() > Duration::from_secs(120) {
             bail!("the operator was not ready within 120 s");
         }
-        if let Ok(mut s) = tokio::net::TcpStream::connect(admin).await {
-            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-            s.write_all(b"GET /ready HTTP/1.0\r\n\r\n").await?;
-            let mut buf = Vec::new();
-            s.read_to_end(&mut buf).await?;
-            if buf.starts_with(b"HTTP/1.0 200") || buf.starts_with(b"HTTP/1.1 200") {
-                break started.elapsed();
-            }
+        if http_get(admin, "/ready").await.is_ok_and(|r| r.get(9..12) == Some("200")) {
+            break started.elapsed();
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
@@ -303,6 +311,23 @@ async fn bench(args: Args) -> Result<()> {
     }
     let measured = measured_from.elapsed().as_secs_f64();
     let (rss_end, hwm, cpu_after) = usage(pid)?;
+    let metrics = http_get(admin, "/metrics").await?;
+    let metric = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    for line in metrics
+        .lines()
+        .filter(|l| l.starts_with("weft_operator_errors") || l.starts_with("weft_operator_status_writes"))
+    {
+        eprintln!("{line}");
+    }
+    let resolves = metric("weft_operator_resolve_duration_seconds_count");
+    let resolve_mean = metric("weft_operator_resolve_duration_seconds_sum") / resolves;
     let cpu_share = (cpu_after - cpu_before) / measured;
     child.kill().await.ok();
 
@@ -316,11 +341,13 @@ async fn bench(args: Args) -> Result<()> {
     }
     println!(
         "\noperator: ready in {:.2} s; RSS {rss_ready:.1} MiB synced, {rss_subscribed:.1} MiB with {} subscribers, \
-         {rss_end:.1} MiB after the changes (peak {hwm:.1} MiB); CPU {:.1} s to sync, {:.0}% of a core during the changes",
+         {rss_end:.1} MiB after the changes (peak {hwm:.1} MiB); CPU {:.1} s to sync, {:.0}% of a core during the changes; \
+         {resolves} resolutions of the whole index, {:.1} ms each on average",
         ready.as_secs_f64(),
         args.subscribers,
         cpu_ready,
-        cpu_share * 100.0
+        cpu_share * 100.0,
+        resolve_mean * 1e3
     );
     let pct =
         |p: Percentiles| json!({"count": p.count, "p50": p.p50, "p90": p.p90, "p99": p.p99, "max": p.max});
@@ -331,6 +358,7 @@ async fn bench(args: Args) -> Result<()> {
         "ready_seconds": ready.as_secs_f64(), "cpu_seconds_to_sync": cpu_ready,
         "rss_mib": {"synced": rss_ready, "subscribed": rss_subscribed, "end": rss_end, "peak": hwm},
         "cpu_share_during_changes": cpu_share,
+        "resolutions": resolves, "resolve_mean_seconds": resolve_mean,
     });
     if let Some(parent) = args.out.parent() {
         std::fs::create_dir_all(parent)?;

@@ -77,3 +77,37 @@ fn defaults_are_proto3_zero_values() {
     assert_eq!(lb.policy(), Policy::PeakEwma);
     assert!(!weft_proto::FILE_DESCRIPTOR_SET.is_empty());
 }
+
+#[test]
+fn subscription_messages_round_trip_in_every_encoding() {
+    use weft_proto::v1::{ConfigUpdate, InboundPolicy, MtlsMode, SubscribeRequest};
+    let yaml = r#"
+version: "00ab"
+config: {version: "00ab", services: [{name: reviews.shop.svc.cluster.local, aliases: [reviews]}]}
+inbound:
+  workload: web-1.shop
+  serviceAccount: web
+  mtlsMode: MTLS_STRICT
+  portMtls: {"8080": MTLS_DISABLE}
+  authorizations:
+    - name: shop/deny
+      action: DENY
+      rules: [{from: [{namespaces: [evil]}], to: [{ports: [8080], methods: [POST]}]}]
+unresolved: [ratings]
+"#;
+    let update: ConfigUpdate = serde_yaml::from_str(yaml).expect("yaml parses");
+    let inbound: &InboundPolicy = update.inbound.as_ref().unwrap();
+    assert_eq!(inbound.mtls_mode(), MtlsMode::MtlsStrict);
+    assert_eq!(inbound.port_mtls[&8080], MtlsMode::MtlsDisable as i32);
+    assert_eq!(inbound.authorizations[0].rules[0].to[0].ports, [8080]);
+    let json = serde_json::to_string(&update).expect("serializes");
+    assert_eq!(serde_json::from_str::<ConfigUpdate>(&json).expect("json parses"), update);
+    assert_eq!(ConfigUpdate::decode(update.encode_to_vec().as_slice()).expect("decodes"), update);
+
+    let request = SubscribeRequest {
+        node: "web-1.shop".into(),
+        subscribe: vec!["reviews".into()],
+        ..Default::default()
+    };
+    assert_eq!(SubscribeRequest::decode(request.encode_to_vec().as_slice()).expect("decodes"), request);
+}

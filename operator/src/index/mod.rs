@@ -218,8 +218,8 @@ pub(crate) struct PodInfo {
     pub service_account: String,
 }
 
-/// Everything the controllers have seen, translated. Cheap to clone per kind is not needed:
-/// one task owns it.
+/// Everything the controllers have seen, translated into what the resolution reads. One task
+/// owns it; nothing else touches it.
 #[derive(Clone, Debug, Default)]
 pub struct Index {
     pub(crate) settings: Settings,

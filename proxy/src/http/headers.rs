@@ -4,20 +4,25 @@
 
 use http::{
     HeaderMap, HeaderName, HeaderValue,
-    header::{CONNECTION, CONTENT_LENGTH, TE, TRANSFER_ENCODING, UPGRADE},
+    header::{
+        CONNECTION, CONTENT_LENGTH, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING,
+        UPGRADE,
+    },
 };
 use tower::{Layer, Service};
 
-/// Headers that describe one connection, never forwarded (RFC 9110 section 7.6.1).
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
+/// Headers that describe one connection, never forwarded (RFC 9110 section 7.6.1). Typed names,
+/// not strings: removing by `&str` parses and hashes the name on every call, twice per request
+/// (the profile in BENCHMARKS.md).
+static HOP_BY_HOP: [HeaderName; 8] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION,
+    TE,
+    TRAILER,
+    TRANSFER_ENCODING,
 ];
 
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -40,6 +45,11 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// `Connection: upgrade` and `Upgrade` are kept so the upstream sees the handshake. `te:
 /// trailers` is kept (gRPC needs it end to end).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // Most messages carry none of them: one pass over the few names present is cheaper than a
+    // hashed removal of each of the eight.
+    if !headers.keys().any(|k| k == UPGRADE || HOP_BY_HOP.contains(k)) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
@@ -52,7 +62,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         headers.remove(name);
     }
     let te_trailers = headers.get_all(TE).iter().any(|v| v.to_str().is_ok_and(|v| v.contains("trailers")));
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
     if te_trailers {
@@ -91,21 +101,27 @@ pub fn ambiguous_framing(headers: &HeaderMap) -> Option<&'static str> {
     None
 }
 
-/// A random version-4 UUID.
+/// A random version-4 UUID (`xxxxxxxx-xxxx-4xxx-yxxx-xxxxxxxxxxxx`), written digit by digit
+/// rather than through `format!`, which cost more than the rest of the layer.
 pub fn new_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let a = fastrand::u64(..);
     let b = fastrand::u64(..);
     let a = (a & 0xffff_ffff_ffff_0fff) | 0x0000_0000_0000_4000;
     let b = (b & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;
-    let s = format!(
-        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
-        a >> 32,
-        (a >> 16) & 0xffff,
-        a & 0xffff,
-        b >> 48,
-        b & 0xffff_ffff_ffff
-    );
-    HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    let mut out = [0u8; 36];
+    let mut i = 0;
+    for word in [a, b] {
+        for shift in (0..16).rev().map(|k| 4 * k) {
+            if matches!(i, 8 | 13 | 18 | 23) {
+                out[i] = b'-';
+                i += 1;
+            }
+            out[i] = HEX[((word >> shift) & 0xf) as usize];
+            i += 1;
+        }
+    }
+    HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 /// Adds `x-request-id` to requests that have none.
@@ -205,6 +221,13 @@ mod tests {
         assert_eq!(s.len(), 36);
         assert_eq!(&s[14..15], "4");
         assert!(matches!(&s[19..20], "8" | "9" | "a" | "b"));
+        for (i, c) in s.char_indices() {
+            if [8, 13, 18, 23].contains(&i) {
+                assert_eq!(c, '-', "{s}");
+            } else {
+                assert!(c.is_ascii_hexdigit() && !c.is_ascii_uppercase(), "{s}");
+            }
+        }
         assert_ne!(new_request_id(), id);
     }
 }

@@ -157,8 +157,10 @@ impl Drop for InFlightGuard {
     }
 }
 
+static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
 fn grpc_status(headers: &HeaderMap) -> Option<String> {
-    headers.get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_owned)
+    headers.get(&GRPC_STATUS).and_then(|v| v.to_str().ok()).map(str::to_owned)
 }
 
 struct Done {

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Instructions per proxied request through weft-proxy (one hop, HTTP/1.1, 1 KB body, keep-alive),
+# counted by valgrind's callgrind, and the functions that spend them.
+#
+# Usage: bench/profile-proxy.sh [REQUESTS] [CONNECTIONS]    (defaults 2000 and 16)
+#
+# The proxy runs under callgrind with one worker; an nginx origin answers 1 KB. After 300
+# warm-up requests the counters are zeroed, REQUESTS requests are sent (h2load --h1, bounded in
+# count and time), and the counters are dumped: total instructions / REQUESTS is the cost of one
+# request. The per-function table is written to $OUT (default bench/results/proxy-callgrind.txt);
+# the raw callgrind dump stays in a temporary directory and is removed.
+# Needs valgrind, nginx and h2load (nghttp2-client): `cargo xtask bench proxy` installs the last two.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+requests=${1:-2000}
+conns=${2:-16}
+out=${OUT:-bench/results/proxy-callgrind.txt}
+port_origin=27380
+port_proxy=27383
+port_admin=27384
+for tool in valgrind callgrind_control callgrind_annotate nginx h2load; do
+  command -v "$tool" > /dev/null || { echo "$tool is needed (apt-get install valgrind nginx-light nghttp2-client)" >&2; exit 1; }
+done
+cargo build --quiet --release -p weft-proxy --bin weft-proxy >&2
+mkdir -p "$(dirname "$out")"
+dir=$(mktemp -d /tmp/weft-bench-profile.XXXXXX)
+origin_pid=
+proxy_pid=
+cleanup() {
+  [ -n "$proxy_pid" ] && kill "$proxy_pid" 2> /dev/null || true
+  [ -n "$origin_pid" ] && kill "$origin_pid" 2> /dev/null || true
+  wait 2> /dev/null || true
+  rm -rf -- "$dir"
+}
+trap cleanup EXIT
+
+body=$(head -c 1024 /dev/zero | tr '\0' a)
+cat > "$dir/nginx.conf" << EOF
+daemon off; master_process off; worker_processes 1; pid $dir/nginx.pid; error_log stderr warn;
+events { worker_connections 1024; }
+http { access_log off; keepalive_requests 1000000; client_body_temp_path $dir/body; proxy_temp_path $dir/proxy;
+  server { listen 127.0.0.1:$port_origin; location / { default_type text/plain; return 200 "$body"; } } }
+EOF
+cat > "$dir/weft.yaml" << EOF
+version: profile
+services:
+  - name: origin
+    aliases: ["127.0.0.1"]
+    ports: [{number: $port_origin, protocol: HTTP1, endpoints: [{address: "127.0.0.1:$port_origin"}]}]
+EOF
+taskset -c 1 nginx -e stderr -c "$dir/nginx.conf" &
+origin_pid=$!
+valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.out" --dump-instr=no \
+  ./target/release/weft-proxy --config "$dir/weft.yaml" --no-redirect --listen "127.0.0.1:$port_proxy" \
+  --admin-addr "127.0.0.1:$port_admin" --workers 1 --log warn 2> "$dir/valgrind.log" &
+proxy_pid=$!
+for _ in $(seq 1 300); do
+  curl -fs -o /dev/null "http://127.0.0.1:$port_proxy/" 2> /dev/null && break
+  sleep 0.1
+done
+curl -fs -o /dev/null "http://127.0.0.1:$port_proxy/" || { echo "proxy did not start" >&2; cat "$dir/valgrind.log" >&2; exit 1; }
+timeout 120 h2load --h1 -n 300 -c "$conns" "http://127.0.0.1:$port_proxy/" > /dev/null
+callgrind_control -z "$proxy_pid" > /dev/null
+timeout 300 h2load --h1 -n "$requests" -c "$conns" "http://127.0.0.1:$port_proxy/" > "$dir/h2load.txt"
+grep -q "succeeded, 0 failed, 0 errored" < <(grep "requests:" "$dir/h2load.txt" | sed 's/.*started, //') \
+  || { echo "h2load reported failures:" >&2; cat "$dir/h2load.txt" >&2; exit 1; }
+callgrind_control -d "$proxy_pid" > /dev/null
+sleep 1
+dump=$(ls -t "$dir"/callgrind.out.* | head -1)
+# callgrind_annotate exits non-zero when it cannot find source files to annotate; that is fine.
+(callgrind_annotate --inclusive=no --threshold=100 "$dump" 2> /dev/null || true) | head -200 > "$out"
+total=$(awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}' "$out")
+echo "requests: $requests over $conns connections (HTTP/1.1, 1 KB)"
+echo "instructions in weft-proxy: $total, per request: $((total / requests))"
+echo "functions by instructions (the first lines are the runtime's inclusive frames): $out"
+grep -E '^ *[0-9,]+ \(' "$out" | grep -v -E 'PROGRAM TOTALS|clone|start_thread|thread_start|call_once|rust_begin|blocking::pool|harness::Harness<T,S>::poll \[|core::Core|BlockingTask|raw::poll|Scoped|worker::run' | head -30 | cut -c1-160 || true

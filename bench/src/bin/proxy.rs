@@ -1,0 +1,1043 @@
+//! The proxy side by side with direct, HAProxy and nginx, on one machine in one run:
+//! `cargo xtask bench proxy [--quick]` (which installs the tools and builds weft-proxy first), or
+//! `cargo run --release -p weft-bench --bin proxy -- --weft-proxy target/release/weft-proxy`.
+//!
+//! Layout (research/performance.md §7): this process and every load generator run on CPU 0; the
+//! origin (nginx, 1 KB body) and every system under test run on CPU 1, so each path has one
+//! cross-CPU round trip and direct and proxied runs stay comparable. Every proxy runs one worker
+//! (`nbthread 1`, `worker_processes 1`, `--workers 1`), access logs off, upstream keep-alive on.
+//! All traffic is on 127.0.0.1; every load run is bounded in requests and in time.
+//!
+//! - M0: TCP ping-pong round trip between the two CPUs (the floor).
+//! - M1: fixed-rate latency (oha, open loop, `--latency-correction`), HTTP/1.1 and HTTP/2,
+//!   targets interleaved round by round; overhead = percentile minus direct's from the same round.
+//! - M2: closed-loop max throughput (wrk) and the proxy's CPU from /proc/<pid>/stat.
+//! - M3: proxy CPU per 1000 rps, from the M1 HTTP/1.1 runs.
+//! - M4: RSS idle, under load (VmHWM after M1 and M2), and per idle keep-alive connection.
+//!
+//! The two-hop chains are plaintext (outbound proxy -> inbound proxy -> origin): mTLS between
+//! proxies does not exist yet, so the mTLS targets are reported as not measurable.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::Parser;
+use serde_json::{Value, json};
+use weft_bench::Percentiles;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Developer mode, under 3 minutes: 3 rounds of 2 s, short M2 runs, 1k idle connections
+    /// only. Indicative; BENCHMARKS.md records full runs.
+    #[arg(long)]
+    quick: bool,
+    /// M1 rounds (every target once per round, interleaved). Default 5 (3 with --quick).
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Seconds of fixed-rate load per M1 run. Default 20 (2 with --quick).
+    #[arg(long)]
+    seconds: Option<u64>,
+    /// M1 request rate (all connections together).
+    #[arg(long, default_value_t = 1000)]
+    rate: u64,
+    /// M1 connections.
+    #[arg(long, default_value_t = 16)]
+    connections: u64,
+    /// The weft-proxy binary (release build).
+    #[arg(long, default_value = "target/release/weft-proxy")]
+    weft_proxy: PathBuf,
+    #[arg(long, default_value = "oha")]
+    oha: PathBuf,
+    /// First of the loopback ports used (about 200 above it).
+    #[arg(long, default_value_t = 27080)]
+    base_port: u16,
+    /// Raw results (JSON). Default bench/results/proxy.json (proxy-quick.json with --quick).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Internal: the M0 ping-pong server (run on CPU 1).
+    #[arg(long, hide = true)]
+    pingpong_server: Option<SocketAddr>,
+}
+
+/// What one measured path is made of.
+#[derive(Clone, Debug)]
+struct Target {
+    name: &'static str,
+    /// Port for HTTP/1.1 and for HTTP/2 (prior knowledge, h2c).
+    h1: u16,
+    h2: u16,
+    /// Processes whose CPU and memory are the system under test's (none for direct).
+    pids: Vec<u32>,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if let Some(addr) = args.pingpong_server {
+        return pingpong_server(addr);
+    }
+    let quick = args.quick;
+    let rounds = args.rounds.unwrap_or(if quick { 3 } else { 5 });
+    let seconds = args.seconds.unwrap_or(if quick { 2 } else { 20 });
+    let out = args.out.clone().unwrap_or_else(|| {
+        PathBuf::from(if quick { "bench/results/proxy-quick.json" } else { "bench/results/proxy.json" })
+    });
+    let started = Instant::now();
+
+    pin_self_to_cpu0()?;
+    let nofile = raise_nofile();
+    let load_before = loadavg();
+    let work = std::env::temp_dir().join(format!("weft-bench-proxy-{}", std::process::id()));
+    std::fs::create_dir_all(work.join("tmp"))?;
+    let mut procs = Procs::default();
+    let result = run(&args, quick, rounds, seconds, nofile, &work, &mut procs, started, load_before);
+    procs.stop_all();
+    // Only this run's own directory, named by our pid.
+    let _ = std::fs::remove_dir_all(&work);
+    let report = result?;
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&out, serde_json::to_string_pretty(&report)? + "\n")?;
+    eprintln!("raw results: {}", out.display());
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    args: &Args,
+    quick: bool,
+    rounds: usize,
+    seconds: u64,
+    nofile: u64,
+    work: &Path,
+    procs: &mut Procs,
+    started: Instant,
+    load_before: String,
+) -> Result<Value> {
+    let b = args.base_port;
+    let p = |off: u16| b + off;
+    let weft = std::fs::canonicalize(&args.weft_proxy).with_context(|| {
+        format!("{} (build it: cargo build --release -p weft-proxy)", args.weft_proxy.display())
+    })?;
+
+    // --- the servers, all on CPU 1 ---
+    let body = "a".repeat(1024);
+    let origin = p(0);
+    write(
+        work,
+        "nginx-origin.conf",
+        &nginx_conf(
+            work,
+            "origin",
+            nofile,
+            &format!(
+                "server {{ listen 127.0.0.1:{origin}; listen 127.0.0.1:{} http2;\n  location / {{ default_type text/plain; return 200 \"{body}\"; }} }}",
+                p(100)
+            ),
+        ),
+    )?;
+    write(
+        work,
+        "nginx-proxy.conf",
+        &nginx_conf(
+            work,
+            "proxy",
+            nofile,
+            &format!(
+                "upstream origin {{ server 127.0.0.1:{origin}; keepalive 64; }}\n\
+         server {{ listen 127.0.0.1:{}; listen 127.0.0.1:{} http2;\n  location / {{ proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}",
+                p(2),
+                p(102)
+            ),
+        ),
+    )?;
+    procs.start("nginx origin", "nginx", &["-e", "stderr", "-c", &path_str(work, "nginx-origin.conf")])?;
+    let nginx =
+        procs.start("nginx", "nginx", &["-e", "stderr", "-c", &path_str(work, "nginx-proxy.conf")])?;
+
+    // HAProxy needs two descriptors per connection and refuses a maxconn the limit cannot hold.
+    let maxconn = (nofile / 2).saturating_sub(100).min(25_000);
+    let haproxy = |name: &str, ports: (u16, u16), to: u16, procs: &mut Procs| -> Result<u32> {
+        let file = format!("haproxy-{name}.cfg");
+        write(work, &file, &haproxy_cfg(ports, to, maxconn))?;
+        procs.start(&format!("haproxy {name}"), "haproxy", &["-db", "-f", &path_str(work, &file)])
+    };
+    let ha = haproxy("one", (p(1), p(101)), origin, procs)?;
+    let ha_in = haproxy("chain-in", (p(14), p(114)), origin, procs)?;
+    let ha_out = haproxy("chain-out", (p(11), p(111)), p(14), procs)?;
+
+    let weft_proc = |name: &str, listen: u16, admin: u16, to: u16, procs: &mut Procs| -> Result<u32> {
+        let file = format!("weft-{name}.yaml");
+        // Routed by Host (the alias 127.0.0.1), so HTTP/1.1 and HTTP/2 share the listener and
+        // the upstream is HTTP/1.1 for both, as for HAProxy and nginx.
+        write(
+            work,
+            &file,
+            &format!(
+                "version: bench\nservices:\n  - name: origin\n    aliases: [\"127.0.0.1\"]\n    ports: [{{number: {to}, protocol: HTTP1, endpoints: [{{address: \"127.0.0.1:{to}\"}}]}}]\n"
+            ),
+        )?;
+        let pid = procs.start(
+            &format!("weft {name}"),
+            weft.to_str().context("path")?,
+            &[
+                "--config",
+                &path_str(work, &file),
+                "--no-redirect",
+                "--listen",
+                &format!("127.0.0.1:{listen}"),
+                "--admin-addr",
+                &format!("127.0.0.1:{admin}"),
+                "--workers",
+                "1",
+                "--max-connections",
+                "30000",
+                "--log",
+                "warn",
+            ],
+        )?;
+        Ok(pid)
+    };
+    let wf = weft_proc("one", p(3), p(20), origin, procs)?;
+    let wf_in = weft_proc("chain-in", p(13), p(21), origin, procs)?;
+    let wf_out = weft_proc("chain-out", p(10), p(22), p(13), procs)?;
+
+    let targets = vec![
+        Target { name: "direct", h1: origin, h2: p(100), pids: vec![] },
+        Target { name: "haproxy", h1: p(1), h2: p(101), pids: vec![ha] },
+        Target { name: "nginx", h1: p(2), h2: p(102), pids: vec![nginx] },
+        Target { name: "weft", h1: p(3), h2: p(3), pids: vec![wf] },
+        Target { name: "weft-chain", h1: p(10), h2: p(10), pids: vec![wf_out, wf_in] },
+        Target { name: "haproxy-chain", h1: p(11), h2: p(111), pids: vec![ha_out, ha_in] },
+    ];
+    for t in &targets {
+        wait_ready(t.h1, &body)?;
+        // HTTP/2 ports are checked by the warm-up runs below.
+    }
+    procs.check_alive()?;
+
+    // --- M4 idle, before any request but the readiness one ---
+    let idle: BTreeMap<&str, u64> = targets.iter().map(|t| (t.name, rss_kib(&t.pids))).collect();
+
+    // --- M0 ---
+    eprintln!("M0: TCP ping-pong between the CPUs");
+    let m0 = pingpong(p(50), if quick { 20_000 } else { 200_000 })?;
+
+    // --- M1 (and M3 from its HTTP/1.1 runs) ---
+    let protocols: &[&str] = &["http1", "http2"];
+    for t in &targets {
+        for proto in protocols {
+            oha(&args.oha, t, proto, args.rate, args.connections, 1, false)?; // warm-up, unchecked
+        }
+    }
+    let mut m1_runs = Vec::new();
+    for round in 1..=rounds {
+        eprintln!("M1 round {round}/{rounds}");
+        for proto in protocols {
+            for t in &targets {
+                let cpu0 = cpu_ticks(&t.pids);
+                let run = oha(&args.oha, t, proto, args.rate, args.connections, seconds, true)?;
+                let cpu_s = (cpu_ticks(&t.pids) - cpu0) as f64 / clk_tck();
+                let mut run = run;
+                run["round"] = json!(round);
+                run["proxy_cpu_seconds"] = json!(cpu_s);
+                run["rss_kib"] = json!(rss_kib(&t.pids));
+                m1_runs.push(run);
+            }
+        }
+    }
+    procs.check_alive()?;
+    let hwm_m1: BTreeMap<&str, u64> = targets.iter().map(|t| (t.name, hwm_kib(&t.pids))).collect();
+
+    // --- M2 ---
+    let m2_seconds = if quick { 3 } else { 15 };
+    let mut m2_runs = Vec::new();
+    for round in 1..=(if quick { 1 } else { 3 }) {
+        for t in &targets {
+            eprintln!("M2 round {round}: {}", t.name);
+            let cpu0 = cpu_ticks(&t.pids);
+            let mut run = wrk(t.h1, m2_seconds)?;
+            let cpu_s = (cpu_ticks(&t.pids) - cpu0) as f64 / clk_tck();
+            run["round"] = json!(round);
+            run["target"] = json!(t.name);
+            run["proxy_cpu_seconds"] = json!(cpu_s);
+            m2_runs.push(run);
+        }
+    }
+    procs.check_alive()?;
+    let hwm_m2: BTreeMap<&str, u64> = targets.iter().map(|t| (t.name, hwm_kib(&t.pids))).collect();
+
+    // --- M4 per idle connection ---
+    // 10k, or as many as HAProxy's maxconn (bounded by the open-file limit) allows.
+    let most = 10_000.min(maxconn.saturating_sub(100) as usize);
+    let counts: Vec<usize> = if quick { vec![1000] } else { vec![1000, most] };
+    let mut m4_conns = Vec::new();
+    for t in targets.iter().filter(|t| t.pids.len() == 1) {
+        for &n in &counts {
+            eprintln!("M4: {n} idle keep-alive connections to {}", t.name);
+            let before = rss_kib(&t.pids);
+            let conns = open_idle(t.h1, n)?;
+            thread::sleep(Duration::from_millis(500));
+            let after = rss_kib(&t.pids);
+            drop(conns);
+            thread::sleep(Duration::from_millis(500));
+            m4_conns.push(json!({
+                "target": t.name, "connections": n, "rss_before_kib": before, "rss_after_kib": after,
+                "bytes_per_connection": (after as f64 - before as f64) * 1024.0 / n as f64,
+            }));
+        }
+    }
+    procs.check_alive()?;
+
+    let load_after = loadavg();
+    let report = json!({
+        "quick": quick,
+        "date": date(),
+        "commit": command_line("git", &["rev-parse", "HEAD"]),
+        "machine": machine(),
+        "tools": tools(&args.oha),
+        "loadavg_before": load_before, "loadavg_after": load_after,
+        "nofile": nofile,
+        "settings": {"rounds": rounds, "seconds": seconds, "rate": args.rate, "connections": args.connections,
+                     "body_bytes": 1024, "m2_seconds": m2_seconds, "m2_connections": 64},
+        "targets": targets.iter().map(|t| json!({"name": t.name, "h1_port": t.h1, "h2_port": t.h2, "processes": t.pids.len()})).collect::<Vec<_>>(),
+        "m0": m0,
+        "m1": m1_runs,
+        "m2": m2_runs,
+        "m4": {"idle_rss_kib": idle, "hwm_after_m1_kib": hwm_m1, "hwm_after_m2_kib": hwm_m2, "idle_connections": m4_conns},
+        "elapsed_seconds": started.elapsed().as_secs_f64(),
+    });
+    println!("{}", summary(&report, &targets));
+    Ok(report)
+}
+
+// ---------------------------------------------------------------- configs
+
+fn nginx_conf(work: &Path, name: &str, nofile: u64, server: &str) -> String {
+    let w = work.display();
+    format!(
+        "daemon off;\nmaster_process off;\nworker_processes 1;\nworker_rlimit_nofile {nofile};\npid {w}/nginx-{name}.pid;\n\
+         error_log stderr warn;\nevents {{ worker_connections {}; }}\n\
+         http {{\n  access_log off;\n  keepalive_requests 1000000;\n  keepalive_timeout 300s;\n\
+         client_body_temp_path {w}/tmp/body-{name};\n  proxy_temp_path {w}/tmp/proxy-{name};\n\
+         {server}\n}}\n",
+        nofile.saturating_sub(100)
+    )
+}
+
+fn haproxy_cfg((h1, h2): (u16, u16), to: u16, maxconn: u64) -> String {
+    format!(
+        "global\n  nbthread 1\n  maxconn {maxconn}\n\
+         defaults\n  mode http\n  maxconn {maxconn}\n  timeout connect 5s\n  timeout client 300s\n  timeout server 300s\n\
+           timeout http-keep-alive 300s\n  http-reuse always\n\
+         frontend fe\n  bind 127.0.0.1:{h1}\n  bind 127.0.0.1:{h2} proto h2\n  default_backend be\n\
+         backend be\n  server s 127.0.0.1:{to}\n"
+    )
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> Result<()> {
+    std::fs::write(dir.join(name), text).with_context(|| format!("writing {name}"))
+}
+
+fn path_str(dir: &Path, name: &str) -> String {
+    dir.join(name).display().to_string()
+}
+
+// ---------------------------------------------------------------- processes
+
+/// The servers this run started; stopped (by pid) however the run ends.
+#[derive(Debug, Default)]
+struct Procs(Vec<(String, Child)>);
+
+impl Procs {
+    /// Starts `program` pinned to CPU 1 (`taskset` execs it, so the child's pid is the server's).
+    fn start(&mut self, name: &str, program: &str, args: &[&str]) -> Result<u32> {
+        let child = Command::new("taskset")
+            .args(["-c", "1", program])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {name} ({program})"))?;
+        let pid = child.id();
+        self.0.push((name.to_owned(), child));
+        Ok(pid)
+    }
+
+    fn check_alive(&mut self) -> Result<()> {
+        for (name, child) in &mut self.0 {
+            if let Some(status) = child.try_wait()? {
+                bail!("{name} exited early ({status})");
+            }
+        }
+        Ok(())
+    }
+
+    fn stop_all(&mut self) {
+        for (_, child) in &self.0 {
+            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for (name, child) in &mut self.0 {
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                thread::sleep(Duration::from_millis(20));
+            }
+            if matches!(child.try_wait(), Ok(None)) {
+                eprintln!("{name} did not stop on SIGTERM; killing it");
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// Runs a load generator on CPU 0 with a hard time limit; its stdout.
+fn run_bounded(program: &str, args: &[String], limit: Duration) -> Result<String> {
+    let mut child = Command::new("taskset")
+        .args(["-c", "0", program])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {program}"))?;
+    let mut stdout = child.stdout.take().context("stdout")?;
+    let reader = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{program} {} ran over {limit:?}", args.join(" "));
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    let out = reader.join().map_err(|_| anyhow::anyhow!("reader panicked"))?;
+    if !status.success() {
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        bail!("{program} {} failed ({status}): {err}", args.join(" "));
+    }
+    Ok(out)
+}
+
+fn pin_self_to_cpu0() -> Result<()> {
+    let status = Command::new("taskset")
+        .args(["-a", "-c", "-p", "0", &std::process::id().to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .context("taskset (util-linux) is needed")?;
+    ensure!(status.success(), "taskset -p failed");
+    ensure!(available_cpus() >= 2, "this benchmark needs 2 CPUs (load generator on 0, servers on 1)");
+    Ok(())
+}
+
+fn available_cpus() -> usize {
+    thread::available_parallelism().map(|n| n.get()).unwrap_or(1).max(
+        std::fs::read_to_string("/sys/devices/system/cpu/online")
+            .ok()
+            .map(|s| if s.trim().contains('1') { 2 } else { 1 })
+            .unwrap_or(1),
+    )
+}
+
+/// Raises this process's open-file limit (inherited by every server it starts) to 65536 where
+/// allowed (CAP_SYS_RESOURCE), else the soft limit to the hard one; returns the limit in force.
+fn raise_nofile() -> u64 {
+    let pid = std::process::id().to_string();
+    let limits = || -> (u64, u64) {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap_or_default();
+        let line = text.lines().find(|l| l.starts_with("Max open files")).unwrap_or_default().to_owned();
+        let f: Vec<u64> = line.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+        (f.first().copied().unwrap_or(1024), f.get(1).copied().unwrap_or(1024))
+    };
+    let set = |n: u64| {
+        Command::new("prlimit")
+            .args(["--pid", &pid, &format!("--nofile={n}:{n}")])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !set(65536) {
+        let (_, hard) = limits();
+        eprintln!("could not raise the open-file limit to 65536 here; using the hard limit, {hard}");
+        set(hard);
+    }
+    limits().0
+}
+
+// ---------------------------------------------------------------- /proc
+
+/// utime + stime of the processes, in clock ticks.
+fn cpu_ticks(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+            let rest = &stat[stat.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum()
+}
+
+fn clk_tck() -> f64 {
+    command_line("getconf", &["CLK_TCK"]).parse().unwrap_or(100.0)
+}
+
+fn status_kib(pids: &[u32], field: &str) -> u64 {
+    pids.iter()
+        .filter_map(|pid| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            let line = status.lines().find(|l| l.starts_with(field))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+fn rss_kib(pids: &[u32]) -> u64 {
+    status_kib(pids, "VmRSS:")
+}
+
+fn hwm_kib(pids: &[u32]) -> u64 {
+    status_kib(pids, "VmHWM:")
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+// ---------------------------------------------------------------- HTTP by hand
+
+fn request(stream: &mut TcpStream, body_len: usize) -> Result<()> {
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut reader = BufReader::new(&*stream);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    ensure!(line.starts_with("HTTP/1.1 200"), "unexpected status line {line:?}");
+    let mut length = None;
+    loop {
+        line.clear();
+        ensure!(reader.read_line(&mut line)? > 0, "connection closed in the response head");
+        if line == "\r\n" {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':')
+            && k.eq_ignore_ascii_case("content-length")
+        {
+            length = v.trim().parse::<usize>().ok();
+        }
+    }
+    let length = length.context("no content-length")?;
+    ensure!(length == body_len, "body of {length} bytes, expected {body_len}");
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body)?;
+    ensure!(reader.buffer().is_empty(), "extra bytes after the response");
+    Ok(())
+}
+
+fn wait_ready(port: u16, body: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let attempt =
+            TcpStream::connect(("127.0.0.1", port)).map_err(anyhow::Error::from).and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                request(&mut s, body.len())
+            });
+        match attempt {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() > deadline => bail!("port {port} not ready: {e:#}"),
+            Err(_) => thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// N keep-alive connections, one request answered on each, left open and idle.
+fn open_idle(port: u16, n: usize) -> Result<Vec<TcpStream>> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut conns = Vec::with_capacity(n);
+    for i in 0..n {
+        ensure!(Instant::now() < deadline, "opening {n} connections took over 120 s");
+        let mut s = TcpStream::connect(("127.0.0.1", port)).with_context(|| format!("connection {i}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        request(&mut s, 1024).with_context(|| format!("connection {i}"))?;
+        conns.push(s);
+    }
+    Ok(conns)
+}
+
+// ---------------------------------------------------------------- M0
+
+fn pingpong_server(addr: SocketAddr) -> Result<()> {
+    let listener = TcpListener::bind(addr)?;
+    let (mut s, _) = listener.accept()?;
+    s.set_nodelay(true)?;
+    let mut b = [0u8; 1];
+    while s.read_exact(&mut b).is_ok() {
+        if s.write_all(&b).is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn pingpong(port: u16, iterations: usize) -> Result<Value> {
+    let addr = format!("127.0.0.1:{port}");
+    let me = std::env::current_exe()?;
+    let mut server = Procs::default();
+    server.start("ping-pong server", me.to_str().context("path")?, &["--pingpong-server", &addr])?;
+    let result = pingpong_client(&addr, iterations);
+    server.stop_all();
+    result
+}
+
+fn pingpong_client(addr: &str, iterations: usize) -> Result<Value> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut s = loop {
+        match TcpStream::connect(addr) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() > deadline => return Err(e.into()),
+            Err(_) => thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut b = [7u8; 1];
+    let limit = Instant::now() + Duration::from_secs(60);
+    let mut rtts = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
+        if Instant::now() > limit {
+            break;
+        }
+        let t = Instant::now();
+        s.write_all(&b)?;
+        s.read_exact(&mut b)?;
+        rtts.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let _ = s.shutdown(Shutdown::Both);
+    let p = Percentiles::of(&rtts).context("no samples")?;
+    let p999 = nearest_rank(&rtts, 0.999);
+    Ok(
+        json!({"samples": p.count, "rtt_us": {"p50": p.p50, "p90": p.p90, "p99": p.p99, "p99.9": p999, "max": p.max}}),
+    )
+}
+
+fn nearest_rank(samples: &[f64], q: f64) -> f64 {
+    let mut s = samples.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[((q * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1]
+}
+
+// ---------------------------------------------------------------- M1 and M2 tools
+
+/// One fixed-rate oha run: `seconds × rate` requests at `rate` per second over `connections`.
+fn oha(
+    oha: &Path,
+    t: &Target,
+    proto: &str,
+    rate: u64,
+    connections: u64,
+    seconds: u64,
+    check: bool,
+) -> Result<Value> {
+    let port = if proto == "http2" { t.h2 } else { t.h1 };
+    let n = rate * seconds;
+    let mut args: Vec<String> =
+        ["-n", &n.to_string(), "-q", &rate.to_string(), "-c", &connections.to_string()]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    args.extend(["--latency-correction", "--no-tui", "--output-format", "json"].map(String::from));
+    if proto == "http2" {
+        args.push("--http2".into());
+    }
+    args.push(format!("http://127.0.0.1:{port}/"));
+    let limit = Duration::from_secs(seconds * 3 + 15);
+    let out = run_bounded(oha.to_str().context("path")?, &args, limit)?;
+    let raw: Value = serde_json::from_str(&out).with_context(|| format!("oha output: {out}"))?;
+    let s = |k: &str| raw["summary"][k].as_f64().unwrap_or(f64::NAN);
+    let lat = |k: &str| raw["latencyPercentiles"][k].as_f64().unwrap_or(f64::NAN) * 1e6;
+    let ok = raw["statusCodeDistribution"]["200"].as_u64().unwrap_or(0);
+    let total_status: u64 = raw["statusCodeDistribution"]
+        .as_object()
+        .map(|m| m.values().filter_map(Value::as_u64).sum())
+        .unwrap_or(0);
+    let errors: u64 =
+        raw["errorDistribution"].as_object().map(|m| m.values().filter_map(Value::as_u64).sum()).unwrap_or(0);
+    let achieved = s("requestsPerSec");
+    let run = json!({
+        "target": t.name, "protocol": proto, "requests": n, "ok": ok,
+        "non_200": total_status - ok, "errors": errors,
+        "achieved_rps": achieved, "total_seconds": s("total"),
+        "latency_us": {"p50": lat("p50"), "p90": lat("p90"), "p99": lat("p99"), "p99.9": lat("p99.9"), "max": s("slowest") * 1e6},
+        "size_per_request": raw["summary"]["sizePerRequest"],
+    });
+    if check {
+        ensure!(
+            ok == n && errors == 0,
+            "{} {proto}: {ok} of {n} answered 200, {errors} errors: {run}",
+            t.name
+        );
+        let tolerance = 0.02;
+        ensure!(
+            achieved >= rate as f64 * (1.0 - tolerance),
+            "{} {proto}: achieved {achieved:.0} rps of {rate} (more than {}% short)",
+            t.name,
+            tolerance * 100.0
+        );
+    }
+    Ok(run)
+}
+
+/// One closed-loop wrk run: 1 thread, 64 connections.
+fn wrk(port: u16, seconds: u64) -> Result<Value> {
+    let args: Vec<String> = ["-t1", "-c64", &format!("-d{seconds}s"), &format!("http://127.0.0.1:{port}/")]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let out = run_bounded("wrk", &args, Duration::from_secs(seconds + 30))?;
+    let find =
+        |prefix: &str| out.lines().find_map(|l| l.trim().strip_prefix(prefix).map(|r| r.trim().to_owned()));
+    let rps: f64 = find("Requests/sec:").context("wrk: no Requests/sec")?.parse()?;
+    let requests: u64 = out
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .context("wrk: no request count")?;
+    let non2xx: u64 = find("Non-2xx or 3xx responses:").map(|v| v.parse().unwrap_or(u64::MAX)).unwrap_or(0);
+    let socket_errors = find("Socket errors:").unwrap_or_default();
+    ensure!(
+        non2xx == 0 && socket_errors.is_empty(),
+        "wrk on {port}: {non2xx} non-2xx, socket errors {socket_errors:?}"
+    );
+    Ok(json!({"rps": rps, "requests": requests, "seconds": seconds, "connections": 64}))
+}
+
+// ---------------------------------------------------------------- summary
+
+fn median_min_max(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    let n = v.len();
+    let med = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
+    (med, v[0], v[n - 1])
+}
+
+const PCTS: [&str; 4] = ["p50", "p90", "p99", "p99.9"];
+
+/// Per target and protocol: each percentile's overhead over direct in the same round.
+fn overheads(report: &Value, proto: &str, target: &str) -> BTreeMap<&'static str, (f64, f64, f64)> {
+    let runs = report["m1"].as_array().cloned().unwrap_or_default();
+    let of = |name: &str, round: u64| {
+        runs.iter()
+            .find(|r| r["target"] == name && r["protocol"] == proto && r["round"].as_u64() == Some(round))
+            .cloned()
+    };
+    let rounds: Vec<u64> = runs
+        .iter()
+        .filter_map(|r| r["round"].as_u64())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    PCTS.iter()
+        .map(|&p| {
+            let deltas = rounds
+                .iter()
+                .filter_map(|&r| {
+                    Some(
+                        of(target, r)?["latency_us"][p].as_f64()?
+                            - of("direct", r)?["latency_us"][p].as_f64()?,
+                    )
+                })
+                .collect();
+            (p, median_min_max(deltas))
+        })
+        .collect()
+}
+
+fn m1_median(
+    report: &Value,
+    proto: &str,
+    target: &str,
+    f: impl Fn(&Value) -> Option<f64>,
+) -> (f64, f64, f64) {
+    let runs = report["m1"].as_array().cloned().unwrap_or_default();
+    median_min_max(
+        runs.iter().filter(|r| r["target"] == target && r["protocol"] == proto).filter_map(f).collect(),
+    )
+}
+
+fn m2_of(report: &Value, target: &str) -> (f64, f64) {
+    let runs = report["m2"].as_array().cloned().unwrap_or_default();
+    let runs: Vec<&Value> = runs.iter().filter(|r| r["target"] == target).collect();
+    let rps = median_min_max(runs.iter().filter_map(|r| r["rps"].as_f64()).collect()).0;
+    let cores = median_min_max(
+        runs.iter().filter_map(|r| Some(r["proxy_cpu_seconds"].as_f64()? / r["seconds"].as_f64()?)).collect(),
+    )
+    .0;
+    (rps, cores)
+}
+
+fn cpu_per_1000(report: &Value, target: &str) -> f64 {
+    m1_median(report, "http1", target, |r| {
+        let rps = r["achieved_rps"].as_f64()?;
+        let secs = r["requests"].as_f64()? / rps;
+        Some(r["proxy_cpu_seconds"].as_f64()? / secs / (rps / 1000.0))
+    })
+    .0
+}
+
+fn summary(report: &Value, targets: &[Target]) -> String {
+    let mut s = String::new();
+    let set = &report["settings"];
+    let mib = |kib: f64| kib / 1024.0;
+    let m0 = &report["m0"]["rtt_us"];
+    let _ = writeln!(
+        s,
+        "\n**M0 floor** — TCP ping-pong RTT between the two CPUs, 1 byte ({} samples): p50 {:.0} µs, p90 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs.\n",
+        report["m0"]["samples"],
+        m0["p50"].as_f64().unwrap_or(f64::NAN),
+        m0["p90"].as_f64().unwrap_or(f64::NAN),
+        m0["p99"].as_f64().unwrap_or(f64::NAN),
+        m0["p99.9"].as_f64().unwrap_or(f64::NAN)
+    );
+    for proto in ["http1", "http2"] {
+        let _ = writeln!(
+            s,
+            "**M1 {}** — {} rps, {} connections, 1 KB, {} rounds of {} s; latency added over direct in the same round, µs, median [min–max]; direct is absolute.\n",
+            if proto == "http1" { "HTTP/1.1" } else { "HTTP/2 (h2c, upstream HTTP/1.1)" },
+            set["rate"],
+            set["connections"],
+            set["rounds"],
+            set["seconds"]
+        );
+        let _ = writeln!(s, "| target | p50 | p90 | p99 | p99.9 | achieved rps (min) |");
+        let _ = writeln!(s, "|---|---|---|---|---|---|");
+        for t in targets {
+            let cells: Vec<String> = if t.name == "direct" {
+                PCTS.iter()
+                    .map(|p| {
+                        let (m, lo, hi) =
+                            m1_median(report, proto, "direct", |r| r["latency_us"][*p].as_f64());
+                        format!("{m:.0} [{lo:.0}–{hi:.0}]")
+                    })
+                    .collect()
+            } else {
+                let o = overheads(report, proto, t.name);
+                PCTS.iter()
+                    .map(|p| {
+                        let (m, lo, hi) = o[p];
+                        format!("{m:+.0} [{lo:+.0}–{hi:+.0}]")
+                    })
+                    .collect()
+            };
+            let rate = m1_median(report, proto, t.name, |r| r["achieved_rps"].as_f64()).1;
+            let _ = writeln!(s, "| {} | {} | {rate:.0} |", label(t.name), cells.join(" | "));
+        }
+        let _ = writeln!(s);
+    }
+    let _ = writeln!(
+        s,
+        "**M2–M4** — M2: wrk closed loop, 1 thread, 64 connections, {} s (median of runs); rps per proxy core = rps ÷ proxy CPU cores used. M3: proxy CPU during the M1 HTTP/1.1 runs. M4: RSS (sum over the path's proxy processes).\n",
+        set["m2_seconds"]
+    );
+    let _ = writeln!(
+        s,
+        "| target | M2 rps | M2 proxy cores | M2 rps per proxy core | M3 vCPU per 1000 rps | M4 RSS idle (MiB) | RSS after M1 / M2 peak (MiB) |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+    let m4 = &report["m4"];
+    for t in targets {
+        let (rps, cores) = m2_of(report, t.name);
+        if t.pids.is_empty() {
+            let _ = writeln!(s, "| {} | {rps:.0} | – | – | – | – | – |", label(t.name));
+            continue;
+        }
+        let kib = |k: &str| m4[k][t.name].as_f64().unwrap_or(f64::NAN);
+        let _ = writeln!(
+            s,
+            "| {} | {rps:.0} | {cores:.2} | {:.0} | {:.3} | {:.1} | {:.1} / {:.1} |",
+            label(t.name),
+            rps / cores,
+            cpu_per_1000(report, t.name),
+            mib(kib("idle_rss_kib")),
+            mib(kib("hwm_after_m1_kib")),
+            mib(kib("hwm_after_m2_kib")),
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n**M4 per idle keep-alive connection** (one request answered on each, then held open):\n"
+    );
+    let _ = writeln!(s, "| target | connections | RSS before → after (MiB) | bytes per connection |");
+    let _ = writeln!(s, "|---|---|---|---|");
+    for c in m4["idle_connections"].as_array().cloned().unwrap_or_default() {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.1} → {:.1} | {:.0} |",
+            label(c["target"].as_str().unwrap_or("?")),
+            c["connections"],
+            mib(c["rss_before_kib"].as_f64().unwrap_or(f64::NAN)),
+            mib(c["rss_after_kib"].as_f64().unwrap_or(f64::NAN)),
+            c["bytes_per_connection"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    let _ = writeln!(s, "\n{}", targets_verdict(report));
+    let _ = writeln!(
+        s,
+        "load average before / after: {} / {}; elapsed {:.0} s",
+        report["loadavg_before"].as_str().unwrap_or("?"),
+        report["loadavg_after"].as_str().unwrap_or("?"),
+        report["elapsed_seconds"].as_f64().unwrap_or(0.0)
+    );
+    s
+}
+
+fn label(name: &str) -> &'static str {
+    match name {
+        "direct" => "direct (absolute)",
+        "haproxy" => "HAProxy 1 hop",
+        "nginx" => "nginx 1 hop",
+        "weft" => "Weft 1 hop",
+        "weft-chain" => "Weft 2 hops (no mTLS yet)",
+        "haproxy-chain" => "HAProxy 2 hops (no mTLS)",
+        _ => "?",
+    }
+}
+
+/// The issue's targets, judged from this run.
+fn targets_verdict(report: &Value) -> String {
+    let mut s =
+        String::from("**Targets** (from issue 7):\n\n| target | this run | verdict |\n|---|---|---|\n");
+    let verdict = |ok: bool| if ok { "met" } else { "not met" };
+    for proto in ["http1", "http2"] {
+        let w = overheads(report, proto, "weft");
+        let h = overheads(report, proto, "haproxy");
+        for p in ["p50", "p99"] {
+            let _ = writeln!(
+                s,
+                "| one hop {proto} {p} overhead below HAProxy's | Weft {:+.0} µs vs HAProxy {:+.0} µs | {} |",
+                w[p].0,
+                h[p].0,
+                verdict(w[p].0 < h[p].0)
+            );
+        }
+    }
+    let (wr, wc) = m2_of(report, "weft");
+    let (hr, hc) = m2_of(report, "haproxy");
+    let _ = writeln!(
+        s,
+        "| throughput per proxy core ≥ HAProxy's | Weft {:.0} vs HAProxy {:.0} rps/core | {} |",
+        wr / wc,
+        hr / hc,
+        verdict(wr / wc >= hr / hc)
+    );
+    let chain = overheads(report, "http1", "weft-chain");
+    let _ = writeln!(
+        s,
+        "| sidecar pair with mTLS, p99 overhead ≤ 250 µs | plaintext pair (no mTLS yet): {:+.0} µs | not measurable yet (no mTLS between proxies) |",
+        chain["p99"].0
+    );
+    let cpu = cpu_per_1000(report, "weft-chain");
+    let _ = writeln!(
+        s,
+        "| ≤ 0.10 vCPU per 1000 rps through the mTLS pair | plaintext pair: {cpu:.3} vCPU | not measurable yet (no mTLS) |"
+    );
+    let m4 = &report["m4"];
+    let idle = m4["idle_rss_kib"]["weft"].as_f64().unwrap_or(f64::NAN) / 1024.0;
+    let load = m4["hwm_after_m1_kib"]["weft"].as_f64().unwrap_or(f64::NAN) / 1024.0;
+    let _ = writeln!(s, "| RSS ≤ 10 MB idle | {idle:.1} MiB | {} |", verdict(idle <= 10.0));
+    let _ =
+        writeln!(s, "| RSS ≤ 20 MB at 1000 rps | peak {load:.1} MiB over M1 | {} |", verdict(load <= 20.0));
+    for c in m4["idle_connections"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter(|c| c["target"] == "weft")
+    {
+        let b = c["bytes_per_connection"].as_f64().unwrap_or(f64::NAN);
+        let _ = writeln!(
+            s,
+            "| ≤ 10 KB per idle keep-alive connection ({}) | {:.1} KB | {} |",
+            c["connections"],
+            b / 1024.0,
+            verdict(b <= 10.0 * 1024.0)
+        );
+    }
+    let _ = writeln!(
+        s,
+        "| mTLS handshakes per proxy CPU-second ≥ HAProxy's (M5) | – | not measurable yet (no mTLS in weft-proxy) |"
+    );
+    s
+}
+
+// ---------------------------------------------------------------- provenance
+
+fn command_line(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| {
+            String::from_utf8_lossy(if o.stdout.is_empty() { &o.stderr } else { &o.stdout }).trim().to_owned()
+        })
+        .unwrap_or_default()
+}
+
+fn date() -> String {
+    command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"])
+}
+
+fn machine() -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, m)| m.trim());
+    let mem = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    json!({
+        "nproc": command_line("nproc", &[]),
+        "cpu_model": model,
+        "mem_total": mem.lines().next().unwrap_or_default().trim_start_matches("MemTotal:").trim(),
+        "kernel": command_line("uname", &["-r"]),
+    })
+}
+
+fn tools(oha: &Path) -> Value {
+    let first = |s: String| s.lines().next().unwrap_or_default().to_owned();
+    json!({
+        "haproxy": first(command_line("haproxy", &["-v"])),
+        "nginx": command_line("nginx", &["-v"]),
+        "wrk": first(command_line("wrk", &["-v"])),
+        "oha": command_line(oha.to_str().unwrap_or("oha"), &["--version"]),
+        "weft-proxy": command_line("git", &["rev-parse", "--short", "HEAD"]),
+    })
+}
