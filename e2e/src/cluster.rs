@@ -172,6 +172,14 @@ pub enum Error {
         /// Its status conditions, as JSON.
         conditions: String,
     },
+    /// helm failed.
+    #[error("helm {args} failed:\n{output}")]
+    Helm {
+        /// Its arguments.
+        args: String,
+        /// What it printed.
+        output: String,
+    },
     /// The test webhook (see [`crate::webhook`]) could not be set up.
     #[error("the test webhook: {0}")]
     Webhook(String),

@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cluster;
+pub mod helm;
 mod pki;
 mod process;
 mod test_cluster;

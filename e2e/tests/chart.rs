@@ -4,11 +4,6 @@
 //!
 //! Needs the test cluster: `cargo xtask test`, or `cargo xtask cluster up` then `cargo test`.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-};
-
 use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::api::{admissionregistration::v1::MutatingWebhookConfiguration, core::v1::ConfigMap};
 use kube::{
@@ -17,45 +12,16 @@ use kube::{
     core::GroupVersionKind,
     discovery::{self, Scope},
 };
-use serde::Deserialize;
 use serde_json::Value;
-use weft_e2e::{TestCluster, cluster};
+use weft_e2e::{TestCluster, helm::chart_dir};
 use weft_webhook::InjectConfig;
 
-fn chart_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/weft")
-}
-
-/// Runs the cluster's helm with `args` against the test cluster; returns stdout.
 fn helm(args: &[&str]) -> Result<String> {
-    let env = cluster::env()?;
-    let output = Command::new(env.bin_dir.join("helm"))
-        .args(args)
-        .env("KUBECONFIG", &env.kubeconfig)
-        .env("HELM_CACHE_HOME", std::env::temp_dir().join("weft-e2e-helm/cache"))
-        .env("HELM_CONFIG_HOME", std::env::temp_dir().join("weft-e2e-helm/config"))
-        .env("HELM_DATA_HOME", std::env::temp_dir().join("weft-e2e-helm/data"))
-        .output()
-        .context("running helm")?;
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    ensure!(
-        output.status.success(),
-        "helm {} failed:\n{stdout}\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(stdout)
+    Ok(weft_e2e::helm::run(args)?)
 }
 
 fn documents(yaml: &str) -> Result<Vec<Value>> {
-    let mut documents = Vec::new();
-    for document in serde_yaml::Deserializer::from_str(yaml) {
-        let value = Value::deserialize(document)?;
-        if !value.is_null() {
-            documents.push(value);
-        }
-    }
-    Ok(documents)
+    Ok(weft_e2e::helm::documents(yaml)?)
 }
 
 #[test]

@@ -28,7 +28,7 @@ use kube_runtime::wait::await_condition;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio_util::sync::CancellationToken;
-use weft_api::{DestinationRule, VirtualService};
+use weft_api::{AuthorizationPolicy, DestinationRule, PeerAuthentication, VirtualService};
 use weft_e2e::TestCluster;
 use weft_operator::{Config, lease::Elector};
 use weft_proxy::config::control_plane::ControlPlane;
@@ -144,6 +144,32 @@ async fn wait_vs(
     }
 }
 
+/// Watches an object of any of Weft's kinds until `Accepted` and `ResolvedRefs` are both True
+/// for its current generation (bounded).
+async fn wait_both_true<K>(client: &Client, ns: &str, name: &str) -> Result<()>
+where
+    K: kube::Resource<DynamicType = ()>,
+{
+    let resource = kube::api::ApiResource::erase::<K>(&());
+    let api = Api::<kube::api::DynamicObject>::namespaced_with(client.clone(), ns, &resource);
+    let done = |o: Option<&kube::api::DynamicObject>| {
+        let Some(o) = o else { return false };
+        let generation = o.metadata.generation;
+        let conditions = o.data["status"]["conditions"].as_array().cloned().unwrap_or_default();
+        ["Accepted", "ResolvedRefs"].iter().all(|t| {
+            conditions.iter().any(|c| {
+                c["type"] == *t && c["status"] == "True" && c["observedGeneration"].as_i64() == generation
+            })
+        })
+    };
+    match tokio::time::timeout(DEADLINE, await_condition(api, name, done)).await {
+        Ok(Ok(Some(_))) => Ok(()),
+        Ok(Ok(None)) => bail!("{name} is gone"),
+        Ok(Err(e)) => bail!("watching {name}: {e}"),
+        Err(_) => bail!("{} {name}: conditions not True within {DEADLINE:?}", K::kind(&())),
+    }
+}
+
 /// `GET path` on an admin server, HTTP/1.0: `(status, body)`.
 async fn http_get(addr: SocketAddr, path: &str, host: &str) -> Result<(u16, String)> {
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
@@ -189,8 +215,15 @@ fn has_routes(config: &Value) -> bool {
     })
 }
 
-async fn start_operator(client: &Client, grpc_addr: Option<SocketAddr>) -> Result<weft_operator::Handle> {
+/// Tests run in parallel against one cluster: each operator watches (and writes the status of)
+/// its own test's namespace only.
+async fn start_operator(
+    client: &Client,
+    ns: &str,
+    grpc_addr: Option<SocketAddr>,
+) -> Result<weft_operator::Handle> {
     let mut config = Config::for_tests();
+    config.watch_namespace = Some(ns.to_owned());
     if let Some(addr) = grpc_addr {
         config.grpc_addr = addr;
     }
@@ -234,7 +267,7 @@ async fn virtual_service_status_names_the_problem_and_follows_generations() -> R
     let client = cluster.client();
     let ns = cluster.namespace("op-status").await?;
     bookinfo(&client, ns.name()).await?;
-    let operator = start_operator(&client, None).await?;
+    let operator = start_operator(&client, ns.name(), None).await?;
     let api = Api::<VirtualService>::namespaced(client.clone(), ns.name());
 
     // A subset that no DestinationRule defines.
@@ -299,6 +332,26 @@ async fn virtual_service_status_names_the_problem_and_follows_generations() -> R
     })
     .await?;
 
+    // Every kind the operator reads carries both conditions.
+    create::<PeerAuthentication>(
+        &client,
+        ns.name(),
+        json!({"apiVersion": "security.weft.dev/v1alpha1", "kind": "PeerAuthentication",
+               "metadata": {"name": "strict"}, "spec": {"mtls": {"mode": "STRICT"}}}),
+    )
+    .await?;
+    create::<AuthorizationPolicy>(
+        &client,
+        ns.name(),
+        json!({"apiVersion": "security.weft.dev/v1alpha1", "kind": "AuthorizationPolicy",
+               "metadata": {"name": "allow-ns"},
+               "spec": {"rules": [{"from": [{"source": {"namespaces": [ns.name()]}}]}]}}),
+    )
+    .await?;
+    wait_both_true::<DestinationRule>(&client, ns.name(), "reviews").await?;
+    wait_both_true::<PeerAuthentication>(&client, ns.name(), "strict").await?;
+    wait_both_true::<AuthorizationPolicy>(&client, ns.name(), "allow-ns").await?;
+
     let metrics = http_get(operator.admin_addr, "/metrics", "localhost").await?.1;
     assert!(metrics.contains("weft_operator_status_writes_total{kind=\"VirtualService\"}"), "{metrics}");
     operator.shutdown().await;
@@ -312,7 +365,7 @@ async fn a_connected_proxy_follows_weight_changes_and_deletion() -> Result<()> {
     let ns = cluster.namespace("op-push").await?;
     bookinfo(&client, ns.name()).await?;
     create::<VirtualService>(&client, ns.name(), split_vs("reviews", 90, 10)).await?;
-    let operator = start_operator(&client, None).await?;
+    let operator = start_operator(&client, ns.name(), None).await?;
     let proxy = start_proxy(operator.grpc_addr, ns.name()).await?;
 
     let w = wait_proxy(&proxy, "the 90/10 split", |c| weights(c).filter(|w| w[0].1 == 90)).await?;
@@ -358,7 +411,7 @@ async fn proxies_keep_serving_while_the_operator_is_down_and_resync_after_restar
                "spec": {"hosts": ["reviews"], "http": [{"directResponse": {"status": 200, "body": {"string": body}}}]}})
     };
     create::<VirtualService>(&client, ns.name(), answer("before")).await?;
-    let operator = start_operator(&client, None).await?;
+    let operator = start_operator(&client, ns.name(), None).await?;
     let grpc_addr = operator.grpc_addr;
     let proxy = start_proxy(grpc_addr, ns.name()).await?;
     let listener = proxy.explicit_addrs[0];
@@ -380,7 +433,7 @@ async fn proxies_keep_serving_while_the_operator_is_down_and_resync_after_restar
     Api::<VirtualService>::namespaced(client.clone(), ns.name())
         .patch("reviews", &PatchParams::default(), &Patch::Merge(answer("after")))
         .await?;
-    let operator = start_operator(&client, Some(grpc_addr)).await?;
+    let operator = start_operator(&client, ns.name(), Some(grpc_addr)).await?;
     wait_proxy(&proxy, "the resynced config", |c| c["config"].to_string().contains("after").then_some(()))
         .await?;
     assert_eq!(http_get(listener, "/", "reviews").await?, (200, "after".into()));
@@ -444,6 +497,7 @@ async fn two_replicas_both_serve_config_and_only_the_leader_writes_status() -> R
     bookinfo(&client, ns.name()).await?;
     let replica = |identity: &str| {
         let mut config = Config::for_tests();
+        config.watch_namespace = Some(ns.name().to_owned());
         config.lease = Some(weft_operator::LeaseConfig {
             namespace: ns.name().to_owned(),
             name: "weft-operator".into(),

@@ -44,3 +44,38 @@ async fn metrics_text(State(state): State<AdminState>) -> Response {
 pub async fn serve(listener: TcpListener, router: Router, stop: CancellationToken) -> std::io::Result<()> {
     axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use tower::ServiceExt as _;
+
+    use super::*;
+
+    async fn get(router: Router, path: &str) -> (StatusCode, String) {
+        let res = router.oneshot(axum::http::Request::get(path).body(Body::empty()).unwrap()).await.unwrap();
+        let status = res.status();
+        let body = axum::body::to_bytes(res.into_body(), 1 << 20).await.unwrap();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn ready_only_once_a_snapshot_is_served_and_metrics_are_text() {
+        let (publish, snapshots) = watch::channel(None);
+        let metrics = Arc::new(Metrics::default());
+        let app = router(snapshots, metrics.clone());
+        assert_eq!(get(app.clone(), "/live").await.0, StatusCode::OK);
+        assert_eq!(get(app.clone(), "/ready").await.0, StatusCode::SERVICE_UNAVAILABLE);
+        publish.send_replace(Some(Arc::new(Snapshot {
+            generation: 1,
+            resolution: Default::default(),
+            cluster_domain: "cluster.local".into(),
+            changed_at: tokio::time::Instant::now(),
+        })));
+        assert_eq!(get(app.clone(), "/ready").await.0, StatusCode::OK);
+        metrics.record_error("watch");
+        let (status, text) = get(app, "/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(text.contains("weft_operator_errors_total{reason=\"watch\"} 1"), "{text}");
+    }
+}

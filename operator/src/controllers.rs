@@ -139,53 +139,57 @@ pub async fn run_index(
     }
 }
 
-/// Starts one watcher per kind, all feeding `tx`, each running until `stop`.
-pub fn spawn_watchers(
-    client: &Client,
-    tx: mpsc::Sender<Message>,
-    metrics: Arc<Metrics>,
-    tasks: &TaskTracker,
-    stop: CancellationToken,
-) {
+/// What the watchers share.
+#[derive(Clone)]
+pub struct WatchScope {
+    pub client: Client,
+    /// `None`: the whole cluster (production); `Some`: one namespace (tests, single-tenant use).
+    pub namespace: Option<String>,
+    pub tx: mpsc::Sender<Message>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for WatchScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WatchScope").field("namespace", &self.namespace).finish_non_exhaustive()
+    }
+}
+
+impl WatchScope {
+    fn watch<K>(&self, kind: Kind, wrap: fn(K) -> Object) -> (Kind, BoxFuture<'static, ()>)
+    where
+        K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+            + Clone
+            + DeserializeOwned
+            + Debug
+            + Send
+            + Sync
+            + 'static,
+    {
+        let api = match &self.namespace {
+            Some(ns) => Api::<K>::namespaced(self.client.clone(), ns),
+            None => Api::<K>::all(self.client.clone()),
+        };
+        (kind, Box::pin(watch_kind(api, kind, wrap, self.tx.clone(), self.metrics.clone())))
+    }
+}
+
+/// Starts one watcher per kind, all feeding `scope.tx`, each running until `stop`.
+pub fn spawn_watchers(scope: WatchScope, tasks: &TaskTracker, stop: CancellationToken) {
     let watchers: Vec<(Kind, BoxFuture<'static, ()>)> = vec![
-        watch_boxed::<VirtualService>(
-            client,
-            Kind::VirtualService,
-            |o| Object::VirtualService(Box::new(o)),
-            &tx,
-            &metrics,
-        ),
-        watch_boxed::<DestinationRule>(
-            client,
-            Kind::DestinationRule,
-            |o| Object::DestinationRule(Box::new(o)),
-            &tx,
-            &metrics,
-        ),
-        watch_boxed::<PeerAuthentication>(
-            client,
-            Kind::PeerAuthentication,
-            |o| Object::PeerAuthentication(Box::new(o)),
-            &tx,
-            &metrics,
-        ),
-        watch_boxed::<AuthorizationPolicy>(
-            client,
-            Kind::AuthorizationPolicy,
-            |o| Object::AuthorizationPolicy(Box::new(o)),
-            &tx,
-            &metrics,
-        ),
-        watch_boxed::<Service>(client, Kind::Service, |o| Object::Service(Box::new(o)), &tx, &metrics),
-        watch_boxed::<EndpointSlice>(
-            client,
-            Kind::EndpointSlice,
-            |o| Object::EndpointSlice(Box::new(o)),
-            &tx,
-            &metrics,
-        ),
-        watch_boxed::<Pod>(client, Kind::Pod, |o| Object::Pod(Box::new(o)), &tx, &metrics),
+        scope.watch::<VirtualService>(Kind::VirtualService, |o| Object::VirtualService(Box::new(o))),
+        scope.watch::<DestinationRule>(Kind::DestinationRule, |o| Object::DestinationRule(Box::new(o))),
+        scope.watch::<PeerAuthentication>(Kind::PeerAuthentication, |o| {
+            Object::PeerAuthentication(Box::new(o))
+        }),
+        scope.watch::<AuthorizationPolicy>(Kind::AuthorizationPolicy, |o| {
+            Object::AuthorizationPolicy(Box::new(o))
+        }),
+        scope.watch::<Service>(Kind::Service, |o| Object::Service(Box::new(o))),
+        scope.watch::<EndpointSlice>(Kind::EndpointSlice, |o| Object::EndpointSlice(Box::new(o))),
+        scope.watch::<Pod>(Kind::Pod, |o| Object::Pod(Box::new(o))),
     ];
+    drop(scope);
     for (kind, task) in watchers {
         let stop = stop.clone();
         let span = info_span!("watch", kind = kind.as_str());
@@ -199,20 +203,6 @@ pub fn spawn_watchers(
             .instrument(span),
         );
     }
-}
-
-fn watch_boxed<K>(
-    client: &Client,
-    kind: Kind,
-    wrap: fn(K) -> Object,
-    tx: &mpsc::Sender<Message>,
-    metrics: &Arc<Metrics>,
-) -> (Kind, BoxFuture<'static, ()>)
-where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-{
-    let api = Api::<K>::all(client.clone());
-    (kind, Box::pin(watch_kind(api, kind, wrap, tx.clone(), metrics.clone())))
 }
 
 /// Watches one kind (relisting with backoff after errors) and forwards its events.

@@ -25,6 +25,9 @@ struct Args {
     /// apply mesh-wide. Also where the leader Lease lives.
     #[arg(long, env = "POD_NAMESPACE", default_value = "weft-system")]
     namespace: String,
+    /// Watch only this namespace (default: the whole cluster).
+    #[arg(long, env = "WEFT_OPERATOR_WATCH_NAMESPACE", value_name = "NAMESPACE")]
+    watch_namespace: Option<String>,
     /// This replica's identity in the Lease (the pod name); leader election is off without it.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
@@ -46,51 +49,6 @@ struct Args {
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log: String,
-    /// CA settings the chart already passes. They take effect with the CA (identity issue);
-    /// until then they are accepted, logged as not in effect, and otherwise unused.
-    #[command(flatten)]
-    pending: PendingCaArgs,
-}
-
-#[derive(Debug, clap::Args)]
-struct PendingCaArgs {
-    /// SPIFFE trust domain of workload certificates (CA, not built yet).
-    #[arg(long)]
-    trust_domain: Option<String>,
-    /// Lifetime of workload certificates (CA, not built yet).
-    #[arg(long)]
-    workload_cert_ttl: Option<String>,
-    /// The injector's MutatingWebhookConfiguration whose caBundle the operator keeps (not built yet).
-    #[arg(long)]
-    webhook_configuration: Option<String>,
-    /// The injector's Service (for its serving certificate; not built yet).
-    #[arg(long)]
-    webhook_service: Option<String>,
-    /// The Secret holding the injector's serving certificate (not built yet).
-    #[arg(long)]
-    webhook_tls_secret: Option<String>,
-}
-
-impl PendingCaArgs {
-    fn given(&self) -> Vec<&'static str> {
-        let PendingCaArgs {
-            trust_domain,
-            workload_cert_ttl,
-            webhook_configuration,
-            webhook_service,
-            webhook_tls_secret,
-        } = self;
-        [
-            ("--trust-domain", trust_domain.is_some()),
-            ("--workload-cert-ttl", workload_cert_ttl.is_some()),
-            ("--webhook-configuration", webhook_configuration.is_some()),
-            ("--webhook-service", webhook_service.is_some()),
-            ("--webhook-tls-secret", webhook_tls_secret.is_some()),
-        ]
-        .into_iter()
-        .filter_map(|(flag, set)| set.then_some(flag))
-        .collect()
-    }
 }
 
 impl Args {
@@ -100,6 +58,7 @@ impl Args {
             admin_addr,
             cluster_domain,
             namespace,
+            watch_namespace,
             identity,
             lease_name,
             lease_duration_seconds,
@@ -107,13 +66,13 @@ impl Args {
             debounce_max_ms,
             log_format: _,
             log: _,
-            pending: _,
         } = self;
         let duration = Duration::from_secs(lease_duration_seconds.max(2));
         Config {
             grpc_addr,
             admin_addr,
             index: Settings { cluster_domain, root_namespace: namespace.clone() },
+            watch_namespace,
             debounce: Debounce {
                 quiet: Duration::from_millis(debounce_ms),
                 max_delay: Duration::from_millis(debounce_max_ms.max(debounce_ms)),
@@ -138,10 +97,6 @@ async fn main() -> anyhow::Result<()> {
         builder.json().init();
     } else {
         builder.with_ansi(false).init();
-    }
-    let pending = args.pending.given();
-    if !pending.is_empty() {
-        tracing::warn!(flags = ?pending, "CA flags are not in effect yet: the CA comes with the identity work");
     }
     let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
     let handle = weft_operator::start(client, args.config()).await.context("starting")?;

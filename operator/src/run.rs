@@ -36,6 +36,9 @@ pub struct Config {
     /// `/live`, `/ready`, `/metrics`: `0.0.0.0:15014`.
     pub admin_addr: SocketAddr,
     pub index: Settings,
+    /// Watch one namespace only (`None`: the whole cluster). Status is written only for what is
+    /// watched.
+    pub watch_namespace: Option<String>,
     pub debounce: Debounce,
     /// `None`: this replica always leads (one replica, tests).
     pub lease: Option<LeaseConfig>,
@@ -58,6 +61,7 @@ impl Config {
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             index: Settings::default(),
+            watch_namespace: None,
             debounce: Debounce::default(),
             lease: None,
         }
@@ -118,7 +122,13 @@ pub async fn start(client: Client, config: Config) -> Result<Handle, Error> {
     let (publish, snapshots) = watch::channel(None);
     let (changes_tx, changes_rx) = mpsc::channel(1024);
 
-    controllers::spawn_watchers(&client, changes_tx, metrics.clone(), &tasks, stop.clone());
+    let scope = controllers::WatchScope {
+        client: client.clone(),
+        namespace: config.watch_namespace.clone(),
+        tx: changes_tx,
+        metrics: metrics.clone(),
+    };
+    controllers::spawn_watchers(scope, &tasks, stop.clone());
     tasks.spawn(controllers::run_index(
         Index::new(config.index.clone()),
         changes_rx,

@@ -29,6 +29,9 @@ pub enum Error {
     Serve { addr: SocketAddr, source: tonic::transport::Error },
 }
 
+/// How long a new stream may take to send its first request.
+const FIRST_MESSAGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Subscriptions per stream are bounded: a proxy talks to at most this many destinations.
 pub const MAX_SUBSCRIPTIONS: usize = 10_000;
 
@@ -178,12 +181,21 @@ impl ConfigDiscovery for ConfigServer {
     ) -> Result<Response<UpdateStream>, Status> {
         let peer = request.remote_addr();
         let mut requests = request.into_inner();
-        // The first message names the node.
-        let first = match requests.message().await? {
-            Some(first) => first,
-            None => return Err(Status::invalid_argument("the stream ended before its first message")),
+        // The first message names the node; a client that sends none is not waited for forever.
+        let first = match tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, requests.message()).await {
+            Ok(Ok(Some(first))) => first,
+            Ok(Ok(None)) => {
+                self.metrics.record_error("subscribe_invalid");
+                return Err(Status::invalid_argument("the stream ended before its first message"));
+            }
+            Ok(Err(status)) => return Err(status),
+            Err(_) => {
+                self.metrics.record_error("subscribe_timeout");
+                return Err(Status::deadline_exceeded("no SubscribeRequest within 10s"));
+            }
         };
         if first.node.is_empty() || !first.node.contains('.') {
+            self.metrics.record_error("subscribe_invalid");
             return Err(Status::invalid_argument("node must be <pod>.<namespace>"));
         }
         let (tx, rx) = mpsc::channel(4);

@@ -71,15 +71,22 @@ async fn the_binary_starts_with_the_charts_flags_leads_and_releases_on_sigterm()
     let cluster = TestCluster::shared().await;
     let ns = cluster.namespace("op-binary").await?;
     let (grpc, admin) = (free_port()?, free_port()?);
-    // What charts/weft/templates/operator.yaml passes today.
-    let chart_flags = [
-        "--trust-domain=cluster.local",
-        "--workload-cert-ttl=24h",
-        "--webhook-configuration=weft-injector",
-        "--webhook-service=weft-webhook",
-        "--webhook-tls-secret=weft-webhook-tls",
+    // The arguments charts/weft renders for the operator's container.
+    let rendered = weft_e2e::helm::render(ns.name(), &[])?;
+    let deployment = rendered
+        .iter()
+        .find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == "weft-operator")
+        .context("the chart renders no weft-operator Deployment")?;
+    let chart_args: Vec<String> =
+        serde_json::from_value(deployment["spec"]["template"]["spec"]["containers"][0]["args"].clone())
+            .unwrap_or_default();
+    let chart_flags: Vec<&str> = chart_args.iter().map(String::as_str).collect();
+    let env = [
+        ("POD_NAMESPACE", ns.name()),
+        ("POD_NAME", "weft-operator-0"),
+        // Not a chart setting: keeps this test's operator out of other tests' namespaces.
+        ("WEFT_OPERATOR_WATCH_NAMESPACE", ns.name()),
     ];
-    let env = [("POD_NAMESPACE", ns.name()), ("POD_NAME", "weft-operator-0")];
     let mut child = start(cluster, grpc, admin, &env, &chart_flags).await?;
     assert_eq!(status_of(admin, "/live").await, Some(200));
 
@@ -133,7 +140,8 @@ async fn a_killed_operator_leaves_proxies_serving_and_the_next_one_resyncs_them(
     vss.create(&PostParams::default(), &serde_json::from_value(answer("one"))?).await?;
 
     let (grpc, admin) = (free_port()?, free_port()?);
-    let mut first = start(cluster, grpc, admin, &[], &[]).await?;
+    let scope = ["--watch-namespace", ns.name()];
+    let mut first = start(cluster, grpc, admin, &[], &scope).await?;
     let mut settings = weft_proxy::Settings::for_tests("/nonexistent".into());
     let mut cp = weft_proxy::config::control_plane::ControlPlane::new(
         grpc.to_string(),
@@ -158,7 +166,7 @@ async fn a_killed_operator_leaves_proxies_serving_and_the_next_one_resyncs_them(
     vss.patch("reviews", &PatchParams::default(), &Patch::Merge(answer("two"))).await?;
     // Nothing installs while no operator runs, so this count is stable until the next one.
     let before = proxy.store.status().attempts;
-    let mut second = start(cluster, grpc, admin, &[], &[]).await?;
+    let mut second = start(cluster, grpc, admin, &[], &scope).await?;
     tokio::time::timeout(DEADLINE, status.wait_for(|s| s.attempts > before)).await??;
     assert_eq!(ask(listener).await?, "two");
     proxy.shutdown();

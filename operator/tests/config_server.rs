@@ -35,7 +35,13 @@ fn snapshot(generation: u64, a_port: u32, d_port: u32) -> Option<Arc<Snapshot>> 
             ..Default::default()
         })
     };
+    let inbound = pb::InboundPolicy {
+        workload: "web-1.shop".into(),
+        mtls_mode: pb::MtlsMode::MtlsStrict as i32,
+        ..Default::default()
+    };
     let resolution = Resolution {
+        workloads: BTreeMap::from([("web-1.shop".to_owned(), Arc::new(inbound))]),
         services: BTreeMap::from([
             (A.into(), svc(A, a_port, Some(B))),
             (B.into(), svc(B, 80, None)),
@@ -211,6 +217,8 @@ async fn a_real_proxy_installs_updates_subscribes_lazily_and_keeps_its_config_on
     };
     assert_eq!(names(&proxy), [A, B]);
     assert!(proxy.store.current().unwrap().service_by_host("a").is_some(), "short name in its namespace");
+    let inbound = proxy.control_plane.as_ref().unwrap().inbound().borrow().clone().unwrap();
+    assert_eq!(inbound.mtls_mode(), pb::MtlsMode::MtlsStrict, "its own inbound policy");
 
     // Lazily: a destination the proxy meets later.
     proxy.control_plane.as_ref().unwrap().subscribe("d");

@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use weft_proxy::config::control_plane::ControlPlane;
 use weft_proxy::settings::{ExplicitListener, Limits, Settings, Timeouts, parse_duration, parse_listener};
 
@@ -13,8 +13,12 @@ use weft_proxy::settings::{ExplicitListener, Limits, Settings, Timeouts, parse_d
 /// Signals: SIGHUP reloads the config file; SIGTERM or SIGINT drains (stop accepting, finish
 /// in-flight requests up to --drain-timeout) and exits.
 #[derive(Debug, Parser)]
-#[command(name = "weft-proxy", version)]
+#[command(name = "weft-proxy", version, subcommand_negates_reqs = true)]
 struct Args {
+    /// Without a command, the proxy runs.
+    #[command(subcommand)]
+    command: Option<Command>,
+
     /// Config file: YAML, or JSON when the name ends in .json. Reloaded when it changes and on SIGHUP;
     /// a bad file keeps the running config. Takes precedence over --control-plane.
     #[arg(long, env = "WEFT_CONFIG", value_name = "FILE", required_unless_present = "control_plane")]
@@ -143,6 +147,80 @@ struct Args {
     workers: usize,
 }
 
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install the pod's traffic capture (iptables nat rules, in one atomic iptables-restore) and
+    /// exit. The injector runs it as the `weft-init` init container, as root with only NET_ADMIN
+    /// and NET_RAW.
+    Init(InitArgs),
+    /// Wait until the proxy beside this process answers /ready, then exit. The injector makes it
+    /// the proxy container's postStart hook when native sidecars are off, so apps start after the
+    /// proxy is ready.
+    Wait(WaitArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct InitArgs {
+    /// The proxy's UID: its own connections are never redirected.
+    #[arg(long, default_value_t = 1337, value_name = "UID")]
+    proxy_uid: u32,
+    /// Where outbound TCP is redirected (the outbound listener).
+    #[arg(long, default_value_t = 15001, value_name = "PORT")]
+    outbound_port: u16,
+    /// Where inbound TCP is redirected (the inbound listener).
+    #[arg(long, default_value_t = 15006, value_name = "PORT")]
+    inbound_port: u16,
+    /// Inbound destination ports that reach the pod directly (comma-separated).
+    #[arg(long, value_delimiter = ',', value_name = "PORTS")]
+    exclude_inbound_ports: Vec<u16>,
+    /// Outbound destination ports that bypass the proxy (comma-separated).
+    #[arg(long, value_delimiter = ',', value_name = "PORTS")]
+    exclude_outbound_ports: Vec<u16>,
+    /// Outbound destinations that bypass the proxy: IP addresses or CIDRs (comma-separated).
+    #[arg(long, value_delimiter = ',', value_name = "CIDRS")]
+    exclude_outbound_cidrs: Vec<String>,
+    /// Print the rules instead of installing them.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct WaitArgs {
+    /// The proxy's admin server.
+    #[arg(long, default_value = "127.0.0.1:15000", value_name = "ADDR")]
+    admin: SocketAddr,
+    /// Give up (and fail, so the pod restarts the container) after this long.
+    #[arg(long, default_value = "5m", value_parser = parse_duration, value_name = "DURATION")]
+    timeout: Duration,
+}
+
+/// `weft-proxy init`: render the capture rules and install them (or print them).
+fn init(args: InitArgs) -> anyhow::Result<()> {
+    let rules = weft_proxy::iptables::rules(&weft_proxy::iptables::Capture {
+        proxy_uid: args.proxy_uid,
+        outbound_port: args.outbound_port,
+        inbound_port: args.inbound_port,
+        exclude_inbound_ports: args.exclude_inbound_ports,
+        exclude_outbound_ports: args.exclude_outbound_ports,
+        exclude_outbound_cidrs: args.exclude_outbound_cidrs,
+    })?;
+    print!("{rules}");
+    if !args.dry_run {
+        weft_proxy::iptables::install(&rules)?;
+        eprintln!("weft-proxy init: traffic capture installed");
+    }
+    Ok(())
+}
+
+/// `weft-proxy wait`: poll the admin server's /ready.
+fn wait(args: WaitArgs) -> anyhow::Result<()> {
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
+    runtime.block_on(weft_proxy::wait::until_ready(args.admin, args.timeout))?;
+    eprintln!("weft-proxy wait: the proxy is ready");
+    Ok(())
+}
+
 impl Args {
     fn settings(self) -> Settings {
         let redirect = |addr| (!self.no_redirect).then_some(addr);
@@ -190,7 +268,12 @@ impl Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    match args.command.take() {
+        Some(Command::Init(init_args)) => return init(init_args),
+        Some(Command::Wait(wait_args)) => return wait(wait_args),
+        None => {}
+    }
     init_tracing(&args.log_format, &args.log)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.workers.max(1))

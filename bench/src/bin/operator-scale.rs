@@ -61,6 +61,8 @@ struct Args {
     serve: Option<SocketAddr>,
     #[arg(long, hide = true)]
     serve_admin: Option<SocketAddr>,
+    #[arg(long, hide = true)]
+    serve_namespace: Option<String>,
 }
 
 fn main() -> Result<()> {
@@ -68,15 +70,17 @@ fn main() -> Result<()> {
     if let (Some(grpc), Some(admin)) = (args.serve, args.serve_admin) {
         // The operator gets the runtime a deployment would give it (2 workers here).
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-        return runtime.block_on(serve(grpc, admin));
+        return runtime.block_on(serve(grpc, admin, args.serve_namespace));
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(bench(args))
 }
 
-async fn serve(grpc: SocketAddr, admin: SocketAddr) -> Result<()> {
+async fn serve(grpc: SocketAddr, admin: SocketAddr, namespace: Option<String>) -> Result<()> {
     let cluster = TestCluster::try_shared().await?;
     let mut config = weft_operator::Config::for_tests();
+    // Only the benchmark's namespace: other users of the shared cluster are left alone.
+    config.watch_namespace = namespace;
     config.grpc_addr = grpc;
     config.admin_addr = admin;
     let handle = weft_operator::start(cluster.client(), config).await?;
@@ -216,7 +220,7 @@ async fn bench(args: Args) -> Result<()> {
     // The operator, in a process of its own.
     let (grpc, admin) = (free_port()?, free_port()?);
     let mut child = tokio::process::Command::new(std::env::current_exe()?)
-        .args(["--serve", &grpc.to_string(), "--serve-admin", &admin.to_string()])
+        .args(["--serve", &grpc.to_string(), "--serve-admin", &admin.to_string(), "--serve-namespace", &ns])
         .env("WEFT_LOG", "warn")
         .stdout(Stdio::null())
         .kill_on_drop(true)
