@@ -21,6 +21,10 @@ fn help_documents_every_flag() {
     let help = String::from_utf8(out.stdout).unwrap();
     for flag in [
         "--config",
+        "--control-plane",
+        "--pod-name",
+        "--pod-namespace",
+        "--destinations",
         "--config-poll",
         "--admin-addr",
         "--outbound-addr",
@@ -55,6 +59,46 @@ fn help_documents_every_flag() {
     }
     // Every flag has a description and an environment variable.
     assert!(help.matches("[env: WEFT_").count() >= 25, "{help}");
+    assert!(help.contains("init ") && help.contains("wait "), "the commands are listed:\n{help}");
+    for (command, flags) in [
+        (
+            "init",
+            &[
+                "--proxy-uid",
+                "--outbound-port",
+                "--inbound-port",
+                "--exclude-inbound-ports",
+                "--exclude-outbound-ports",
+                "--exclude-outbound-cidrs",
+                "--dry-run",
+            ][..],
+        ),
+        ("wait", &["--admin", "--timeout"][..]),
+    ] {
+        let out = Command::new(BIN).args([command, "--help"]).output().unwrap();
+        let help = String::from_utf8(out.stdout).unwrap();
+        for flag in flags {
+            assert!(help.contains(&format!("{flag} ")), "`{command} --help` lacks {flag}:\n{help}");
+        }
+    }
+}
+
+#[test]
+fn init_dry_run_prints_the_capture_without_installing_it() {
+    let out = Command::new(BIN)
+        .args(["init", "--dry-run", "--exclude-inbound-ports=15000", "--exclude-outbound-cidrs=10.0.0.0/8"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rules = String::from_utf8(out.stdout).unwrap();
+    assert!(rules.starts_with("*nat\n") && rules.ends_with("COMMIT\n"), "{rules}");
+    assert!(rules.contains("-A WEFT_OUTPUT -d 10.0.0.0/8 -j RETURN"), "{rules}");
+    let bad = Command::new(BIN)
+        .args(["init", "--dry-run", "--exclude-outbound-cidrs=10.0.0.0/33"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("10.0.0.0/33"));
 }
 
 /// A running `weft-proxy` whose JSON log lines arrive on a channel.
