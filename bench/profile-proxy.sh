@@ -2,7 +2,8 @@
 # Instructions per proxied request through weft-proxy (one hop, HTTP/1.1, 1 KB body, keep-alive),
 # counted by valgrind's callgrind, and the functions that spend them.
 #
-# Usage: bench/profile-proxy.sh [REQUESTS] [CONNECTIONS]    (defaults 2000 and 16)
+# Usage: bench/profile-proxy.sh [REQUESTS] [CONNECTIONS] [h1|h2]    (defaults 2000, 16, h1)
+# h2 sends HTTP/2 (h2c, 10 streams per connection); the proxy's upstream stays HTTP/1.1.
 #
 # The proxy runs under callgrind with one worker; an nginx origin answers 1 KB. After 300
 # warm-up requests the counters are zeroed, REQUESTS requests are sent (h2load --h1, bounded in
@@ -14,6 +15,12 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 requests=${1:-2000}
 conns=${2:-16}
+proto=${3:-h1}
+case "$proto" in
+  h1) load=(--h1) ;;
+  h2) load=(-m 10) ;;
+  *) echo "protocol must be h1 or h2" >&2; exit 2 ;;
+esac
 out=${OUT:-bench/results/proxy-callgrind.txt}
 port_origin=27380
 port_proxy=27383
@@ -59,9 +66,9 @@ for _ in $(seq 1 300); do
   sleep 0.1
 done
 curl -fs -o /dev/null "http://127.0.0.1:$port_proxy/" || { echo "proxy did not start" >&2; cat "$dir/valgrind.log" >&2; exit 1; }
-timeout 120 h2load --h1 -n 300 -c "$conns" "http://127.0.0.1:$port_proxy/" > /dev/null
+timeout 120 h2load "${load[@]}" -n 300 -c "$conns" "http://127.0.0.1:$port_proxy/" > /dev/null
 callgrind_control -z "$proxy_pid" > /dev/null
-timeout 300 h2load --h1 -n "$requests" -c "$conns" "http://127.0.0.1:$port_proxy/" > "$dir/h2load.txt"
+timeout 300 h2load "${load[@]}" -n "$requests" -c "$conns" "http://127.0.0.1:$port_proxy/" > "$dir/h2load.txt"
 grep -q "succeeded, 0 failed, 0 errored" < <(grep "requests:" "$dir/h2load.txt" | sed 's/.*started, //') \
   || { echo "h2load reported failures:" >&2; cat "$dir/h2load.txt" >&2; exit 1; }
 callgrind_control -d "$proxy_pid" > /dev/null
@@ -70,7 +77,7 @@ dump=$(ls -t "$dir"/callgrind.out.* | head -1)
 # callgrind_annotate exits non-zero when it cannot find source files to annotate; that is fine.
 (callgrind_annotate --inclusive=no --threshold=100 "$dump" 2> /dev/null || true) | head -200 > "$out"
 total=$(awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}' "$out")
-echo "requests: $requests over $conns connections (HTTP/1.1, 1 KB)"
+echo "requests: $requests over $conns connections ($proto downstream, HTTP/1.1 upstream, 1 KB)"
 echo "instructions in weft-proxy: $total, per request: $((total / requests))"
 echo "functions by instructions (the first lines are the runtime's inclusive frames): $out"
 grep -E '^ *[0-9,]+ \(' "$out" | grep -v -E 'PROGRAM TOTALS|clone|start_thread|thread_start|call_once|rust_begin|blocking::pool|harness::Harness<T,S>::poll \[|core::Core|BlockingTask|raw::poll|Scoped|worker::run' | head -30 | cut -c1-160 || true

@@ -25,8 +25,13 @@ use tokio::{net::TcpStream, time::Instant};
 
 use crate::{balance::Load, http::Body};
 
-/// At most this many HTTP/1.1 connections are kept per endpoint (busy or idle).
-const MAX_H1_CONNS: usize = 64;
+/// At most this many HTTP/1.1 connections are kept per endpoint (busy or idle). Each carries one
+/// request at a time, so this must exceed the concurrency an endpoint sees: beyond it every
+/// request opens and closes a connection of its own. At 64, 160 concurrent HTTP/2 streams
+/// translated to HTTP/1.1 left about 11,000 sockets in TIME_WAIT in 3 s and cut throughput per
+/// core by half (BENCHMARKS.md). Envoy's default cap per cluster is 1024 too. Idle connections
+/// still close after the pool's idle timeout.
+const MAX_H1_CONNS: usize = 1024;
 
 /// Which HTTP version to speak to the endpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -66,10 +71,19 @@ impl Error {
 pub struct Endpoint {
     pub addr: SocketAddr,
     pub load: Arc<Load>,
-    h1: Mutex<Vec<H1Conn>>,
+    h1: Mutex<H1Pool>,
     h2: Mutex<Option<http2::SendRequest<Body>>>,
     /// Held while an HTTP/2 connection is being established, so concurrent requests share it.
     h2_connecting: tokio::sync::Mutex<()>,
+}
+
+/// The HTTP/1.1 connections of one endpoint, busy and idle, roughly in the order they were
+/// returned (a checkout's `swap_remove` moves the last one into the gap).
+#[derive(Debug, Default)]
+struct H1Pool {
+    conns: Vec<H1Conn>,
+    /// When closed and expired connections were last dropped.
+    pruned: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -78,12 +92,16 @@ struct H1Conn {
     used: Instant,
 }
 
+/// How often a checkout walks the whole pool to drop closed and expired connections; in
+/// between, a checkout looks only as far as the newest ready connection.
+const PRUNE_EVERY: Duration = Duration::from_secs(1);
+
 impl Endpoint {
     pub fn new(addr: SocketAddr) -> Arc<Endpoint> {
         Arc::new(Endpoint {
             addr,
             load: Arc::new(Load::new(Instant::now())),
-            h1: Mutex::new(Vec::new()),
+            h1: Mutex::new(H1Pool::default()),
             h2: Mutex::new(None),
             h2_connecting: tokio::sync::Mutex::new(()),
         })
@@ -126,18 +144,26 @@ impl Endpoint {
 
     fn checkout_h1(&self, idle_timeout: Duration) -> Option<http1::SendRequest<Body>> {
         let now = Instant::now();
-        let mut conns = self.h1.lock().unwrap_or_else(|e| e.into_inner());
-        conns.retain(|c| !c.sender.is_closed() && now.saturating_duration_since(c.used) < idle_timeout);
-        let i = conns.iter().position(|c| c.sender.is_ready())?;
-        Some(conns.swap_remove(i).sender)
+        let mut pool = self.h1.lock().unwrap_or_else(|e| e.into_inner());
+        let fresh = |c: &H1Conn| now.saturating_duration_since(c.used) < idle_timeout;
+        // Walking every connection on every request cost thousands of instructions per request
+        // once the pool held a few hundred (profile in BENCHMARKS.md): prune at most once per
+        // PRUNE_EVERY, and otherwise take the newest ready connection, which the scan from the
+        // end usually finds at once and which lets older ones age out.
+        if pool.pruned.is_none_or(|t| now.saturating_duration_since(t) >= PRUNE_EVERY) {
+            pool.conns.retain(|c| !c.sender.is_closed() && fresh(c));
+            pool.pruned = Some(now);
+        }
+        let i = pool.conns.iter().rposition(|c| c.sender.is_ready() && fresh(c))?;
+        Some(pool.conns.swap_remove(i).sender)
     }
 
     /// Returns a connection with a request in flight; it is handed out again once the response
     /// body is done and hyper reports it ready.
     fn checkin_h1(&self, sender: http1::SendRequest<Body>) {
-        let mut conns = self.h1.lock().unwrap_or_else(|e| e.into_inner());
-        if conns.len() < MAX_H1_CONNS {
-            conns.push(H1Conn { sender, used: Instant::now() });
+        let mut pool = self.h1.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.conns.len() < MAX_H1_CONNS {
+            pool.conns.push(H1Conn { sender, used: Instant::now() });
         }
     }
 

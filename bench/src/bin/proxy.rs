@@ -11,7 +11,8 @@
 //! - M0: TCP ping-pong round trip between the two CPUs (the floor).
 //! - M1: fixed-rate latency (oha, open loop, `--latency-correction`), HTTP/1.1 and HTTP/2,
 //!   targets interleaved round by round; overhead = percentile minus direct's from the same round.
-//! - M2: closed-loop max throughput (wrk) and the proxy's CPU from /proc/<pid>/stat.
+//! - M2: closed-loop max throughput (wrk for HTTP/1.1, h2load for HTTP/2) and the proxy's CPU
+//!   from /proc/<pid>/stat.
 //! - M3: proxy CPU per 1000 rps, from the M1 HTTP/1.1 runs.
 //! - M4: RSS idle, under load (VmHWM after M1 and M2), and per idle keep-alive connection.
 //!
@@ -57,6 +58,10 @@ struct Args {
     weft_proxy: PathBuf,
     #[arg(long, default_value = "oha")]
     oha: PathBuf,
+    /// M4: how many idle keep-alive connections to hold, e.g. `1000,10000`. Default 1000 and
+    /// 10k (1000 with --quick); capped by what HAProxy's maxconn allows under the open-file limit.
+    #[arg(long, value_delimiter = ',')]
+    idle_connections: Option<Vec<usize>>,
     /// First of the loopback ports used (about 200 above it).
     #[arg(long, default_value_t = 27080)]
     base_port: u16,
@@ -213,7 +218,7 @@ fn run(
     let wf_in = weft_proc("chain-in", p(13), p(21), origin, procs)?;
     let wf_out = weft_proc("chain-out", p(10), p(22), p(13), procs)?;
 
-    let targets = vec![
+    let mut targets = vec![
         Target { name: "direct", h1: origin, h2: p(100), pids: vec![] },
         Target { name: "haproxy", h1: p(1), h2: p(101), pids: vec![ha] },
         Target { name: "nginx", h1: p(2), h2: p(102), pids: vec![nginx] },
@@ -261,18 +266,22 @@ fn run(
     let hwm_m1: BTreeMap<&str, u64> = targets.iter().map(|t| (t.name, hwm_kib(&t.pids))).collect();
 
     // --- M2 ---
-    let m2_seconds = if quick { 3 } else { 15 };
+    let m2_seconds = if quick { 3 } else { 10 };
     let mut m2_runs = Vec::new();
     for round in 1..=(if quick { 1 } else { 3 }) {
         for t in &targets {
-            eprintln!("M2 round {round}: {}", t.name);
-            let cpu0 = cpu_ticks(&t.pids);
-            let mut run = wrk(t.h1, m2_seconds)?;
-            let cpu_s = (cpu_ticks(&t.pids) - cpu0) as f64 / clk_tck();
-            run["round"] = json!(round);
-            run["target"] = json!(t.name);
-            run["proxy_cpu_seconds"] = json!(cpu_s);
-            m2_runs.push(run);
+            for proto in protocols {
+                eprintln!("M2 round {round}: {} {proto}", t.name);
+                let cpu0 = cpu_ticks(&t.pids);
+                let mut run =
+                    if *proto == "http2" { h2load(t.h2, m2_seconds)? } else { wrk(t.h1, m2_seconds)? };
+                let cpu_s = (cpu_ticks(&t.pids) - cpu0) as f64 / clk_tck();
+                run["round"] = json!(round);
+                run["target"] = json!(t.name);
+                run["protocol"] = json!(proto);
+                run["proxy_cpu_seconds"] = json!(cpu_s);
+                m2_runs.push(run);
+            }
         }
     }
     procs.check_alive()?;
@@ -281,15 +290,27 @@ fn run(
     // --- M4 per idle connection ---
     // 10k, or as many as HAProxy's maxconn (bounded by the open-file limit) allows.
     let most = 10_000.min(maxconn.saturating_sub(100) as usize);
-    let counts: Vec<usize> = if quick { vec![1000] } else { vec![1000, most] };
+    let counts: Vec<usize> = args
+        .idle_connections
+        .clone()
+        .unwrap_or_else(|| if quick { vec![1000] } else { vec![1000, 10_000] })
+        .into_iter()
+        .map(|n| n.min(most))
+        .collect();
     let mut m4_conns = Vec::new();
-    for t in targets.iter().filter(|t| t.pids.len() == 1) {
+    for t in targets.iter_mut().filter(|t| t.pids.len() == 1) {
         for &n in &counts {
-            eprintln!("M4: {n} idle keep-alive connections to {}", t.name);
-            let before = rss_kib(&t.pids);
+            // A fresh process each time: after M1 and M2 its heap has free space that new
+            // connections would fill without growing RSS, hiding their cost.
+            eprintln!("M4: {n} idle keep-alive connections to a restarted {}", t.name);
+            let pid = procs.restart(t.pids[0])?;
+            t.pids[0] = pid;
+            wait_ready(t.h1, &body)?;
+            thread::sleep(Duration::from_millis(300));
+            let before = rss_kib(&[pid]);
             let conns = open_idle(t.h1, n)?;
             thread::sleep(Duration::from_millis(500));
-            let after = rss_kib(&t.pids);
+            let after = rss_kib(&[pid]);
             drop(conns);
             thread::sleep(Duration::from_millis(500));
             m4_conns.push(json!({
@@ -360,48 +381,75 @@ fn path_str(dir: &Path, name: &str) -> String {
 
 /// The servers this run started; stopped (by pid) however the run ends.
 #[derive(Debug, Default)]
-struct Procs(Vec<(String, Child)>);
+struct Procs(Vec<Proc>);
+
+#[derive(Debug)]
+struct Proc {
+    name: String,
+    program: String,
+    args: Vec<String>,
+    child: Child,
+}
 
 impl Procs {
     /// Starts `program` pinned to CPU 1 (`taskset` execs it, so the child's pid is the server's).
     fn start(&mut self, name: &str, program: &str, args: &[&str]) -> Result<u32> {
-        let child = Command::new("taskset")
-            .args(["-c", "1", program])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("starting {name} ({program})"))?;
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let child = spawn_on_cpu1(name, program, &args)?;
         let pid = child.id();
-        self.0.push((name.to_owned(), child));
+        self.0.push(Proc { name: name.to_owned(), program: program.to_owned(), args, child });
         Ok(pid)
     }
 
+    /// Stops the server with this pid and starts it again the same way; the new pid.
+    fn restart(&mut self, pid: u32) -> Result<u32> {
+        let p = self.0.iter_mut().find(|p| p.child.id() == pid).context("no such server")?;
+        stop(&p.name, &mut p.child, Instant::now() + Duration::from_secs(5));
+        p.child = spawn_on_cpu1(&p.name, &p.program, &p.args)?;
+        Ok(p.child.id())
+    }
+
     fn check_alive(&mut self) -> Result<()> {
-        for (name, child) in &mut self.0 {
-            if let Some(status) = child.try_wait()? {
-                bail!("{name} exited early ({status})");
+        for p in &mut self.0 {
+            if let Some(status) = p.child.try_wait()? {
+                bail!("{} exited early ({status})", p.name);
             }
         }
         Ok(())
     }
 
     fn stop_all(&mut self) {
-        for (_, child) in &self.0 {
-            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        for p in &self.0 {
+            let _ = Command::new("kill").args(["-TERM", &p.child.id().to_string()]).status();
         }
         let deadline = Instant::now() + Duration::from_secs(5);
-        for (name, child) in &mut self.0 {
-            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
-                thread::sleep(Duration::from_millis(20));
-            }
-            if matches!(child.try_wait(), Ok(None)) {
-                eprintln!("{name} did not stop on SIGTERM; killing it");
-                let _ = child.kill();
-                let _ = child.wait();
-            }
+        for p in &mut self.0 {
+            stop(&p.name, &mut p.child, deadline);
         }
+    }
+}
+
+fn spawn_on_cpu1(name: &str, program: &str, args: &[String]) -> Result<Child> {
+    Command::new("taskset")
+        .args(["-c", "1", program])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {name} ({program})"))
+}
+
+/// SIGTERM (again, harmlessly, if already sent), then SIGKILL at the deadline.
+fn stop(name: &str, child: &mut Child, deadline: Instant) {
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+        thread::sleep(Duration::from_millis(20));
+    }
+    if matches!(child.try_wait(), Ok(None)) {
+        eprintln!("{name} did not stop on SIGTERM; killing it");
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
@@ -734,6 +782,43 @@ fn wrk(port: u16, seconds: u64) -> Result<Value> {
     Ok(json!({"rps": rps, "requests": requests, "seconds": seconds, "connections": 64}))
 }
 
+/// One closed-loop h2load run over HTTP/2 (h2c): 1 thread, 16 connections, 10 streams each.
+fn h2load(port: u16, seconds: u64) -> Result<Value> {
+    let args: Vec<String> =
+        ["-t1", "-c16", "-m10", "-D", &seconds.to_string(), &format!("http://127.0.0.1:{port}/")]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    let out = run_bounded("h2load", &args, Duration::from_secs(seconds + 30))?;
+    // "finished in 3.00s, 41234.33 req/s, 44.12MB/s"
+    let rps: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("finished in "))
+        .and_then(|l| l.split(", ").nth(1)?.strip_suffix(" req/s")?.parse().ok())
+        .context("h2load: no req/s")?;
+    // "requests: N total, N started, N done, N succeeded, 0 failed, 0 errored, 0 timeout"
+    let counts =
+        out.lines().find_map(|l| l.strip_prefix("requests: ")).context("h2load: no request counts")?;
+    let count = |what: &str| {
+        counts.split(", ").find_map(|c| c.strip_suffix(what)?.trim().parse::<u64>().ok()).unwrap_or(u64::MAX)
+    };
+    // "status codes: N 2xx, 0 3xx, 0 4xx, 0 5xx"
+    let statuses = out.lines().find_map(|l| l.strip_prefix("status codes: ")).unwrap_or_default();
+    let non2xx: u64 = statuses
+        .split(", ")
+        .filter(|c| !c.ends_with(" 2xx"))
+        .map(|c| c.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(u64::MAX))
+        .sum();
+    let (failed, errored, timeout) = (count(" failed"), count(" errored"), count(" timeout"));
+    ensure!(
+        failed == 0 && errored == 0 && timeout == 0 && non2xx == 0,
+        "h2load on {port}: {failed} failed, {errored} errored, {timeout} timed out, {non2xx} not 2xx"
+    );
+    Ok(
+        json!({"rps": rps, "requests": count(" succeeded"), "seconds": seconds, "connections": 16, "streams_per_connection": 10}),
+    )
+}
+
 // ---------------------------------------------------------------- summary
 
 fn median_min_max(mut v: Vec<f64>) -> (f64, f64, f64) {
@@ -790,9 +875,9 @@ fn m1_median(
     )
 }
 
-fn m2_of(report: &Value, target: &str) -> (f64, f64) {
+fn m2_of(report: &Value, proto: &str, target: &str) -> (f64, f64) {
     let runs = report["m2"].as_array().cloned().unwrap_or_default();
-    let runs: Vec<&Value> = runs.iter().filter(|r| r["target"] == target).collect();
+    let runs: Vec<&Value> = runs.iter().filter(|r| r["target"] == target && r["protocol"] == proto).collect();
     let rps = median_min_max(runs.iter().filter_map(|r| r["rps"].as_f64()).collect()).0;
     let cores = median_min_max(
         runs.iter().filter_map(|r| Some(r["proxy_cpu_seconds"].as_f64()? / r["seconds"].as_f64()?)).collect(),
@@ -864,27 +949,29 @@ fn summary(report: &Value, targets: &[Target]) -> String {
     }
     let _ = writeln!(
         s,
-        "**M2–M4** — M2: wrk closed loop, 1 thread, 64 connections, {} s (median of runs); rps per proxy core = rps ÷ proxy CPU cores used. M3: proxy CPU-seconds per 1000 requests over all M1 HTTP/1.1 runs (= vCPU at 1000 rps). M4: RSS, summed over the path's proxy processes; peak = VmHWM.\n",
+        "**M2–M4** — M2: closed loop for {} s (median of runs): HTTP/1.1 with wrk (1 thread, 64 connections), HTTP/2 with h2load (1 thread, 16 connections × 10 streams); rps per proxy core = rps ÷ proxy CPU cores used. M3: proxy CPU-seconds per 1000 requests over all M1 HTTP/1.1 runs (= vCPU at 1000 rps). M4: RSS, summed over the path's proxy processes; peak = VmHWM.\n",
         set["m2_seconds"]
     );
     let _ = writeln!(
         s,
-        "| target | M2 rps | M2 proxy cores | M2 rps per proxy core | M3 vCPU per 1000 rps | M4 RSS idle (MiB) | peak RSS after M1 / after M2 (MiB) |"
+        "| target | M2 h1 rps | h1 proxy cores | h1 rps per proxy core | M2 h2 rps | h2 rps per proxy core | M3 vCPU per 1000 rps | M4 RSS idle (MiB) | peak RSS after M1 / after M2 (MiB) |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
     let m4 = &report["m4"];
     for t in targets {
-        let (rps, cores) = m2_of(report, t.name);
+        let (rps, cores) = m2_of(report, "http1", t.name);
+        let (rps2, cores2) = m2_of(report, "http2", t.name);
         if t.pids.is_empty() {
-            let _ = writeln!(s, "| {} | {rps:.0} | – | – | – | – | – |", label(t.name));
+            let _ = writeln!(s, "| {} | {rps:.0} | – | – | {rps2:.0} | – | – | – | – |", label(t.name));
             continue;
         }
         let kib = |k: &str| m4[k][t.name].as_f64().unwrap_or(f64::NAN);
         let _ = writeln!(
             s,
-            "| {} | {rps:.0} | {cores:.2} | {:.0} | {:.3} | {:.1} | {:.1} / {:.1} |",
+            "| {} | {rps:.0} | {cores:.2} | {:.0} | {rps2:.0} | {:.0} | {:.3} | {:.1} | {:.1} / {:.1} |",
             label(t.name),
             rps / cores,
+            rps2 / cores2,
             cpu_per_1000(report, t.name),
             mib(kib("idle_rss_kib")),
             mib(kib("hwm_after_m1_kib")),
@@ -949,15 +1036,17 @@ fn targets_verdict(report: &Value) -> String {
             );
         }
     }
-    let (wr, wc) = m2_of(report, "weft");
-    let (hr, hc) = m2_of(report, "haproxy");
-    let _ = writeln!(
-        s,
-        "| throughput per proxy core ≥ HAProxy's | Weft {:.0} vs HAProxy {:.0} rps/core | {} |",
-        wr / wc,
-        hr / hc,
-        verdict(wr / wc >= hr / hc)
-    );
+    for proto in ["http1", "http2"] {
+        let (wr, wc) = m2_of(report, proto, "weft");
+        let (hr, hc) = m2_of(report, proto, "haproxy");
+        let _ = writeln!(
+            s,
+            "| {proto} throughput per proxy core ≥ HAProxy's | Weft {:.0} vs HAProxy {:.0} rps/core | {} |",
+            wr / wc,
+            hr / hc,
+            verdict(wr / wc >= hr / hc)
+        );
+    }
     let chain = overheads(report, "http1", "weft-chain");
     let _ = writeln!(
         s,
@@ -1038,7 +1127,41 @@ fn tools(oha: &Path) -> Value {
         "haproxy": first(command_line("haproxy", &["-v"])),
         "nginx": command_line("nginx", &["-v"]),
         "wrk": first(command_line("wrk", &["-v"])),
+        "h2load": command_line("h2load", &["--version"]),
         "oha": command_line(oha.to_str().unwrap_or("oha"), &["--version"]),
         "weft-proxy": command_line("git", &["rev-parse", "--short", "HEAD"]),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::{PCTS, cpu_per_1000, median_min_max, overheads};
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median_min_max(vec![3.0, 1.0, 2.0]), (2.0, 1.0, 3.0));
+        assert_eq!(median_min_max(vec![4.0, 1.0, 2.0, 3.0]), (2.5, 1.0, 4.0));
+        assert!(median_min_max(vec![]).0.is_nan());
+    }
+
+    #[test]
+    fn overhead_is_taken_against_direct_in_the_same_round() {
+        let run = |target: &str, round: u64, p50: f64| {
+            let lat: serde_json::Map<String, serde_json::Value> =
+                PCTS.iter().map(|p| (p.to_string(), json!(p50))).collect();
+            json!({"target": target, "protocol": "http1", "round": round, "latency_us": lat,
+                   "requests": 1000.0, "achieved_rps": 1000.0, "proxy_cpu_seconds": 0.1})
+        };
+        // Direct drifts between rounds; the proxy adds 50, 60, 70 on top of its own round.
+        let report = json!({"m1": [
+            run("direct", 1, 100.0), run("weft", 1, 150.0),
+            run("direct", 2, 300.0), run("weft", 2, 360.0),
+            run("direct", 3, 200.0), run("weft", 3, 270.0),
+        ]});
+        assert_eq!(overheads(&report, "http1", "weft")["p50"], (60.0, 50.0, 70.0));
+        // 0.3 CPU-seconds over 3000 requests: 0.1 vCPU at 1000 rps.
+        assert!((cpu_per_1000(&report, "weft") - 0.1).abs() < 1e-9);
+    }
 }
