@@ -27,6 +27,14 @@ pub(crate) enum Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The operator at scale (1,000 Services, 5,000 endpoints, 100 VirtualServices, 200 proxy
+    /// subscriptions): time from a CRD change to every subscriber, RSS and CPU, through the test
+    /// cluster's kube-apiserver (started if needed).
+    Operator {
+        /// Passed to the benchmark (see `cargo run -p weft-bench --bin operator-scale -- --help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 /// Commands the proxy benchmark runs, and the Debian package that provides each.
@@ -43,14 +51,10 @@ const OHA_VERSION: &str = "1.16.0";
 
 pub(crate) fn run(bench: Bench) -> Result<()> {
     match bench {
-        Bench::Admission { args } => {
-            let started = cluster::up()?;
-            let result = cargo_run("admission", &args);
-            let stopped = if started { cluster::down() } else { Ok(()) };
-            result.and(stopped)
-        }
+        Bench::Admission { args } => with_cluster(|| cargo_run("admission", &args)),
+        Bench::Operator { args } => with_cluster(|| cargo_run("operator-scale", &args)),
         Bench::Proxy { args } => {
-            install_proxy_tools()?;
+            crate::packages::ensure("bench", &PROXY_TOOLS)?;
             let oha = install_oha()?;
             let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
             let root = crate::codegen::repo_root();
@@ -74,37 +78,6 @@ pub(crate) fn run(bench: Bench) -> Result<()> {
     }
 }
 
-/// Installs the missing [`PROXY_TOOLS`] with apt-get (a fresh machine has none of them).
-fn install_proxy_tools() -> Result<()> {
-    let missing: Vec<&str> = PROXY_TOOLS
-        .iter()
-        .filter(|(tool, _)| {
-            !Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
-                .output()
-                .is_ok_and(|o| o.status.success())
-        })
-        .map(|(_, package)| *package)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    eprintln!("[bench] installing Debian packages the benchmark needs: {}", missing.join(" "));
-    let apt = |args: &[&str]| -> Result<()> {
-        let status = Command::new("apt-get")
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .context("running apt-get")?;
-        if !status.success() {
-            bail!("apt-get {} failed ({status}); install {} by hand", args.join(" "), missing.join(" "));
-        }
-        Ok(())
-    };
-    apt(&["update", "-qq"])?;
-    apt(&[&["install", "-y", "-qq", "--no-install-recommends"][..], &missing].concat())
-}
-
 /// oha from crates.io, built once into `~/.cache/weft/oha-VERSION` (about 8 minutes on 2 cores).
 fn install_oha() -> Result<PathBuf> {
     let home = std::env::var_os("HOME").context("HOME is not set")?;
@@ -124,6 +97,15 @@ fn install_oha() -> Result<PathBuf> {
         bail!("cargo install oha {OHA_VERSION} failed ({status})");
     }
     Ok(bin)
+}
+
+/// Runs `bench` against the test cluster, starting it first and stopping it after if it was
+/// not already running.
+fn with_cluster(bench: impl FnOnce() -> Result<()>) -> Result<()> {
+    let started = cluster::up()?;
+    let result = bench();
+    let stopped = if started { cluster::down() } else { Ok(()) };
+    result.and(stopped)
 }
 
 fn cargo_run(bin: &str, args: &[String]) -> Result<()> {

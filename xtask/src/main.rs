@@ -4,6 +4,7 @@ mod bench;
 mod cluster;
 mod codegen;
 mod demo;
+mod packages;
 mod test;
 
 use std::process::ExitCode;

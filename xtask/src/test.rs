@@ -16,7 +16,7 @@ use crate::cluster;
 const SYSTEM_TOOLS: [(&str, &str); 1] = [("iptables", "iptables")];
 
 pub(crate) fn run(cargo_args: &[String]) -> Result<()> {
-    install_system_tools()?;
+    crate::packages::ensure("test", &SYSTEM_TOOLS)?;
     // `up` builds the binaries when they are missing, so this works on a fresh machine.
     let started = cluster::up().context("starting the test cluster")?;
     let tests = run_tests(cargo_args);
@@ -30,37 +30,6 @@ pub(crate) fn run(cargo_args: &[String]) -> Result<()> {
         bail!("cargo test failed ({status})");
     }
     Ok(())
-}
-
-/// Installs missing [`SYSTEM_TOOLS`] with apt-get (a fresh machine has none of them).
-fn install_system_tools() -> Result<()> {
-    let missing: Vec<&str> = SYSTEM_TOOLS
-        .iter()
-        .filter(|(tool, _)| {
-            !Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
-                .output()
-                .is_ok_and(|o| o.status.success())
-        })
-        .map(|(_, package)| *package)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    eprintln!("[test] installing Debian packages the tests need: {}", missing.join(" "));
-    let apt = |args: &[&str]| -> Result<()> {
-        let status = Command::new("apt-get")
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .context("running apt-get")?;
-        if !status.success() {
-            bail!("apt-get {} failed ({status}); install {} by hand", args.join(" "), missing.join(" "));
-        }
-        Ok(())
-    };
-    apt(&["update", "-qq"])?;
-    apt(&[&["install", "-y", "-qq", "--no-install-recommends"][..], &missing].concat())
 }
 
 fn run_tests(cargo_args: &[String]) -> Result<(std::process::ExitStatus, Totals)> {
