@@ -196,3 +196,46 @@ async fn http2_rapid_reset_gets_goaway() {
         up.hits.load(Ordering::Relaxed)
     );
 }
+
+#[tokio::test]
+async fn http2_local_error_resets_past_the_limit_get_goaway() {
+    // Raw frames, because a well-behaved client library refuses to send malformed requests: each
+    // HEADERS carries only `:method GET` (no :scheme or :path), so the proxy's HTTP/2 layer resets
+    // the stream itself. Past the limit it must send GOAWAY (ENHANCE_YOUR_CALM) and close.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (proxy, up) = proxy_with(|s| s.limits.h2_max_local_error_reset_streams = 5).await;
+    let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
+    let frame = |kind: u8, flags: u8, stream_id: u32, payload: &[u8]| {
+        let mut bytes = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        bytes.extend([kind, flags]);
+        bytes.extend(stream_id.to_be_bytes());
+        bytes.extend(payload);
+        bytes
+    };
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(0x4, 0, 0, &[])); // SETTINGS
+    const ATTEMPTS: u32 = 100;
+    for i in 0..ATTEMPTS {
+        // HEADERS, END_STREAM | END_HEADERS, HPACK static index 2 = `:method: GET`.
+        out.extend(frame(0x1, 0x5, 2 * i + 1, &[0x82]));
+    }
+    let _ = within("write", stream.write_all(&out)).await;
+    // Read frames until the proxy closes the connection; remember any GOAWAY's error code.
+    let mut received = Vec::new();
+    let _ = within("the proxy closes the connection", stream.read_to_end(&mut received)).await;
+    let (mut at, mut goaway, mut resets) = (0, None, 0);
+    while at + 9 <= received.len() {
+        let length = u32::from_be_bytes([0, received[at], received[at + 1], received[at + 2]]) as usize;
+        let kind = received[at + 3];
+        let payload = &received[at + 9..(at + 9 + length).min(received.len())];
+        match kind {
+            0x3 => resets += 1,
+            0x7 if payload.len() >= 8 => goaway = Some(u32::from_be_bytes(payload[4..8].try_into().unwrap())),
+            _ => {}
+        }
+        at += 9 + length;
+    }
+    assert_eq!(goaway, Some(0xb), "GOAWAY with ENHANCE_YOUR_CALM (resets seen: {resets})");
+    assert!(resets < ATTEMPTS, "the proxy reset all {resets} streams instead of ending the connection");
+    assert_eq!(up.hits.load(Ordering::Relaxed), 0, "no malformed request reached the backend");
+}
