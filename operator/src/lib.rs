@@ -13,6 +13,7 @@
 //! - [`server`]: the `ConfigDiscovery` gRPC service.
 //! - [`lease`]: leader election with a coordination.k8s.io Lease.
 //! - [`metrics`], [`admin`]: Prometheus metrics, `/live`, `/ready`, `/metrics`.
+//! - [`webhook_cert`]: the injector's serving certificate and its caBundle (leader only).
 
 #![forbid(unsafe_code)]
 
@@ -24,5 +25,7 @@ pub mod metrics;
 pub mod run;
 pub mod server;
 pub mod status;
+pub mod webhook_cert;
 
 pub use run::{Config, Handle, LeaseConfig, start};
+pub use webhook_cert::WebhookCertConfig;

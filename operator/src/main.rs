@@ -4,7 +4,12 @@ use std::{net::SocketAddr, time::Duration};
 
 use anyhow::Context as _;
 use clap::Parser;
-use weft_operator::{Config, LeaseConfig, controllers::Debounce, index::Settings};
+use weft_operator::{Config, LeaseConfig, WebhookCertConfig, controllers::Debounce, index::Settings};
+
+/// A duration such as `2160h`, `90m` or `30s`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    weft_api::Duration::new(text).parse().map_err(|e| e.to_string())
+}
 
 /// Weft's control plane: watches VirtualService, DestinationRule, PeerAuthentication,
 /// AuthorizationPolicy, Services, EndpointSlices and Pods; serves resolved proxy config over gRPC;
@@ -43,6 +48,20 @@ struct Args {
     /// ...and at the latest this long after the first change (milliseconds).
     #[arg(long, default_value_t = 250)]
     debounce_max_ms: u64,
+    /// The injector's MutatingWebhookConfiguration: when set, the leader issues the webhook's
+    /// serving certificate into --webhook-tls-secret (in --namespace), renews it at half its
+    /// lifetime and keeps this configuration's caBundle trusting it.
+    #[arg(long, env = "WEFT_WEBHOOK_CONFIGURATION", value_name = "NAME")]
+    webhook_configuration: Option<String>,
+    /// The injector's Service (the certificate names <service>.<namespace>.svc).
+    #[arg(long, default_value = "weft-webhook", value_name = "NAME")]
+    webhook_service: String,
+    /// The Secret (kubernetes.io/tls) the injector mounts.
+    #[arg(long, default_value = "weft-webhook-tls", value_name = "NAME")]
+    webhook_tls_secret: String,
+    /// Lifetime of the injector's certificate, e.g. 2160h; renewed at half of it.
+    #[arg(long, default_value = "2160h", value_parser = parse_duration, value_name = "DURATION")]
+    webhook_cert_ttl: Duration,
     /// Log format on stderr.
     #[arg(long, env = "WEFT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -64,9 +83,20 @@ impl Args {
             lease_duration_seconds,
             debounce_ms,
             debounce_max_ms,
+            webhook_configuration,
+            webhook_service,
+            webhook_tls_secret,
+            webhook_cert_ttl,
             log_format: _,
             log: _,
         } = self;
+        let webhook_cert = webhook_configuration.map(|configuration| WebhookCertConfig {
+            namespace: namespace.clone(),
+            service: webhook_service,
+            secret: webhook_tls_secret,
+            configuration,
+            lifetime: webhook_cert_ttl,
+        });
         let duration = Duration::from_secs(lease_duration_seconds.max(2));
         Config {
             grpc_addr,
@@ -84,6 +114,7 @@ impl Args {
                 duration,
                 retry_period: duration / 5,
             }),
+            webhook_cert,
         }
     }
 }

@@ -21,6 +21,7 @@ use crate::{
     metrics::Metrics,
     server::ConfigServer,
     status,
+    webhook_cert::{self, WebhookCertConfig},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +43,8 @@ pub struct Config {
     pub debounce: Debounce,
     /// `None`: this replica always leads (one replica, tests).
     pub lease: Option<LeaseConfig>,
+    /// The injector's serving certificate and caBundle (`None`: not managed here).
+    pub webhook_cert: Option<WebhookCertConfig>,
 }
 
 #[derive(Clone, Debug)]
@@ -64,6 +67,7 @@ impl Config {
             watch_namespace: None,
             debounce: Debounce::default(),
             lease: None,
+            webhook_cert: None,
         }
     }
 }
@@ -159,6 +163,10 @@ pub async fn start(client: Client, config: Config) -> Result<Handle, Error> {
                 drop(leader_tx);
             });
         }
+    }
+    if let Some(cert) = config.webhook_cert.clone() {
+        let domain = config.index.cluster_domain.clone();
+        tasks.spawn(webhook_cert::run(client.clone(), cert, domain, leader.clone(), stop.clone()));
     }
     tasks.spawn(status::run_writer(client, snapshots.clone(), leader.clone(), metrics.clone(), stop.clone()));
 

@@ -80,7 +80,23 @@ async fn the_binary_starts_with_the_charts_flags_leads_and_releases_on_sigterm()
     let chart_args: Vec<String> =
         serde_json::from_value(deployment["spec"]["template"]["spec"]["containers"][0]["args"].clone())
             .unwrap_or_default();
-    let chart_flags: Vec<&str> = chart_args.iter().map(String::as_str).collect();
+    // The chart names the cluster-wide webhook configuration; this operator gets one of its own
+    // (absent here) so it never touches the one another test installs with the chart.
+    let own_configuration = format!("--webhook-configuration=weft-test-{}", ns.name());
+    let chart_flags: Vec<&str> = chart_args
+        .iter()
+        .map(|arg| {
+            if arg.starts_with("--webhook-configuration=") {
+                own_configuration.as_str()
+            } else {
+                arg.as_str()
+            }
+        })
+        .collect();
+    assert!(
+        chart_flags.contains(&own_configuration.as_str()),
+        "the chart passes --webhook-configuration: {chart_args:?}"
+    );
     let env = [
         ("POD_NAMESPACE", ns.name()),
         ("POD_NAME", "weft-operator-0"),
