@@ -47,6 +47,7 @@ fn snapshot(generation: u64, a_port: u32, d_port: u32) -> Option<Arc<Snapshot>> 
             (B.into(), svc(B, 80, None)),
             (D.into(), svc(D, d_port, None)),
         ]),
+        by_address: BTreeMap::from([("10.0.0.4".to_owned(), D.to_owned())]),
         ..Resolution::default()
     };
     Some(Arc::new(Snapshot {
@@ -220,8 +221,11 @@ async fn a_real_proxy_installs_updates_subscribes_lazily_and_keeps_its_config_on
     let inbound = proxy.control_plane.as_ref().unwrap().inbound().borrow().clone().unwrap();
     assert_eq!(inbound.mtls_mode(), pb::MtlsMode::MtlsStrict, "its own inbound policy");
 
-    // Lazily: a destination the proxy meets later.
-    proxy.control_plane.as_ref().unwrap().subscribe("d");
+    // Lazily: the app dials a virtual address that no service in the proxy's config owns (what
+    // the outbound listener does on a routing miss); the operator answers with its service.
+    let control_plane = proxy.control_plane.as_ref().unwrap();
+    assert!(control_plane.subscribe_lazily("10.0.0.4".parse().unwrap()));
+    assert!(!control_plane.subscribe_lazily("10.0.0.4".parse().unwrap()), "each address is asked for once");
     wait(&mut status, 2).await;
     assert_eq!(names(&proxy), [A, B, D]);
     let version = proxy.store.current().unwrap().version.clone();

@@ -128,6 +128,7 @@ mod tests {
             metrics: Metrics::new(),
             access_log: None,
             passthrough: Passthrough::default(),
+            control_plane: None,
             drain: CancellationToken::new(),
             tracker: TaskTracker::new(),
         };

@@ -41,10 +41,24 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub access_log: Option<AccessLog>,
     pub passthrough: Passthrough,
+    /// The operator's stream, when the config comes from it: routing misses subscribe lazily.
+    pub control_plane: Option<control_plane::Subscriptions>,
     /// Cancelled when draining starts: listeners stop, connections close gracefully.
     pub drain: CancellationToken,
     /// Every connection task, so drain can wait for them.
     pub tracker: TaskTracker,
+}
+
+impl Shared {
+    /// An outbound connection to `destination` matched no service: with a control plane, ask it
+    /// about that virtual address (see `Subscriptions::subscribe_lazily`).
+    pub fn subscribe_lazily(&self, destination: SocketAddr) {
+        if let Some(control_plane) = &self.control_plane
+            && control_plane.subscribe_lazily(destination.ip())
+        {
+            tracing::debug!(%destination, "subscribing to an unknown destination");
+        }
+    }
 }
 
 /// Endpoints for destinations the config does not know (original destinations passed through),
@@ -130,16 +144,6 @@ pub async fn start_with(
     let shutdown = CancellationToken::new();
     let done = CancellationToken::new();
     let reload = Arc::new(Notify::new());
-    let shared = Arc::new(Shared {
-        settings: settings.clone(),
-        store: store.clone(),
-        metrics: metrics.clone(),
-        access_log,
-        passthrough: Passthrough::default(),
-        drain: CancellationToken::new(),
-        tracker: TaskTracker::new(),
-    });
-
     let control_plane = match &settings.control_plane {
         // Ready once the first update arrives; the last config stays through disconnects.
         Some(cp) => Some(control_plane::spawn(cp.clone(), store.clone(), done.clone())),
@@ -159,6 +163,16 @@ pub async fn start_with(
             None
         }
     };
+    let shared = Arc::new(Shared {
+        settings: settings.clone(),
+        store: store.clone(),
+        metrics: metrics.clone(),
+        access_log,
+        passthrough: Passthrough::default(),
+        control_plane: control_plane.clone(),
+        drain: CancellationToken::new(),
+        tracker: TaskTracker::new(),
+    });
 
     let bind = |what: &'static str, addr: SocketAddr| async move {
         TcpListener::bind(addr).await.map_err(|source| Error::Bind { what, addr, source })
@@ -486,6 +500,9 @@ fn tcp_destination(
             let endpoint = crate::http::router::pick_endpoint(&cluster)?.clone();
             Some((endpoint, svc.name.to_string()))
         }
-        None => dst.map(|d| (shared.passthrough.endpoint(&snapshot, d), "passthrough".into())),
+        None => dst.map(|d| {
+            shared.subscribe_lazily(d);
+            (shared.passthrough.endpoint(&snapshot, d), "passthrough".into())
+        }),
     }
 }

@@ -6,7 +6,12 @@
 //! resubscribing to everything it had and sending the version it runs, so an unchanged config
 //! is not sent again.
 
-use std::{collections::BTreeSet, time::Duration};
+use std::{
+    collections::{BTreeSet, HashSet},
+    net::IpAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -64,12 +69,18 @@ pub fn backoff(attempt: u32, min: Duration, max: Duration, jitter: f64) -> Durat
     base.mul_f64(1.0 - 0.5 * jitter.clamp(0.0, 1.0))
 }
 
+/// Virtual addresses subscribed on a routing miss, at most: an app that dials random addresses
+/// cannot grow the proxy's (or the operator's) state without bound.
+pub const MAX_LAZY_SUBSCRIPTIONS: usize = 1024;
+
 /// Adds and removes destinations on the live stream (and on every later reconnect).
 #[derive(Clone, Debug)]
 pub struct Subscriptions {
     tx: mpsc::UnboundedSender<Command>,
     connected: watch::Receiver<bool>,
     inbound: watch::Receiver<Option<pb::InboundPolicy>>,
+    /// Addresses already asked for by [`Subscriptions::subscribe_lazily`].
+    lazy: Arc<Mutex<HashSet<IpAddr>>>,
 }
 
 #[derive(Debug)]
@@ -81,6 +92,21 @@ enum Command {
 impl Subscriptions {
     pub fn subscribe(&self, name: impl Into<String>) {
         let _ = self.tx.send(Command::Subscribe(name.into()));
+    }
+
+    /// Lazy discovery: the app dialed `destination`, which no service in the config owns. Asks
+    /// the operator for whatever service has that virtual address; meanwhile connections pass
+    /// through to the original destination, and once the answer arrives they are routed. Each
+    /// address is asked for once; past [`MAX_LAZY_SUBSCRIPTIONS`] nothing more is asked.
+    /// Returns whether a subscription was sent.
+    pub fn subscribe_lazily(&self, destination: IpAddr) -> bool {
+        let mut lazy = self.lazy.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if lazy.len() >= MAX_LAZY_SUBSCRIPTIONS || !lazy.insert(destination) {
+            return false;
+        }
+        drop(lazy);
+        self.subscribe(destination.to_string());
+        true
     }
 
     pub fn unsubscribe(&self, name: impl Into<String>) {
@@ -117,7 +143,7 @@ pub fn spawn(settings: ControlPlane, store: Store, stop: CancellationToken) -> S
             _ = client.run() => {}
         }
     });
-    Subscriptions { tx, connected, inbound }
+    Subscriptions { tx, connected, inbound, lazy: Arc::default() }
 }
 
 struct Client {
@@ -230,6 +256,23 @@ impl Client {
 
 #[cfg(test)]
 mod tests {
+
+    #[tokio::test]
+    async fn lazy_subscriptions_are_asked_once_and_bounded() {
+        let stop = CancellationToken::new();
+        // Nothing listens there: the client keeps retrying in the background, which is fine.
+        let subscriptions =
+            spawn(ControlPlane::new("127.0.0.1:9", "web-1.shop", Vec::new()), Store::default(), stop.clone());
+        let address = |i: usize| IpAddr::from([10, 96, (i / 256) as u8, (i % 256) as u8]);
+        assert!(subscriptions.subscribe_lazily(address(0)));
+        assert!(!subscriptions.subscribe_lazily(address(0)), "asked once");
+        for i in 1..MAX_LAZY_SUBSCRIPTIONS {
+            assert!(subscriptions.subscribe_lazily(address(i)));
+        }
+        assert!(!subscriptions.subscribe_lazily(address(MAX_LAZY_SUBSCRIPTIONS)), "bounded");
+        stop.cancel();
+    }
+
     use super::*;
 
     #[test]

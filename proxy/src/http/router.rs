@@ -193,6 +193,9 @@ impl Router {
         match decision {
             Decision::NoRoute => reply(StatusCode::NOT_FOUND, "NR", "no route\n", Default::default()),
             Decision::Passthrough(addr) => {
+                if self.conn.direction == Direction::Outbound {
+                    self.shared.subscribe_lazily(addr);
+                }
                 let endpoint = self.shared.passthrough.endpoint(&snapshot, addr);
                 let info = ResponseInfo { service: Some(Arc::from("passthrough")), ..Default::default() };
                 let plan = Plan {
