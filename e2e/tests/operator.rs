@@ -489,6 +489,17 @@ async fn one_replica_leads_and_a_released_lease_passes_at_once() -> Result<()> {
     Ok(())
 }
 
+/// Polls `check` until it holds, for at most [`DEADLINE`] (for state with no change signal, such
+/// as a metric).
+async fn eventually(what: &str, check: impl Fn() -> bool) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !check() {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "not within {DEADLINE:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_both_serve_config_and_only_the_leader_writes_status() -> Result<()> {
     let cluster = TestCluster::shared().await;
@@ -524,7 +535,8 @@ async fn two_replicas_both_serve_config_and_only_the_leader_writes_status() -> R
     let writes = |h: &weft_operator::Handle| {
         h.metrics.encode().contains("weft_operator_status_writes_total{kind=\"VirtualService\"}")
     };
-    assert!(writes(&first));
+    // The counter moves just after the write it counts, which the watch above may beat.
+    eventually("the leader counts its status write", || writes(&first)).await?;
     assert!(!writes(&second), "the follower wrote status");
 
     // The leader stops: the follower takes over and writes the status of what comes next.
@@ -535,7 +547,7 @@ async fn two_replicas_both_serve_config_and_only_the_leader_writes_status() -> R
         condition(vs, "Accepted").is_some_and(|c| c.0 == "False")
     })
     .await?;
-    assert!(writes(&second));
+    eventually("the new leader counts its status write", || writes(&second)).await?;
     proxy.shutdown();
     second.shutdown().await;
     Ok(())

@@ -283,10 +283,11 @@ impl Subscription {
         }
         let version = update.version.clone();
         let services = update.config.as_ref().map_or(0, |c| c.services.len());
+        // Counted as it is handed to the stream, so a proxy that has it can see it counted.
+        self.metrics.record_push(snapshot.changed_at.elapsed().as_secs_f64());
         if tx.send(Ok(update)).await.is_err() {
             return false;
         }
-        self.metrics.record_push(snapshot.changed_at.elapsed().as_secs_f64());
         debug!(%version, services, generation = snapshot.generation, "pushed");
         self.last_version = version;
         true
