@@ -39,6 +39,10 @@ fn run_tests(cargo_args: &[String]) -> Result<(std::process::ExitStatus, Totals)
     if !selects_packages(cargo_args) {
         args.push("--workspace".to_owned());
     }
+    // Every test binary runs even after one fails, so the total counts them all.
+    if !cargo_args.iter().take_while(|a| *a != "--").any(|a| a == "--no-fail-fast") {
+        args.push("--no-fail-fast".to_owned());
+    }
     args.extend(cargo_args.iter().cloned());
     eprintln!("[test] cargo {}", args.join(" "));
     let mut child =
