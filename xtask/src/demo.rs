@@ -27,7 +27,7 @@ pub(crate) fn run() -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(show())?;
     println!("\nThe cluster keeps running: `cargo xtask cluster down` stops it.");
-    println!("Next to land: the operator (status conditions, proxy config, certificates) and the proxy.");
+    println!("Next to land: the mesh CA and mTLS, container images and a real node, so injected pods run.");
     Ok(())
 }
 
@@ -101,11 +101,8 @@ async fn show_injection(client: &Client, registration: &Registration) -> Result<
             Some("Always") => "native sidecar",
             _ => "init",
         };
-        println!(
-            "   pod {name}: {role} container {} ({})",
-            container.name,
-            container.args.as_deref().unwrap_or_default().join(" ")
-        );
+        let args = container.args.as_deref().unwrap_or_default().join(" ");
+        println!("   pod {name}: {role} container {} {args}", container.name);
     }
     for container in &spec.containers {
         println!("   pod {name}: app container {}", container.name);
