@@ -149,13 +149,7 @@ impl Registration {
                         values: Some(namespaces.iter().map(|n| (*n).to_owned()).collect()),
                     }]),
                 }),
-                rules: Some(vec![RuleWithOperations {
-                    operations: Some(vec!["CREATE".to_owned()]),
-                    api_groups: Some(vec![String::new()]),
-                    api_versions: Some(vec!["v1".to_owned()]),
-                    resources: Some(vec!["pods".to_owned()]),
-                    scope: Some("Namespaced".to_owned()),
-                }]),
+                rules: Some(vec![pod_create_rule()]),
                 ..MutatingWebhook::default()
             }]),
         };
@@ -193,6 +187,17 @@ impl Registration {
             .await
             .map_err(Error::kube(format!("deleting webhook {}", self.name)))?;
         Ok(())
+    }
+}
+
+/// The rule the chart's webhook has: CREATE of Pods.
+pub fn pod_create_rule() -> RuleWithOperations {
+    RuleWithOperations {
+        operations: Some(vec!["CREATE".to_owned()]),
+        api_groups: Some(vec![String::new()]),
+        api_versions: Some(vec!["v1".to_owned()]),
+        resources: Some(vec!["pods".to_owned()]),
+        scope: Some("Namespaced".to_owned()),
     }
 }
 

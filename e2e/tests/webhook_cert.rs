@@ -10,8 +10,7 @@ use std::{sync::Arc, time::Duration};
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::{
     admissionregistration::v1::{
-        MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, ServiceReference,
-        WebhookClientConfig,
+        MutatingWebhook, MutatingWebhookConfiguration, ServiceReference, WebhookClientConfig,
     },
     core::v1::Secret,
 };
@@ -29,7 +28,7 @@ use tokio::{
     sync::watch,
 };
 use tokio_rustls::TlsConnector;
-use weft_e2e::TestCluster;
+use weft_e2e::{TestCluster, webhook::pod_create_rule};
 use weft_operator::{Config, WebhookCertConfig, webhook_cert};
 use weft_webhook::{
     InjectConfig,
@@ -61,13 +60,7 @@ async fn configuration(client: &Client, name: &str, namespace: &str) -> Result<(
                 match_labels: Some([("weft.dev/e2e-never".to_owned(), "matches".to_owned())].into()),
                 ..Default::default()
             }),
-            rules: Some(vec![RuleWithOperations {
-                operations: Some(vec!["CREATE".to_owned()]),
-                api_groups: Some(vec![String::new()]),
-                api_versions: Some(vec!["v1".to_owned()]),
-                resources: Some(vec!["pods".to_owned()]),
-                ..RuleWithOperations::default()
-            }]),
+            rules: Some(vec![pod_create_rule()]),
             ..MutatingWebhook::default()
         }]),
     };
