@@ -69,8 +69,10 @@ fn handle<B>(
         (&Method::GET, "/ready") => {
             if shared.drain.is_cancelled() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-            } else if shared.store.is_ready() {
+            } else if shared.is_ready() {
                 text(StatusCode::OK, "ready\n")
+            } else if shared.store.is_ready() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "no identity loaded\n")
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "no config loaded\n")
             }
@@ -129,6 +131,7 @@ mod tests {
             access_log: None,
             passthrough: Passthrough::default(),
             control_plane: None,
+            identity: Default::default(),
             drain: CancellationToken::new(),
             tracker: TaskTracker::new(),
         };

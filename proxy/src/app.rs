@@ -20,12 +20,14 @@ use crate::{
     detect::{self, Detected},
     http::{Direction, observe::AccessLog, router::ConnInfo, server},
     io::PrefixedIo,
-    metrics::{ListenerLabels, Metrics, ResultLabels, TcpLabels},
+    metrics::{HandshakeLabels, ListenerLabels, Metrics, PeerLabels, ResultLabels, TcpLabels},
     route::pick_weighted,
     settings::{ExplicitListener, Settings},
     sys, tcp,
-    upstream::{Endpoint, Proto},
+    tls::{self as mesh, Accepted, IdentityFiles, IdentityStore, MeshTls},
+    upstream::{ConnectOpts, Endpoint, Peer, Proto},
 };
+use weft_identity::Tunnel;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -43,6 +45,8 @@ pub struct Shared {
     pub passthrough: Passthrough,
     /// The operator's stream, when the config comes from it: routing misses subscribe lazily.
     pub control_plane: Option<control_plane::Subscriptions>,
+    /// This proxy's mesh identity (empty without `--cert-file` or until it first loads).
+    pub identity: IdentityStore,
     /// Cancelled when draining starts: listeners stop, connections close gracefully.
     pub drain: CancellationToken,
     /// Every connection task, so drain can wait for them.
@@ -50,6 +54,25 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// This proxy's side of a connection, for metric labels.
+    pub fn local_peer(&self) -> Peer {
+        let tls = self.identity.current();
+        Peer {
+            namespace: match &tls {
+                Some(t) => Arc::from(t.id.namespace()),
+                None => self.settings.namespace.clone(),
+            },
+            principal: tls.as_ref().map_or_else(Arc::default, |t| t.principal.clone()),
+            identity: tls.map(|t| t.id.clone()),
+            workload: self.settings.workload.clone(),
+        }
+    }
+
+    /// Ready to serve: a config is loaded, and the identity too when one is configured.
+    pub fn is_ready(&self) -> bool {
+        self.store.is_ready() && (self.settings.identity.is_none() || self.identity.current().is_some())
+    }
+
     /// An outbound connection to `destination` matched no service: with a control plane, ask it
     /// about that virtual address (see `Subscriptions::subscribe_lazily`).
     pub fn subscribe_lazily(&self, destination: SocketAddr) {
@@ -170,9 +193,34 @@ pub async fn start_with(
         access_log,
         passthrough: Passthrough::default(),
         control_plane: control_plane.clone(),
+        identity: IdentityStore::default(),
         drain: CancellationToken::new(),
         tracker: TaskTracker::new(),
     });
+
+    if let Some(files) = settings.identity.clone() {
+        // Loaded before the listeners open, so a proxy with good files never accepts a
+        // connection it cannot tunnel.
+        let mut fingerprint = mesh::fingerprint(&files).await;
+        load_identity(&shared, &files).await;
+        let shared = shared.clone();
+        let (poll, done) = (settings.config_poll_interval, done.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + poll, poll);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = done.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let now = mesh::fingerprint(&files).await;
+                if now != fingerprint {
+                    fingerprint = now;
+                    load_identity(&shared, &files).await;
+                }
+            }
+        });
+    }
 
     let bind = |what: &'static str, addr: SocketAddr| async move {
         TcpListener::bind(addr).await.map_err(|source| Error::Bind { what, addr, source })
@@ -248,6 +296,23 @@ fn report(metrics: &Metrics, outcome: Option<Result<Arc<Snapshot>, crate::config
         }
     };
     metrics.config_reloads.get_or_create(&ResultLabels { result }).inc();
+}
+
+/// Loads the identity files; a bad set keeps the running identity (if any) and says why.
+async fn load_identity(shared: &Shared, files: &IdentityFiles) {
+    let result = match MeshTls::load(files, std::time::SystemTime::now()).await {
+        Ok(tls) => {
+            tracing::info!(identity = %tls.id, not_after = ?tls.not_after, "identity loaded");
+            shared.identity.set(tls);
+            "ok"
+        }
+        Err(error) => {
+            let keeping = shared.identity.current().map(|t| t.id.to_string());
+            tracing::warn!(%error, ?keeping, "identity rejected; keeping the running one");
+            "error"
+        }
+    };
+    shared.metrics.identity_reloads.get_or_create(&ResultLabels { result }).inc();
 }
 
 /// Reloads when the file changes (polled) and on every `reload` notification (SIGHUP), until
@@ -383,37 +448,108 @@ async fn handle_connection(
         _ => None,
     };
     let declared = declared_protocol(shared, &kind, dst, target.as_ref());
-    let (detected, prefix, mut stream) = match declared {
-        Protocol::Tcp => (Detected::Opaque, bytes::Bytes::new(), stream),
-        Protocol::Http1 => (Detected::Http1, bytes::Bytes::new(), stream),
-        Protocol::Http2 => (Detected::Http2, bytes::Bytes::new(), stream),
-        Protocol::Detect => {
-            let mut stream = stream;
-            match detect::detect(&mut stream, shared.settings.timeouts.detect).await {
-                Ok((d, prefix)) => (d, prefix, stream),
-                Err(error) => {
-                    tracing::debug!(%peer, %error, "connection failed during detection");
-                    return;
-                }
+    // Mesh tunnels end on the inbound and explicit listeners, whatever the port carries inside,
+    // so there the first bytes are always read (a mesh client speaks first: its ClientHello).
+    // On the outbound listener TLS is the app's own and goes out as it came. `--opaque-ports`
+    // are never read.
+    let port = dst.map(|d| d.port()).or(target.as_ref().map(|t| t.1));
+    let opaque_port = port.is_some_and(|p| shared.settings.opaque_ports.contains(&p));
+    let mesh = shared.identity.current().filter(|_| !matches!(kind, Kind::Outbound) && !opaque_port);
+    let as_declared = |d: Detected| match declared {
+        Protocol::Tcp => Detected::Opaque,
+        Protocol::Http1 => Detected::Http1,
+        Protocol::Http2 => Detected::Http2,
+        Protocol::Detect => d,
+    };
+    let (detected, prefix, stream) = if declared == Protocol::Detect || mesh.is_some() {
+        let mut stream = stream;
+        match detect::detect(&mut stream, shared.settings.timeouts.detect).await {
+            Ok((Detected::Tls, prefix)) if mesh.is_some() => (Detected::Tls, prefix, stream),
+            Ok((d, prefix)) => (as_declared(d), prefix, stream),
+            Err(error) => {
+                tracing::debug!(%peer, %error, "connection failed during detection");
+                return;
             }
         }
+    } else {
+        (as_declared(Detected::Opaque), bytes::Bytes::new(), stream)
     };
-    let conn =
-        |downstream| ConnInfo { direction: kind.direction(), peer, dst, target: target.clone(), downstream };
+    let conn = Conn { kind, peer, dst, target };
+    let (Detected::Tls, Some(tls)) = (detected, mesh) else {
+        return dispatch(stream, prefix, detected, conn, None, shared).await;
+    };
+    let labels = |result| HandshakeLabels { side: "accept", result };
+    match mesh::accept(stream, prefix, &tls, shared.settings.timeouts.tls_handshake).await {
+        Ok(Accepted::Mesh(tunneled)) => {
+            shared.metrics.tls_handshakes.get_or_create(&labels("ok")).inc();
+            let mesh::Tunneled { io, peer: client, tunnel } = *tunneled;
+            tracing::trace!(%peer, client = %client, ?tunnel, "mesh tunnel accepted");
+            let detected = match tunnel {
+                Tunnel::Http1 => Detected::Http1,
+                Tunnel::Http2 => Detected::Http2,
+                Tunnel::Tcp => Detected::Opaque,
+            };
+            let client = Peer::new(Some(client), "");
+            dispatch(io, bytes::Bytes::new(), detected, conn, Some(client), shared).await
+        }
+        Ok(Accepted::Other { prefix, io }) => {
+            dispatch(io, prefix, Detected::Opaque, conn, None, shared).await
+        }
+        Err(error) => {
+            shared.metrics.tls_handshakes.get_or_create(&labels("error")).inc();
+            tracing::debug!(%peer, %error, "mesh TLS handshake failed");
+        }
+    }
+}
+
+/// Where a downstream connection came in and was going.
+struct Conn {
+    kind: Kind,
+    peer: SocketAddr,
+    dst: Option<SocketAddr>,
+    target: Option<(String, u16)>,
+}
+
+/// Serves a connection (plain, or the inside of a mesh tunnel from `tunnel`) as `detected`.
+async fn dispatch<I>(
+    mut stream: I,
+    prefix: bytes::Bytes,
+    detected: Detected,
+    conn: Conn,
+    tunnel: Option<Peer>,
+    shared: &Arc<Shared>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let Conn { kind, peer, dst, target } = conn;
+    let info = |downstream, tunnel| ConnInfo {
+        direction: kind.direction(),
+        peer,
+        dst,
+        target: target.clone(),
+        downstream,
+        tunnel,
+    };
     match detected {
         Detected::Http1 => {
-            server::serve(PrefixedIo::new(prefix, stream), conn(Proto::Http1), shared.clone()).await
+            server::serve(PrefixedIo::new(prefix, stream), info(Proto::Http1, tunnel), shared.clone()).await
         }
         Detected::Http2 => {
-            server::serve(PrefixedIo::new(prefix, stream), conn(Proto::Http2), shared.clone()).await
+            server::serve(PrefixedIo::new(prefix, stream), info(Proto::Http2, tunnel), shared.clone()).await
         }
-        Detected::Opaque => {
+        Detected::Opaque | Detected::Tls => {
             let Some((endpoint, service)) = tcp_destination(shared, &kind, dst, target.as_ref()) else {
                 tracing::debug!(%peer, "no TCP destination; closing");
                 return;
             };
-            let timeout = shared.settings.timeouts.connect;
-            let upstream = match endpoint.connect_tcp(timeout).await {
+            let t = &shared.settings.timeouts;
+            let opts = ConnectOpts {
+                connect_timeout: t.connect,
+                idle_timeout: t.upstream_idle,
+                mesh: shared.identity.current(),
+            };
+            let upstream_tls = endpoint.is_tunneled(opts.mesh.as_deref());
+            let upstream = match endpoint.connect(&opts, Tunnel::Tcp).await {
                 Ok(u) => u,
                 Err(error) => {
                     tracing::debug!(%peer, %error, "TCP upstream connect failed");
@@ -421,21 +557,19 @@ async fn handle_connection(
                     return;
                 }
             };
+            let direction = kind.direction();
             let labels = TcpLabels {
-                direction: kind.direction().as_str(),
+                direction: direction.as_str(),
+                peers: PeerLabels::new(
+                    direction,
+                    &shared.local_peer(),
+                    tunnel.as_ref(),
+                    Some(&endpoint.peer),
+                ),
                 destination_service: service,
-                tls: "false",
+                tls: tunnel.is_some() || upstream_tls,
             };
-            match tcp::splice(
-                stream,
-                prefix,
-                upstream,
-                shared.settings.timeouts.tcp_idle,
-                &shared.metrics,
-                labels,
-            )
-            .await
-            {
+            match tcp::splice(stream, prefix, upstream, t.tcp_idle, &shared.metrics, labels).await {
                 Ok(t) => {
                     tracing::debug!(%peer, upstream = %endpoint.addr, received = t.received, sent = t.sent, "TCP connection closed")
                 }
@@ -475,11 +609,11 @@ fn tcp_destination(
     kind: &Kind,
     dst: Option<SocketAddr>,
     target: Option<&(String, u16)>,
-) -> Option<(Arc<Endpoint>, String)> {
+) -> Option<(Arc<Endpoint>, Arc<str>)> {
     let snapshot = shared.store.current()?;
     if let (Kind::Inbound, Some(dst)) = (kind, dst) {
         let addr = SocketAddr::new(shared.settings.inbound_forward_ip, dst.port());
-        return Some((shared.passthrough.endpoint(&snapshot, addr), "inbound".into()));
+        return Some((shared.passthrough.endpoint(&snapshot, addr), Arc::from("inbound")));
     }
     let service = match (dst, target) {
         (Some(dst), _) => snapshot.service_by_addr(dst).map(|(s, p)| (s.clone(), p.number)),
@@ -498,11 +632,11 @@ fn tcp_destination(
                 _ => svc.port_or_only(Some(port))?.cluster.clone(),
             };
             let endpoint = crate::http::router::pick_endpoint(&cluster)?.clone();
-            Some((endpoint, svc.name.to_string()))
+            Some((endpoint, svc.name.clone()))
         }
         None => dst.map(|d| {
             shared.subscribe_lazily(d);
-            (shared.passthrough.endpoint(&snapshot, d), "passthrough".into())
+            (shared.passthrough.endpoint(&snapshot, d), Arc::from("passthrough"))
         }),
     }
 }

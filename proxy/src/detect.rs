@@ -1,5 +1,5 @@
 //! Protocol detection on a connection's first bytes: the HTTP/2 prior-knowledge preface, an
-//! HTTP/1 request line, or anything else (opaque TCP). The decision is a pure function of the
+//! HTTP/1 request line, a TLS ClientHello, or anything else (opaque TCP). The decision is a pure function of the
 //! bytes; the async part only reads them, bounded in size and time, so a server-speaks-first
 //! protocol waits at most the detection timeout before it is forwarded as TCP.
 
@@ -13,6 +13,8 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 pub enum Detected {
     Http1,
     Http2,
+    /// A TLS record (a ClientHello): a mesh tunnel when it asks for one, else opaque.
+    Tls,
     Opaque,
 }
 
@@ -27,8 +29,11 @@ const METHODS: [&[u8]; 9] =
 
 /// Decides from the bytes so far, or `None` when more bytes could change the answer.
 pub fn classify(buf: &[u8]) -> Option<Detected> {
-    if buf.is_empty() {
-        return None;
+    match buf {
+        [] | [0x16] => return None,
+        // Handshake record, TLS 1.x record version.
+        [0x16, 0x03, ..] => return Some(Detected::Tls),
+        _ => {}
     }
     let n = buf.len().min(H2_PREFACE.len());
     if buf[..n] == H2_PREFACE[..n] {
@@ -109,7 +114,9 @@ mod tests {
         assert_eq!(classify(b"PROPFIND /x HTTP/1.1\r\n"), Some(Detected::Http1));
         assert_eq!(classify(b"PROPFIND /x"), None);
         assert_eq!(classify(b"HELLO world\r\n"), Some(Detected::Opaque));
-        assert_eq!(classify(b"\x16\x03\x01\x02\x00"), Some(Detected::Opaque), "TLS ClientHello");
+        assert_eq!(classify(b"\x16\x03\x01\x02\x00"), Some(Detected::Tls), "TLS ClientHello");
+        assert_eq!(classify(b"\x16"), None);
+        assert_eq!(classify(b"\x16\x04"), Some(Detected::Opaque));
         assert_eq!(classify(b"get / HTTP/1.1\r\n"), Some(Detected::Opaque), "methods are case-sensitive");
         let long = [b'A'; MAX_DETECT_BYTES];
         assert_eq!(classify(&long), Some(Detected::Opaque));

@@ -4,7 +4,8 @@
 //! then to `http::server` (hyper) or `tcp` (splice). HTTP requests pass through tower layers
 //! (`http::observe`, `http::headers::RequestIdLayer`) to `http::router`, which asks the pure
 //! `route` and `balance` functions what to do against the current `config::Snapshot`, and sends
-//! upstream through `upstream` connection pools. `admin` serves health, config and metrics.
+//! upstream through `upstream` connection pools. `tls` holds the mesh identity and both ends of
+//! the mTLS tunnels between proxies. `admin` serves health, config and metrics.
 
 pub mod admin;
 pub mod app;
@@ -19,6 +20,7 @@ pub mod route;
 pub mod settings;
 pub mod sys;
 pub mod tcp;
+pub mod tls;
 pub mod upstream;
 pub mod wait;
 

@@ -4,8 +4,8 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use weft_proxy::config::control_plane::ControlPlane;
 use weft_proxy::settings::{ExplicitListener, Limits, Settings, Timeouts, parse_duration, parse_listener};
+use weft_proxy::{config::control_plane::ControlPlane, tls::IdentityFiles};
 
 /// Weft's sidecar proxy: forwards HTTP/1.1, HTTP/2, gRPC and opaque TCP with routing, weighted
 /// splits and load balancing from a config file (YAML or JSON of weft.proxy.v1.ProxyConfig).
@@ -37,6 +37,31 @@ struct Args {
     /// This pod's namespace.
     #[arg(long, env = "POD_NAMESPACE", default_value = "default", value_name = "NAMESPACE")]
     pod_namespace: String,
+
+    /// This pod's workload (Deployment, StatefulSet, ... name), for metric labels; the injector
+    /// sets it.
+    #[arg(long, env = "WEFT_WORKLOAD", default_value = "", value_name = "NAME")]
+    workload: String,
+
+    /// This proxy's certificate chain (PEM, leaf first, one SPIFFE ID as URI SAN). With
+    /// --key-file and --trust-bundle-file, every inbound and explicit listener terminates mesh
+    /// mTLS (TLS 1.3, client certificate required), and endpoints whose config names an identity
+    /// are reached through mTLS checking that identity. The files are re-read when they change;
+    /// a bad set keeps the running identity. Until one loads, /ready says no.
+    #[arg(long, env = "WEFT_CERT_FILE", value_name = "FILE", requires_all = ["key_file", "trust_bundle_file"])]
+    cert_file: Option<PathBuf>,
+
+    /// The private key of --cert-file (PEM).
+    #[arg(long, env = "WEFT_KEY_FILE", value_name = "FILE", requires = "cert_file")]
+    key_file: Option<PathBuf>,
+
+    /// The roots peers' certificates must chain to (PEM, several during a root rotation).
+    #[arg(long, env = "WEFT_TRUST_BUNDLE_FILE", value_name = "FILE", requires = "cert_file")]
+    trust_bundle_file: Option<PathBuf>,
+
+    /// Deadline for reading a mesh ClientHello, and then for the TLS handshake.
+    #[arg(long, env = "WEFT_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    tls_handshake_timeout: Duration,
 
     /// Destinations to subscribe to from the start (service names or virtual IPs), comma-separated.
     #[arg(long, env = "WEFT_DESTINATIONS", value_delimiter = ',', value_name = "NAMES")]
@@ -261,8 +286,17 @@ impl Args {
                 connect: self.connect_timeout,
                 upstream_idle: self.upstream_idle_timeout,
                 drain: self.drain_timeout,
+                tls_handshake: self.tls_handshake_timeout,
             },
             access_log: self.access_log,
+            identity: match (&self.cert_file, &self.key_file, &self.trust_bundle_file) {
+                (Some(cert), Some(key), Some(bundle)) => {
+                    Some(IdentityFiles { cert: cert.clone(), key: key.clone(), trust_bundle: bundle.clone() })
+                }
+                _ => None,
+            },
+            workload: self.workload.as_str().into(),
+            namespace: self.pod_namespace.as_str().into(),
         }
     }
 }

@@ -9,6 +9,8 @@ use prometheus_client::{
     registry::Registry,
 };
 
+use crate::{http::Direction, upstream::Peer};
+
 /// Request latency buckets, in seconds (0.5 ms to 30 s).
 const BUCKETS: [f64; 15] =
     [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
@@ -16,17 +18,62 @@ const BUCKETS: [f64; 15] =
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub direction: &'static str,
-    pub destination_service: String,
+    #[prometheus(flatten)]
+    pub peers: PeerLabels,
+    pub destination_service: Arc<str>,
     pub response_code: u16,
     pub grpc_status: String,
-    pub tls: &'static str,
+    pub tls: bool,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpLabels {
     pub direction: &'static str,
-    pub destination_service: String,
-    pub tls: &'static str,
+    #[prometheus(flatten)]
+    pub peers: PeerLabels,
+    pub destination_service: Arc<str>,
+    pub tls: bool,
+}
+
+/// Who talked to whom. Values come from identities (bounded by the mesh's service accounts) and
+/// the config's workload names; an unknown side is empty.
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    pub source_workload: Arc<str>,
+    pub source_namespace: Arc<str>,
+    pub source_principal: Arc<str>,
+    pub destination_workload: Arc<str>,
+    pub destination_namespace: Arc<str>,
+    pub destination_principal: Arc<str>,
+}
+
+impl PeerLabels {
+    /// `local` is this proxy's workload; `downstream` the client proxy of a mesh tunnel;
+    /// `upstream` the endpoint the request or connection went to. The client side is the tunnel's
+    /// peer, else this workload; the server side is the endpoint when the config describes it,
+    /// else this workload for traffic to the local app (inbound, or out of a tunnel), else
+    /// unknown.
+    pub fn new(
+        direction: Direction,
+        local: &Peer,
+        downstream: Option<&Peer>,
+        upstream: Option<&Peer>,
+    ) -> Self {
+        let source = downstream.unwrap_or(local);
+        let described = upstream.filter(|p| p.identity.is_some() || !p.workload.is_empty());
+        // Traffic that arrived through a tunnel or on the inbound listener is for the local app.
+        let for_local = direction == Direction::Inbound || downstream.is_some();
+        let destination = described.or(for_local.then_some(local));
+        let empty = Arc::<str>::default;
+        PeerLabels {
+            source_workload: source.workload.clone(),
+            source_namespace: source.namespace.clone(),
+            source_principal: source.principal.clone(),
+            destination_workload: destination.map_or_else(empty, |p| p.workload.clone()),
+            destination_namespace: destination.map_or_else(empty, |p| p.namespace.clone()),
+            destination_principal: destination.map_or_else(empty, |p| p.principal.clone()),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -54,6 +101,15 @@ pub struct Metrics {
     pub connections_rejected: Family<ListenerLabels, Counter>,
     pub connections_active: Family<ListenerLabels, Gauge>,
     pub access_log_dropped: Counter,
+    pub identity_reloads: Family<ResultLabels, Counter>,
+    pub tls_handshakes: Family<HandshakeLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    /// `accept` (a tunnel from a peer) or `connect` (to an endpoint).
+    pub side: &'static str,
+    pub result: &'static str,
 }
 
 impl Default for Metrics {
@@ -69,6 +125,8 @@ impl Default for Metrics {
         let connections_rejected = Family::default();
         let connections_active = Family::default();
         let access_log_dropped = Counter::default();
+        let identity_reloads = Family::default();
+        let tls_handshakes = Family::default();
         registry.register(
             "weft_requests",
             "HTTP and gRPC requests, counted when the response ends",
@@ -107,6 +165,16 @@ impl Default for Metrics {
             "Access log lines dropped because the writer fell behind",
             access_log_dropped.clone(),
         );
+        registry.register(
+            "weft_identity_reloads",
+            "Identity (certificate, key, trust bundle) load attempts by result",
+            identity_reloads.clone(),
+        );
+        registry.register(
+            "weft_tls_handshakes",
+            "Mesh mTLS handshakes by side and result",
+            tls_handshakes.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -119,6 +187,8 @@ impl Default for Metrics {
             connections_rejected,
             connections_active,
             access_log_dropped,
+            identity_reloads,
+            tls_handshakes,
         }
     }
 }
@@ -144,25 +214,43 @@ mod tests {
     #[test]
     fn names_and_labels() {
         let m = Metrics::default();
+        let local = Peer { workload: "productpage".into(), namespace: "prod".into(), ..Peer::default() };
+        let reviews = Peer::new(Some("spiffe://td/ns/prod/sa/reviews".parse().unwrap()), "reviews-v1");
         let labels = RequestLabels {
             direction: "outbound",
+            peers: PeerLabels::new(Direction::Outbound, &local, None, Some(&reviews)),
             destination_service: "reviews".into(),
             response_code: 200,
             grpc_status: String::new(),
-            tls: "false",
+            tls: true,
         };
         m.requests.get_or_create(&labels).inc();
         m.request_duration.get_or_create(&labels).observe(0.003);
-        let tcp = TcpLabels { direction: "outbound", destination_service: "db".into(), tls: "false" };
+        let tcp = TcpLabels {
+            direction: "inbound",
+            peers: PeerLabels::new(Direction::Inbound, &local, Some(&reviews), None),
+            destination_service: "db".into(),
+            tls: false,
+        };
         m.tcp_sent_bytes.get_or_create(&tcp).inc_by(10);
         let text = m.encode();
         for want in [
-            "weft_requests_total{direction=\"outbound\",destination_service=\"reviews\",response_code=\"200\"",
+            "weft_requests_total{direction=\"outbound\",source_workload=\"productpage\",source_namespace=\"prod\",source_principal=\"\",destination_workload=\"reviews-v1\",destination_namespace=\"prod\",destination_principal=\"spiffe://td/ns/prod/sa/reviews\",destination_service=\"reviews\",response_code=\"200\",grpc_status=\"\",tls=\"true\"} 1",
             "weft_request_duration_seconds_bucket{",
-            "weft_tcp_sent_bytes_total{direction=\"outbound\",destination_service=\"db\",tls=\"false\"} 10",
+            "weft_tcp_sent_bytes_total{direction=\"inbound\",source_workload=\"reviews-v1\",source_namespace=\"prod\",source_principal=\"spiffe://td/ns/prod/sa/reviews\",destination_workload=\"productpage\",destination_namespace=\"prod\",destination_principal=\"\",destination_service=\"db\",tls=\"false\"} 10",
             "# TYPE weft_tcp_sent_bytes counter",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }
+    }
+
+    #[test]
+    fn an_undescribed_outbound_destination_is_unknown_not_local() {
+        let local = Peer { workload: "productpage".into(), ..Peer::default() };
+        let passthrough = Peer::default();
+        let out = PeerLabels::new(Direction::Outbound, &local, None, Some(&passthrough));
+        assert_eq!((&*out.source_workload, &*out.destination_workload), ("productpage", ""));
+        let inbound = PeerLabels::new(Direction::Inbound, &local, None, Some(&passthrough));
+        assert_eq!(&*inbound.destination_workload, "productpage", "inbound goes to the local app");
     }
 }

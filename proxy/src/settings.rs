@@ -2,7 +2,7 @@
 //! (see `args`), built directly by tests. Routing data never lives here: it is in the config
 //! snapshot (`config`).
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 /// Everything the proxy needs besides the routing config.
 #[derive(Clone, Debug)]
@@ -29,6 +29,12 @@ pub struct Settings {
     pub timeouts: Timeouts,
     /// Write one JSON line per request to stdout.
     pub access_log: bool,
+    /// This proxy's mesh identity; without it, no mTLS is accepted or originated.
+    pub identity: Option<crate::tls::IdentityFiles>,
+    /// Who this proxy runs beside, for metric labels (`source_*` outbound, `destination_*`
+    /// inbound).
+    pub workload: Arc<str>,
+    pub namespace: Arc<str>,
 }
 
 /// A listener that accepts connections directly rather than by redirection.
@@ -73,6 +79,8 @@ pub struct Timeouts {
     pub upstream_idle: Duration,
     /// On shutdown, how long in-flight requests and connections get to finish.
     pub drain: Duration,
+    /// A mesh TLS handshake (ClientHello read and handshake, each) must finish within this.
+    pub tls_handshake: Duration,
 }
 
 impl Default for Limits {
@@ -98,6 +106,7 @@ impl Default for Timeouts {
             connect: Duration::from_secs(1),
             upstream_idle: Duration::from_secs(90),
             drain: Duration::from_secs(25),
+            tls_handshake: Duration::from_secs(10),
         }
     }
 }
@@ -118,6 +127,9 @@ impl Settings {
             limits: Limits::default(),
             timeouts: Timeouts::default(),
             access_log: false,
+            identity: None,
+            workload: Arc::from(""),
+            namespace: Arc::from(""),
         }
     }
 }

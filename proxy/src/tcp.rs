@@ -4,10 +4,7 @@
 use std::{sync::atomic::Ordering, time::Duration};
 
 use bytes::Bytes;
-use tokio::{
-    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
-    net::TcpStream,
-};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::{
     io::{Activity, ActivityIo},
@@ -25,16 +22,17 @@ pub struct Totals {
 
 /// Splices `downstream` (whose first bytes, read during detection, are `prefix`) with
 /// `upstream` until both directions end or nothing moves for `idle`.
-pub async fn splice<D>(
+pub async fn splice<D, U>(
     downstream: D,
     prefix: Bytes,
-    mut upstream: TcpStream,
+    mut upstream: U,
     idle: Duration,
     metrics: &Metrics,
     labels: TcpLabels,
 ) -> std::io::Result<Totals>
 where
     D: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
 {
     metrics.tcp_opened.get_or_create(&labels).inc();
     let activity = Activity::new();

@@ -22,8 +22,13 @@ use hyper::{
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{net::TcpStream, time::Instant};
+use tokio_util::either::Either;
+use weft_identity::{SpiffeId, Tunnel};
 
-use crate::{balance::Load, http::Body};
+use crate::{balance::Load, http::Body, tls::MeshTls};
+
+/// A connection to an endpoint: plain, or a mesh tunnel.
+pub type UpstreamIo = Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
 
 /// At most this many HTTP/1.1 connections are kept per endpoint (busy or idle). Each carries one
 /// request at a time, so this must exceed the concurrency an endpoint sees: beyond it every
@@ -41,10 +46,34 @@ pub enum Proto {
 }
 
 /// Per-cluster connection options.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ConnectOpts {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    /// This proxy's identity, for endpoints that run a proxy too.
+    pub mesh: Option<Arc<MeshTls>>,
+}
+
+/// Who runs at an endpoint, from the config.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Peer {
+    /// Set when a Weft proxy runs beside the endpoint: connections to it are mesh tunnels.
+    pub identity: Option<SpiffeId>,
+    /// Metric labels: the identity, its namespace, the workload name (empty when unknown).
+    pub principal: Arc<str>,
+    pub namespace: Arc<str>,
+    pub workload: Arc<str>,
+}
+
+impl Peer {
+    pub fn new(identity: Option<SpiffeId>, workload: &str) -> Peer {
+        Peer {
+            principal: identity.as_ref().map_or_else(|| Arc::from(""), |id| Arc::from(id.to_string())),
+            namespace: Arc::from(identity.as_ref().map_or("", SpiffeId::namespace)),
+            identity,
+            workload: Arc::from(workload),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +84,8 @@ pub enum Error {
     Connect { addr: SocketAddr, source: std::io::Error },
     #[error("handshake with {addr}: {source}")]
     Handshake { addr: SocketAddr, source: hyper::Error },
+    #[error("mTLS with {addr} ({identity}): {source}")]
+    Tls { addr: SocketAddr, identity: SpiffeId, source: std::io::Error },
     #[error("request to {addr}: {source}")]
     Request { addr: SocketAddr, source: hyper::Error },
 }
@@ -62,7 +93,13 @@ pub enum Error {
 impl Error {
     /// Failed before any byte of the request could reach the endpoint.
     pub fn is_connect(&self) -> bool {
-        matches!(self, Error::ConnectTimeout { .. } | Error::Connect { .. } | Error::Handshake { .. })
+        matches!(
+            self,
+            Error::ConnectTimeout { .. }
+                | Error::Connect { .. }
+                | Error::Handshake { .. }
+                | Error::Tls { .. }
+        )
     }
 }
 
@@ -70,6 +107,7 @@ impl Error {
 #[derive(Debug)]
 pub struct Endpoint {
     pub addr: SocketAddr,
+    pub peer: Peer,
     pub load: Arc<Load>,
     h1: Mutex<H1Pool>,
     h2: Mutex<Option<http2::SendRequest<Body>>>,
@@ -97,9 +135,15 @@ struct H1Conn {
 const PRUNE_EVERY: Duration = Duration::from_secs(1);
 
 impl Endpoint {
+    /// An endpoint nothing is known about (passthrough destinations, the local app).
     pub fn new(addr: SocketAddr) -> Arc<Endpoint> {
+        Endpoint::with_peer(addr, Peer::default())
+    }
+
+    pub fn with_peer(addr: SocketAddr, peer: Peer) -> Arc<Endpoint> {
         Arc::new(Endpoint {
             addr,
+            peer,
             load: Arc::new(Load::new(Instant::now())),
             h1: Mutex::new(H1Pool::default()),
             h2: Mutex::new(None),
@@ -115,12 +159,12 @@ impl Endpoint {
         opts: ConnectOpts,
     ) -> Result<Response<Incoming>, Error> {
         match proto {
-            Proto::Http1 => self.send_h1(req, opts).await,
-            Proto::Http2 => self.send_h2(req, opts).await,
+            Proto::Http1 => self.send_h1(req, &opts).await,
+            Proto::Http2 => self.send_h2(req, &opts).await,
         }
     }
 
-    async fn send_h1(&self, mut req: Request<Body>, opts: ConnectOpts) -> Result<Response<Incoming>, Error> {
+    async fn send_h1(&self, mut req: Request<Body>, opts: &ConnectOpts) -> Result<Response<Incoming>, Error> {
         // A pooled connection can be closed by the server at any moment; hyper hands the request
         // back when it was not sent, and then a fresh connection takes it.
         if let Some(mut sender) = self.checkout_h1(opts.idle_timeout) {
@@ -167,8 +211,8 @@ impl Endpoint {
         }
     }
 
-    async fn connect_h1(&self, opts: ConnectOpts) -> Result<http1::SendRequest<Body>, Error> {
-        let io = self.connect(opts).await?;
+    async fn connect_h1(&self, opts: &ConnectOpts) -> Result<http1::SendRequest<Body>, Error> {
+        let io = TokioIo::new(self.connect(opts, Tunnel::Http1).await?);
         let (sender, conn) = http1::Builder::new()
             .handshake(io)
             .await
@@ -182,7 +226,7 @@ impl Endpoint {
         Ok(sender)
     }
 
-    async fn send_h2(&self, req: Request<Body>, opts: ConnectOpts) -> Result<Response<Incoming>, Error> {
+    async fn send_h2(&self, req: Request<Body>, opts: &ConnectOpts) -> Result<Response<Incoming>, Error> {
         let cached = || self.h2.lock().unwrap_or_else(|e| e.into_inner()).clone().filter(|s| !s.is_closed());
         let mut sender = match cached() {
             Some(s) => s,
@@ -203,8 +247,8 @@ impl Endpoint {
         sender.send_request(req).await.map_err(|source| Error::Request { addr: self.addr, source })
     }
 
-    async fn connect_h2(&self, opts: ConnectOpts) -> Result<http2::SendRequest<Body>, Error> {
-        let io = self.connect(opts).await?;
+    async fn connect_h2(&self, opts: &ConnectOpts) -> Result<http2::SendRequest<Body>, Error> {
+        let io = TokioIo::new(self.connect(opts, Tunnel::Http2).await?);
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Some(opts.idle_timeout / 3))
@@ -221,8 +265,32 @@ impl Endpoint {
         Ok(sender)
     }
 
-    /// A raw TCP connection (for HTTP and for opaque splices).
-    pub async fn connect_tcp(&self, timeout: Duration) -> Result<TcpStream, Error> {
+    /// Whether connections to this endpoint are mesh tunnels: it runs a proxy and this proxy
+    /// has an identity to present. Without one, traffic to a meshed endpoint goes in plain text
+    /// (accepted unless the peer's policy is STRICT).
+    pub fn is_tunneled(&self, mesh: Option<&MeshTls>) -> bool {
+        self.peer.identity.is_some() && mesh.is_some()
+    }
+
+    /// A connection carrying `tunnel` traffic: a mesh tunnel when `is_tunneled`, else plain TCP.
+    pub async fn connect(&self, opts: &ConnectOpts, tunnel: Tunnel) -> Result<UpstreamIo, Error> {
+        let tcp = self.connect_tcp(opts.connect_timeout).await?;
+        let (Some(identity), Some(mesh)) = (&self.peer.identity, &opts.mesh) else {
+            return Ok(Either::Left(tcp));
+        };
+        let timeout = opts.connect_timeout;
+        let tls_err = |source| Error::Tls { addr: self.addr, identity: identity.clone(), source };
+        let handshake = crate::tls::connect(tcp, identity, tunnel, mesh);
+        match tokio::time::timeout(timeout, handshake).await {
+            Ok(Ok(tls)) => Ok(Either::Right(tls)),
+            Ok(Err(source)) => Err(tls_err(source)),
+            Err(_) => {
+                Err(tls_err(std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")))
+            }
+        }
+    }
+
+    async fn connect_tcp(&self, timeout: Duration) -> Result<TcpStream, Error> {
         let addr = self.addr;
         let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
             .await
@@ -230,9 +298,5 @@ impl Endpoint {
             .map_err(|source| Error::Connect { addr, source })?;
         let _ = stream.set_nodelay(true);
         Ok(stream)
-    }
-
-    async fn connect(&self, opts: ConnectOpts) -> Result<TokioIo<TcpStream>, Error> {
-        Ok(TokioIo::new(self.connect_tcp(opts.connect_timeout).await?))
     }
 }

@@ -20,7 +20,7 @@ use super::{
 use crate::{
     balance::Policy,
     route::{Match, StrMatch},
-    upstream::Endpoint,
+    upstream::{Endpoint, Peer},
 };
 
 /// Why a config was rejected. `at` is the field path, e.g. `services[0].httpRoutes[2].route[1]`.
@@ -60,6 +60,8 @@ pub enum Error {
     BadStatus { at: String, code: u32 },
     #[error("{at}: redirect scheme must be http or https, not {scheme:?}")]
     BadScheme { at: String, scheme: String },
+    #[error("{at}: {why}")]
+    BadIdentity { at: String, why: String },
     #[error("{at}: {field} is not supported by this proxy yet")]
     Unsupported { at: String, field: &'static str },
 }
@@ -104,13 +106,23 @@ pub fn compile(config: pb::ProxyConfig, previous: Option<&Snapshot>) -> Result<S
                     value: ep.address.clone(),
                     why: "expected ip:port",
                 })?;
+                let identity = match ep.identity.as_str() {
+                    "" => None,
+                    id => Some(id.parse().map_err(|e: weft_identity::spiffe::Error| Error::BadIdentity {
+                        at: format!("{at}.endpoints[{k}].identity"),
+                        why: e.to_string(),
+                    })?),
+                };
+                let peer = Peer::new(identity, &ep.workload);
+                // An address listed twice keeps its first description.
                 let endpoint = endpoints
                     .entry(addr)
                     .or_insert_with(|| {
                         previous
                             .and_then(|p| p.endpoint(&addr))
+                            .filter(|e| e.peer == peer)
                             .cloned()
-                            .unwrap_or_else(|| Endpoint::new(addr))
+                            .unwrap_or_else(|| Endpoint::with_peer(addr, peer))
                     })
                     .clone();
                 eps.push((endpoint, ep.labels.clone()));

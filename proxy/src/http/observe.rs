@@ -19,7 +19,8 @@ use tower::{Layer, Service};
 use super::{Body, BoxError, Direction, headers::REQUEST_ID};
 use crate::{
     io::Activity,
-    metrics::{Metrics, RequestLabels},
+    metrics::{Metrics, PeerLabels, RequestLabels},
+    upstream::Peer,
 };
 
 /// What the router did, attached to the response for this layer.
@@ -29,6 +30,10 @@ pub struct ResponseInfo {
     pub service: Option<Arc<str>>,
     pub cluster: Option<Arc<str>>,
     pub upstream: Option<SocketAddr>,
+    /// Who runs at `upstream`, as the config says.
+    pub upstream_peer: Option<Peer>,
+    /// The request went upstream through a mesh tunnel.
+    pub upstream_tls: bool,
     /// Envoy-style response flags: `NR` no route, `UH` no healthy upstream, `UF` upstream connect
     /// failure, `UT` upstream timeout, `UC` upstream connection error, `DC` downstream closed
     /// early, `BR` bad request.
@@ -70,6 +75,14 @@ pub struct ObserveLayer {
     pub direction: Direction,
     /// The connection's activity: requests in flight and the head-read clock.
     pub activity: Arc<Activity>,
+    pub peers: Arc<ConnPeers>,
+}
+
+/// This proxy's workload, and the client proxy when the connection is a mesh tunnel.
+#[derive(Debug, Default)]
+pub struct ConnPeers {
+    pub local: Peer,
+    pub downstream: Option<Peer>,
 }
 
 impl<S> Layer<S> for ObserveLayer {
@@ -177,12 +190,20 @@ impl Done {
     fn finish(self, complete: bool) {
         let elapsed = self.start.elapsed();
         let flags = if !complete && self.info.flags.is_empty() { "DC" } else { self.info.flags };
+        let peers = &self.layer.peers;
+        let tls = peers.downstream.is_some() || self.info.upstream_tls;
         let labels = RequestLabels {
             direction: self.layer.direction.as_str(),
-            destination_service: self.info.service.as_deref().unwrap_or("unknown").to_owned(),
+            peers: PeerLabels::new(
+                self.layer.direction,
+                &peers.local,
+                peers.downstream.as_ref(),
+                self.info.upstream_peer.as_ref(),
+            ),
+            destination_service: self.info.service.clone().unwrap_or_else(|| Arc::from("unknown")),
             response_code: self.status,
             grpc_status: self.grpc_status.clone().unwrap_or_default(),
-            tls: "false",
+            tls,
         };
         self.layer.metrics.requests.get_or_create(&labels).inc();
         self.layer.metrics.request_duration.get_or_create(&labels).observe(elapsed.as_secs_f64());
@@ -201,6 +222,9 @@ impl Done {
                 "destination_service": self.info.service.as_deref(),
                 "cluster": self.info.cluster.as_deref(),
                 "upstream": self.info.upstream.map(|a| a.to_string()),
+                "tls": tls,
+                "peer_identity": peers.downstream.as_ref().map(|p| &*p.principal),
+                "upstream_identity": self.info.upstream_peer.as_ref().and_then(|p| p.identity.as_ref()).map(|id| id.to_string()),
                 "response_flags": flags,
                 "duration_ms": elapsed.as_secs_f64() * 1000.0,
                 "request_id": req.request_id.as_ref().and_then(|v| v.to_str().ok()),

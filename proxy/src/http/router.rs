@@ -30,7 +30,7 @@ use crate::{
     balance,
     config::{Action, Cluster, HttpRoute, Service, Snapshot, Target},
     route::{Match, RequestView, pick_weighted, redirect_location, rewrite_path, select},
-    upstream::{ConnectOpts, Endpoint, Proto},
+    upstream::{ConnectOpts, Endpoint, Peer, Proto},
 };
 
 /// What the proxy knows about a downstream connection.
@@ -43,6 +43,8 @@ pub struct ConnInfo {
     /// An explicit listener's fixed destination (`host`, `port`).
     pub target: Option<(String, u16)>,
     pub downstream: Proto,
+    /// The client proxy, when the connection is a mesh tunnel.
+    pub tunnel: Option<Peer>,
 }
 
 /// The outcome of routing, borrowed from the snapshot.
@@ -207,12 +209,12 @@ impl Router {
                     info,
                 };
                 let t = &self.shared.settings.timeouts;
-                self.send(
-                    req,
-                    plan,
-                    ConnectOpts { connect_timeout: t.connect, idle_timeout: t.upstream_idle },
-                )
-                .await
+                let opts = ConnectOpts {
+                    connect_timeout: t.connect,
+                    idle_timeout: t.upstream_idle,
+                    mesh: self.shared.identity.current(),
+                };
+                self.send(req, plan, opts).await
             }
             Decision::Route { service, route: None, port } => {
                 let info = ResponseInfo { service: Some(service.name.clone()), ..Default::default() };
@@ -294,6 +296,7 @@ impl Router {
         let opts = ConnectOpts {
             connect_timeout: cluster.connect_timeout.unwrap_or(self.shared.settings.timeouts.connect),
             idle_timeout: cluster.idle_timeout.unwrap_or(self.shared.settings.timeouts.upstream_idle),
+            mesh: self.shared.identity.current(),
         };
         self.send(req, Plan { endpoint, proto, route, matched, target, info }, opts).await
     }
@@ -313,6 +316,8 @@ impl Router {
     async fn send(&self, mut req: Request<Incoming>, plan: Plan<'_>, opts: ConnectOpts) -> Response<Body> {
         let Plan { endpoint, route, matched, target, mut info, .. } = plan;
         info.upstream = Some(endpoint.addr);
+        info.upstream_peer = Some(endpoint.peer.clone());
+        info.upstream_tls = endpoint.is_tunneled(opts.mesh.as_deref());
         let upgrade = self.conn.downstream == Proto::Http1 && is_upgrade(req.headers());
         let proto = if upgrade { Proto::Http1 } else { plan.proto };
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -359,6 +364,7 @@ impl Router {
         let pending = endpoint.load.start();
         let started = Instant::now();
         let timeout = route.and_then(|r| r.timeout);
+        let connect_timeout = opts.connect_timeout;
         let sent = endpoint.send(upstream_req, proto, opts);
         let result = match timeout {
             Some(t) => tokio::time::timeout(t, sent).await.map_err(|_| t),
@@ -374,7 +380,7 @@ impl Router {
                 tracing::debug!(%error, "upstream request failed");
                 if error.is_connect() {
                     // A failed endpoint looks slow, so the balancer steers away from it.
-                    endpoint.load.observe(opts.connect_timeout.max(Duration::from_secs(1)), Instant::now());
+                    endpoint.load.observe(connect_timeout.max(Duration::from_secs(1)), Instant::now());
                     return reply(StatusCode::SERVICE_UNAVAILABLE, "UF", "upstream connect error\n", info);
                 }
                 return reply(StatusCode::BAD_GATEWAY, "UC", "upstream connection error\n", info);
@@ -455,6 +461,7 @@ services:
             dst: dst.map(|d| d.parse().unwrap()),
             target: target.map(|(h, p)| (h.to_owned(), p)),
             downstream: Proto::Http1,
+            tunnel: None,
         }
     }
 

@@ -6,5 +6,6 @@ mod support;
 mod admin;
 mod hardening;
 mod lifecycle;
+mod mtls;
 mod protocols;
 mod routing;

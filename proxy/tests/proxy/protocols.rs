@@ -17,23 +17,6 @@ use weft_proxy::settings::ExplicitListener;
 
 use crate::support::*;
 
-/// A TCP server that reads until the client half-closes, then answers `got:<bytes>` and closes.
-async fn half_close_echo() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                s.read_to_end(&mut buf).await.unwrap();
-                s.write_all(b"got:").await.unwrap();
-                s.write_all(&buf).await.unwrap();
-            });
-        }
-    });
-    addr
-}
-
 /// A server that speaks first: a banner on accept, then echoes lines.
 async fn server_first() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -81,7 +64,7 @@ async fn opaque_tcp_is_detected_and_half_close_passes_through() {
 
     let metrics = admin(&proxy, http::Method::GET, "/metrics").await;
     let text = String::from_utf8_lossy(&metrics.body);
-    let labels = r#"{direction="explicit",destination_service="db",tls="false"}"#;
+    let labels = r#"{direction="explicit",source_workload="",source_namespace="",source_principal="",destination_workload="",destination_namespace="",destination_principal="",destination_service="db",tls="false"}"#;
     for want in [
         format!("weft_tcp_connections_opened_total{labels} 1"),
         format!("weft_tcp_connections_closed_total{labels} 1"),
@@ -309,7 +292,7 @@ async fn grpc_unary_and_streaming_keep_trailers() {
     // The metrics see grpc-status from the trailers.
     let metrics = admin(&proxy, http::Method::GET, "/metrics").await;
     let text = String::from_utf8_lossy(&metrics.body);
-    assert!(text.contains(r#"weft_requests_total{direction="explicit",destination_service="echo",response_code="200",grpc_status="13",tls="false"} 1"#), "{text}");
+    assert!(text.contains(r#"weft_requests_total{direction="explicit",source_workload="",source_namespace="",source_principal="",destination_workload="",destination_namespace="",destination_principal="",destination_service="echo",response_code="200",grpc_status="13",tls="false"} 1"#), "{text}");
     assert!(text.contains(r#"grpc_status="0",tls="false"} 2"#), "{text}");
 
     // One access log line per request, with the gRPC status.

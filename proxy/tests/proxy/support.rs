@@ -22,7 +22,11 @@ use http_body::Frame;
 use http_body_util::{BodyExt, Full};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::{net::TcpListener, sync::mpsc};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+    sync::mpsc,
+};
 use weft_proxy::{Handle, Settings, http::observe::AccessLog, metrics::Metrics};
 
 pub const DEADLINE: Duration = Duration::from_secs(10);
@@ -99,6 +103,23 @@ impl Drop for TestProxy {
 }
 
 // === Backends ===
+
+/// A TCP server that reads until the client half-closes, then answers `got:<bytes>` and closes.
+pub async fn half_close_echo() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                s.read_to_end(&mut buf).await.unwrap();
+                s.write_all(b"got:").await.unwrap();
+                s.write_all(&buf).await.unwrap();
+            });
+        }
+    });
+    addr
+}
 
 /// An HTTP backend (HTTP/1.1 and HTTP/2) that answers with a JSON echo of the request:
 /// `{"backend", "method", "uri", "version", "headers"}`. `/slow?ms=N` waits first;

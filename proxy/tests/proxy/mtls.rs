@@ -1,0 +1,265 @@
+//! Mesh mTLS between two in-process proxies, like a sidecar pair: the client's proxy (`out`)
+//! tunnels to the server's proxy (`inb`), which forwards to the backend in plain text.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use http::{Method, StatusCode};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+use weft_identity::{SpiffeId, ca::Issuer};
+use weft_proxy::{settings::ExplicitListener, tls::IdentityFiles};
+
+use crate::support::*;
+
+const DAY: Duration = Duration::from_secs(86_400);
+static DIRS: AtomicUsize = AtomicUsize::new(0);
+
+fn id(sa: &str) -> SpiffeId {
+    SpiffeId::new("cluster.local", "prod", sa).unwrap()
+}
+
+/// Writes a certificate for `sa` from `issuer`, its key and the issuer's root to a new directory.
+fn identity(issuer: &Issuer, sa: &str) -> IdentityFiles {
+    let dir = std::env::temp_dir().join(format!(
+        "weft-mtls-test-{}-{}",
+        std::process::id(),
+        DIRS.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let files = IdentityFiles {
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+        trust_bundle: dir.join("ca.crt"),
+    };
+    write_cert(issuer, sa, &files);
+    std::fs::write(&files.trust_bundle, issuer.root_pem()).unwrap();
+    files
+}
+
+fn write_cert(issuer: &Issuer, sa: &str, files: &IdentityFiles) {
+    let issued = issuer.issue(&id(sa), SystemTime::now(), DAY).unwrap();
+    replace(&files.key, issued.key_pem.as_bytes());
+    replace(&files.cert, issued.cert_pem.as_bytes());
+}
+
+/// Atomic replacement, as a writer of credentials must do.
+fn replace(path: &PathBuf, content: &[u8]) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, content).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// The server side: forwards `reviews` (HTTP, port 9080) and `db` (TCP, 9000) to plain backends.
+async fn inbound(
+    files: IdentityFiles,
+    http: SocketAddr,
+    tcp: SocketAddr,
+    target: Option<(&str, u16)>,
+) -> TestProxy {
+    let config = format!(
+        "services:\n  - name: reviews\n    ports: [{{number: 9080, endpoints: [{{address: \"{http}\"}}]}}]\n  - name: db\n    ports: [{{number: 9000, protocol: TCP, endpoints: [{{address: \"{tcp}\"}}]}}]\n"
+    );
+    let target = target.map(|(h, p)| (h.to_owned(), p));
+    TestProxy::start_with(&config, move |s| {
+        s.identity = Some(files);
+        s.workload = "reviews-v1".into();
+        s.explicit = vec![ExplicitListener { addr: "127.0.0.1:0".parse().unwrap(), target }];
+    })
+    .await
+}
+
+/// The client side: `reviews` and `db` are the inbound proxy, which runs as `server_identity`.
+async fn outbound(
+    files: Option<IdentityFiles>,
+    inb: SocketAddr,
+    server_identity: &SpiffeId,
+    h2: bool,
+) -> TestProxy {
+    let protocol = if h2 { "HTTP2" } else { "PROTOCOL_UNSPECIFIED" };
+    let endpoint = format!("{{address: \"{inb}\", identity: \"{server_identity}\", workload: reviews-v1}}");
+    let config = format!(
+        "services:\n  - name: reviews\n    ports: [{{number: 9080, protocol: {protocol}, endpoints: [{endpoint}]}}]\n  - name: db\n    ports: [{{number: 9000, protocol: TCP, endpoints: [{endpoint}]}}]\n"
+    );
+    TestProxy::start_with(&config, move |s| {
+        s.identity = files;
+        s.workload = "productpage".into();
+        s.namespace = "prod".into();
+        s.explicit = vec![
+            ExplicitListener { addr: "127.0.0.1:0".parse().unwrap(), target: None },
+            ExplicitListener { addr: "127.0.0.1:0".parse().unwrap(), target: Some(("db".into(), 9000)) },
+        ];
+    })
+    .await
+}
+
+async fn metrics(proxy: &TestProxy) -> String {
+    String::from_utf8(admin(proxy, Method::GET, "/metrics").await.body.to_vec()).unwrap()
+}
+
+/// The value of the first sample whose line contains every one of `parts`.
+fn sample(text: &str, parts: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| parts.iter().all(|p| l.contains(p)))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[tokio::test]
+async fn http_crosses_the_tunnel_and_both_sides_name_each_other() {
+    let issuer = Issuer::new_root("cluster.local", SystemTime::now(), DAY).unwrap();
+    let (backend, echo) = (backend("reviews").await, half_close_echo().await);
+    let inb = inbound(identity(&issuer, "reviews"), backend.addr, echo, None).await;
+    for h2 in [false, true] {
+        let out = outbound(Some(identity(&issuer, "productpage")), inb.addr(), &id("reviews"), h2).await;
+        let reply = if h2 {
+            H2::connect(out.addr()).await.get("reviews:9080", "/h2").await
+        } else {
+            H1::connect(out.addr()).await.get("reviews:9080", "/h1").await
+        };
+        assert_eq!(reply.status, StatusCode::OK, "h2={h2}: {reply:?}");
+        assert_eq!(reply.backend(), "reviews");
+
+        let client = metrics(&out).await;
+        let want = [
+            "weft_requests_total{",
+            "source_workload=\"productpage\"",
+            "source_principal=\"spiffe://cluster.local/ns/prod/sa/productpage\"",
+            "destination_workload=\"reviews-v1\"",
+            "destination_principal=\"spiffe://cluster.local/ns/prod/sa/reviews\"",
+            "tls=\"true\"",
+        ];
+        assert_eq!(sample(&client, &want), Some(1.0), "h2={h2}: client side:\n{client}");
+    }
+    let server = metrics(&inb).await;
+    let want = [
+        "weft_requests_total{",
+        "source_principal=\"spiffe://cluster.local/ns/prod/sa/productpage\"",
+        "source_namespace=\"prod\"",
+        "destination_workload=\"reviews-v1\"",
+        "destination_principal=\"spiffe://cluster.local/ns/prod/sa/reviews\"",
+        "response_code=\"200\"",
+        "tls=\"true\"",
+    ];
+    assert_eq!(sample(&server, &want), Some(2.0), "server side, HTTP/1.1 and HTTP/2:\n{server}");
+    let tunnels = sample(&server, &["weft_tls_handshakes_total{", "side=\"accept\"", "result=\"ok\""]);
+    assert_eq!(tunnels, Some(2.0), "one tunnel per client proxy:\n{server}");
+}
+
+#[tokio::test]
+async fn opaque_tcp_crosses_the_tunnel_with_half_close() {
+    let issuer = Issuer::new_root("cluster.local", SystemTime::now(), DAY).unwrap();
+    let (backend, echo) = (backend("reviews").await, half_close_echo().await);
+    // The server side treats everything arriving on its listener as `db` traffic.
+    let inb = inbound(identity(&issuer, "reviews"), backend.addr, echo, Some(("db", 9000))).await;
+    let out = outbound(Some(identity(&issuer, "productpage")), inb.addr(), &id("reviews"), false).await;
+    let mut s = TcpStream::connect(out.handle.explicit_addrs[1]).await.unwrap();
+    s.write_all(b"\x00\x01binary").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    within("echo through the tunnel", s.read_to_end(&mut got)).await.unwrap();
+    assert_eq!(got, b"got:\x00\x01binary");
+    let server = metrics(&inb).await;
+    let opened = ["weft_tcp_connections_opened_total{", "productpage", "tls=\"true\""];
+    assert_eq!(sample(&server, &opened), Some(1.0), "{server}");
+}
+
+#[tokio::test]
+async fn a_server_with_another_identity_or_root_gets_no_request() {
+    let issuer = Issuer::new_root("cluster.local", SystemTime::now(), DAY).unwrap();
+    let foreign = Issuer::new_root("cluster.local", SystemTime::now(), DAY).unwrap();
+    let (backend, echo) = (backend("reviews").await, half_close_echo().await);
+    let inb = inbound(identity(&issuer, "reviews"), backend.addr, echo, None).await;
+    let cases = [
+        ("the config expects ratings", identity(&issuer, "productpage"), id("ratings")),
+        ("the client's certificate is from another root", identity(&foreign, "productpage"), id("reviews")),
+    ];
+    for (why, files, expected) in cases {
+        let out = outbound(Some(files), inb.addr(), &expected, false).await;
+        let reply = H1::connect(out.addr()).await.get("reviews:9080", "/").await;
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{why}: {reply:?}");
+    }
+    assert_eq!(backend.hits.load(Ordering::Relaxed), 0);
+    let failed =
+        sample(&metrics(&inb).await, &["weft_tls_handshakes_total{", "side=\"accept\"", "result=\"error\""]);
+    assert_eq!(failed, Some(2.0));
+}
+
+#[tokio::test]
+async fn tls_not_meant_for_the_mesh_passes_through_byte_for_byte() {
+    let issuer = Issuer::new_root("cluster.local", SystemTime::now(), DAY).unwrap();
+    let (backend, echo) = (backend("reviews").await, half_close_echo().await);
+    let inb = inbound(identity(&issuer, "reviews"), backend.addr, echo, Some(("db", 9000))).await;
+    // The app's own TLS: a ClientHello offering `h2`, not a `weft/*` tunnel.
+    let mut config =
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let mut conn =
+        rustls::ClientConnection::new(Arc::new(config), "app.example".try_into().unwrap()).unwrap();
+    let mut hello = Vec::new();
+    conn.write_tls(&mut hello).unwrap();
+
+    let mut s = TcpStream::connect(inb.addr()).await.unwrap();
+    s.write_all(&hello).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    within("passthrough echo", s.read_to_end(&mut got)).await.unwrap();
+    assert_eq!(got, [b"got:".as_slice(), &hello].concat());
+}
+
+#[tokio::test]
+async fn bad_identity_files_keep_the_running_identity() {
+    let issuer = Issuer::new_root("cluster.local", SystemTime::now(), DAY).unwrap();
+    let (backend, echo) = (backend("reviews").await, half_close_echo().await);
+    let files = identity(&issuer, "reviews");
+    let inb = inbound(files.clone(), backend.addr, echo, None).await;
+    assert_eq!(admin(&inb, Method::GET, "/ready").await.status, StatusCode::OK);
+
+    replace(&files.cert, b"not a certificate");
+    let errors = ["weft_identity_reloads_total{", "result=\"error\""];
+    within("the bad file is noticed", async {
+        while sample(&metrics(&inb).await, &errors).is_none() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // Still ready, and still the same identity.
+    assert_eq!(admin(&inb, Method::GET, "/ready").await.status, StatusCode::OK);
+    let out = outbound(Some(identity(&issuer, "productpage")), inb.addr(), &id("reviews"), false).await;
+    let reply = H1::connect(out.addr()).await.get("reviews:9080", "/").await;
+    assert_eq!(reply.status, StatusCode::OK, "the running identity still serves");
+
+    write_cert(&issuer, "reviews", &files);
+    let loaded = ["weft_identity_reloads_total{", "result=\"ok\""];
+    within("the renewed certificate loads", async {
+        while sample(&metrics(&inb).await, &loaded) != Some(2.0) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn without_loadable_identity_files_the_proxy_is_not_ready() {
+    let dir = std::env::temp_dir().join(format!("weft-mtls-missing-{}", std::process::id()));
+    let files = IdentityFiles { cert: dir.join("c"), key: dir.join("k"), trust_bundle: dir.join("b") };
+    let proxy = TestProxy::start_with("services: []\n", |s| s.identity = Some(files)).await;
+    let ready = admin(&proxy, Method::GET, "/ready").await;
+    assert_eq!(
+        (ready.status, &ready.body[..]),
+        (StatusCode::SERVICE_UNAVAILABLE, &b"no identity loaded\n"[..])
+    );
+}
