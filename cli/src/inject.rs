@@ -51,6 +51,7 @@ fn inject_object(
     let kind = value["kind"].as_str().unwrap_or_default().to_owned();
     let object = format!("{}/{}", kind, value["metadata"]["name"].as_str().unwrap_or("?"));
     let namespace = value["metadata"]["namespace"].as_str().map(str::to_owned);
+    let name = value["metadata"]["name"].as_str().map(str::to_owned);
     let template_path: &[&str] = match kind.as_str() {
         "Pod" => &[],
         "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "Job" | "ReplicationController" => {
@@ -71,7 +72,7 @@ fn inject_object(
         }
     };
     let template = template_path.iter().fold(value, |value, key| &mut value[*key]);
-    let result = inject_template(template, namespace, config).map_err(|error| match error {
+    let result = inject_template(template, namespace, name, config).map_err(|error| match error {
         TemplateError::Inject(source) => Error::Inject { document, object: object.clone(), source },
         TemplateError::Field(field, source) => {
             Error::Template { document, object: object.clone(), field, source }
@@ -90,11 +91,13 @@ enum TemplateError {
     Field(&'static str, serde_json::Error),
 }
 
-/// Injects a `{metadata, spec}` value in place. The template's namespace is the workload's, for
-/// the namespace exclusions, and is not written into the template.
+/// Injects a `{metadata, spec}` value in place. The template's namespace and name are the
+/// workload's, for the namespace exclusions and the proxy's workload name, and are not written
+/// into the template.
 fn inject_template(
     template: &mut Value,
     namespace: Option<String>,
+    name: Option<String>,
     config: &InjectConfig,
 ) -> Result<Option<SkipReason>, TemplateError> {
     let field = |name: &'static str| move |source| TemplateError::Field(name, source);
@@ -105,12 +108,16 @@ fn inject_template(
     };
     let mut meta: ObjectMeta = serde_json::from_value(take("metadata")).map_err(field("metadata"))?;
     let mut spec: PodSpec = serde_json::from_value(take("spec")).map_err(field("spec"))?;
-    let own_namespace = meta.namespace.clone();
+    let (own_namespace, own_name) = (meta.namespace.clone(), meta.name.clone());
     if own_namespace.is_none() {
         meta.namespace = namespace;
     }
+    // A template has no owner yet, so its pods' workload is the object that holds it.
+    if own_name.is_none() && meta.generate_name.is_none() {
+        meta.name = name;
+    }
     let result = inject_into(&mut meta, &mut spec, config).map_err(TemplateError::Inject)?;
-    meta.namespace = own_namespace;
+    (meta.namespace, meta.name) = (own_namespace, own_name);
     template["metadata"] = serde_json::to_value(&meta).map_err(field("metadata"))?;
     template["spec"] = serde_json::to_value(&spec).map_err(field("spec"))?;
     Ok(result)

@@ -75,6 +75,17 @@ fn injects_every_workload_kind_and_passes_other_objects_through() {
     );
 
     assert!(docs[0]["spec"]["template"]["metadata"]["annotations"]["weft.dev/injected"].is_string());
+    let proxy_env = |template: &Value| {
+        let proxy = &template["spec"]["initContainers"][1];
+        let env = proxy["env"].as_array().unwrap();
+        env.iter().find(|e| e["name"] == "WEFT_WORKLOAD").map(|e| e["value"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(proxy_env(&template(&docs[0], &["spec", "template"])).as_deref(), Some("web"), "Deployment");
+    assert_eq!(proxy_env(&docs[5]).as_deref(), docs[5]["metadata"]["name"].as_str(), "Pod");
+    assert!(
+        docs[0]["spec"]["template"]["metadata"].get("name").is_none(),
+        "no name is written into a template"
+    );
     assert!(
         docs[0]["spec"]["template"]["metadata"].get("namespace").is_none(),
         "no namespace is written into a template"

@@ -6,6 +6,12 @@ use anyhow::Context as _;
 use clap::Parser;
 use weft_operator::{Config, LeaseConfig, WebhookCertConfig, controllers::Debounce, index::Settings};
 
+/// A trust domain that can head a SPIFFE ID.
+fn trust_domain(text: &str) -> Result<String, String> {
+    weft_identity::SpiffeId::new(text, "default", "default").map_err(|e| e.to_string())?;
+    Ok(text.to_owned())
+}
+
 /// A duration such as `2160h`, `90m` or `30s`.
 fn parse_duration(text: &str) -> Result<Duration, String> {
     weft_api::Duration::new(text).parse().map_err(|e| e.to_string())
@@ -26,6 +32,9 @@ struct Args {
     /// Services are <name>.<namespace>.svc.<domain>.
     #[arg(long, env = "WEFT_CLUSTER_DOMAIN", default_value = "cluster.local")]
     cluster_domain: String,
+    /// SPIFFE trust domain: a meshed endpoint's identity is spiffe://<domain>/ns/<ns>/sa/<sa>.
+    #[arg(long, env = "WEFT_TRUST_DOMAIN", default_value = "cluster.local", value_parser = trust_domain)]
+    trust_domain: String,
     /// The mesh's root namespace: selector-less PeerAuthentication and AuthorizationPolicy here
     /// apply mesh-wide. Also where the leader Lease lives.
     #[arg(long, env = "POD_NAMESPACE", default_value = "weft-system")]
@@ -76,6 +85,7 @@ impl Args {
             grpc_addr,
             admin_addr,
             cluster_domain,
+            trust_domain,
             namespace,
             watch_namespace,
             identity,
@@ -101,7 +111,7 @@ impl Args {
         Config {
             grpc_addr,
             admin_addr,
-            index: Settings { cluster_domain, root_namespace: namespace.clone() },
+            index: Settings { cluster_domain, root_namespace: namespace.clone(), trust_domain },
             watch_namespace,
             debounce: Debounce {
                 quiet: Duration::from_millis(debounce_ms),
@@ -142,4 +152,15 @@ async fn main() -> anyhow::Result<()> {
     handle.shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_trust_domain_flag_reaches_the_index() {
+        let args = Args::try_parse_from(["weft-operator", "--trust-domain=example.org"]).unwrap();
+        assert_eq!(args.config().index.trust_domain, "example.org");
+    }
 }

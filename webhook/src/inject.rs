@@ -17,17 +17,20 @@ use k8s_openapi::{
     apimachinery::pkg::{api::resource::Quantity, apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 use serde::Serialize;
-use weft_api::labels::{
-    EXCLUDE_INBOUND_PORTS_ANNOTATION, EXCLUDE_OUTBOUND_CIDRS_ANNOTATION, EXCLUDE_OUTBOUND_PORTS_ANNOTATION,
-    INJECT_ANNOTATION, INJECTED_ANNOTATION, PROXY_CPU_ANNOTATION, PROXY_MEMORY_ANNOTATION,
+pub use weft_api::workload::PROXY_CONTAINER;
+use weft_api::{
+    labels::{
+        EXCLUDE_INBOUND_PORTS_ANNOTATION, EXCLUDE_OUTBOUND_CIDRS_ANNOTATION,
+        EXCLUDE_OUTBOUND_PORTS_ANNOTATION, INJECT_ANNOTATION, INJECTED_ANNOTATION, PROXY_CPU_ANNOTATION,
+        PROXY_MEMORY_ANNOTATION,
+    },
+    workload::{is_meshed, workload_name},
 };
 
 use crate::config::InjectConfig;
 
 /// Name of the init container that installs traffic redirection.
 pub const INIT_CONTAINER: &str = "weft-init";
-/// Name of the proxy container.
-pub const PROXY_CONTAINER: &str = "weft-proxy";
 /// The projected ServiceAccount token the proxy presents to the CA.
 pub const TOKEN_VOLUME: &str = "weft-token";
 pub const TOKEN_DIR: &str = "/var/run/secrets/weft/tokens";
@@ -111,7 +114,7 @@ pub fn inject_into(
     check_names_free(spec)?;
 
     let init = init_container(&redirect, &resources, config);
-    let proxy = proxy_container(resources, config);
+    let proxy = proxy_container(resources, workload_name(meta), config);
     let init_containers = spec.init_containers.get_or_insert_with(Vec::new);
     let mut status = InjectionStatus { version: env!("CARGO_PKG_VERSION"), ..InjectionStatus::default() };
     if config.native_sidecar {
@@ -144,17 +147,11 @@ pub fn inject_into(
 
 fn skip_reason(meta: &ObjectMeta, spec: &PodSpec, config: &InjectConfig) -> Option<SkipReason> {
     let annotation = |key: &str| meta.annotations.as_ref().and_then(|a| a.get(key)).map(String::as_str);
-    let has_proxy = |containers: Option<&Vec<Container>>| {
-        containers.is_some_and(|containers| containers.iter().any(|c| c.name == PROXY_CONTAINER))
-    };
     if spec.host_network == Some(true) {
         Some(SkipReason::HostNetwork)
     } else if matches!(annotation(INJECT_ANNOTATION), Some("false" | "disabled")) {
         Some(SkipReason::OptedOut)
-    } else if annotation(INJECTED_ANNOTATION).is_some()
-        || has_proxy(Some(&spec.containers))
-        || has_proxy(spec.init_containers.as_ref())
-    {
+    } else if is_meshed(meta, Some(spec)) {
         Some(SkipReason::AlreadyInjected)
     } else if meta.namespace.as_ref().is_some_and(|ns| config.excluded_namespaces.contains(ns)) {
         Some(SkipReason::ExcludedNamespace)
@@ -378,7 +375,7 @@ fn init_container(redirect: &Redirect, resources: &ResourceRequirements, config:
     }
 }
 
-fn proxy_container(resources: ResourceRequirements, config: &InjectConfig) -> Container {
+fn proxy_container(resources: ResourceRequirements, workload: &str, config: &InjectConfig) -> Container {
     let admin_probe = |path: &str, period: i32, failures: i32| Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.to_owned()),
@@ -464,6 +461,11 @@ fn proxy_container(resources: ResourceRequirements, config: &InjectConfig) -> Co
         ]),
         ..Container::default()
     };
+    // The downward API cannot expose owners, so the name is fixed at injection. Unknown (a bare
+    // template) leaves it out rather than naming the workload "".
+    if !workload.is_empty() {
+        container.env.get_or_insert_with(Vec::new).push(value("WEFT_WORKLOAD", workload.to_owned()));
+    }
     if config.native_sidecar {
         container.restart_policy = Some("Always".to_owned());
     } else {

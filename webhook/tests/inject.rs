@@ -49,9 +49,13 @@ fn skips_what_must_not_be_injected() {
 #[test]
 fn injects_redirection_the_native_sidecar_and_volumes() {
     let config = InjectConfig::default();
-    for file in
-        ["plain.yaml", "with-init-containers.yaml", "exclusion-annotations.yaml", "escaped-names.yaml"]
-    {
+    for file in [
+        "plain.yaml",
+        "with-init-containers.yaml",
+        "exclusion-annotations.yaml",
+        "escaped-names.yaml",
+        "from-deployment.yaml",
+    ] {
         let original = fixture(file);
         let (pod, _) = injected(&original, &config);
         let spec = pod.spec.as_ref().unwrap();
@@ -103,6 +107,31 @@ fn injects_redirection_the_native_sidecar_and_volumes() {
             assert_eq!(annotations.get(key), Some(value), "{file}: kept annotation {key}");
         }
     }
+}
+
+fn env<'a>(container: &'a Container, name: &str) -> Option<&'a str> {
+    container.env.iter().flatten().find(|e| e.name == name).and_then(|e| e.value.as_deref())
+}
+
+#[test]
+fn the_proxy_is_told_its_workload() {
+    let config = InjectConfig::default();
+    for (file, workload) in [
+        // Owned by ReplicaSet checkout-6f7d9c4b8d with that pod-template-hash: the Deployment.
+        ("from-deployment.yaml", "checkout"),
+        // No owner: the pod itself.
+        ("plain.yaml", "web"),
+    ] {
+        let (pod, _) = injected(&fixture(file), &config);
+        let init = pod.spec.unwrap().init_containers.unwrap();
+        assert_eq!(env(container(&init, PROXY_CONTAINER), "WEFT_WORKLOAD"), Some(workload), "{file}");
+    }
+
+    // Without native sidecars the proxy is a regular container, told the same.
+    let config = InjectConfig { native_sidecar: false, ..config };
+    let (pod, _) = injected(&fixture("from-deployment.yaml"), &config);
+    let proxy = container(&pod.spec.as_ref().unwrap().containers, PROXY_CONTAINER);
+    assert_eq!(env(proxy, "WEFT_WORKLOAD"), Some("checkout"));
 }
 
 #[test]

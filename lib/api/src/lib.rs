@@ -9,7 +9,8 @@
 //! accepted after changing its `apiVersion`. Validation lives in the generated schema (bounds,
 //! enums, patterns and CEL rules), so the apiserver rejects bad input with a message naming the
 //! field. [`crds()`] is the one source of the CustomResourceDefinitions; `cargo xtask codegen`
-//! writes it to `crds/` and the chart.
+//! writes it to `crds/` and the chart. [`workload`] reads what a pod is to the mesh (its workload,
+//! whether it is meshed) the same way for the injector and the operator.
 
 mod crds;
 pub mod duration;
@@ -18,6 +19,7 @@ pub mod networking;
 mod schema;
 pub mod security;
 pub mod status;
+pub mod workload;
 
 pub use crds::{CrdManifest, crd_manifests, crds};
 pub use duration::Duration;

@@ -7,7 +7,7 @@
 //! ```text
 //! [ VirtualService ] --hosts--> [ Service ] <--host-- [ DestinationRule (subsets) ]
 //!                                   |
-//!                    [ EndpointSlice ] --targetRef--> [ Pod (labels, serviceAccount) ]
+//!                    [ EndpointSlice ] --targetRef--> [ Pod (labels, serviceAccount, meshed, workload) ]
 //!                                                          ^
 //!            [ PeerAuthentication / AuthorizationPolicy ] -+- selector
 //! ```
@@ -30,6 +30,7 @@ use weft_api::{
     AuthorizationPolicy, DestinationRule, PeerAuthentication, Status, VirtualService,
     networking::{DestinationRuleSpec, VirtualServiceSpec},
     security::{AuthorizationPolicySpec, PeerAuthenticationSpec},
+    workload::{is_meshed, workload_name},
 };
 use weft_proto::v1 as pb;
 
@@ -156,11 +157,17 @@ pub struct Settings {
     pub cluster_domain: String,
     /// PeerAuthentication here without a selector applies mesh-wide.
     pub root_namespace: String,
+    /// SPIFFE trust domain of meshed endpoints' identities: `spiffe://<domain>/ns/<ns>/sa/<sa>`.
+    pub trust_domain: String,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { cluster_domain: "cluster.local".into(), root_namespace: "weft-system".into() }
+        Settings {
+            cluster_domain: "cluster.local".into(),
+            root_namespace: "weft-system".into(),
+            trust_domain: "cluster.local".into(),
+        }
     }
 }
 
@@ -208,7 +215,7 @@ pub(crate) struct Slice {
 pub(crate) struct SliceEndpoint {
     pub addresses: Vec<String>,
     pub ready: bool,
-    /// The pod behind it (targetRef of kind Pod), for labels.
+    /// The pod behind it (targetRef of kind Pod), for labels, identity and workload.
     pub pod: Option<String>,
 }
 
@@ -216,6 +223,10 @@ pub(crate) struct SliceEndpoint {
 pub(crate) struct PodInfo {
     pub labels: BTreeMap<String, String>,
     pub service_account: String,
+    /// A Weft proxy runs beside it: peers originate mTLS to it.
+    pub meshed: bool,
+    /// Its Deployment, StatefulSet, ... name (see [`weft_api::workload::workload_name`]).
+    pub workload: String,
 }
 
 /// Everything the controllers have seen, translated into what the resolution reads. One task
@@ -242,7 +253,8 @@ impl Index {
     }
 
     /// Applies one change. Returns whether anything the resolution reads changed (a Pod status
-    /// update that leaves labels and service account alone returns false).
+    /// update that leaves labels, service account, mesh membership and workload alone returns
+    /// false).
     pub fn change(&mut self, change: Change) -> bool {
         match change {
             Change::Apply(obj) => self.apply(obj),
@@ -453,5 +465,7 @@ fn translate_pod(pod: &Pod) -> PodInfo {
             .as_ref()
             .and_then(|s| s.service_account_name.clone())
             .unwrap_or_else(|| "default".into()),
+        meshed: is_meshed(&pod.metadata, pod.spec.as_ref()),
+        workload: workload_name(&pod.metadata).to_owned(),
     }
 }

@@ -12,6 +12,7 @@ use weft_api::{
     networking::{self as net, Destination, DestinationRuleSpec, StringMatch, VirtualServiceSpec},
     security::{self as sec, MtlsMode, WorkloadSelector},
 };
+use weft_identity::SpiffeId;
 use weft_proto::v1 as pb;
 
 use super::{Crd, Index, Key, Kind, PodInfo, Slice};
@@ -273,27 +274,40 @@ impl Index {
     }
 
     /// The ready endpoints of one service port, deduplicated across slices, sorted by address.
+    /// An endpoint whose pod is unknown (not listed yet, or not a pod) has no labels, no identity
+    /// and no workload.
     fn endpoints(&self, ns: &str, slices: &[&Slice], port_name: &str) -> Vec<pb::Endpoint> {
-        let mut found: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        let mut found: BTreeMap<String, pb::Endpoint> = BTreeMap::new();
         for slice in slices {
             let Some(&(_, target)) = slice.ports.iter().find(|(name, _)| name == port_name) else {
                 continue;
             };
             for ep in slice.endpoints.iter().filter(|e| e.ready) {
-                let labels = ep
-                    .pod
-                    .as_ref()
-                    .and_then(|p| self.pods.get(&Key::new(ns, p.as_str())))
-                    .map(|p| p.labels.clone())
+                let pod = ep.pod.as_ref().and_then(|p| self.pods.get(&Key::new(ns, p.as_str())));
+                let template = pod
+                    .map(|pod| pb::Endpoint {
+                        labels: pod.labels.clone(),
+                        identity: if pod.meshed { self.identity(ns, pod) } else { String::new() },
+                        workload: pod.workload.clone(),
+                        ..pb::Endpoint::default()
+                    })
                     .unwrap_or_default();
                 for ip in &ep.addresses {
                     let address =
                         if ip.contains(':') { format!("[{ip}]:{target}") } else { format!("{ip}:{target}") };
-                    found.insert(address, labels.clone());
+                    found.insert(address.clone(), pb::Endpoint { address, ..template.clone() });
                 }
             }
         }
-        found.into_iter().map(|(address, labels)| pb::Endpoint { address, labels }).collect()
+        found.into_values().collect()
+    }
+
+    /// The SPIFFE ID a meshed pod's proxy holds a certificate for (empty if the names do not
+    /// form one; the apiserver's name rules and the flag's check make that unreachable).
+    fn identity(&self, ns: &str, pod: &PodInfo) -> String {
+        SpiffeId::new(&self.settings.trust_domain, ns, &pod.service_account)
+            .map(|id| id.to_string())
+            .unwrap_or_default()
     }
 
     fn routes(

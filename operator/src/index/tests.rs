@@ -65,6 +65,13 @@ fn mk_pod(ns: &str, name: &str, labels: Value) -> Object {
     Object::Pod(Box::new(pod))
 }
 
+/// A pod from its whole metadata (namespace added) and spec.
+fn mk_pod_from(ns: &str, mut metadata: Value, spec: Value) -> Object {
+    metadata["namespace"] = ns.into();
+    let pod: Pod = serde_json::from_value(json!({"metadata": metadata, "spec": spec})).unwrap();
+    Object::Pod(Box::new(pod))
+}
+
 fn mk_vs(ns: &str, name: &str, created: i64, spec: Value) -> Object {
     let vs: VirtualService =
         serde_json::from_value(json!({"metadata": meta(ns, name, created), "spec": spec})).unwrap();
@@ -474,6 +481,105 @@ fn endpoint_churn_and_resets() {
     assert!(index.change(Change::Delete(Kind::EndpointSlice, Key::new(NS, "reviews-z"))));
     assert!(eps(&index).is_empty());
     proxy_accepts(&index.resolve());
+}
+
+/// `reviews-v1` as its Deployment's ReplicaSet creates it, with the injector's annotation.
+fn meshed_reviews_v1() -> Object {
+    mk_pod_from(
+        NS,
+        json!({
+            "name": "reviews-v1",
+            "labels": {"app": "reviews", "version": "v1", "pod-template-hash": "5d8f9c"},
+            "annotations": {"weft.dev/injected": "{}"},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "reviews-v1-5d8f9c",
+                                 "uid": "u1", "controller": true}],
+        }),
+        json!({"serviceAccountName": "reviews", "containers": [{"name": "app"}]}),
+    )
+}
+
+/// `(address, identity, workload)` of the endpoints of `reviews`.
+fn reviews_endpoints(index: &Index) -> Vec<(String, String, String)> {
+    let r = index.resolve();
+    proxy_accepts(&r);
+    let endpoints = &r.services[REVIEWS].ports[0].endpoints;
+    endpoints.iter().map(|e| (e.address.clone(), e.identity.clone(), e.workload.clone())).collect()
+}
+
+fn triples(expected: &[(&str, &str, &str)]) -> Vec<(String, String, String)> {
+    expected.iter().map(|(a, i, w)| (a.to_string(), i.to_string(), w.to_string())).collect()
+}
+
+#[test]
+fn meshed_endpoints_carry_their_identity_and_every_endpoint_its_workload() {
+    let mut index = bookinfo();
+    assert!(index.apply(meshed_reviews_v1()));
+    // A slice endpoint whose pod the index has not seen: an address only.
+    index.apply(mk_slice(NS, "reviews-b", "reviews", "http", 8080, &[("10.1.0.3", "reviews-v3", true)]));
+    assert_eq!(
+        reviews_endpoints(&index),
+        triples(&[
+            ("10.1.0.1:8080", "spiffe://cluster.local/ns/shop/sa/reviews", "reviews-v1"),
+            ("10.1.0.2:8080", "", "reviews-v2"),
+            ("10.1.0.3:8080", "", ""),
+        ])
+    );
+    let labels = &index.resolve().services[REVIEWS].ports[0].endpoints[0].labels;
+    assert_eq!(labels["version"], "v1", "labels are kept alongside");
+}
+
+#[test]
+fn identities_use_the_configured_trust_domain_and_the_default_service_account() {
+    let settings = Settings { trust_domain: "prod.example.org".into(), ..Settings::default() };
+    let mut index = Index::new(settings);
+    index.apply(mk_service(NS, "reviews", "10.0.0.10", &[("http", 9080)]));
+    index.apply(meshed_reviews_v1());
+    // Meshed by its native sidecar alone (the annotation stripped), no serviceAccountName.
+    index.apply(mk_pod_from(
+        NS,
+        json!({"name": "reviews-v2"}),
+        json!({"initContainers": [{"name": "weft-proxy"}], "containers": [{"name": "app"}]}),
+    ));
+    index.apply(mk_slice(
+        NS,
+        "reviews-a",
+        "reviews",
+        "http",
+        8080,
+        &[("10.1.0.1", "reviews-v1", true), ("10.1.0.2", "reviews-v2", true)],
+    ));
+    assert_eq!(
+        reviews_endpoints(&index),
+        triples(&[
+            ("10.1.0.1:8080", "spiffe://prod.example.org/ns/shop/sa/reviews", "reviews-v1"),
+            ("10.1.0.2:8080", "spiffe://prod.example.org/ns/shop/sa/default", "reviews-v2"),
+        ])
+    );
+}
+
+#[test]
+fn a_pod_update_that_only_changes_mesh_membership_is_a_change() {
+    let mut index = bookinfo();
+    let v2 = |annotations: Value, init_containers: Value| {
+        mk_pod_from(
+            NS,
+            json!({"name": "reviews-v2", "labels": {"app": "reviews", "version": "v2"}, "annotations": annotations}),
+            json!({"serviceAccountName": "reviews", "initContainers": init_containers, "containers": [{"name": "app"}]}),
+        )
+    };
+    let v2_identity = |index: &Index| reviews_endpoints(index)[1].1.clone();
+    assert_eq!(v2_identity(&index), "");
+
+    assert!(index.apply(v2(json!({"weft.dev/injected": "{}"}), json!([{"name": "weft-proxy"}]))));
+    assert_eq!(v2_identity(&index), "spiffe://cluster.local/ns/shop/sa/reviews");
+    // An annotation that does not change membership changes nothing the resolution reads.
+    assert!(!index.apply(v2(json!({"example.com/note": "x"}), json!([{"name": "weft-proxy"}]))));
+    // Neither the annotation nor the proxy: no longer meshed.
+    assert!(index.apply(v2(json!({}), json!([]))));
+    assert_eq!(v2_identity(&index), "");
+    // The annotation alone: meshed again.
+    assert!(index.apply(v2(json!({"weft.dev/injected": "{}"}), json!([]))));
+    assert_eq!(v2_identity(&index), "spiffe://cluster.local/ns/shop/sa/reviews");
 }
 
 #[test]

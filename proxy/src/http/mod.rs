@@ -96,3 +96,52 @@ impl<G> http_body::Body for WithGuard<G> {
         self.inner.size_hint()
     }
 }
+
+pin_project_lite::pin_project! {
+    /// Ends a response body with an error once the route's deadline passes, so the route
+    /// timeout bounds the whole response (as Envoy's does), not only the wait for its headers.
+    /// The client then sees the stream reset (HTTP/2) or the connection closed (HTTP/1.1).
+    pub struct Deadline {
+        #[pin]
+        inner: Body,
+        #[pin]
+        sleep: tokio::time::Sleep,
+        expired: bool,
+    }
+}
+
+impl Deadline {
+    pub fn new(inner: Body, deadline: tokio::time::Instant) -> Self {
+        Deadline { inner, sleep: tokio::time::sleep_until(deadline), expired: false }
+    }
+}
+
+impl http_body::Body for Deadline {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        if *this.expired {
+            return std::task::Poll::Ready(None);
+        }
+        if this.sleep.poll(cx).is_ready() {
+            *this.expired = true;
+            return std::task::Poll::Ready(Some(Err(
+                "route timeout passed while the response was streaming".into(),
+            )));
+        }
+        this.inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.expired || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}

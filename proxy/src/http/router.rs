@@ -21,7 +21,7 @@ use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
 use super::{
-    Body, Direction, WithGuard, boxed, empty, full,
+    Body, Deadline, Direction, WithGuard, boxed, empty, full,
     headers::{ambiguous_framing, is_upgrade, strip_hop_by_hop},
     observe::ResponseInfo,
 };
@@ -363,12 +363,14 @@ impl Router {
 
         let pending = endpoint.load.start();
         let started = Instant::now();
+        // The route timeout covers the whole response: headers here, the body in `Deadline`.
         let timeout = route.and_then(|r| r.timeout);
+        let deadline = timeout.map(|t| started + t);
         let connect_timeout = opts.connect_timeout;
         let sent = endpoint.send(upstream_req, proto, opts);
-        let result = match timeout {
-            Some(t) => tokio::time::timeout(t, sent).await.map_err(|_| t),
-            None => Ok(sent.await),
+        let result = match (timeout, deadline) {
+            (Some(t), Some(d)) => tokio::time::timeout_at(d, sent).await.map_err(|_| t),
+            _ => Ok(sent.await),
         };
         let mut res = match result {
             Err(t) => {
@@ -422,7 +424,11 @@ impl Router {
             Proto::Http2 => Version::HTTP_2,
         };
         parts.extensions.insert(info);
-        Response::from_parts(parts, Body::new(WithGuard::new(boxed(body), pending)))
+        let body = match deadline {
+            Some(d) => Body::new(Deadline::new(boxed(body), d)),
+            None => boxed(body),
+        };
+        Response::from_parts(parts, Body::new(WithGuard::new(body, pending)))
     }
 }
 

@@ -395,6 +395,43 @@ async fn route_timeout_answers_504() {
 }
 
 #[tokio::test]
+async fn route_timeout_also_bounds_a_streaming_response_body() {
+    // Headers at once, then one body byte every 100 ms for 3 s.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut head = [0u8; 1024];
+        let _ = s.read(&mut head).await.unwrap();
+        s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n").await.unwrap();
+        for _ in 0..30 {
+            if s.write_all(b"1\r\na\r\n").await.is_err() {
+                return; // the proxy gave up on us
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let _ = s.write_all(b"0\r\n\r\n").await;
+    });
+    let proxy = TestProxy::start(&one_service(
+        "svc",
+        addr,
+        "    httpRoutes: [{timeoutMs: 300, route: [{destination: {host: svc}}]}]",
+    ))
+    .await;
+    let stream = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    let res = within("headers", sender.send_request(req("svc", "/").body(Full::<Bytes>::default()).unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK, "headers arrived before the deadline");
+    let body = within("body", http_body_util::BodyExt::collect(res.into_body())).await;
+    assert!(body.is_err(), "the body must be cut at the deadline, not run its 3 s to the end");
+}
+
+#[tokio::test]
 async fn no_endpoints_and_dead_endpoints_fail_fast() {
     let dead = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
