@@ -1,5 +1,7 @@
 //! Shared pieces of Weft's benchmarks.
 
+pub mod handshake;
+
 /// Nearest-rank percentiles of a sample.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Percentiles {

@@ -201,25 +201,9 @@ pub async fn start_with(
     if let Some(files) = settings.identity.clone() {
         // Loaded before the listeners open, so a proxy with good files never accepts a
         // connection it cannot tunnel.
-        let mut fingerprint = mesh::fingerprint(&files).await;
+        let fingerprint = mesh::fingerprint(&files).await;
         load_identity(&shared, &files).await;
-        let shared = shared.clone();
-        let (poll, done) = (settings.config_poll_interval, done.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + poll, poll);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = done.cancelled() => return,
-                    _ = tick.tick() => {}
-                }
-                let now = mesh::fingerprint(&files).await;
-                if now != fingerprint {
-                    fingerprint = now;
-                    load_identity(&shared, &files).await;
-                }
-            }
-        });
+        tokio::spawn(identity_loop(files, fingerprint, shared.clone(), done.clone()));
     }
 
     let bind = |what: &'static str, addr: SocketAddr| async move {
@@ -313,6 +297,29 @@ async fn load_identity(shared: &Shared, files: &IdentityFiles) {
         }
     };
     shared.metrics.identity_reloads.get_or_create(&ResultLabels { result }).inc();
+}
+
+/// Reloads the identity when its files change (polled like the config file), until `stop`.
+async fn identity_loop(
+    files: IdentityFiles,
+    mut fingerprint: Vec<Option<(std::time::SystemTime, u64)>>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    let poll = shared.settings.config_poll_interval;
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + poll, poll);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = mesh::fingerprint(&files).await;
+        if now != fingerprint {
+            fingerprint = now;
+            load_identity(&shared, &files).await;
+        }
+    }
 }
 
 /// Reloads when the file changes (polled) and on every `reload` notification (SIGHUP), until
@@ -478,12 +485,27 @@ async fn handle_connection(
     let (Detected::Tls, Some(tls)) = (detected, mesh) else {
         return dispatch(stream, prefix, detected, conn, None, shared).await;
     };
+    // Boxed: the TLS states would otherwise size every connection's task, plain ones included
+    // (+6 KiB per idle keep-alive connection, BENCHMARKS.md M4).
+    Box::pin(serve_tunnel(stream, prefix, tls, conn, shared)).await
+}
+
+/// Terminates a mesh tunnel (or replays TLS that is not one) and serves what it carries.
+async fn serve_tunnel(
+    stream: TcpStream,
+    prefix: bytes::Bytes,
+    tls: Arc<MeshTls>,
+    conn: Conn,
+    shared: &Arc<Shared>,
+) {
     let labels = |result| HandshakeLabels { side: "accept", result };
-    match mesh::accept(stream, prefix, &tls, shared.settings.timeouts.tls_handshake).await {
+    let accepted = mesh::accept(stream, prefix, &tls, shared.settings.timeouts.tls_handshake).await;
+    drop(tls); // a renewed identity must not wait for this connection to end
+    match accepted {
         Ok(Accepted::Mesh(tunneled)) => {
             shared.metrics.tls_handshakes.get_or_create(&labels("ok")).inc();
             let mesh::Tunneled { io, peer: client, tunnel } = *tunneled;
-            tracing::trace!(%peer, client = %client, ?tunnel, "mesh tunnel accepted");
+            tracing::trace!(peer = %conn.peer, client = %client, ?tunnel, "mesh tunnel accepted");
             let detected = match tunnel {
                 Tunnel::Http1 => Detected::Http1,
                 Tunnel::Http2 => Detected::Http2,
@@ -497,7 +519,7 @@ async fn handle_connection(
         }
         Err(error) => {
             shared.metrics.tls_handshakes.get_or_create(&labels("error")).inc();
-            tracing::debug!(%peer, %error, "mesh TLS handshake failed");
+            tracing::debug!(peer = %conn.peer, %error, "mesh TLS handshake failed");
         }
     }
 }

@@ -27,8 +27,9 @@ use weft_identity::{SpiffeId, Tunnel};
 
 use crate::{balance::Load, http::Body, tls::MeshTls};
 
-/// A connection to an endpoint: plain, or a mesh tunnel.
-pub type UpstreamIo = Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
+/// A connection to an endpoint: plain, or a mesh tunnel (boxed, so plain connections do not
+/// carry the TLS state's size).
+pub type UpstreamIo = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
 
 /// At most this many HTTP/1.1 connections are kept per endpoint (busy or idle). Each carries one
 /// request at a time, so this must exceed the concurrency an endpoint sees: beyond it every
@@ -282,7 +283,7 @@ impl Endpoint {
         let tls_err = |source| Error::Tls { addr: self.addr, identity: identity.clone(), source };
         let handshake = crate::tls::connect(tcp, identity, tunnel, mesh);
         match tokio::time::timeout(timeout, handshake).await {
-            Ok(Ok(tls)) => Ok(Either::Right(tls)),
+            Ok(Ok(tls)) => Ok(Either::Right(Box::new(tls))),
             Ok(Err(source)) => Err(tls_err(source)),
             Err(_) => {
                 Err(tls_err(std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")))

@@ -19,9 +19,9 @@ pub(crate) enum Bench {
         args: Vec<String>,
     },
     /// The proxy side by side with direct, HAProxy and nginx on this machine: latency at a fixed
-    /// rate, throughput per core, CPU and memory (M0-M4 of issue 7). Installs what it needs
-    /// first (Debian haproxy, nginx-light, wrk, nghttp2-client; oha from crates.io into
-    /// ~/.cache/weft) and builds weft-proxy in release mode.
+    /// rate, throughput per core, CPU and memory, mTLS handshakes (M0-M5 of issue 7). Installs
+    /// what it needs first (Debian haproxy, nginx-light, wrk, nghttp2-client; oha from crates.io
+    /// into ~/.cache/weft) and builds weft-proxy in release mode.
     Proxy {
         /// Passed to the benchmark (`--quick`, `--rounds N`, `--seconds N`, `--out FILE`, ...).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

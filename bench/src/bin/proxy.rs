@@ -8,6 +8,13 @@
 //! (`nbthread 1`, `worker_processes 1`, `--workers 1`), access logs off, upstream keep-alive on.
 //! All traffic is on 127.0.0.1; every load run is bounded in requests and in time.
 //!
+//! The two-hop chains are sidecar pairs: client -> outbound proxy -> mTLS -> inbound proxy ->
+//! origin, Weft's and one built from HAProxy the same way. Both use certificates from one
+//! `weft-identity` root (ECDSA P-256, TLS 1.3, client certificate required, HTTP/1.1 inside the
+//! tunnel, connections kept and reused). Weft's outbound checks that the inbound's certificate
+//! carries the expected SPIFFE ID; HAProxy cannot check a URI SAN, so its outbound checks only the
+//! chain (and sends no SNI: it would check the certificate's DNS names against it).
+//!
 //! - M0: TCP ping-pong round trip between the two CPUs (the floor).
 //! - M1: fixed-rate latency (oha, open loop, `--latency-correction`), HTTP/1.1 and HTTP/2,
 //!   targets interleaved round by round; overhead = percentile minus direct's from the same round.
@@ -15,9 +22,8 @@
 //!   from /proc/<pid>/stat.
 //! - M3: proxy CPU per 1000 rps, from the M1 HTTP/1.1 runs.
 //! - M4: RSS idle, under load (VmHWM after M1 and M2), and per idle keep-alive connection.
-//!
-//! The two-hop chains are plaintext (outbound proxy -> inbound proxy -> origin): mTLS between
-//! proxies does not exist yet, so the mTLS targets are reported as not measurable.
+//! - M5: full mTLS handshakes (no resumption) per proxy CPU-second against each chain's inbound
+//!   proxy, from `weft_bench::handshake` (rustls, on CPU 0).
 
 use std::{
     collections::BTreeMap,
@@ -26,14 +32,16 @@ use std::{
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::Arc,
     thread,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
 use serde_json::{Value, json};
-use weft_bench::Percentiles;
+use weft_bench::{Percentiles, handshake};
+use weft_identity::{Credentials, SpiffeId, TrustBundle, Tunnel, ca::Issuer, tls};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -171,60 +179,109 @@ fn run(
     let nginx =
         procs.start("nginx", "nginx", &["-e", "stderr", "-c", &path_str(work, "nginx-proxy.conf")])?;
 
+    // The sidecar pairs' certificates: the same files for Weft and HAProxy.
+    let mesh = Mesh::issue(work)?;
+
     // HAProxy needs two descriptors per connection and refuses a maxconn the limit cannot hold.
     let maxconn = (nofile / 2).saturating_sub(100).min(25_000);
-    let haproxy = |name: &str, ports: (u16, u16), to: u16, procs: &mut Procs| -> Result<u32> {
+    let haproxy = |name: &str, binds: &[String], server: &str, procs: &mut Procs| -> Result<u32> {
         let file = format!("haproxy-{name}.cfg");
-        write(work, &file, &haproxy_cfg(ports, to, maxconn))?;
+        write(work, &file, &haproxy_cfg(binds, server, maxconn))?;
         procs.start(&format!("haproxy {name}"), "haproxy", &["-db", "-f", &path_str(work, &file)])
     };
-    let ha = haproxy("one", (p(1), p(101)), origin, procs)?;
-    let ha_in = haproxy("chain-in", (p(14), p(114)), origin, procs)?;
-    let ha_out = haproxy("chain-out", (p(11), p(111)), p(14), procs)?;
+    let plain_binds =
+        |h1: u16, h2: u16| [format!("bind 127.0.0.1:{h1}"), format!("bind 127.0.0.1:{h2} proto h2")];
+    let ha = haproxy("one", &plain_binds(p(1), p(101)), &format!("127.0.0.1:{origin}"), procs)?;
+    // TLS 1.3 only and a client certificate from the root required, as Weft's inbound does.
+    let ha_in = haproxy(
+        "chain-in",
+        &[format!(
+            "bind 127.0.0.1:{} ssl crt {} ca-file {} verify required ssl-min-ver TLSv1.3",
+            p(14),
+            mesh.inbound.combined,
+            mesh.root
+        )],
+        &format!("127.0.0.1:{origin}"),
+        procs,
+    )?;
+    // Checks the inbound's chain only: HAProxy cannot match a URI SAN, and given an `sni` it
+    // would check the certificate's DNS names, which a mesh certificate does not have.
+    let ha_out = haproxy(
+        "chain-out",
+        &plain_binds(p(11), p(111)),
+        &format!(
+            "127.0.0.1:{} ssl crt {} ca-file {} verify required ssl-min-ver TLSv1.3",
+            p(14),
+            mesh.outbound.combined,
+            mesh.root
+        ),
+        procs,
+    )?;
 
-    let weft_proc = |name: &str, listen: u16, admin: u16, to: u16, procs: &mut Procs| -> Result<u32> {
+    let weft_proc = |name: &str,
+                     listen: u16,
+                     admin: u16,
+                     to: u16,
+                     tls: Option<(&Files, Option<&SpiffeId>)>,
+                     procs: &mut Procs|
+     -> Result<u32> {
         let file = format!("weft-{name}.yaml");
         // Routed by Host (the alias 127.0.0.1), so HTTP/1.1 and HTTP/2 share the listener and
-        // the upstream is HTTP/1.1 for both, as for HAProxy and nginx.
+        // the upstream is HTTP/1.1 for both, as for HAProxy and nginx. An endpoint with an
+        // identity is reached over mTLS (ALPN weft/http1) and must present that identity.
+        let identity = match tls {
+            Some((_, Some(id))) => format!(", identity: \"{id}\""),
+            _ => String::new(),
+        };
         write(
             work,
             &file,
             &format!(
-                "version: bench\nservices:\n  - name: origin\n    aliases: [\"127.0.0.1\"]\n    ports: [{{number: {to}, protocol: HTTP1, endpoints: [{{address: \"127.0.0.1:{to}\"}}]}}]\n"
+                "version: bench\nservices:\n  - name: origin\n    aliases: [\"127.0.0.1\"]\n    ports: [{{number: {to}, protocol: HTTP1, endpoints: [{{address: \"127.0.0.1:{to}\"{identity}}}]}}]\n"
             ),
         )?;
-        let pid = procs.start(
-            &format!("weft {name}"),
-            weft.to_str().context("path")?,
-            &[
-                "--config",
-                &path_str(work, &file),
-                "--no-redirect",
-                "--listen",
-                &format!("127.0.0.1:{listen}"),
-                "--admin-addr",
-                &format!("127.0.0.1:{admin}"),
-                "--workers",
-                "1",
-                "--max-connections",
-                "30000",
-                "--log",
-                "warn",
-            ],
-        )?;
-        Ok(pid)
+        let mut args = vec![
+            "--config".to_owned(),
+            path_str(work, &file),
+            "--no-redirect".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{listen}"),
+            "--admin-addr".into(),
+            format!("127.0.0.1:{admin}"),
+            "--workers".into(),
+            "1".into(),
+            "--max-connections".into(),
+            "30000".into(),
+            "--log".into(),
+            "warn".into(),
+        ];
+        // With credentials every listener also terminates mesh mTLS, and endpoints with an
+        // identity are dialled over it.
+        if let Some((files, _)) = tls {
+            args.extend([
+                "--cert-file".to_owned(),
+                files.cert.clone(),
+                "--key-file".into(),
+                files.key.clone(),
+                "--trust-bundle-file".into(),
+                mesh.root.clone(),
+            ]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        procs.start(&format!("weft {name}"), weft.to_str().context("path")?, &args)
     };
-    let wf = weft_proc("one", p(3), p(20), origin, procs)?;
-    let wf_in = weft_proc("chain-in", p(13), p(21), origin, procs)?;
-    let wf_out = weft_proc("chain-out", p(10), p(22), p(13), procs)?;
+    let wf = weft_proc("one", p(3), p(20), origin, None, procs)?;
+    let wf_in = weft_proc("chain-in", p(13), p(21), origin, Some((&mesh.inbound, None)), procs)?;
+    let wf_out =
+        weft_proc("chain-out", p(10), p(22), p(13), Some((&mesh.outbound, Some(&mesh.inbound_id))), procs)?;
 
     let mut targets = vec![
         Target { name: "direct", h1: origin, h2: p(100), pids: vec![] },
         Target { name: "haproxy", h1: p(1), h2: p(101), pids: vec![ha] },
         Target { name: "nginx", h1: p(2), h2: p(102), pids: vec![nginx] },
         Target { name: "weft", h1: p(3), h2: p(3), pids: vec![wf] },
-        Target { name: "weft-chain", h1: p(10), h2: p(10), pids: vec![wf_out, wf_in] },
-        Target { name: "haproxy-chain", h1: p(11), h2: p(111), pids: vec![ha_out, ha_in] },
+        Target { name: "weft-mtls-chain", h1: p(10), h2: p(10), pids: vec![wf_out, wf_in] },
+        Target { name: "haproxy-mtls-chain", h1: p(11), h2: p(111), pids: vec![ha_out, ha_in] },
     ];
     for t in &targets {
         wait_ready(t.h1, &body)?;
@@ -246,6 +303,13 @@ fn run(
             oha(&args.oha, t, proto, args.rate, args.connections, 1, None)?; // warm-up, unchecked
         }
     }
+    // HAProxy's inbound accepts nothing but mTLS; Weft's would also take plaintext, so make sure
+    // its outbound really tunnels.
+    let (tunneled, plain) = weft_requests_by_tls(p(21))?;
+    ensure!(
+        tunneled > 0 && plain == 0,
+        "Weft's inbound got {tunneled} requests over mTLS and {plain} without: the pair is not an mTLS pair"
+    );
     let mut m1_runs = Vec::new();
     for round in 1..=rounds {
         eprintln!("M1 round {round}/{rounds}");
@@ -286,6 +350,58 @@ fn run(
     }
     procs.check_alive()?;
     let hwm_m2: BTreeMap<&str, u64> = targets.iter().map(|t| (t.name, hwm_kib(&t.pids))).collect();
+
+    // --- M5: against each pair's inbound proxy, the one that terminates mTLS ---
+    let m5_seconds = if quick { 3 } else { 10 };
+    let m5_rounds = if quick { 1 } else { 3 };
+    let servers = [("weft", p(13), wf_in), ("haproxy", p(14), ha_in)];
+    // Weft's inbound must present this identity; HAProxy's carries it too.
+    let inbound_name = tls::server_name(&mesh.inbound_id)?;
+    let handshakes = |port: u16, seconds: u64| {
+        handshake::run(&handshake::Load {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            config: mesh.client.clone(),
+            server_name: inbound_name.clone(),
+            workers: M5_WORKERS,
+            duration: Duration::from_secs(seconds),
+            // Far above what one core can do: a safety bound, not the usual end of a run.
+            max_handshakes: 20_000 * seconds,
+            io_timeout: Duration::from_secs(5),
+        })
+    };
+    let check = |name: &str, o: &handshake::Outcome| {
+        ensure!(
+            o.errors == 0 && o.handshakes > 0,
+            "M5 {name}: {} handshakes, {} errors: {:?}",
+            o.handshakes,
+            o.errors,
+            o.error_kinds
+        );
+        Ok(())
+    };
+    for (name, port, _) in servers {
+        check(name, &handshakes(port, 1))?; // warm-up
+    }
+    let mut m5_runs = Vec::new();
+    for round in 1..=m5_rounds {
+        for (name, port, pid) in servers {
+            eprintln!("M5 round {round}/{m5_rounds}: {name}");
+            let cpu0 = cpu_ticks(&[pid]);
+            let o = handshakes(port, m5_seconds);
+            let ticks = cpu_ticks(&[pid]) - cpu0;
+            check(name, &o)?;
+            // Fewer ticks would make the 10 ms tick of /proc/<pid>/stat a large part of the result.
+            ensure!(ticks >= 20, "M5 {name}: the server used only {ticks} CPU ticks");
+            let cpu_s = ticks as f64 / clk_tck();
+            let seconds = o.elapsed.as_secs_f64();
+            m5_runs.push(json!({
+                "server": name, "round": round, "handshakes": o.handshakes, "errors": o.errors,
+                "seconds": seconds, "handshakes_per_second": o.handshakes as f64 / seconds,
+                "proxy_cpu_seconds": cpu_s, "handshakes_per_cpu_second": o.handshakes as f64 / cpu_s,
+            }));
+        }
+    }
+    procs.check_alive()?;
 
     // --- M4 per idle connection ---
     // 10k, or as many as HAProxy's maxconn (bounded by the open-file limit) allows.
@@ -333,16 +449,74 @@ fn run(
         "loadavg_before": load_before, "loadavg_after": load_after,
         "nofile": nofile,
         "settings": {"rounds": rounds, "seconds": seconds, "rate": args.rate, "connections": args.connections,
-                     "body_bytes": 1024, "rate_tolerance": tolerance, "m2_seconds": m2_seconds, "m2_connections": 64},
+                     "body_bytes": 1024, "rate_tolerance": tolerance, "m2_seconds": m2_seconds, "m2_connections": 64,
+                     "m5_rounds": m5_rounds, "m5_seconds": m5_seconds, "m5_workers": M5_WORKERS},
         "targets": targets.iter().map(|t| json!({"name": t.name, "h1_port": t.h1, "h2_port": t.h2, "processes": t.pids.len()})).collect::<Vec<_>>(),
         "m0": m0,
         "m1": m1_runs,
         "m2": m2_runs,
         "m4": {"idle_rss_kib": idle, "hwm_after_m1_kib": hwm_m1, "hwm_after_m2_kib": hwm_m2, "idle_connections": m4_conns},
+        "m5": m5_runs,
         "elapsed_seconds": started.elapsed().as_secs_f64(),
     });
     println!("{}", summary(&report, &targets));
     Ok(report)
+}
+
+/// M5's concurrent client connections: enough to keep the one-worker server busy while each
+/// blocking client thread does its own half of a handshake on CPU 0.
+const M5_WORKERS: usize = 8;
+
+// ---------------------------------------------------------------- certificates
+
+/// The bench's mesh: one root, an inbound and an outbound identity (ECDSA P-256), written as
+/// files both Weft and HAProxy read, and M5's client configuration.
+struct Mesh {
+    /// The root, PEM: Weft's trust bundle and HAProxy's `ca-file`.
+    root: String,
+    inbound: Files,
+    outbound: Files,
+    inbound_id: SpiffeId,
+    /// Presents the outbound identity, accepts only the inbound one, never resumes.
+    client: Arc<rustls::ClientConfig>,
+}
+
+/// One identity's files.
+struct Files {
+    cert: String,
+    key: String,
+    /// Certificate then key, as HAProxy's `crt` wants them.
+    combined: String,
+}
+
+impl Mesh {
+    fn issue(work: &Path) -> Result<Mesh> {
+        let now = SystemTime::now();
+        // Longer than any run; the certificates live in the run's own directory only.
+        let lifetime = Duration::from_secs(24 * 3600);
+        let ca = Issuer::new_root("cluster.local", now, lifetime)?;
+        write(work, "root.pem", ca.root_pem())?;
+        let files = |sa: &str| -> Result<(SpiffeId, Files, Credentials)> {
+            let id = SpiffeId::new("cluster.local", "bench", sa)?;
+            let issued = ca.issue(&id, now, lifetime)?;
+            write(work, &format!("{sa}.crt"), &issued.cert_pem)?;
+            write(work, &format!("{sa}.key"), &issued.key_pem)?;
+            write(work, &format!("{sa}.pem"), &format!("{}{}", issued.cert_pem, issued.key_pem))?;
+            let creds = Credentials::from_pem(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes())?;
+            let files = Files {
+                cert: path_str(work, &format!("{sa}.crt")),
+                key: path_str(work, &format!("{sa}.key")),
+                combined: path_str(work, &format!("{sa}.pem")),
+            };
+            Ok((id, files, creds))
+        };
+        let (inbound_id, inbound, _) = files("inbound")?;
+        let (_, outbound, outbound_creds) = files("outbound")?;
+        let bundle = TrustBundle::from_pem(ca.root_pem().as_bytes())?;
+        let client =
+            handshake::without_resumption(tls::client_config(&outbound_creds, &bundle, Tunnel::Http1)?);
+        Ok(Mesh { root: path_str(work, "root.pem"), inbound, outbound, inbound_id, client })
+    }
 }
 
 // ---------------------------------------------------------------- configs
@@ -359,13 +533,16 @@ fn nginx_conf(work: &Path, name: &str, nofile: u64, server: &str) -> String {
     )
 }
 
-fn haproxy_cfg((h1, h2): (u16, u16), to: u16, maxconn: u64) -> String {
+/// One frontend with `binds` (whole `bind` lines) and one server, `server` being its address
+/// and options.
+fn haproxy_cfg(binds: &[String], server: &str, maxconn: u64) -> String {
+    let binds: String = binds.iter().map(|b| format!("  {b}\n")).collect();
     format!(
         "global\n  nbthread 1\n  maxconn {maxconn}\n\
          defaults\n  mode http\n  maxconn {maxconn}\n  timeout connect 5s\n  timeout client 300s\n  timeout server 300s\n\
            timeout http-keep-alive 300s\n  http-reuse always\n\
-         frontend fe\n  bind 127.0.0.1:{h1}\n  bind 127.0.0.1:{h2} proto h2\n  default_backend be\n\
-         backend be\n  server s 127.0.0.1:{to}\n"
+         frontend fe\n{binds}  default_backend be\n\
+         backend be\n  server s {server}\n"
     )
 }
 
@@ -634,6 +811,31 @@ fn open_idle(port: u16, n: usize) -> Result<Vec<TcpStream>> {
         conns.push(s);
     }
     Ok(conns)
+}
+
+/// Requests a Weft proxy counted (`weft_requests_total`, from its admin port) with and without
+/// TLS.
+fn weft_requests_by_tls(admin: u16) -> Result<(u64, u64)> {
+    let mut s = TcpStream::connect(("127.0.0.1", admin))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    s.take(16 << 20).read_to_string(&mut text)?;
+    ensure!(
+        text.starts_with("HTTP/1.1 200"),
+        "admin :{admin}/metrics: {}",
+        text.lines().next().unwrap_or("")
+    );
+    let (mut tls, mut plain) = (0, 0);
+    for line in text.lines().filter(|l| l.starts_with("weft_requests_total{")) {
+        let n = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) as u64;
+        if line.contains("tls=\"true\"") {
+            tls += n;
+        } else {
+            plain += n;
+        }
+    }
+    Ok((tls, plain))
 }
 
 // ---------------------------------------------------------------- M0
@@ -995,6 +1197,29 @@ fn summary(report: &Value, targets: &[Target]) -> String {
             c["bytes_per_connection"].as_f64().unwrap_or(f64::NAN)
         );
     }
+    let _ = writeln!(
+        s,
+        "\n**M5 mTLS handshakes** — full TLS 1.3 handshakes (ECDSA P-256 certificates on both sides, client certificate required, no resumption) against each pair's inbound proxy, {} rustls client threads on CPU 0, {} run(s) of {} s per server; each connection is closed right after the handshake. Per proxy CPU-second: all handshakes ÷ all the server's CPU-seconds; wall rate: median of runs.\n",
+        set["m5_workers"], set["m5_rounds"], set["m5_seconds"]
+    );
+    let _ = writeln!(
+        s,
+        "| server | handshakes | wall rate (per s) | proxy cores used | handshakes per proxy CPU-second | errors |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|");
+    for server in ["weft", "haproxy"] {
+        let m = m5_of(report, server);
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.0} | {:.2} | {:.0} | {} |",
+            if server == "weft" { "Weft (inbound)" } else { "HAProxy (inbound)" },
+            m.handshakes,
+            m.wall_rate,
+            m.cores,
+            m.per_cpu_second,
+            m.errors
+        );
+    }
     let _ = writeln!(s, "\n{}", targets_verdict(report));
     let _ = writeln!(
         s,
@@ -1012,9 +1237,33 @@ fn label(name: &str) -> &'static str {
         "haproxy" => "HAProxy 1 hop",
         "nginx" => "nginx 1 hop",
         "weft" => "Weft 1 hop",
-        "weft-chain" => "Weft 2 hops (no mTLS yet)",
-        "haproxy-chain" => "HAProxy 2 hops (no mTLS)",
+        "weft-mtls-chain" => "Weft 2 hops, mTLS",
+        "haproxy-mtls-chain" => "HAProxy 2 hops, mTLS",
         _ => "?",
+    }
+}
+
+/// M5 over all runs against one server.
+struct M5 {
+    handshakes: u64,
+    errors: u64,
+    wall_rate: f64,
+    cores: f64,
+    per_cpu_second: f64,
+}
+
+fn m5_of(report: &Value, server: &str) -> M5 {
+    let runs = report["m5"].as_array().cloned().unwrap_or_default();
+    let runs: Vec<&Value> = runs.iter().filter(|r| r["server"] == server).collect();
+    let sum = |k: &str| runs.iter().filter_map(|r| r[k].as_f64()).sum::<f64>();
+    M5 {
+        handshakes: runs.iter().filter_map(|r| r["handshakes"].as_u64()).sum(),
+        errors: runs.iter().filter_map(|r| r["errors"].as_u64()).sum(),
+        wall_rate: median_min_max(runs.iter().filter_map(|r| r["handshakes_per_second"].as_f64()).collect())
+            .0,
+        cores: sum("proxy_cpu_seconds") / sum("seconds"),
+        // One sum, as for M3, so the 10 ms CPU tick weighs less.
+        per_cpu_second: sum("handshakes") / sum("proxy_cpu_seconds"),
     }
 }
 
@@ -1047,16 +1296,29 @@ fn targets_verdict(report: &Value) -> String {
             verdict(wr / wc >= hr / hc)
         );
     }
-    let chain = overheads(report, "http1", "weft-chain");
+    // An absolute latency target means something only on a quiet floor (performance.md §7).
+    let floor = report["m0"]["rtt_us"]["p99"].as_f64().unwrap_or(f64::NAN);
+    let quiet = if floor < 100.0 {
+        String::new()
+    } else {
+        format!(" (floor not quiet: M0 p99 {floor:.0} µs, not < 100 µs)")
+    };
+    let pair = |proto: &str, target: &str| overheads(report, proto, target)["p99"].0;
+    let p99 = pair("http1", "weft-mtls-chain");
     let _ = writeln!(
         s,
-        "| sidecar pair with mTLS, p99 overhead ≤ 250 µs | plaintext pair (no mTLS yet): {:+.0} µs | not measurable yet (no mTLS between proxies) |",
-        chain["p99"].0
+        "| sidecar pair with mTLS at 1000 rps, HTTP/1.1 p99 overhead ≤ 250 µs | Weft pair {p99:+.0} µs (HAProxy pair {:+.0}); over HTTP/2 {:+.0} µs (HAProxy pair {:+.0}) | {}{quiet} |",
+        pair("http1", "haproxy-mtls-chain"),
+        pair("http2", "weft-mtls-chain"),
+        pair("http2", "haproxy-mtls-chain"),
+        verdict(p99 <= 250.0)
     );
-    let cpu = cpu_per_1000(report, "weft-chain");
+    let cpu = cpu_per_1000(report, "weft-mtls-chain");
     let _ = writeln!(
         s,
-        "| ≤ 0.10 vCPU per 1000 rps through the mTLS pair | plaintext pair: {cpu:.3} vCPU | not measurable yet (no mTLS) |"
+        "| ≤ 0.10 vCPU per 1000 rps through the mTLS pair | Weft pair {cpu:.3} vCPU (HAProxy pair {:.3}) | {} |",
+        cpu_per_1000(report, "haproxy-mtls-chain"),
+        verdict(cpu <= 0.10)
     );
     let m4 = &report["m4"];
     let idle = m4["idle_rss_kib"]["weft"].as_f64().unwrap_or(f64::NAN) / 1024.0;
@@ -1080,9 +1342,12 @@ fn targets_verdict(report: &Value) -> String {
             verdict(b <= 10.0 * 1024.0)
         );
     }
+    let (w, h) = (m5_of(report, "weft").per_cpu_second, m5_of(report, "haproxy").per_cpu_second);
     let _ = writeln!(
         s,
-        "| mTLS handshakes per proxy CPU-second ≥ HAProxy's (M5) | – | not measurable yet (no mTLS in weft-proxy) |"
+        "| mTLS handshakes per proxy CPU-second ≥ HAProxy's (M5, ECDSA P-256) | Weft {w:.0} vs HAProxy {h:.0} ({:.2}×) | {} |",
+        w / h,
+        verdict(w >= h)
     );
     s
 }
@@ -1137,7 +1402,7 @@ fn tools(oha: &Path) -> Value {
 mod tests {
     use serde_json::json;
 
-    use super::{PCTS, cpu_per_1000, median_min_max, overheads};
+    use super::{PCTS, cpu_per_1000, m5_of, median_min_max, overheads};
 
     #[test]
     fn median_of_odd_and_even_counts() {
@@ -1163,5 +1428,22 @@ mod tests {
         assert_eq!(overheads(&report, "http1", "weft")["p50"], (60.0, 50.0, 70.0));
         // 0.3 CPU-seconds over 3000 requests: 0.1 vCPU at 1000 rps.
         assert!((cpu_per_1000(&report, "weft") - 0.1).abs() < 1e-9);
+    }
+
+    #[test]
+    fn handshakes_per_cpu_second_sum_all_runs_of_a_server() {
+        let run = |server: &str, handshakes: u64, cpu: f64| {
+            json!({"server": server, "handshakes": handshakes, "errors": 0, "seconds": 10.0,
+                   "handshakes_per_second": handshakes as f64 / 10.0, "proxy_cpu_seconds": cpu})
+        };
+        let report = json!({"m5": [
+            run("weft", 6000, 2.0), run("haproxy", 5000, 8.0), run("weft", 3000, 4.0),
+        ]});
+        let m = m5_of(&report, "weft");
+        // 9000 handshakes over 6 CPU-seconds in 20 s: not the mean of 3000 and 750 per second.
+        assert_eq!((m.handshakes, m.errors), (9000, 0));
+        assert!((m.per_cpu_second - 1500.0).abs() < 1e-9);
+        assert!((m.cores - 0.3).abs() < 1e-9);
+        assert!((m.wall_rate - 450.0).abs() < 1e-9);
     }
 }
