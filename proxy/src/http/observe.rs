@@ -5,7 +5,7 @@ use std::{
     future::Future,
     net::SocketAddr,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, Mutex},
     task::{Context, Poll},
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -13,6 +13,7 @@ use std::{
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
 use http_body::{Body as _, Frame, SizeHint};
+use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
 use tokio::{io::AsyncWriteExt, sync::mpsc, time::Instant};
 use tower::{Layer, Service};
 
@@ -75,14 +76,41 @@ pub struct ObserveLayer {
     pub direction: Direction,
     /// The connection's activity: requests in flight and the head-read clock.
     pub activity: Arc<Activity>,
-    pub peers: Arc<ConnPeers>,
+    pub conn: Arc<ConnMetrics>,
 }
 
-/// This proxy's workload, and the client proxy when the connection is a mesh tunnel.
+/// A connection's side of the metrics: who is talking, and the handles its last request used.
 #[derive(Debug, Default)]
-pub struct ConnPeers {
+pub struct ConnMetrics {
+    /// This proxy's workload.
     pub local: Peer,
+    /// The client proxy, when the connection is a mesh tunnel.
     pub downstream: Option<Peer>,
+    /// Requests on one connection nearly always share a label set: comparing with the last one
+    /// (`Arc` fields compare by pointer first) skips hashing the labels into both families.
+    recent: Mutex<Option<(RequestLabels, Counter, Histogram)>>,
+}
+
+impl ConnMetrics {
+    pub fn new(local: Peer, downstream: Option<Peer>) -> ConnMetrics {
+        ConnMetrics { local, downstream, recent: Mutex::default() }
+    }
+
+    fn record(&self, metrics: &Metrics, labels: RequestLabels, seconds: f64) {
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((last, requests, duration)) = recent.as_ref()
+            && *last == labels
+        {
+            requests.inc();
+            duration.observe(seconds);
+            return;
+        }
+        let requests = metrics.requests.get_or_create(&labels).clone();
+        let duration = metrics.request_duration.get_or_create(&labels).clone();
+        requests.inc();
+        duration.observe(seconds);
+        *recent = Some((labels, requests, duration));
+    }
 }
 
 impl<S> Layer<S> for ObserveLayer {
@@ -190,14 +218,14 @@ impl Done {
     fn finish(self, complete: bool) {
         let elapsed = self.start.elapsed();
         let flags = if !complete && self.info.flags.is_empty() { "DC" } else { self.info.flags };
-        let peers = &self.layer.peers;
-        let tls = peers.downstream.is_some() || self.info.upstream_tls;
+        let conn = &self.layer.conn;
+        let tls = conn.downstream.is_some() || self.info.upstream_tls;
         let labels = RequestLabels {
             direction: self.layer.direction.as_str(),
             peers: PeerLabels::new(
                 self.layer.direction,
-                &peers.local,
-                peers.downstream.as_ref(),
+                &conn.local,
+                conn.downstream.as_ref(),
                 self.info.upstream_peer.as_ref(),
             ),
             destination_service: self.info.service.clone().unwrap_or_else(|| Arc::from("unknown")),
@@ -205,8 +233,7 @@ impl Done {
             grpc_status: self.grpc_status.clone().unwrap_or_default(),
             tls,
         };
-        self.layer.metrics.requests.get_or_create(&labels).inc();
-        self.layer.metrics.request_duration.get_or_create(&labels).observe(elapsed.as_secs_f64());
+        conn.record(&self.layer.metrics, labels, elapsed.as_secs_f64());
         if let (Some(log), Some(req)) = (&self.layer.access_log, &self.summary) {
             let ts = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
             let mut line = serde_json::json!({
@@ -223,7 +250,7 @@ impl Done {
                 "cluster": self.info.cluster.as_deref(),
                 "upstream": self.info.upstream.map(|a| a.to_string()),
                 "tls": tls,
-                "peer_identity": peers.downstream.as_ref().map(|p| &*p.principal),
+                "peer_identity": conn.downstream.as_ref().map(|p| &*p.principal),
                 "upstream_identity": self.info.upstream_peer.as_ref().and_then(|p| p.identity.as_ref()).map(|id| id.to_string()),
                 "response_flags": flags,
                 "duration_ms": elapsed.as_secs_f64() * 1000.0,

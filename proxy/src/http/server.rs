@@ -15,7 +15,7 @@ use tower::ServiceBuilder;
 
 use super::{
     headers::RequestIdLayer,
-    observe::{ConnPeers, ObserveLayer},
+    observe::{ConnMetrics, ObserveLayer},
     router::{ConnInfo, Router},
 };
 use crate::{
@@ -40,7 +40,7 @@ where
             access_log: shared.access_log.clone(),
             direction: conn.direction,
             activity: activity.clone(),
-            peers: Arc::new(ConnPeers { local: shared.local_peer(), downstream: conn.tunnel.clone() }),
+            conn: Arc::new(ConnMetrics::new(shared.local_peer(), conn.tunnel.clone())),
         })
         .service(Router::new(shared.clone(), Arc::new(conn)));
     let service = TowerToHyperService::new(service);
