@@ -233,7 +233,7 @@ async fn start_operator(
 }
 
 async fn start_proxy(operator: SocketAddr, ns: &str) -> Result<weft_proxy::Handle> {
-    let mut settings = weft_proxy::Settings::for_tests("/nonexistent".into());
+    let mut settings = weft_proxy::Settings::loopback("/nonexistent".into());
     let mut cp = ControlPlane::new(operator.to_string(), format!("test-proxy.{ns}"), vec!["reviews".into()]);
     cp.backoff_max = Duration::from_millis(500);
     settings.control_plane = Some(cp);

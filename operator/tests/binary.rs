@@ -158,7 +158,7 @@ async fn a_killed_operator_leaves_proxies_serving_and_the_next_one_resyncs_them(
     let (grpc, admin) = (free_port()?, free_port()?);
     let scope = ["--watch-namespace", ns.name()];
     let mut first = start(cluster, grpc, admin, &[], &scope).await?;
-    let mut settings = weft_proxy::Settings::for_tests("/nonexistent".into());
+    let mut settings = weft_proxy::Settings::loopback("/nonexistent".into());
     let mut cp = weft_proxy::config::control_plane::ControlPlane::new(
         grpc.to_string(),
         format!("test-proxy.{}", ns.name()),

@@ -198,7 +198,7 @@ async fn a_first_message_without_a_node_is_refused_and_watch_streams_everything(
 async fn a_real_proxy_installs_updates_subscribes_lazily_and_keeps_its_config_on_a_bad_one() {
     let server = serve().await;
     server.publish.send_replace(snapshot(1, 80, 80));
-    let mut settings = weft_proxy::Settings::for_tests("/nonexistent".into());
+    let mut settings = weft_proxy::Settings::loopback("/nonexistent".into());
     settings.control_plane = Some(weft_proxy::config::control_plane::ControlPlane::new(
         server.addr.to_string(),
         "web-1.shop",

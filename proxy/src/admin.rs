@@ -125,7 +125,7 @@ mod tests {
     #[tokio::test]
     async fn shutdown_is_refused_from_non_loopback_peers() {
         let shared = Shared {
-            settings: Settings::for_tests("unused".into()),
+            settings: Settings::loopback("unused".into()),
             store: Store::default(),
             metrics: Metrics::new(),
             access_log: None,

@@ -112,8 +112,9 @@ impl Default for Timeouts {
 }
 
 impl Settings {
-    /// Settings for an in-process proxy on loopback: ephemeral ports, no redirect listeners.
-    pub fn for_tests(config_path: PathBuf) -> Self {
+    /// Settings for an in-process proxy on loopback (tests, the demo): ephemeral ports, no
+    /// redirect listeners, the config file polled every 50 ms.
+    pub fn loopback(config_path: PathBuf) -> Self {
         Settings {
             config_path,
             control_plane: None,

@@ -2,7 +2,10 @@
 //! a canary (VirtualService + DestinationRule) as a user would, reads it back, shows the
 //! apiserver rejecting a bad one with a message that names the field, and injects the proxy
 //! into a pod of a labelled namespace through the real admission chain (the injector runs in
-//! this process for the demo, registered by URL). The cluster stays up.
+//! this process for the demo, registered by URL), then runs a sidecar pair with mTLS in this
+//! process (`demo/mtls.rs`). The cluster stays up.
+
+mod mtls;
 
 use std::{fs, path::Path};
 
@@ -27,7 +30,9 @@ pub(crate) fn run() -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(show())?;
     println!("\nThe cluster keeps running: `cargo xtask cluster down` stops it.");
-    println!("Next to land: the mesh CA and mTLS, container images and a real node, so injected pods run.");
+    println!(
+        "Next to land: the mesh CA (today the proxies' certificates come from files), container images and a real node, so injected pods run."
+    );
     Ok(())
 }
 
@@ -87,6 +92,12 @@ async fn show() -> Result<()> {
     let shown = show_injection(&client, &registration).await;
     registration.delete().await?;
     server.stop().await;
+    shown?;
+
+    println!("\n4. A sidecar pair with mTLS (two proxies in this process, certificates from a fresh root)");
+    let scratch = std::env::temp_dir().join(format!("weft-demo-mtls-{}", std::process::id()));
+    let shown = mtls::show(&scratch).await;
+    let _ = std::fs::remove_dir_all(&scratch);
     shown
 }
 

@@ -58,7 +58,7 @@ impl TestProxy {
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("config.yaml");
         std::fs::write(&config, yaml).unwrap();
-        let mut settings = Settings::for_tests(config.clone());
+        let mut settings = Settings::loopback(config.clone());
         tweak(&mut settings);
         let metrics = Metrics::new();
         let (tx, rx) = mpsc::channel(10_000);
