@@ -5,7 +5,7 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{Arc, RwLock},
 };
 
 use tokio::{
@@ -18,10 +18,14 @@ use crate::{
     admin,
     config::{Protocol, Snapshot, Store, control_plane, file::FileSource},
     detect::{self, Detected},
-    http::{Direction, observe::AccessLog, router::ConnInfo, server},
+    http::{
+        Direction, INBOUND, PASSTHROUGH,
+        observe::AccessLog,
+        router::{ConnInfo, pick_endpoint, pick_target},
+        server,
+    },
     io::PrefixedIo,
     metrics::{HandshakeLabels, ListenerLabels, Metrics, PeerLabels, ResultLabels, TcpLabels},
-    route::pick_weighted,
     settings::{ExplicitListener, Settings},
     sys, tcp,
     tls::{self as mesh, Accepted, IdentityFiles, IdentityStore, MeshTls},
@@ -56,15 +60,10 @@ pub struct Shared {
 impl Shared {
     /// This proxy's side of a connection, for metric labels.
     pub fn local_peer(&self) -> Peer {
-        let tls = self.identity.current();
-        Peer {
-            namespace: match &tls {
-                Some(t) => Arc::from(t.id.namespace()),
-                None => self.settings.namespace.clone(),
-            },
-            principal: tls.as_ref().map_or_else(Arc::default, |t| t.principal.clone()),
-            identity: tls.map(|t| t.id.clone()),
-            workload: self.settings.workload.clone(),
+        let workload = self.settings.workload.clone();
+        match self.identity.current() {
+            Some(tls) => Peer { workload, ..tls.peer.clone() },
+            None => Peer { namespace: self.settings.namespace.clone(), workload, ..Peer::default() },
         }
     }
 
@@ -85,10 +84,11 @@ impl Shared {
 }
 
 /// Endpoints for destinations the config does not know (original destinations passed through),
-/// kept so their connections are pooled too. Bounded: cleared when full.
+/// kept so their connections are pooled too. Bounded: cleared when full. Every inbound request
+/// looks here, so lookups share a read lock; only a new address takes the write lock.
 #[derive(Debug, Default)]
 pub struct Passthrough {
-    endpoints: Mutex<HashMap<SocketAddr, Arc<Endpoint>>>,
+    endpoints: RwLock<HashMap<SocketAddr, Arc<Endpoint>>>,
 }
 
 const MAX_PASSTHROUGH: usize = 1024;
@@ -98,7 +98,10 @@ impl Passthrough {
         if let Some(e) = snapshot.endpoint(&addr) {
             return e.clone();
         }
-        let mut map = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = self.endpoints.read().unwrap_or_else(|e| e.into_inner()).get(&addr) {
+            return e.clone();
+        }
+        let mut map = self.endpoints.write().unwrap_or_else(|e| e.into_inner());
         if map.len() >= MAX_PASSTHROUGH && !map.contains_key(&addr) {
             map.clear();
         }
@@ -565,11 +568,7 @@ async fn dispatch<I>(
                 return;
             };
             let t = &shared.settings.timeouts;
-            let opts = ConnectOpts {
-                connect_timeout: t.connect,
-                idle_timeout: t.upstream_idle,
-                mesh: shared.identity.current(),
-            };
+            let opts = ConnectOpts::new(t, None, shared.identity.current());
             let upstream_tls = endpoint.is_tunneled(opts.mesh.as_deref());
             let upstream = match endpoint.connect(&opts, Tunnel::Tcp).await {
                 Ok(u) => u,
@@ -635,7 +634,7 @@ fn tcp_destination(
     let snapshot = shared.store.current()?;
     if let (Kind::Inbound, Some(dst)) = (kind, dst) {
         let addr = SocketAddr::new(shared.settings.inbound_forward_ip, dst.port());
-        return Some((shared.passthrough.endpoint(&snapshot, addr), Arc::from("inbound")));
+        return Some((shared.passthrough.endpoint(&snapshot, addr), INBOUND.clone()));
     }
     let service = match (dst, target) {
         (Some(dst), _) => snapshot.service_by_addr(dst).map(|(s, p)| (s.clone(), p.number)),
@@ -644,21 +643,16 @@ fn tcp_destination(
     };
     match service {
         Some((svc, port)) => {
-            let cluster = match svc.tcp_routes.first() {
-                Some(split) if !split.targets.is_empty() => {
-                    let total: u64 = split.targets.iter().map(|t| u64::from(t.weight)).sum();
-                    let i =
-                        pick_weighted(split.targets.iter().map(|t| t.weight), fastrand::u64(..total.max(1)));
-                    split.targets[i].cluster(Some(port)).clone()
-                }
-                _ => svc.port_or_only(Some(port))?.cluster.clone(),
+            let cluster = match svc.tcp_routes.first().and_then(|split| pick_target(&split.targets)) {
+                Some(target) => target.cluster(Some(port)),
+                None => &svc.port_or_only(Some(port))?.cluster,
             };
-            let endpoint = crate::http::router::pick_endpoint(&cluster)?.clone();
+            let endpoint = pick_endpoint(cluster)?.clone();
             Some((endpoint, svc.name.clone()))
         }
         None => dst.map(|d| {
             shared.subscribe_lazily(d);
-            (shared.passthrough.endpoint(&snapshot, d), Arc::from("passthrough"))
+            (shared.passthrough.endpoint(&snapshot, d), PASSTHROUGH.clone())
         }),
     }
 }

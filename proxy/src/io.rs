@@ -105,10 +105,10 @@ impl Activity {
 
     fn on_read(&self, n: usize) {
         self.read.fetch_add(n as u64, Ordering::Relaxed);
-        self.touch();
+        let now = self.now_ms(); // one clock read for both stamps
+        self.last_ms.store(now, Ordering::Relaxed);
         if self.requests.load(Ordering::Acquire) == 0 {
-            let _ =
-                self.head_since.compare_exchange(0, self.now_ms() + 1, Ordering::AcqRel, Ordering::Relaxed);
+            let _ = self.head_since.compare_exchange(0, now + 1, Ordering::AcqRel, Ordering::Relaxed);
         }
     }
 

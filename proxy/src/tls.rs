@@ -23,7 +23,7 @@ use tokio::{
 use tokio_rustls::{StartHandshake, TlsAcceptor, TlsConnector, client, server};
 use weft_identity::{Credentials, SpiffeId, TrustBundle, Tunnel, tls as mesh};
 
-use crate::io::PrefixedIo;
+use crate::{io::PrefixedIo, upstream::Peer};
 
 /// Where the proxy's credentials live (PEM): written by whatever issues them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,8 +50,9 @@ pub enum Error {
 /// One loaded identity, ready to accept and connect.
 pub struct MeshTls {
     pub id: SpiffeId,
-    /// `id` as a metric label.
-    pub principal: Arc<str>,
+    /// This proxy as a peer (identity, principal, namespace), built once per load; the workload
+    /// is filled in by `Shared::local_peer`.
+    pub peer: Peer,
     pub not_after: SystemTime,
     acceptor: TlsAcceptor,
     connectors: [(Tunnel, TlsConnector); 3],
@@ -59,7 +60,10 @@ pub struct MeshTls {
 
 impl std::fmt::Debug for MeshTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MeshTls").field("id", &self.principal).field("not_after", &self.not_after).finish()
+        f.debug_struct("MeshTls")
+            .field("id", &self.peer.principal)
+            .field("not_after", &self.not_after)
+            .finish()
     }
 }
 
@@ -68,7 +72,7 @@ impl MeshTls {
         let connector = |t| Ok::<_, Error>((t, TlsConnector::from(mesh::client_config(creds, bundle, t)?)));
         Ok(MeshTls {
             id: creds.id.clone(),
-            principal: Arc::from(creds.id.to_string()),
+            peer: Peer::new(Some(creds.id.clone()), ""),
             not_after: creds.not_after,
             acceptor: TlsAcceptor::from(mesh::server_config(creds, bundle)?),
             connectors: [connector(Tunnel::Http2)?, connector(Tunnel::Http1)?, connector(Tunnel::Tcp)?],

@@ -55,11 +55,27 @@ pub struct ConnectOpts {
     pub mesh: Option<Arc<MeshTls>>,
 }
 
+impl ConnectOpts {
+    /// The proxy's defaults, overridden by a cluster's connection pool when there is one.
+    pub fn new(
+        timeouts: &crate::settings::Timeouts,
+        cluster: Option<&crate::config::Cluster>,
+        mesh: Option<Arc<MeshTls>>,
+    ) -> Self {
+        ConnectOpts {
+            connect_timeout: cluster.and_then(|c| c.connect_timeout).unwrap_or(timeouts.connect),
+            idle_timeout: cluster.and_then(|c| c.idle_timeout).unwrap_or(timeouts.upstream_idle),
+            mesh,
+        }
+    }
+}
+
 /// Who runs at an endpoint, from the config.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Peer {
     /// Set when a Weft proxy runs beside the endpoint: connections to it are mesh tunnels.
-    pub identity: Option<SpiffeId>,
+    /// Behind an `Arc`: a `Peer` is cloned into per-connection and per-request state.
+    pub identity: Option<Arc<SpiffeId>>,
     /// Metric labels: the identity, its namespace, the workload name (empty when unknown).
     pub principal: Arc<str>,
     pub namespace: Arc<str>,
@@ -67,12 +83,12 @@ pub struct Peer {
 }
 
 impl Peer {
-    pub fn new(identity: Option<SpiffeId>, workload: &str) -> Peer {
+    pub fn new(identity: Option<SpiffeId>, workload: impl Into<Arc<str>>) -> Peer {
         Peer {
-            principal: identity.as_ref().map_or_else(|| Arc::from(""), |id| Arc::from(id.to_string())),
+            principal: identity.as_ref().map_or_else(Arc::default, |id| Arc::from(id.to_string())),
             namespace: Arc::from(identity.as_ref().map_or("", SpiffeId::namespace)),
-            identity,
-            workload: Arc::from(workload),
+            identity: identity.map(Arc::new),
+            workload: workload.into(),
         }
     }
 }
@@ -280,7 +296,7 @@ impl Endpoint {
             return Ok(Either::Left(tcp));
         };
         let timeout = opts.connect_timeout;
-        let tls_err = |source| Error::Tls { addr: self.addr, identity: identity.clone(), source };
+        let tls_err = |source| Error::Tls { addr: self.addr, identity: SpiffeId::clone(identity), source };
         let handshake = crate::tls::connect(tcp, identity, tunnel, mesh);
         match tokio::time::timeout(timeout, handshake).await {
             Ok(Ok(tls)) => Ok(Either::Right(Box::new(tls))),

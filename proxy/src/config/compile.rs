@@ -113,7 +113,7 @@ pub fn compile(config: pb::ProxyConfig, previous: Option<&Snapshot>) -> Result<S
                         why: e.to_string(),
                     })?),
                 };
-                let peer = Peer::new(identity, &ep.workload);
+                let peer = Peer::new(identity, ep.workload.as_str());
                 // An address listed twice keeps its first description.
                 let endpoint = endpoints
                     .entry(addr)
@@ -246,7 +246,6 @@ impl Clusters<'_, '_> {
         let ms = |v: u32| (v > 0).then(|| Duration::from_millis(v.into()));
         let cluster = Arc::new(Cluster {
             name: Arc::from(format!("{}|{subset}|{port}", shape.name)),
-            service: shape.name.clone(),
             protocol: port_shape.protocol,
             policy: lb_policy(policy.load_balancer.map(|l| l.policy()).unwrap_or_default()),
             endpoints: port_shape

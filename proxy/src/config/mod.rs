@@ -66,7 +66,6 @@ pub struct Port {
 pub struct Cluster {
     /// `service|subset|port`, for logs and access logs.
     pub name: Arc<str>,
-    pub service: Arc<str>,
     pub protocol: Protocol,
     pub policy: Policy,
     pub endpoints: Vec<Arc<Endpoint>>,

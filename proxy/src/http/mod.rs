@@ -38,6 +38,12 @@ where
     body.map_err(Into::into).boxed_unsync()
 }
 
+/// `destination_service` values for traffic no config service describes, allocated once.
+pub static PASSTHROUGH: std::sync::LazyLock<std::sync::Arc<str>> =
+    std::sync::LazyLock::new(|| "passthrough".into());
+pub static INBOUND: std::sync::LazyLock<std::sync::Arc<str>> = std::sync::LazyLock::new(|| "inbound".into());
+pub static UNKNOWN: std::sync::LazyLock<std::sync::Arc<str>> = std::sync::LazyLock::new(|| "unknown".into());
+
 /// Where a connection came from and where it was going.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
@@ -57,22 +63,31 @@ impl Direction {
 }
 
 pin_project_lite::pin_project! {
-    /// A body that keeps `guard` alive until it ends or is dropped (e.g. an endpoint's pending
-    /// request count).
-    pub struct WithGuard<G> {
+    /// An upstream response body on its way down: keeps `guard` alive until it ends or is
+    /// dropped (the endpoint's pending-request count), and, when the route has a timeout, ends
+    /// with an error once the deadline passes, so the timeout bounds the whole response (as
+    /// Envoy's does), not only the wait for its headers. The client then sees the stream reset
+    /// (HTTP/2) or the connection closed (HTTP/1.1).
+    pub struct UpstreamBody<G> {
         #[pin]
         inner: Body,
         guard: Option<G>,
+        // Boxed, and only with a route timeout: most routes have none.
+        deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     }
 }
 
-impl<G> WithGuard<G> {
-    pub fn new(inner: Body, guard: G) -> Self {
-        WithGuard { inner, guard: Some(guard) }
+impl<G> UpstreamBody<G> {
+    pub fn new(inner: Body, guard: G, deadline: Option<tokio::time::Instant>) -> Self {
+        UpstreamBody {
+            inner,
+            guard: Some(guard),
+            deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+        }
     }
 }
 
-impl<G> http_body::Body for WithGuard<G> {
+impl<G> http_body::Body for UpstreamBody<G> {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -80,65 +95,26 @@ impl<G> http_body::Body for WithGuard<G> {
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        use std::{future::Future as _, task::Poll};
         let this = self.project();
+        if this.guard.is_none() {
+            return Poll::Ready(None); // ended, failed or expired
+        }
+        if let Some(deadline) = this.deadline
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            this.guard.take();
+            return Poll::Ready(Some(Err("route timeout passed while the response was streaming".into())));
+        }
         let polled = this.inner.poll_frame(cx);
-        if let std::task::Poll::Ready(None | Some(Err(_))) = &polled {
+        if let Poll::Ready(None | Some(Err(_))) = &polled {
             this.guard.take();
         }
         polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// Ends a response body with an error once the route's deadline passes, so the route
-    /// timeout bounds the whole response (as Envoy's does), not only the wait for its headers.
-    /// The client then sees the stream reset (HTTP/2) or the connection closed (HTTP/1.1).
-    pub struct Deadline {
-        #[pin]
-        inner: Body,
-        #[pin]
-        sleep: tokio::time::Sleep,
-        expired: bool,
-    }
-}
-
-impl Deadline {
-    pub fn new(inner: Body, deadline: tokio::time::Instant) -> Self {
-        Deadline { inner, sleep: tokio::time::sleep_until(deadline), expired: false }
-    }
-}
-
-impl http_body::Body for Deadline {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        if *this.expired {
-            return std::task::Poll::Ready(None);
-        }
-        if this.sleep.poll(cx).is_ready() {
-            *this.expired = true;
-            return std::task::Poll::Ready(Some(Err(
-                "route timeout passed while the response was streaming".into(),
-            )));
-        }
-        this.inner.poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.expired || self.inner.is_end_stream()
+        self.guard.is_none() || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {

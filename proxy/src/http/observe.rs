@@ -3,7 +3,6 @@
 
 use std::{
     future::Future,
-    net::SocketAddr,
     pin::Pin,
     sync::{Arc, Mutex},
     task::{Context, Poll},
@@ -21,7 +20,7 @@ use super::{Body, BoxError, Direction, headers::REQUEST_ID};
 use crate::{
     io::Activity,
     metrics::{Metrics, PeerLabels, RequestLabels},
-    upstream::Peer,
+    upstream::{Endpoint, Peer},
 };
 
 /// What the router did, attached to the response for this layer.
@@ -30,9 +29,8 @@ pub struct ResponseInfo {
     pub route: Option<Arc<str>>,
     pub service: Option<Arc<str>>,
     pub cluster: Option<Arc<str>>,
-    pub upstream: Option<SocketAddr>,
-    /// Who runs at `upstream`, as the config says.
-    pub upstream_peer: Option<Peer>,
+    /// The endpoint the request went to (its address and, as the config says, who runs there).
+    pub upstream: Option<Arc<Endpoint>>,
     /// The request went upstream through a mesh tunnel.
     pub upstream_tls: bool,
     /// Envoy-style response flags: `NR` no route, `UH` no healthy upstream, `UF` upstream connect
@@ -226,9 +224,9 @@ impl Done {
                 self.layer.direction,
                 &conn.local,
                 conn.downstream.as_ref(),
-                self.info.upstream_peer.as_ref(),
+                self.info.upstream.as_ref().map(|e| &e.peer),
             ),
-            destination_service: self.info.service.clone().unwrap_or_else(|| Arc::from("unknown")),
+            destination_service: self.info.service.clone().unwrap_or_else(|| super::UNKNOWN.clone()),
             response_code: self.status,
             grpc_status: self.grpc_status.clone().unwrap_or_default(),
             tls,
@@ -248,10 +246,10 @@ impl Done {
                 "route": self.info.route.as_deref(),
                 "destination_service": self.info.service.as_deref(),
                 "cluster": self.info.cluster.as_deref(),
-                "upstream": self.info.upstream.map(|a| a.to_string()),
+                "upstream": self.info.upstream.as_ref().map(|e| e.addr.to_string()),
                 "tls": tls,
                 "peer_identity": conn.downstream.as_ref().map(|p| &*p.principal),
-                "upstream_identity": self.info.upstream_peer.as_ref().and_then(|p| p.identity.as_ref()).map(|id| id.to_string()),
+                "upstream_identity": self.info.upstream.as_ref().map(|e| &e.peer).filter(|p| p.identity.is_some()).map(|p| &*p.principal),
                 "response_flags": flags,
                 "duration_ms": elapsed.as_secs_f64() * 1000.0,
                 "request_id": req.request_id.as_ref().and_then(|v| v.to_str().ok()),

@@ -21,7 +21,7 @@ use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
 use super::{
-    Body, Deadline, Direction, WithGuard, boxed, empty, full,
+    Body, Direction, UpstreamBody, boxed, empty, full,
     headers::{ambiguous_framing, is_upgrade, strip_hop_by_hop},
     observe::ResponseInfo,
 };
@@ -199,7 +199,7 @@ impl Router {
                     self.shared.subscribe_lazily(addr);
                 }
                 let endpoint = self.shared.passthrough.endpoint(&snapshot, addr);
-                let info = ResponseInfo { service: Some(Arc::from("passthrough")), ..Default::default() };
+                let info = ResponseInfo { service: Some(super::PASSTHROUGH.clone()), ..Default::default() };
                 let plan = Plan {
                     endpoint,
                     proto: self.conn.downstream,
@@ -208,12 +208,8 @@ impl Router {
                     target: None,
                     info,
                 };
-                let t = &self.shared.settings.timeouts;
-                let opts = ConnectOpts {
-                    connect_timeout: t.connect,
-                    idle_timeout: t.upstream_idle,
-                    mesh: self.shared.identity.current(),
-                };
+                let opts =
+                    ConnectOpts::new(&self.shared.settings.timeouts, None, self.shared.identity.current());
                 self.send(req, plan, opts).await
             }
             Decision::Route { service, route: None, port } => {
@@ -293,11 +289,8 @@ impl Router {
             crate::config::Protocol::Http2 => Proto::Http2,
             _ => self.conn.downstream,
         };
-        let opts = ConnectOpts {
-            connect_timeout: cluster.connect_timeout.unwrap_or(self.shared.settings.timeouts.connect),
-            idle_timeout: cluster.idle_timeout.unwrap_or(self.shared.settings.timeouts.upstream_idle),
-            mesh: self.shared.identity.current(),
-        };
+        let opts =
+            ConnectOpts::new(&self.shared.settings.timeouts, Some(cluster), self.shared.identity.current());
         self.send(req, Plan { endpoint, proto, route, matched, target, info }, opts).await
     }
 }
@@ -315,9 +308,8 @@ struct Plan<'a> {
 impl Router {
     async fn send(&self, mut req: Request<Incoming>, plan: Plan<'_>, opts: ConnectOpts) -> Response<Body> {
         let Plan { endpoint, route, matched, target, mut info, .. } = plan;
-        info.upstream = Some(endpoint.addr);
-        info.upstream_peer = Some(endpoint.peer.clone());
         info.upstream_tls = endpoint.is_tunneled(opts.mesh.as_deref());
+        info.upstream = Some(endpoint.clone());
         let upgrade = self.conn.downstream == Proto::Http1 && is_upgrade(req.headers());
         let proto = if upgrade { Proto::Http1 } else { plan.proto };
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -363,7 +355,7 @@ impl Router {
 
         let pending = endpoint.load.start();
         let started = Instant::now();
-        // The route timeout covers the whole response: headers here, the body in `Deadline`.
+        // The route timeout covers the whole response: headers here, the body in `UpstreamBody`.
         let timeout = route.and_then(|r| r.timeout);
         let deadline = timeout.map(|t| started + t);
         let connect_timeout = opts.connect_timeout;
@@ -389,7 +381,8 @@ impl Router {
             }
             Ok(Ok(res)) => res,
         };
-        endpoint.load.observe(started.elapsed(), Instant::now());
+        let now = Instant::now();
+        endpoint.load.observe(now - started, now);
 
         if res.status() == StatusCode::SWITCHING_PROTOCOLS
             && let Some(downstream) = downstream_upgrade
@@ -424,11 +417,7 @@ impl Router {
             Proto::Http2 => Version::HTTP_2,
         };
         parts.extensions.insert(info);
-        let body = match deadline {
-            Some(d) => Body::new(Deadline::new(boxed(body), d)),
-            None => boxed(body),
-        };
-        Response::from_parts(parts, Body::new(WithGuard::new(body, pending)))
+        Response::from_parts(parts, Body::new(UpstreamBody::new(boxed(body), pending, deadline)))
     }
 }
 
