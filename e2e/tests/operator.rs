@@ -170,7 +170,7 @@ where
     }
 }
 
-/// `GET path` on an admin server, HTTP/1.0: `(status, body)`.
+/// `GET path` on an admin server (HTTP/1.1, `connection: close`): `(status, body)`.
 async fn http_get(addr: SocketAddr, path: &str, host: &str) -> Result<(u16, String)> {
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
     stream

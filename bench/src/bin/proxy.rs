@@ -2,7 +2,8 @@
 //! `cargo xtask bench proxy [--quick]` (which installs the tools and builds weft-proxy first), or
 //! `cargo run --release -p weft-bench --bin proxy -- --weft-proxy target/release/weft-proxy`.
 //!
-//! Layout (research/performance.md §7): this process and every load generator run on CPU 0; the
+//! Layout (the team's research notes outside this repository, `../shared/research/performance.md`
+//! §7): this process and every load generator run on CPU 0; the
 //! origin (nginx, 1 KB body) and every system under test run on CPU 1, so each path has one
 //! cross-CPU round trip and direct and proxied runs stay comparable. Every proxy runs one worker
 //! (`nbthread 1`, `worker_processes 1`, `--workers 1`), access logs off, upstream keep-alive on.
@@ -70,7 +71,7 @@ struct Args {
     /// 10k (1000 with --quick); capped by what HAProxy's maxconn allows under the open-file limit.
     #[arg(long, value_delimiter = ',')]
     idle_connections: Option<Vec<usize>>,
-    /// First of the loopback ports used (about 200 above it).
+    /// First of the loopback ports used (P to P+111).
     #[arg(long, default_value_t = 27080)]
     base_port: u16,
     /// Raw results (JSON). Default bench/results/proxy.json (proxy-quick.json with --quick).
