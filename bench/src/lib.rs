@@ -1,6 +1,7 @@
 //! Shared pieces of Weft's benchmarks.
 
 pub mod handshake;
+pub mod procfs;
 
 /// Nearest-rank percentiles of a sample.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -17,7 +18,7 @@ impl Percentiles {
     pub fn of(samples: &[f64]) -> Option<Self> {
         let mut sorted = samples.to_vec();
         sorted.sort_by(f64::total_cmp);
-        let rank = |p: f64| sorted[((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1];
+        let rank = |q: f64| rank_of_sorted(&sorted, q);
         (!sorted.is_empty()).then(|| Self {
             count: sorted.len(),
             p50: rank(0.50),
@@ -26,6 +27,17 @@ impl Percentiles {
             max: rank(1.0),
         })
     }
+}
+
+/// The nearest-rank `q` quantile (0 < q <= 1) of a non-empty sample.
+pub fn nearest_rank(samples: &[f64], q: f64) -> f64 {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    rank_of_sorted(&sorted, q)
+}
+
+fn rank_of_sorted(sorted: &[f64], q: f64) -> f64 {
+    sorted[((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
 
 #[cfg(test)]

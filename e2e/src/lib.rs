@@ -5,6 +5,7 @@
 //! - [`cluster`] is the lifecycle behind `cargo xtask cluster up|down|status|env`: it builds the
 //!   pinned upstream binaries once (`e2e/cluster/build.sh`), generates the PKI, starts the
 //!   components detached from the calling process, and installs Weft's CRDs.
+//! - [`http`] is a bounded `GET` for admin endpoints and test origins.
 //! - [`webhook`] runs Weft's injector in the calling process, registered with the apiserver by
 //!   URL, for the injection tests and the admission benchmark.
 //! - [`TestCluster`] gives tests a [`kube::Client`] for the running cluster and a temporary
@@ -17,6 +18,7 @@
 
 pub mod cluster;
 pub mod helm;
+pub mod http;
 mod pki;
 mod process;
 mod test_cluster;

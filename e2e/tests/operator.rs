@@ -26,7 +26,6 @@ use kube::{
 };
 use kube_runtime::wait::await_condition;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio_util::sync::CancellationToken;
 use weft_api::{AuthorizationPolicy, DestinationRule, PeerAuthentication, VirtualService};
 use weft_e2e::TestCluster;
@@ -170,18 +169,9 @@ where
     }
 }
 
-/// `GET path` on an admin server (HTTP/1.1, `connection: close`): `(status, body)`.
+/// `GET path` with `Host: host`: `(status, body)`.
 async fn http_get(addr: SocketAddr, path: &str, host: &str) -> Result<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
-        .await?;
-    let mut raw = Vec::new();
-    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut raw)).await.context("reading the response")??;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let status = text.get(9..12).and_then(|s| s.parse().ok()).context("no status line")?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-    Ok((status, body))
+    Ok(weft_e2e::http::get(addr, host, path).await?)
 }
 
 /// The proxy's `/config` as JSON.

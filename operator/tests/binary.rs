@@ -25,11 +25,7 @@ fn free_port() -> Result<SocketAddr> {
 }
 
 async fn status_of(addr: SocketAddr, path: &str) -> Option<u16> {
-    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).await.ok()?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.ok()?;
-    String::from_utf8_lossy(&buf).get(9..12)?.parse().ok()
+    weft_e2e::http::get(addr, "localhost", path).await.ok().map(|(status, _)| status)
 }
 
 /// Starts the binary (no leader election unless `POD_NAME` is given in `env`) and waits for

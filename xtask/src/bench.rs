@@ -51,8 +51,8 @@ const OHA_VERSION: &str = "1.16.0";
 
 pub(crate) fn run(bench: Bench) -> Result<()> {
     match bench {
-        Bench::Admission { args } => with_cluster(|| cargo_run("admission", &args)),
-        Bench::Operator { args } => with_cluster(|| cargo_run("operator-scale", &args)),
+        Bench::Admission { args } => cluster::with_cluster(|| cargo_run("admission", &args)),
+        Bench::Operator { args } => cluster::with_cluster(|| cargo_run("operator-scale", &args)),
         Bench::Proxy { args } => {
             crate::packages::ensure("bench", &PROXY_TOOLS)?;
             let oha = install_oha()?;
@@ -97,15 +97,6 @@ fn install_oha() -> Result<PathBuf> {
         bail!("cargo install oha {OHA_VERSION} failed ({status})");
     }
     Ok(bin)
-}
-
-/// Runs `bench` against the test cluster, starting it first and stopping it after if it was
-/// not already running.
-fn with_cluster(bench: impl FnOnce() -> Result<()>) -> Result<()> {
-    let started = cluster::up()?;
-    let result = bench();
-    let stopped = if started { cluster::down() } else { Ok(()) };
-    result.and(stopped)
 }
 
 fn cargo_run(bin: &str, args: &[String]) -> Result<()> {

@@ -1,7 +1,7 @@
 //! `cargo xtask cluster up|down|status|env`: the local Kubernetes control plane
 //! (see `e2e/README.md`).
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 use clap::Subcommand;
 use weft_e2e::cluster::{self, Down, Stopped, Up};
 
@@ -62,6 +62,17 @@ pub(crate) fn up() -> Result<bool> {
     eprintln!("[cluster] logs:       {}", paths.logs().display());
     eprintln!("[cluster] use it from a shell with: eval \"$(cargo xtask cluster env)\"");
     Ok(started)
+}
+
+/// Runs `f` against the test cluster: starts it first (building the binaries if missing) and,
+/// if it was not already running, stops it after, even when `f` failed. `f`'s error comes first.
+pub(crate) fn with_cluster<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let started = up().context("starting the test cluster")?;
+    let result = f();
+    let stopped = if started { down().context("stopping the test cluster") } else { Ok(()) };
+    let value = result?;
+    stopped?;
+    Ok(value)
 }
 
 /// Stops the cluster, saying what was stopped.

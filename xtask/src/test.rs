@@ -18,12 +18,7 @@ const SYSTEM_TOOLS: [(&str, &str); 1] = [("iptables", "iptables")];
 pub(crate) fn run(cargo_args: &[String]) -> Result<()> {
     crate::packages::ensure("test", &SYSTEM_TOOLS)?;
     // `up` builds the binaries when they are missing, so this works on a fresh machine.
-    let started = cluster::up().context("starting the test cluster")?;
-    let tests = run_tests(cargo_args);
-    // Stop the cluster this started, even when the tests failed or could not start.
-    let stopped = if started { cluster::down().context("stopping the test cluster") } else { Ok(()) };
-    let (status, totals) = tests?;
-    stopped?;
+    let (status, totals) = cluster::with_cluster(|| run_tests(cargo_args))?;
     // Last, after the cluster's own messages: the total over every test binary.
     println!("\ntests: {} passed, {} failed, {} skipped", totals.passed, totals.failed, totals.ignored);
     if !status.success() {

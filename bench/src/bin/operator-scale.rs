@@ -116,35 +116,16 @@ fn free_port() -> Result<SocketAddr> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
-/// The whole response to `GET path` (HTTP/1.0).
-async fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).await?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await?;
-    Ok(String::from_utf8_lossy(&buf).into_owned())
+/// `GET path` on the operator's admin server: `(status, body)`.
+async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    Ok(weft_e2e::http::get(addr, "localhost", path).await?)
 }
 
 /// VmRSS and VmHWM in MiB, and CPU seconds (user + system) of a process.
 fn usage(pid: u32) -> Result<(f64, f64, f64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib = |key: &str| -> f64 {
-        status
-            .lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may contain spaces) start at field 3.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    let hz = 100.0; // USER_HZ on Linux
-    Ok((kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0, ticks / hz))
+    use weft_bench::procfs::{clk_tck, cpu_ticks, status_kib};
+    let kib = |field| status_kib(&[pid], field) as f64;
+    Ok((kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0, cpu_ticks(&[pid]) as f64 / clk_tck()))
 }
 
 /// The first weight of the first route of each hot service in an update.
@@ -235,7 +216,7 @@ async fn bench(args: Args) -> Result<()> {
         if started.elapsed() > Duration::from_secs(120) {
             bail!("the operator was not ready within 120 s");
         }
-        if http_get(admin, "/ready").await.is_ok_and(|r| r.get(9..12) == Some("200")) {
+        if http_get(admin, "/ready").await.is_ok_and(|(status, _)| status == 200) {
             break started.elapsed();
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -315,7 +296,7 @@ async fn bench(args: Args) -> Result<()> {
     }
     let measured = measured_from.elapsed().as_secs_f64();
     let (rss_end, hwm, cpu_after) = usage(pid)?;
-    let metrics = http_get(admin, "/metrics").await?;
+    let (_, metrics) = http_get(admin, "/metrics").await?;
     let metric = |name: &str| -> f64 {
         metrics
             .lines()

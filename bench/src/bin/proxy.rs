@@ -41,7 +41,10 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
 use serde_json::{Value, json};
-use weft_bench::{Percentiles, handshake};
+use weft_bench::{
+    Percentiles, handshake, nearest_rank,
+    procfs::{clk_tck, cpu_ticks, status_kib},
+};
 use weft_identity::{Credentials, SpiffeId, TrustBundle, Tunnel, ca::Issuer, tls};
 
 #[derive(Debug, Parser)]
@@ -712,32 +715,6 @@ fn raise_nofile() -> u64 {
 // ---------------------------------------------------------------- /proc
 
 /// utime + stime of the processes, in clock ticks.
-fn cpu_ticks(pids: &[u32]) -> u64 {
-    pids.iter()
-        .filter_map(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-            let rest = &stat[stat.rfind(')')? + 2..];
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-        })
-        .sum()
-}
-
-fn clk_tck() -> f64 {
-    command_line("getconf", &["CLK_TCK"]).parse().unwrap_or(100.0)
-}
-
-fn status_kib(pids: &[u32], field: &str) -> u64 {
-    pids.iter()
-        .filter_map(|pid| {
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-            let line = status.lines().find(|l| l.starts_with(field))?;
-            line.split_whitespace().nth(1)?.parse::<u64>().ok()
-        })
-        .sum()
-}
-
 fn rss_kib(pids: &[u32]) -> u64 {
     status_kib(pids, "VmRSS:")
 }
@@ -893,12 +870,6 @@ fn pingpong_client(addr: &str, iterations: usize) -> Result<Value> {
     Ok(
         json!({"samples": p.count, "rtt_us": {"p50": p.p50, "p90": p.p90, "p99": p.p99, "p99.9": p999, "max": p.max}}),
     )
-}
-
-fn nearest_rank(samples: &[f64], q: f64) -> f64 {
-    let mut s = samples.to_vec();
-    s.sort_by(f64::total_cmp);
-    s[((q * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1]
 }
 
 // ---------------------------------------------------------------- M1 and M2 tools

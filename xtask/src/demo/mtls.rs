@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context, Result, ensure};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    net::TcpListener,
 };
 use weft_identity::{SpiffeId, ca::Issuer};
 use weft_proxy::{Settings, settings::ExplicitListener, tls::IdentityFiles};
@@ -38,9 +38,10 @@ pub(crate) async fn show(scratch: &Path) -> Result<()> {
     };
     let client = proxy(scratch, "productpage", &issuer, &endpoint(&reviews)).await?;
 
-    let answer = get(client.explicit_addrs[0]).await?;
-    println!("   productpage -> its proxy -> mTLS -> reviews' proxy -> reviews: {}", status_line(&answer));
-    let metrics = get_path(server.admin_addr, "/metrics").await?;
+    let (status, body) = get(client.explicit_addrs[0]).await?;
+    ensure!(status == 200, "the request through the pair got {status}: {body}");
+    println!("   productpage -> its proxy -> mTLS -> reviews' proxy -> reviews: {status} {}", body.trim());
+    let (_, metrics) = weft_e2e::http::get(server.admin_addr, "admin", "/metrics").await?;
     let line = metrics
         .lines()
         .find(|l| l.starts_with("weft_requests_total{") && l.contains("tls=\"true\""))
@@ -48,11 +49,11 @@ pub(crate) async fn show(scratch: &Path) -> Result<()> {
     println!("   reviews' proxy counted it: {line}");
 
     let wrong = proxy(scratch, "productpage-expects-ratings", &issuer, &endpoint(&id("ratings")?)).await?;
-    let refused = get(wrong.explicit_addrs[0]).await?;
-    ensure!(refused.starts_with("HTTP/1.1 503"), "a proxy expecting `ratings` reached `reviews`: {refused}");
+    let (status, body) = get(wrong.explicit_addrs[0]).await?;
+    ensure!(status == 503, "a proxy expecting `ratings` reached `reviews`: {status} {body}");
     println!(
-        "   a proxy whose config expects `ratings` instead: {} (the handshake refused reviews' certificate)",
-        status_line(&refused)
+        "   a proxy whose config expects `ratings` instead: {status} {} (the handshake refused reviews' certificate)",
+        body.trim()
     );
     for handle in [&client, &wrong, &server] {
         handle.shutdown();
@@ -109,27 +110,7 @@ async fn origin() -> Result<SocketAddr> {
     Ok(addr)
 }
 
-async fn get(proxy: SocketAddr) -> Result<String> {
-    request(proxy, "reviews", "/reviews/1").await
-}
-
-async fn get_path(addr: SocketAddr, path: &str) -> Result<String> {
-    request(addr, "admin", path).await
-}
-
-/// One HTTP/1.1 request with `connection: close`, bounded in time; the whole response.
-async fn request(addr: SocketAddr, host: &str, path: &str) -> Result<String> {
-    let exchange = async {
-        let mut stream = TcpStream::connect(addr).await?;
-        let head = format!("GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
-        stream.write_all(head.as_bytes()).await?;
-        let mut out = Vec::new();
-        stream.read_to_end(&mut out).await?;
-        anyhow::Ok(String::from_utf8_lossy(&out).into_owned())
-    };
-    tokio::time::timeout(Duration::from_secs(10), exchange).await.context("request timed out")?
-}
-
-fn status_line(response: &str) -> &str {
-    response.lines().next().unwrap_or_default()
+/// `GET /reviews/1` for `reviews` through a proxy: the status and body.
+async fn get(proxy: SocketAddr) -> Result<(u16, String)> {
+    Ok(weft_e2e::http::get(proxy, "reviews", "/reviews/1").await?)
 }
