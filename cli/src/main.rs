@@ -48,13 +48,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inject { file, config } => {
-            let config = match config {
-                Some(path) => InjectConfig::from_yaml(
-                    &fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,
-                )
-                .with_context(|| format!("parsing {}", path.display()))?,
-                None => InjectConfig::default(),
-            };
+            let config = InjectConfig::load(config.as_deref())?;
             let input = if file == "-" {
                 let mut text = String::new();
                 io::stdin().read_to_string(&mut text).context("reading stdin")?;

@@ -20,11 +20,11 @@ use kube::{
     Api, Client,
     api::{ObjectMeta, Patch, PatchParams},
 };
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use weft_api::labels::FIELD_MANAGER;
+use weft_identity::ca::Issuer;
 
 /// When the issued certificate is valid from and to, and for which names; kept as annotations
 /// on the Secret so deciding needs no certificate parsing.
@@ -59,7 +59,7 @@ impl WebhookCertConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("generating the webhook certificate: {0}")]
-    Generate(#[from] rcgen::Error),
+    Generate(#[from] weft_identity::ca::Error),
     #[error("{action}: {source}")]
     Kube { action: String, source: kube::Error },
 }
@@ -138,34 +138,19 @@ impl std::fmt::Debug for Material {
 /// Issues a one-use CA and a serving certificate for `dns_names`, valid from `now` for
 /// `lifetime` (ECDSA P-256). The CA's key is dropped here.
 pub fn issue(dns_names: &[String], now: u64, lifetime: Duration) -> Result<Material, Error> {
-    let not_before = now.saturating_sub(60); // a minute of clock skew
-    let not_after = now + lifetime.as_secs();
-    let at = |secs: u64| {
-        time::OffsetDateTime::from_unix_timestamp(secs as i64).unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
-    };
-
-    let ca_key = KeyPair::generate()?;
-    let mut ca = CertificateParams::default();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    ca.distinguished_name.push(DnType::CommonName, "weft webhook CA");
-    ca.not_before = at(not_before);
-    ca.not_after = at(not_after);
-    let ca_cert = ca.self_signed(&ca_key)?;
-    let issuer = Issuer::new(ca, ca_key);
-
-    let key = KeyPair::generate()?;
-    let mut leaf = CertificateParams::new(dns_names.to_vec())?;
-    leaf.distinguished_name
-        .push(DnType::CommonName, dns_names.first().map(String::as_str).unwrap_or("weft-webhook"));
-    leaf.not_before = at(not_before);
-    leaf.not_after = at(not_after);
-    let cert = leaf.signed_by(&key, &issuer)?;
+    let at = UNIX_EPOCH + Duration::from_secs(now);
+    let ca = Issuer::new_ca("weft webhook CA", None, at, lifetime)?;
+    let leaf = ca.issue_dns(dns_names, at, lifetime)?;
     Ok(Material {
-        ca_pem: ca_cert.pem(),
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-        issued: Issued { not_before, not_after, dns_names: dns_names.to_vec() },
+        ca_pem: ca.root_pem().to_owned(),
+        cert_pem: leaf.cert_pem,
+        key_pem: leaf.key_pem,
+        // As the issuer writes them: backdated a minute for clock skew.
+        issued: Issued {
+            not_before: now.saturating_sub(60),
+            not_after: now + lifetime.as_secs(),
+            dns_names: dns_names.to_vec(),
+        },
     })
 }
 

@@ -96,7 +96,25 @@ impl Default for ProxyResources {
     }
 }
 
+/// A configuration file that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("reading {path}: {source}")]
+    Read { path: std::path::PathBuf, source: std::io::Error },
+    #[error("parsing {path}: {source}")]
+    Parse { path: std::path::PathBuf, source: serde_yaml::Error },
+}
+
 impl InjectConfig {
+    /// The configuration in the file at `path` (the webhook's `--config`, `weftctl inject
+    /// --config`), or the defaults without one.
+    pub fn load(path: Option<&std::path::Path>) -> Result<Self, LoadError> {
+        let Some(path) = path else { return Ok(Self::default()) };
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| LoadError::Read { path: path.to_owned(), source })?;
+        Self::from_yaml(&text).map_err(|source| LoadError::Parse { path: path.to_owned(), source })
+    }
+
     /// Reads a configuration from YAML; unknown keys are an error, so a typo is not ignored.
     pub fn from_yaml(text: &str) -> Result<Self, serde_yaml::Error> {
         if text.trim().is_empty() {

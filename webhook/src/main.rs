@@ -40,14 +40,7 @@ struct Args {
 async fn main() -> Result<()> {
     let args = Args::parse();
     init_logging(&args.log_format);
-    let config = match &args.config {
-        Some(path) => {
-            let text =
-                std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            InjectConfig::from_yaml(&text).with_context(|| format!("parsing {}", path.display()))?
-        }
-        None => InjectConfig::default(),
-    };
+    let config = InjectConfig::load(args.config.as_deref())?;
     let certs = Arc::new(CertStore::load(&args.tls_cert, &args.tls_key)?);
     let listener =
         TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;

@@ -1,6 +1,7 @@
 //! The certificate issuer (feature `ca`): a root that signs workload certificates for SPIFFE
-//! IDs (ECDSA P-256, usable for both TLS server and client authentication). Used by tests and
-//! benchmarks now; the operator's CA builds on it.
+//! IDs (ECDSA P-256, usable for both TLS server and client authentication), and DNS serving
+//! certificates (the operator's one-use CA for the injector's webhook certificate). Tests,
+//! benchmarks and the demo use it too; the mesh CA will build on it.
 
 use std::{
     fmt,
@@ -23,16 +24,17 @@ pub enum Error {
 /// Clock skew tolerated between the issuer and the peers that check its certificates.
 const BACKDATE: Duration = Duration::from_secs(60);
 
-/// A root CA for one trust domain.
+/// A root CA.
 pub struct Issuer {
-    trust_domain: String,
+    /// Its common name, for `Debug`.
+    name: String,
     root_pem: String,
     issuer: RcgenIssuer<'static, KeyPair>,
 }
 
 impl fmt::Debug for Issuer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Issuer").field("trust_domain", &self.trust_domain).finish_non_exhaustive()
+        f.debug_struct("Issuer").field("name", &self.name).finish_non_exhaustive()
     }
 }
 
@@ -56,27 +58,35 @@ fn at(t: SystemTime) -> time::OffsetDateTime {
 }
 
 impl Issuer {
-    /// A new self-signed root for `trust_domain`, valid from `now` (less a minute of skew) for
-    /// `lifetime`.
+    /// The mesh root for `trust_domain`, valid from `now` (less a minute of skew) for `lifetime`.
     pub fn new_root(trust_domain: &str, now: SystemTime, lifetime: Duration) -> Result<Issuer, Error> {
+        Issuer::new_ca("weft root CA", Some(trust_domain), now, lifetime)
+    }
+
+    /// A self-signed CA that signs end-entity certificates only (path length 0), valid from
+    /// `now` (less a minute of skew) for `lifetime`.
+    pub fn new_ca(
+        common_name: &str,
+        organization: Option<&str>,
+        now: SystemTime,
+        lifetime: Duration,
+    ) -> Result<Issuer, Error> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        params.distinguished_name.push(DnType::OrganizationName, trust_domain);
-        params.distinguished_name.push(DnType::CommonName, "weft root CA");
+        if let Some(organization) = organization {
+            params.distinguished_name.push(DnType::OrganizationName, organization);
+        }
+        params.distinguished_name.push(DnType::CommonName, common_name);
         params.not_before = at(now - BACKDATE);
         params.not_after = at(now + lifetime);
         let root = params.self_signed(&key)?;
         Ok(Issuer {
-            trust_domain: trust_domain.to_owned(),
+            name: common_name.to_owned(),
             root_pem: root.pem(),
             issuer: RcgenIssuer::new(params, key),
         })
-    }
-
-    pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
     }
 
     /// The root certificate (the trust bundle's content), PEM.
@@ -92,6 +102,24 @@ impl Issuer {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages =
             vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.not_before = at(now - BACKDATE);
+        params.not_after = at(now + lifetime);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
+
+    /// Issues a serving certificate for `dns_names` (the first is also the common name) with a
+    /// new key, valid from `now` (less a minute of skew) for `lifetime`.
+    pub fn issue_dns(
+        &self,
+        dns_names: &[String],
+        now: SystemTime,
+        lifetime: Duration,
+    ) -> Result<Issued, Error> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::new(dns_names.to_vec())?;
+        let common_name = dns_names.first().map_or(self.name.as_str(), String::as_str);
+        params.distinguished_name.push(DnType::CommonName, common_name);
         params.not_before = at(now - BACKDATE);
         params.not_after = at(now + lifetime);
         let cert = params.signed_by(&key, &self.issuer)?;

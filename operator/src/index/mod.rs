@@ -7,7 +7,7 @@
 //! ```text
 //! [ VirtualService ] --hosts--> [ Service ] <--host-- [ DestinationRule (subsets) ]
 //!                                   |
-//!                    [ EndpointSlice ] --targetRef--> [ Pod (labels, serviceAccount, meshed, workload) ]
+//!                    [ EndpointSlice ] --targetRef--> [ Pod (labels, serviceAccount, identity, workload) ]
 //!                                                          ^
 //!            [ PeerAuthentication / AuthorizationPolicy ] -+- selector
 //! ```
@@ -32,6 +32,7 @@ use weft_api::{
     security::{AuthorizationPolicySpec, PeerAuthenticationSpec},
     workload::{is_meshed, workload_name},
 };
+use weft_identity::SpiffeId;
 use weft_proto::v1 as pb;
 
 pub use resolve::{Condition, DesiredStatus, Resolution};
@@ -223,8 +224,9 @@ pub(crate) struct SliceEndpoint {
 pub(crate) struct PodInfo {
     pub labels: BTreeMap<String, String>,
     pub service_account: String,
-    /// A Weft proxy runs beside it: peers originate mTLS to it.
-    pub meshed: bool,
+    /// Its SPIFFE ID when a Weft proxy runs beside it (peers then originate mTLS to it), else
+    /// empty. Computed here, once per pod change, not per endpoint and port on every resolve.
+    pub identity: String,
     /// Its Deployment, StatefulSet, ... name (see [`weft_api::workload::workload_name`]).
     pub workload: String,
 }
@@ -287,7 +289,10 @@ impl Index {
                 Some(s) => put(&mut self.slices, key, s),
                 None => self.slices.remove(&key).is_some(),
             },
-            Object::Pod(pod) => put(&mut self.pods, key, translate_pod(&pod)),
+            Object::Pod(pod) => {
+                let info = translate_pod(&pod, &self.settings.trust_domain);
+                put(&mut self.pods, key, info)
+            }
         }
     }
 
@@ -388,7 +393,7 @@ pub(crate) fn port_protocol(name: &str, app_protocol: Option<&str>) -> pb::Proto
     let by_name = |n: &str| match n.split('-').next().unwrap_or_default() {
         "http" => Some(pb::Protocol::Http1),
         "http2" | "h2c" => Some(pb::Protocol::Http2),
-        "grpc" | "grpc-web" => Some(pb::Protocol::Grpc),
+        "grpc" => Some(pb::Protocol::Grpc), // `grpc-web` too: the name is cut at its first `-`
         "tcp" | "tls" | "https" | "mongo" | "redis" => Some(pb::Protocol::Tcp),
         "mysql" | "smtp" | "postgres" => Some(pb::Protocol::ServerFirst),
         _ => None,
@@ -457,15 +462,20 @@ fn translate_slice(slice: &EndpointSlice) -> Option<Slice> {
     Some(Slice { service, ports, endpoints })
 }
 
-fn translate_pod(pod: &Pod) -> PodInfo {
+fn translate_pod(pod: &Pod, trust_domain: &str) -> PodInfo {
+    let service_account =
+        pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into());
+    // Empty if the names do not form an ID; the apiserver's name rules and the trust-domain
+    // flag's check make that unreachable.
+    let identity = is_meshed(&pod.metadata, pod.spec.as_ref())
+        .then(|| SpiffeId::new(trust_domain, &pod.namespace().unwrap_or_default(), &service_account).ok())
+        .flatten()
+        .map(|id| id.to_string())
+        .unwrap_or_default();
     PodInfo {
         labels: pod.labels().clone(),
-        service_account: pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.service_account_name.clone())
-            .unwrap_or_else(|| "default".into()),
-        meshed: is_meshed(&pod.metadata, pod.spec.as_ref()),
+        service_account,
+        identity,
         workload: workload_name(&pod.metadata).to_owned(),
     }
 }

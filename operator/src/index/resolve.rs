@@ -12,7 +12,6 @@ use weft_api::{
     networking::{self as net, Destination, DestinationRuleSpec, StringMatch, VirtualServiceSpec},
     security::{self as sec, MtlsMode, WorkloadSelector},
 };
-use weft_identity::SpiffeId;
 use weft_proto::v1 as pb;
 
 use super::{Crd, Index, Key, Kind, PodInfo, Slice};
@@ -287,7 +286,7 @@ impl Index {
                 let template = pod
                     .map(|pod| pb::Endpoint {
                         labels: pod.labels.clone(),
-                        identity: if pod.meshed { self.identity(ns, pod) } else { String::new() },
+                        identity: pod.identity.clone(),
                         workload: pod.workload.clone(),
                         ..pb::Endpoint::default()
                     })
@@ -300,14 +299,6 @@ impl Index {
             }
         }
         found.into_values().collect()
-    }
-
-    /// The SPIFFE ID a meshed pod's proxy holds a certificate for (empty if the names do not
-    /// form one; the apiserver's name rules and the flag's check make that unreachable).
-    fn identity(&self, ns: &str, pod: &PodInfo) -> String {
-        SpiffeId::new(&self.settings.trust_domain, ns, &pod.service_account)
-            .map(|id| id.to_string())
-            .unwrap_or_default()
     }
 
     fn routes(
