@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds the test cluster's binaries (kube-apiserver, kube-controller-manager, kube-scheduler, etcd,
-# helm) from the versions pinned in go.mod, once, into $WEFT_CACHE/k8s-<version>/bin.
+# Builds the test cluster's binaries from the versions pinned in go.mod (the control plane, etcd,
+# helm, and the node's kubelet, kube-proxy and kubectl) and coredns/go.mod (CoreDNS), once, into
+# $WEFT_CACHE/k8s-<version>/bin.
 # A second run finds the stamp for this go.mod and returns at once.
 # Progress goes to stderr; the only line on stdout is the bin directory.
 set -euo pipefail
@@ -19,7 +20,7 @@ helm_version=$(module_version helm.sh/helm/v3)
 cache=${WEFT_CACHE:-$HOME/.cache/weft}
 bin="$cache/k8s-$k8s_version/bin"
 stamp="$bin/.built-from"
-want=$(sha256sum go.mod go.sum build.sh | sha256sum | cut -d' ' -f1)
+want=$(sha256sum go.mod go.sum coredns/go.mod coredns/go.sum build.sh | sha256sum | cut -d' ' -f1)
 
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
   say "reusing binaries in $bin"
@@ -41,12 +42,17 @@ for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
   helm_ldflags+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$minor"
 done
 
+# name, module directory, cgo (the kubelet uses it, as upstream builds it), package, ldflags
 targets=(
-  "etcd go.etcd.io/etcd/server/v3 -s -w"
-  "kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver $k8s_ldflags"
-  "kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager $k8s_ldflags"
-  "kube-scheduler k8s.io/kubernetes/cmd/kube-scheduler $k8s_ldflags"
-  "helm helm.sh/helm/v3/cmd/helm $helm_ldflags"
+  "etcd . 0 go.etcd.io/etcd/server/v3 -s -w"
+  "kube-apiserver . 0 k8s.io/kubernetes/cmd/kube-apiserver $k8s_ldflags"
+  "kube-controller-manager . 0 k8s.io/kubernetes/cmd/kube-controller-manager $k8s_ldflags"
+  "kube-scheduler . 0 k8s.io/kubernetes/cmd/kube-scheduler $k8s_ldflags"
+  "helm . 0 helm.sh/helm/v3/cmd/helm $helm_ldflags"
+  "kubelet . 1 k8s.io/kubernetes/cmd/kubelet $k8s_ldflags"
+  "kube-proxy . 0 k8s.io/kubernetes/cmd/kube-proxy $k8s_ldflags"
+  "kubectl . 0 k8s.io/kubernetes/cmd/kubectl $k8s_ldflags"
+  "coredns coredns 0 github.com/coredns/coredns -s -w"
 )
 
 mkdir -p "$bin"
@@ -55,14 +61,15 @@ say "building Kubernetes $k8s_version, etcd and helm $helm_version into $bin"
 say "the first build downloads the modules and compiles for a long while on 2 cores; later runs reuse it"
 say "downloading modules"
 go mod download
+(cd coredns && go mod download)
 started=$SECONDS
 n=0
 for target in "${targets[@]}"; do
-  read -r name pkg ldflags <<<"$target"
+  read -r name dir cgo pkg ldflags <<<"$target"
   n=$((n + 1))
   t0=$SECONDS
   say "[$n/${#targets[@]}] $name ($pkg)"
-  go build -trimpath -ldflags "$ldflags" -o "$bin/$name.tmp" "$pkg"
+  (cd "$dir" && CGO_ENABLED=$cgo go build -trimpath -ldflags "$ldflags" -o "$bin/$name.tmp" "$pkg")
   mv -f "$bin/$name.tmp" "$bin/$name"
   say "[$n/${#targets[@]}] $name done in $((SECONDS - t0))s"
 done

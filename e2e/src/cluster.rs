@@ -30,7 +30,10 @@ use std::{
 };
 
 use k8s_openapi::{
-    api::core::v1::ServiceAccount,
+    api::{
+        apps::v1::Deployment,
+        core::v1::{Node, Pod, ServiceAccount},
+    },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
 use kube::{
@@ -43,6 +46,7 @@ use serde_json::json;
 
 pub use crate::process::{ProcessRecord, Stopped};
 use crate::{
+    images, node,
     pki::{self, PkiFiles},
     process::{self, Spawned},
 };
@@ -54,19 +58,27 @@ pub const SERVICE_ACCOUNT_ISSUER: &str = "https://kubernetes.default.svc.cluster
 /// the CA checks its tokens with a TokenReview that names `weft-ca`, so a token meant for the
 /// CA never works as a credential for the Kubernetes API itself.
 pub const API_AUDIENCES: &[&str] = &[SERVICE_ACCOUNT_ISSUER];
-/// `--service-cluster-ip-range`. Addresses are only allocated, never routed to: the control
-/// plane has no node and no kube-proxy.
+/// `--service-cluster-ip-range`. The host routes it into the node's network namespace, where
+/// kube-proxy's rules turn a Service address into a pod's (see [`node::net`]).
 pub const SERVICE_CLUSTER_IP_RANGE: &str = "10.0.0.0/24";
 /// The field manager for everything this harness applies.
 pub const FIELD_MANAGER: &str = "weft-e2e";
 
-/// The components, in start order.
+/// The control plane's components, in start order.
 pub const COMPONENTS: [&str; 4] = [ETCD, KUBE_APISERVER, KUBE_CONTROLLER_MANAGER, KUBE_SCHEDULER];
+/// The node's processes, in start order (after the control plane).
+pub const NODE_COMPONENTS: [&str; 3] = [node::CONTAINERD, node::KUBELET, node::KUBE_PROXY];
+/// Binaries the build must produce besides the components: tools and CoreDNS's image.
+const TOOLS: [&str; 3] = [HELM, KUBECTL, COREDNS];
 const ETCD: &str = "etcd";
 const KUBE_APISERVER: &str = "kube-apiserver";
 const KUBE_CONTROLLER_MANAGER: &str = "kube-controller-manager";
 const KUBE_SCHEDULER: &str = "kube-scheduler";
 const HELM: &str = "helm";
+const KUBECTL: &str = "kubectl";
+const COREDNS: &str = "coredns";
+/// CoreDNS's version as `e2e/cluster/coredns/go.mod` pins it (the image's tag starts with it).
+const COREDNS_VERSION: &str = "1.14.7";
 
 /// Bounded waits for each readiness signal. Generous: a cold start on a busy 2-core machine
 /// is several times slower than a warm one.
@@ -74,6 +86,7 @@ const ETCD_READY: Duration = Duration::from_secs(60);
 const APISERVER_READY: Duration = Duration::from_secs(120);
 const COMPONENT_READY: Duration = Duration::from_secs(90);
 const CRD_ESTABLISHED: Duration = Duration::from_secs(60);
+const NODE_READY: Duration = Duration::from_secs(120);
 const POLL: Duration = Duration::from_millis(200);
 
 /// Errors of the cluster harness.
@@ -183,6 +196,23 @@ pub enum Error {
     /// The test webhook (see [`crate::webhook`]) could not be set up.
     #[error("the test webhook: {0}")]
     Webhook(String),
+    /// This machine lacks something the node needs.
+    #[error("cannot run the node: {0}")]
+    NodePreflight(String),
+    /// A command setting up the node failed.
+    #[error("setting up the node: `{command}` failed: {output}")]
+    NodeSetup {
+        /// The command line.
+        command: String,
+        /// What it printed on stderr.
+        output: String,
+    },
+    /// A manifest could not be applied.
+    #[error("manifest: {0}")]
+    Manifest(String),
+    /// Building or importing an image failed.
+    #[error("images: {0}")]
+    Images(String),
     /// No cluster is running.
     #[error(
         "the test cluster is not running ({reason}): run `cargo xtask cluster up` (or `cargo xtask test`)"
@@ -238,6 +268,11 @@ impl Paths {
     /// The admin kubeconfig.
     pub fn kubeconfig(&self) -> PathBuf {
         self.root.join("kubeconfig")
+    }
+
+    /// The node's directories.
+    pub fn node(&self) -> node::NodeDirs {
+        node::NodeDirs::new(&self.root)
     }
 
     /// The directory of the components' logs.
@@ -346,14 +381,15 @@ pub struct State {
 }
 
 impl State {
-    /// The apiserver's URL.
+    /// The apiserver's URL: on the host's end of the node's veth pair, where the host, the
+    /// node and the pods all reach it.
     pub fn apiserver_url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.ports.apiserver)
+        format!("https://{}:{}", node::net::HOST_IP, self.ports.apiserver)
     }
 
     /// Whether every component is recorded and still running.
     pub fn all_running(&self) -> bool {
-        COMPONENTS.iter().all(|c| self.processes.iter().any(|p| p.name == *c))
+        COMPONENTS.iter().chain(&NODE_COMPONENTS).all(|c| self.processes.iter().any(|p| p.name == *c))
             && self.processes.iter().all(process::is_running)
     }
 }
@@ -401,6 +437,8 @@ pub fn up() -> Result<Up, Error> {
         report_stopped(&process::stop(&state.processes));
         paths.remove_state()?;
     }
+    node::preflight()?;
+    report_cleaned(&node::clean(&paths.node())?);
     let started = Instant::now();
     let bin_dir = build_binaries()?;
     let mut start = Start {
@@ -417,6 +455,7 @@ pub fn up() -> Result<Up, Error> {
             for spawned in &mut start.spawned {
                 let _ = spawned.child.try_wait();
             }
+            report_cleaned(&node::clean(&paths.node())?);
             paths.remove_state()?;
             Err(error)
         }
@@ -426,24 +465,29 @@ pub fn up() -> Result<Up, Error> {
 /// What [`down`] did.
 #[derive(Debug)]
 pub enum Down {
-    /// The recorded components were stopped.
-    Stopped(Vec<(String, Stopped)>),
-    /// There was no cluster state.
+    /// The recorded components were stopped and the node's remains removed.
+    Stopped(Vec<(String, Stopped)>, node::Cleaned),
+    /// There was no cluster state and nothing of a node to remove.
     NotRunning,
 }
 
 /// Stops the components recorded in the state file (only processes whose pid, start time and
-/// binary all match the record): SIGTERM, a bounded wait, then SIGKILL. Removes the state,
-/// the kubeconfig, the PKI and etcd's data; keeps the logs.
+/// binary all match the record): SIGTERM, a bounded wait, then SIGKILL. Then removes what the
+/// node leaves (container processes, mounts, its network namespace and cgroups; see
+/// [`node::clean`]), the state, the kubeconfig, the PKI and etcd's data; keeps the logs.
+/// Without state it still removes a node's remains, so a second `down` has nothing to do.
 pub fn down() -> Result<Down, Error> {
     let paths = Paths::from_env()?;
     let _lock = paths.lock()?;
-    let Some(state) = paths.read_state_or_discard()? else {
-        return Ok(Down::NotRunning);
-    };
-    let stopped = process::stop(&state.processes);
+    let state = paths.read_state_or_discard()?;
+    let stopped = state.as_ref().map(|s| process::stop(&s.processes));
+    let cleaned = node::clean(&paths.node())?;
     paths.remove_state()?;
-    Ok(Down::Stopped(stopped))
+    match stopped {
+        Some(stopped) => Ok(Down::Stopped(stopped, cleaned)),
+        None if !cleaned.is_empty() => Ok(Down::Stopped(Vec::new(), cleaned)),
+        None => Ok(Down::NotRunning),
+    }
 }
 
 /// The cluster as [`status`] sees it.
@@ -457,12 +501,18 @@ pub struct Status {
     pub components: Vec<(ProcessRecord, bool)>,
     /// The apiserver's `/readyz` answer: `Ok` when ready, else why not. `None` without state.
     pub readyz: Option<Result<(), String>>,
+    /// The node's `Ready` condition: `Ok` when ready, else why not. `None` without an apiserver.
+    pub node: Option<Result<(), String>>,
+    /// Every pod that is not running and ready, with the kubelet's reasons.
+    pub pod_problems: Vec<String>,
 }
 
 impl Status {
     /// Whether the cluster is up and ready to use.
     pub fn is_ready(&self) -> bool {
-        self.state.as_ref().is_some_and(|s| s.ready && s.all_running()) && matches!(self.readyz, Some(Ok(())))
+        self.state.as_ref().is_some_and(|s| s.ready && s.all_running())
+            && matches!(self.readyz, Some(Ok(())))
+            && matches!(self.node, Some(Ok(())))
     }
 }
 
@@ -489,6 +539,9 @@ impl fmt::Display for Status {
                 KUBE_APISERVER => state.apiserver_url(),
                 KUBE_CONTROLLER_MANAGER => format!("https://127.0.0.1:{}", state.ports.controller_manager),
                 KUBE_SCHEDULER => format!("https://127.0.0.1:{}", state.ports.scheduler),
+                node::KUBELET => format!("https://{}:{}", node::net::NODE_IP, node::net::KUBELET_PORT),
+                node::CONTAINERD => self.paths.node().containerd_socket().display().to_string(),
+                node::KUBE_PROXY => format!("iptables mode, netns {}", node::net::NETNS),
                 _ => String::new(),
             };
             let run = if *running { "running" } else { "STOPPED" };
@@ -498,6 +551,14 @@ impl fmt::Display for Status {
             Some(Ok(())) => writeln!(f, "  apiserver /readyz: ok")?,
             Some(Err(why)) => writeln!(f, "  apiserver /readyz: {why}")?,
             None => {}
+        }
+        match &self.node {
+            Some(Ok(())) => writeln!(f, "  node {}: Ready", node::net::NODE_NAME)?,
+            Some(Err(why)) => writeln!(f, "  node {}: NOT ready: {why}", node::net::NODE_NAME)?,
+            None => {}
+        }
+        for problem in &self.pod_problems {
+            writeln!(f, "  {problem}")?;
         }
         writeln!(f, "kubeconfig: {}", self.paths.kubeconfig().display())?;
         writeln!(f, "logs:       {}", self.paths.logs().display())?;
@@ -511,14 +572,33 @@ pub fn status() -> Result<Status, Error> {
     let state = paths.read_state()?;
     let components =
         state.iter().flat_map(|s| &s.processes).map(|p| (p.clone(), process::is_running(p))).collect();
-    let readyz = match &state {
-        None => None,
-        Some(_) => Some(runtime()?.block_on(async {
-            let client = admin_client(&paths, Duration::from_secs(5)).await.map_err(|e| e.to_string())?;
-            get(&client, "/readyz").await
-        })),
-    };
-    Ok(Status { paths, state, components, readyz })
+    let (mut readyz, mut node_ready, mut pod_problems) = (None, None, Vec::new());
+    if state.is_some() {
+        runtime()?.block_on(async {
+            let client = match admin_client(&paths, Duration::from_secs(5)).await {
+                Ok(client) => client,
+                Err(e) => return readyz = Some(Err(e.to_string())),
+            };
+            let answer = get(&client, "/readyz").await;
+            let up = answer.is_ok();
+            readyz = Some(answer);
+            if !up {
+                return;
+            }
+            let nodes: Api<Node> = Api::all(client.clone());
+            node_ready = Some(match nodes.get_opt(node::net::NODE_NAME).await {
+                Ok(Some(n)) => node::ready(&n),
+                Ok(None) => Err("not registered".to_owned()),
+                Err(e) => Err(one_line(&e.to_string())),
+            });
+            let pods: Api<Pod> = Api::all(client);
+            match pods.list(&Default::default()).await {
+                Ok(list) => pod_problems = list.items.iter().filter_map(node::pod_problem).collect(),
+                Err(e) => pod_problems.push(format!("listing pods: {}", one_line(&e.to_string()))),
+            }
+        });
+    }
+    Ok(Status { paths, state, components, readyz, node: node_ready, pod_problems })
 }
 
 /// The environment a shell needs to use the cluster, from [`env`].
@@ -645,6 +725,12 @@ fn progress(message: &str) {
     eprintln!("[cluster] {message}");
 }
 
+fn report_cleaned(cleaned: &node::Cleaned) {
+    if !cleaned.is_empty() {
+        progress(&format!("removed a node's remains: {cleaned}"));
+    }
+}
+
 fn report_stopped(stopped: &[(String, Stopped)]) {
     for (name, how) in stopped {
         match how {
@@ -679,7 +765,7 @@ fn build_binaries() -> Result<PathBuf, Error> {
     // whatever the directory `down` runs from.
     let bin_dir = fs::canonicalize(printed)
         .map_err(|e| Error::io(format!("finding the bin dir {printed:?} that build.sh printed"), e))?;
-    for name in COMPONENTS.iter().chain([&HELM]) {
+    for name in COMPONENTS.iter().chain(&NODE_COMPONENTS[1..]).chain(&TOOLS) {
         let exe = bin_dir.join(name);
         if !exe.is_file() {
             return Err(Error::MissingBinary(exe));
@@ -706,6 +792,40 @@ fn free_ports() -> Result<Ports, Error> {
         controller_manager: ports[3],
         scheduler: ports[4],
     })
+}
+
+/// The images the node needs to run at all (its sandbox and its DNS), rebuilt at every `up`
+/// (a second or two; the tags follow the content), and Weft's own if `cargo xtask images`
+/// built them.
+struct NodeImages {
+    pause: images::Image,
+    coredns: images::Image,
+    weft: Vec<images::Image>,
+}
+
+impl NodeImages {
+    fn build(bin_dir: &Path) -> Result<Self, Error> {
+        let fail = |e: images::ImagesError| Error::Images(e.to_string());
+        let dir = images::dir().map_err(fail)?;
+        let pause = images::build_pause(&dir).map_err(fail)?;
+        let coredns = images::ImageSpec {
+            component: COREDNS.to_owned(),
+            version: COREDNS_VERSION.to_owned(),
+            binary: bin_dir.join(COREDNS),
+            user: images::NONROOT,
+            iptables: false,
+        };
+        let coredns = images::build(&coredns, &dir).map_err(fail)?;
+        let weft = match images::ImageSet::load(&dir).map_err(fail)? {
+            Some(set) => vec![set.operator, set.webhook, set.proxy, set.demo],
+            None => Vec::new(),
+        };
+        Ok(Self { pause, coredns, weft })
+    }
+
+    fn to_import(&self) -> Vec<images::Image> {
+        [&self.pause, &self.coredns].into_iter().chain(&self.weft).cloned().collect()
+    }
 }
 
 /// One run of `up` from a clean state directory.
@@ -740,7 +860,26 @@ impl Start<'_> {
         )?;
         let scheduler_kubeconfig = paths.pki().join("scheduler.kubeconfig");
         write_kubeconfig(&scheduler_kubeconfig, &url, &pki.cluster_ca, &pki.scheduler, KUBE_SCHEDULER)?;
+        let kubelet_kubeconfig = paths.pki().join("kubelet.kubeconfig");
+        write_kubeconfig(&kubelet_kubeconfig, &url, &pki.cluster_ca, &pki.kubelet, node::KUBELET)?;
+        let kube_proxy_kubeconfig = paths.pki().join("kube-proxy.kubeconfig");
+        write_kubeconfig(&kube_proxy_kubeconfig, &url, &pki.cluster_ca, &pki.kube_proxy, node::KUBE_PROXY)?;
         paths.write_state(&self.state)?;
+
+        progress("building the node's images (pause, CoreDNS) if they changed");
+        let node_images = NodeImages::build(&self.state.bin_dir)?;
+        progress(&format!("creating the node's network namespace {}", node::net::NETNS));
+        let dirs = paths.node();
+        let inputs = node::NodeInputs {
+            pause_image: &node_images.pause.name,
+            kubelet: node::config::KubeletFiles {
+                client_ca: &pki.client_ca,
+                serving_cert: &pki.kubelet_serving.cert,
+                serving_key: &pki.kubelet_serving.key,
+            },
+            kube_proxy_kubeconfig: &kube_proxy_kubeconfig,
+        };
+        node::prepare(&dirs, &inputs, SERVICE_CLUSTER_IP_RANGE)?;
 
         progress(&format!("starting etcd on 127.0.0.1:{}", ports.etcd_client));
         self.spawn(ETCD, etcd_args(paths, &ports))?;
@@ -784,14 +923,92 @@ impl Start<'_> {
         )
         .await?;
 
+        self.start_node(&admin, &dirs, &node_images, &kubelet_kubeconfig).await?;
+
         self.state.ready = true;
         paths.write_state(&self.state)
     }
 
+    /// Starts containerd, imports the images, starts the kubelet and kube-proxy, waits until
+    /// the node is Ready and kube-proxy healthy, then runs CoreDNS on it and waits for it.
+    async fn start_node(
+        &mut self,
+        admin: &Client,
+        dirs: &node::NodeDirs,
+        node_images: &NodeImages,
+        kubelet_kubeconfig: &Path,
+    ) -> Result<(), Error> {
+        let netns = node::net::netns_path();
+        progress("starting containerd in the node's namespace");
+        let containerd = node::which(node::CONTAINERD)?;
+        self.spawn_exe(node::CONTAINERD, &containerd, node::containerd_args(dirs), Some(&netns))?;
+        self.wait(node::CONTAINERD, "containerd", COMPONENT_READY, || async { node::containerd_ready(dirs) })
+            .await?;
+
+        let to_import = node_images.to_import();
+        progress(&format!("importing {} images into containerd", to_import.len()));
+        images::import(&dirs.containerd_socket(), &to_import).map_err(|e| Error::Images(e.to_string()))?;
+
+        progress("starting the kubelet and kube-proxy in the node's namespace");
+        let kubelet = self.state.bin_dir.join(node::KUBELET);
+        self.spawn_exe(node::KUBELET, &kubelet, node::kubelet_args(dirs, kubelet_kubeconfig), Some(&netns))?;
+        let kube_proxy = self.state.bin_dir.join(node::KUBE_PROXY);
+        self.spawn_exe(node::KUBE_PROXY, &kube_proxy, node::kube_proxy_args(dirs), Some(&netns))?;
+        let nodes: Api<Node> = Api::all(admin.clone());
+        self.wait(node::KUBELET, &format!("node {} Ready", node::net::NODE_NAME), NODE_READY, || async {
+            match nodes.get_opt(node::net::NODE_NAME).await {
+                Ok(Some(n)) => node::ready(&n),
+                Ok(None) => Err("not registered yet".to_owned()),
+                Err(e) => Err(one_line(&e.to_string())),
+            }
+        })
+        .await?;
+        self.wait(node::KUBE_PROXY, "kube-proxy /healthz", COMPONENT_READY, || async {
+            let addr = SocketAddr::from((node::net::NODE_IP, node::net::KUBE_PROXY_HEALTHZ_PORT));
+            crate::http::get(addr, "kube-proxy", "/healthz").await.map_err(|e| e.to_string()).and_then(
+                |(status, body)| {
+                    if status == 200 { Ok(()) } else { Err(format!("{status}: {}", one_line(&body))) }
+                },
+            )
+        })
+        .await?;
+
+        progress("starting CoreDNS on the node");
+        crate::apply::apply_yaml(admin, &node::config::coredns_manifests(&node_images.coredns.name), None)
+            .await?;
+        let deployments: Api<Deployment> = Api::namespaced(admin.clone(), "kube-system");
+        let pods: Api<Pod> = Api::namespaced(admin.clone(), "kube-system");
+        self.wait(node::KUBELET, "CoreDNS available", NODE_READY, || async {
+            match deployments.get_opt("coredns").await {
+                Ok(Some(d)) if d.status.as_ref().and_then(|s| s.available_replicas).unwrap_or(0) >= 1 => {
+                    Ok(())
+                }
+                Ok(_) => Err(node::pod_problems(&pods, "k8s-app=kube-dns").await),
+                Err(e) => Err(one_line(&e.to_string())),
+            }
+        })
+        .await
+    }
+
     fn spawn(&mut self, name: &str, args: Vec<String>) -> Result<(), Error> {
         let exe = self.state.bin_dir.join(name);
-        let spawned = process::spawn(name, &exe, &args, &self.paths.log(name))
-            .map_err(|e| Error::io(format!("starting {}", exe.display()), e))?;
+        self.spawn_exe(name, &exe, args, None)
+    }
+
+    /// Starts `exe` as component `name`, inside the network namespace `netns` if given.
+    fn spawn_exe(
+        &mut self,
+        name: &str,
+        exe: &Path,
+        args: Vec<String>,
+        netns: Option<&Path>,
+    ) -> Result<(), Error> {
+        let log = self.paths.log(name);
+        let spawned = match netns {
+            Some(netns) => process::spawn_in_netns(name, exe, &args, &log, netns),
+            None => process::spawn(name, exe, &args, &log),
+        }
+        .map_err(|e| Error::io(format!("starting {}", exe.display()), e))?;
         self.state.processes.push(spawned.record.clone());
         self.spawned.push(spawned);
         self.paths.write_state(&self.state)
@@ -862,23 +1079,28 @@ fn etcd_args(paths: &Paths, ports: &Ports) -> Vec<String> {
 }
 
 fn apiserver_args(ports: &Ports, pki: &PkiFiles) -> Vec<String> {
+    let host = node::net::HOST_IP;
     vec![
         format!("--etcd-servers=http://127.0.0.1:{}", ports.etcd_client),
-        "--bind-address=127.0.0.1".into(),
-        "--advertise-address=127.0.0.1".into(),
+        // The host's end of the node's veth pair: reachable from the host, the node and the
+        // pods, and from nowhere else.
+        format!("--bind-address={host}"),
+        format!("--advertise-address={host}"),
         format!("--secure-port={}", ports.apiserver),
         format!("--tls-cert-file={}", pki.serving_cert.display()),
         format!("--tls-private-key-file={}", pki.serving_key.display()),
         format!("--client-ca-file={}", pki.client_ca.display()),
-        "--authorization-mode=RBAC".into(),
+        "--authorization-mode=Node,RBAC".into(),
+        "--enable-admission-plugins=NodeRestriction".into(),
+        format!("--kubelet-client-certificate={}", pki.apiserver_kubelet_client.cert.display()),
+        format!("--kubelet-client-key={}", pki.apiserver_kubelet_client.key.display()),
+        format!("--kubelet-certificate-authority={}", pki.cluster_ca.display()),
+        "--kubelet-preferred-address-types=InternalIP".into(),
         format!("--service-account-issuer={SERVICE_ACCOUNT_ISSUER}"),
         format!("--service-account-key-file={}", pki.sa_pub.display()),
         format!("--service-account-signing-key-file={}", pki.sa_key.display()),
         format!("--api-audiences={}", API_AUDIENCES.join(",")),
         format!("--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}"),
-        // The `kubernetes` Service would get 127.0.0.1 as its endpoint, which Endpoints
-        // validation rejects (loopback); there is no node to reach it from anyway.
-        "--endpoint-reconciler-type=none".into(),
         "--allow-privileged=true".into(),
         "--profiling=false".into(),
     ]
@@ -1021,6 +1243,13 @@ fn remove_dir(path: &Path) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn coredns_version_is_the_one_its_go_mod_pins() {
+        let go_mod = include_str!("../cluster/coredns/go.mod");
+        let pinned = format!("github.com/coredns/coredns v{COREDNS_VERSION}");
+        assert!(go_mod.lines().any(|l| l.trim().starts_with(&pinned)), "go.mod does not pin {pinned}");
+    }
 
     #[test]
     fn shell_quote_survives_quotes() {

@@ -16,9 +16,12 @@
 
 #![forbid(unsafe_code)]
 
+pub mod apply;
 pub mod cluster;
 pub mod helm;
 pub mod http;
+pub mod node;
+pub mod images;
 mod pki;
 mod process;
 mod test_cluster;

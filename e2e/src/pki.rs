@@ -6,7 +6,10 @@
 //! - a client CA (`--client-ca-file`), which signs the admin certificate (CN `admin`,
 //!   O `system:masters`) and the controller-manager's and scheduler's own identities, and
 //!   which the controller-manager uses to sign CertificateSigningRequests;
-//! - the ServiceAccount token signing key pair.
+//! - the ServiceAccount token signing key pair;
+//! - the node's: the kubelet's serving certificate (cluster CA, the node's address) and client
+//!   certificate (`system:node:<node>` in `system:nodes`, for the Node authorizer), kube-proxy's
+//!   (`system:kube-proxy`), and the apiserver's client certificate for the kubelet's API.
 //!
 //! Every key is ECDSA P-256 in PKCS#8 PEM, written with mode 0600. Nothing here keeps key
 //! material after the files are written, and nothing prints it.
@@ -25,12 +28,13 @@ use rcgen::{
 };
 use time::OffsetDateTime;
 
-use crate::cluster::Error;
+use crate::{cluster::Error, node};
 
 /// The `kubernetes` Service's first address in `--service-cluster-ip-range` and its DNS names,
 /// so in-cluster clients can verify the apiserver too.
 const SERVING_SANS: &[&str] = &[
     "127.0.0.1",
+    "10.250.0.1", // node::net::HOST_IP, where the node and its pods reach the apiserver
     "localhost",
     "10.0.0.1",
     "kubernetes",
@@ -54,6 +58,10 @@ pub(crate) struct PkiFiles {
     pub(crate) admin: ClientFiles,
     pub(crate) controller_manager: ClientFiles,
     pub(crate) scheduler: ClientFiles,
+    pub(crate) kubelet_serving: ClientFiles,
+    pub(crate) kubelet: ClientFiles,
+    pub(crate) kube_proxy: ClientFiles,
+    pub(crate) apiserver_kubelet_client: ClientFiles,
 }
 
 /// A client certificate and its key.
@@ -94,6 +102,21 @@ pub(crate) fn generate(dir: &Path) -> Result<PkiFiles, Error> {
     let admin = client("admin", "admin", Some("system:masters"))?;
     let controller_manager = client("controller-manager", "system:kube-controller-manager", None)?;
     let scheduler = client("scheduler", "system:kube-scheduler", None)?;
+    let node_user = format!("system:node:{}", node::net::NODE_NAME);
+    let kubelet = client("kubelet", &node_user, Some("system:nodes"))?;
+    let kube_proxy = client("kube-proxy", "system:kube-proxy", None)?;
+    let apiserver_kubelet_client =
+        client("apiserver-kubelet-client", "kube-apiserver-kubelet-client", Some("system:masters"))?;
+    let node_ip = node::net::NODE_IP.to_string();
+    let (kubelet_cert, kubelet_key) = leaf(
+        &cluster_ca,
+        &node_user,
+        None,
+        &[&node_ip, node::net::NODE_NAME],
+        ExtendedKeyUsagePurpose::ServerAuth,
+        &validity,
+    )?;
+    let kubelet_serving = pair(dir, "kubelet-serving", &kubelet_cert, &kubelet_key)?;
 
     let sa = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
     let sa_key = dir.join("sa.key");
@@ -113,6 +136,10 @@ pub(crate) fn generate(dir: &Path) -> Result<PkiFiles, Error> {
         admin,
         controller_manager,
         scheduler,
+        kubelet_serving,
+        kubelet,
+        kube_proxy,
+        apiserver_kubelet_client,
     })
 }
 

@@ -64,6 +64,32 @@ pub(crate) fn spawn(name: &str, exe: &Path, args: &[String], log: &Path) -> io::
     })
 }
 
+/// Like [`spawn`], but the process starts inside the network namespace bound at `netns`
+/// (e.g. `/run/netns/weft-node`), in this process's mount namespace. A child inherits the
+/// namespaces of the thread that creates it, so a short-lived thread enters the namespace and
+/// starts the child; this process's other threads stay where they are.
+pub(crate) fn spawn_in_netns(
+    name: &str,
+    exe: &Path,
+    args: &[String],
+    log: &Path,
+    netns: &Path,
+) -> io::Result<Spawned> {
+    let namespace = File::open(netns)?;
+    thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                rustix::thread::move_into_link_name_space(
+                    std::os::fd::AsFd::as_fd(&namespace),
+                    Some(rustix::thread::LinkNameSpaceType::Network),
+                )?;
+                spawn(name, exe, args, log)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other(format!("starting {name} in {}", netns.display()))))
+    })
+}
+
 struct ProcStat {
     state: char,
     start_ticks: u64,

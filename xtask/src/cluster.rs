@@ -7,14 +7,19 @@ use weft_e2e::cluster::{self, Down, Stopped, Up};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
-    /// Start etcd, kube-apiserver, kube-controller-manager and kube-scheduler on 127.0.0.1
-    /// (building them first if needed) and install the CRDs. Does nothing if already running.
+    /// Start the control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler)
+    /// and one real node (containerd, kubelet, kube-proxy in a network namespace, CoreDNS on
+    /// it), building and installing what is missing first, and install the CRDs. Does nothing
+    /// if already running.
     Up,
-    /// Stop the cluster's processes and remove its state (logs are kept).
+    /// Stop the cluster's processes, remove the node (containers, mounts, network namespace,
+    /// cgroups) and the cluster's state (logs are kept).
     Down,
-    /// Show whether the cluster runs, its ports, kubeconfig and logs. Exits 1 when not ready.
+    /// Show each component, the node's Ready condition and pods that do not run. Exits 1 when
+    /// not ready.
     Status,
-    /// Print shell exports for the cluster: `eval "$(cargo xtask cluster env)"`.
+    /// Print shell exports for the cluster (KUBECONFIG; kubectl and helm on PATH):
+    /// `eval "$(cargo xtask cluster env)"`.
     Env,
 }
 
@@ -41,6 +46,7 @@ pub(crate) fn run(command: Command) -> Result<()> {
 /// (false when it was already running).
 pub(crate) fn up() -> Result<bool> {
     let paths = cluster::Paths::from_env()?;
+    crate::packages::ensure("cluster", weft_e2e::node::PACKAGES)?;
     let started = match cluster::up()? {
         Up::Started { state, elapsed } => {
             eprintln!(
@@ -79,7 +85,10 @@ pub(crate) fn with_cluster<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
 pub(crate) fn down() -> Result<()> {
     match cluster::down()? {
         Down::NotRunning => eprintln!("[cluster] not running; nothing to stop"),
-        Down::Stopped(stopped) => {
+        Down::Stopped(stopped, cleaned) => {
+            if !cleaned.is_empty() {
+                eprintln!("[cluster] removed the node: {cleaned}");
+            }
             let mut stuck = Vec::new();
             for (name, how) in stopped {
                 match how {

@@ -4,6 +4,7 @@ mod bench;
 mod cluster;
 mod codegen;
 mod demo;
+mod images;
 mod packages;
 mod test;
 
@@ -34,6 +35,14 @@ enum Task {
     },
     /// The main job, as far as it runs today: start the local cluster and show Weft's API at work.
     Demo,
+    /// Build the test node's container images (operator, webhook, proxy, demo, pause, coredns)
+    /// from this host's files, write their Helm values, and import them into the node's
+    /// containerd when it runs.
+    Images {
+        /// Only build; do not import into the node's containerd.
+        #[arg(long)]
+        no_import: bool,
+    },
     /// Run a benchmark (release build); see BENCHMARKS.md.
     Bench {
         #[command(subcommand)]
@@ -65,6 +74,7 @@ fn run(cli: Cli) -> Result<()> {
         Task::Codegen { check } => codegen::run(check),
         Task::Demo => demo::run(),
         Task::Bench { which } => bench::run(which),
+        Task::Images { no_import } => images::run(no_import),
         Task::Cluster { command } => cluster::run(command),
         Task::Test { cargo_args } => test::run(&cargo_args),
     }

@@ -8,8 +8,16 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end }}
 
-{{- define "weft.tag" -}}
-{{ .Values.image.tag | default .Chart.AppVersion }}
+{{/*
+The image of a component: `include "weft.image" (list . "operator")`. Its tag is
+`<component>.image.tag`, else `image.tag`, else the chart's appVersion.
+*/}}
+{{- define "weft.image" -}}
+{{- $root := index . 0 -}}
+{{- $component := index . 1 -}}
+{{- $own := (index $root.Values $component).image | default dict -}}
+{{- $tag := $own.tag | default $root.Values.image.tag | default $root.Chart.AppVersion -}}
+{{- printf "%s/%s:%s" $root.Values.image.registry $component $tag -}}
 {{- end }}
 
 {{- define "weft.webhookName" -}}
