@@ -77,8 +77,6 @@ const KUBE_SCHEDULER: &str = "kube-scheduler";
 const HELM: &str = "helm";
 const KUBECTL: &str = "kubectl";
 const COREDNS: &str = "coredns";
-/// CoreDNS's version as `e2e/cluster/coredns/go.mod` pins it (the image's tag starts with it).
-const COREDNS_VERSION: &str = "1.14.7";
 
 /// Bounded waits for each readiness signal. Generous: a cold start on a busy 2-core machine
 /// is several times slower than a warm one.
@@ -748,7 +746,7 @@ fn build_script() -> PathBuf {
 }
 
 /// Runs `e2e/cluster/build.sh` (instant when the binaries are cached) and returns the bin dir.
-fn build_binaries() -> Result<PathBuf, Error> {
+pub fn build_binaries() -> Result<PathBuf, Error> {
     let script = build_script();
     let output = Command::new("bash")
         .arg(&script)
@@ -808,14 +806,7 @@ impl NodeImages {
         let fail = |e: images::ImagesError| Error::Images(e.to_string());
         let dir = images::dir().map_err(fail)?;
         let pause = images::build_pause(&dir).map_err(fail)?;
-        let coredns = images::ImageSpec {
-            component: COREDNS.to_owned(),
-            version: COREDNS_VERSION.to_owned(),
-            binary: bin_dir.join(COREDNS),
-            user: images::NONROOT,
-            iptables: false,
-        };
-        let coredns = images::build(&coredns, &dir).map_err(fail)?;
+        let coredns = images::build_coredns(bin_dir, &dir).map_err(fail)?;
         let weft = match images::ImageSet::load(&dir).map_err(fail)? {
             Some(set) => vec![set.operator, set.webhook, set.proxy, set.demo],
             None => Vec::new(),
@@ -1247,7 +1238,7 @@ mod tests {
     #[test]
     fn coredns_version_is_the_one_its_go_mod_pins() {
         let go_mod = include_str!("../cluster/coredns/go.mod");
-        let pinned = format!("github.com/coredns/coredns v{COREDNS_VERSION}");
+        let pinned = format!("github.com/coredns/coredns v{}", images::COREDNS_VERSION);
         assert!(go_mod.lines().any(|l| l.trim().starts_with(&pinned)), "go.mod does not pin {pinned}");
     }
 

@@ -191,6 +191,23 @@ pub fn build_pause(out_dir: &Path) -> Result<Image, ImagesError> {
     build(&spec, out_dir)
 }
 
+/// CoreDNS's version as `e2e/cluster/coredns/go.mod` pins it (a unit test holds them equal);
+/// its image's tag starts with it.
+pub const COREDNS_VERSION: &str = "1.14.7";
+
+/// Builds `weft.local/coredns:<COREDNS_VERSION>-<id>` from `<bin_dir>/coredns` (the cluster's
+/// build), run as [`NONROOT`].
+pub fn build_coredns(bin_dir: &Path, out_dir: &Path) -> Result<Image, ImagesError> {
+    let spec = ImageSpec {
+        component: "coredns".to_owned(),
+        version: COREDNS_VERSION.to_owned(),
+        binary: bin_dir.join("coredns"),
+        user: NONROOT,
+        iptables: false,
+    };
+    build(&spec, out_dir)
+}
+
 /// `${WEFT_CACHE:-~/.cache/weft}/images`: the archives, `images.json` and `values.yaml`.
 pub fn dir() -> Result<PathBuf, ImagesError> {
     let cluster = cluster::Paths::from_env()?;
@@ -981,5 +998,115 @@ mod tests {
         set.save(&dir).unwrap();
         assert_eq!(ImageSet::load(&dir).unwrap(), Some(set));
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A private containerd (Debian's, CRI disabled) in a temporary directory, stopped on drop.
+    struct Containerd {
+        dir: PathBuf,
+        child: std::process::Child,
+    }
+
+    impl Containerd {
+        fn start() -> Containerd {
+            let dir = temp_dir("containerd");
+            let config = format!(
+                "version = 2\nroot = {root:?}\nstate = {state:?}\n\
+                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                 [grpc]\n  address = {socket:?}\n\
+                 [plugins.\"io.containerd.internal.v1.opt\"]\n  path = {opt:?}\n",
+                root = dir.join("root"),
+                state = dir.join("state"),
+                socket = dir.join("containerd.sock"),
+                opt = dir.join("opt"),
+            );
+            fs::write(dir.join("config.toml"), config).unwrap();
+            let log = fs::File::create(dir.join("containerd.log")).unwrap();
+            let child = Command::new("containerd")
+                .arg("--config")
+                .arg(dir.join("config.toml"))
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("containerd (Debian package containerd) runs");
+            let containerd = Containerd { dir, child };
+            for _ in 0..100 {
+                if containerd.ctr().arg("version").output().is_ok_and(|o| o.status.success()) {
+                    return containerd;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            panic!("containerd did not start; see {}", containerd.dir.join("containerd.log").display());
+        }
+
+        fn socket(&self) -> PathBuf {
+            self.dir.join("containerd.sock")
+        }
+
+        fn ctr(&self) -> Command {
+            let mut ctr = Command::new("ctr");
+            ctr.arg("--address").arg(self.socket()).args(["--namespace", NAMESPACE]);
+            ctr
+        }
+    }
+
+    impl Drop for Containerd {
+        fn drop(&mut self) {
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_child(&self.child),
+                rustix::process::Signal::TERM,
+            );
+            let _ = self.child.wait();
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    #[test]
+    #[ignore = "needs root, containerd and runc: cargo test -p weft-e2e --lib images -- --ignored"]
+    fn imported_images_run_in_containerd() {
+        let containerd = Containerd::start();
+        let out = temp_dir("import");
+        // A dynamically linked binary from the host, with its libraries, and our static pause.
+        let echo = build(
+            &ImageSpec {
+                component: "echo".to_owned(),
+                version: "1".to_owned(),
+                binary: "/bin/echo".into(),
+                user: NONROOT,
+                iptables: false,
+            },
+            &out,
+        )
+        .unwrap();
+        let pause = build_pause(&out).unwrap();
+        import(&containerd.socket(), &[echo.clone(), pause.clone()]).unwrap();
+
+        let said =
+            run(containerd.ctr().args(["run", "--rm", &echo.name, "weft-echo", "/usr/local/bin/echo", "hi"]))
+                .unwrap();
+        assert_eq!(said.trim(), "hi");
+
+        // pause runs as 65535 and exits 0 on SIGTERM.
+        let mut sandbox = containerd.ctr().args(["run", "--rm", &pause.name, "weft-pause"]).spawn().unwrap();
+        let mut user = String::new();
+        for _ in 0..50 {
+            let ps = run(containerd.ctr().args(["task", "ps", "weft-pause"])).unwrap_or_default();
+            if let Some(pid) = ps.lines().nth(1).and_then(|l| l.split_whitespace().next()) {
+                user = fs::read_to_string(format!("/proc/{pid}/status"))
+                    .unwrap_or_default()
+                    .lines()
+                    .find_map(|l| {
+                        l.strip_prefix("Uid:")
+                            .map(|ids| ids.split_whitespace().next().unwrap_or("").to_owned())
+                    })
+                    .unwrap_or_default();
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        assert_eq!(user, PAUSE_UID.to_string());
+        run(containerd.ctr().args(["task", "kill", "--signal", "SIGTERM", "weft-pause"])).unwrap();
+        assert!(sandbox.wait().unwrap().success());
+        drop(containerd);
+        fs::remove_dir_all(&out).unwrap();
     }
 }

@@ -73,6 +73,18 @@ async fn weft_installs_and_meshes_apps_on_the_real_node() -> Result<()> {
     ensure!(out >= 30.0, "the frontend's proxy counted {out} outbound requests, expected at least 30");
     ensure!(inbound >= 30.0, "the reviews proxies counted {inbound} inbound requests, expected at least 30");
     ensure!(call.versions.len() >= 2, "the reviews Service spread over its versions: {:?}", call.versions);
+    // The route came from the operator, over its Service's DNS name: the frontend's proxy
+    // holds the reviews Service with its three pods as endpoints.
+    let (_, config) = get(pod_ip(frontend)?, ADMIN_PORT, "/config").await?;
+    let config: Value = serde_json::from_str(&config).context("the proxy's /config is not JSON")?;
+    let reviews = config["config"]["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["name"] == format!("reviews.{}.svc.cluster.local", meshed.name()))
+        .context("the frontend's proxy has no config for the reviews Service")?;
+    let endpoints = reviews["ports"][0]["endpoints"].as_array().map_or(0, Vec::len);
+    ensure!(endpoints == 3, "the proxy knows {endpoints} reviews endpoints, expected 3: {reviews}");
 
     step("an unlabelled namespace's pod is left alone and still reaches a meshed Service");
     let plain = cluster.namespace("plain").await?;
@@ -123,6 +135,10 @@ impl Installed {
             "--create-namespace",
             "-f",
             &values.to_string_lossy(),
+            // The test cluster installs Weft's CRDs itself (`cluster up`), so the release
+            // does not own them.
+            "--set",
+            "crds.install=false",
             "--set",
             "operator.replicas=1",
             "--set",
@@ -163,8 +179,8 @@ impl Drop for Installed {
 }
 
 /// Weft's objects still in the cluster: anything in the release namespace but what
-/// Kubernetes itself puts in every namespace, Weft's CRDs, its webhook configuration and its
-/// cluster roles.
+/// Kubernetes itself puts in every namespace, its webhook configuration and its cluster roles.
+/// (The CRDs are the test cluster's, not the release's.)
 async fn leftovers(client: &Client) -> Result<Vec<String>> {
     let mut left = Vec::new();
     let namespaced: &[(&str, &str, &str, &[&str])] = &[
@@ -187,7 +203,6 @@ async fn leftovers(client: &Client) -> Result<Vec<String>> {
         }
     }
     let cluster_scoped: &[(&str, &str, &str, &str)] = &[
-        ("apiextensions.k8s.io", "v1", "CustomResourceDefinition", ".weft.dev"),
         ("admissionregistration.k8s.io", "v1", "MutatingWebhookConfiguration", "weft"),
         ("rbac.authorization.k8s.io", "v1", "ClusterRole", "weft"),
         ("rbac.authorization.k8s.io", "v1", "ClusterRoleBinding", "weft"),
@@ -532,7 +547,6 @@ async fn operator_deleted_under_load(client: &Client, client_pod: &Pod, url: &st
         }
         tokio::time::sleep(POLL).await;
     };
-    // One more full batch after the new operator is ready.
     let _ = stop_tx.send(true);
     let batches = load.await?;
     ensure!(!batches.is_empty(), "no batch ran");
@@ -540,7 +554,8 @@ async fn operator_deleted_under_load(client: &Client, client_pod: &Pod, url: &st
     for (started, ended, result) in &batches {
         let call = result.as_ref().map_err(|e| anyhow::anyhow!("a batch failed: {e:#}"))?;
         ensure!(call.ok() == 20 && call.errors == 0, "a batch lost requests: {call:?}");
-        if *ended > deleted_at && *started < replaced_at {
+        // Wholly between the deletion and the replacement's readiness.
+        if *started >= deleted_at && *ended <= replaced_at {
             during += 1;
         }
     }

@@ -15,6 +15,7 @@ use std::{
 use k8s_openapi::{
     ByteString,
     api::{admissionregistration::v1::MutatingWebhookConfiguration, core::v1::Secret},
+    apimachinery::pkg::apis::meta::v1::OwnerReference,
 };
 use kube::{
     Api, Client,
@@ -227,11 +228,19 @@ pub async fn reconcile(
             )
             .await
             .map_err(kube("setting the webhook's caBundle"))?;
+            // Owned by the webhook configuration it serves, so the garbage collector removes it
+            // with the chart (`helm uninstall` never knew this Secret).
+            let owner = configurations
+                .get_opt(&config.configuration)
+                .await
+                .map_err(kube("reading the webhook configuration"))?
+                .and_then(|c| owner_reference(&c));
             let secret = Secret {
                 metadata: ObjectMeta {
                     name: Some(config.secret.clone()),
                     namespace: Some(config.namespace.clone()),
                     annotations: Some(material.issued.annotations()),
+                    owner_references: owner.map(|o| vec![o]),
                     ..ObjectMeta::default()
                 },
                 type_: Some("kubernetes.io/tls".to_owned()),
@@ -269,6 +278,18 @@ pub async fn reconcile(
         }
     }
     Ok(())
+}
+
+/// A reference to the webhook configuration as the Secret's owner (no `blockOwnerDeletion`:
+/// deleting the configuration must never wait for the Secret).
+fn owner_reference(configuration: &MutatingWebhookConfiguration) -> Option<OwnerReference> {
+    Some(OwnerReference {
+        api_version: "admissionregistration.k8s.io/v1".to_owned(),
+        kind: "MutatingWebhookConfiguration".to_owned(),
+        name: configuration.metadata.name.clone()?,
+        uid: configuration.metadata.uid.clone()?,
+        ..OwnerReference::default()
+    })
 }
 
 /// Sets `caBundle` on every webhook of the configuration with a strategic merge keyed by webhook

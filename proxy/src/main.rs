@@ -56,7 +56,9 @@ struct Args {
     key_file: Option<PathBuf>,
 
     /// The roots peers' certificates must chain to (PEM, several during a root rotation).
-    #[arg(long, env = "WEFT_TRUST_BUNDLE_FILE", value_name = "FILE", requires = "cert_file")]
+    /// Alone, without --cert-file, it is accepted and unused: the injector always mounts the
+    /// mesh's bundle, and a proxy that has no certificate of its own yet talks plain text.
+    #[arg(long, env = "WEFT_TRUST_BUNDLE_FILE", value_name = "FILE")]
     trust_bundle_file: Option<PathBuf>,
 
     /// Deadline for reading a mesh ClientHello, and then for the TLS handshake.

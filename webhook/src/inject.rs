@@ -503,14 +503,17 @@ fn volumes(config: &InjectConfig) -> [Volume; 2] {
             name: TRUST_BUNDLE_VOLUME.to_owned(),
             projected: Some(ProjectedVolumeSource {
                 sources: Some(vec![VolumeProjection {
+                    // Optional until the mesh CA publishes the bundle into every namespace:
+                    // a required ConfigMap nobody makes would hold every injected pod in
+                    // ContainerCreating. The proxy runs without it (no identity, plain text).
                     config_map: Some(ConfigMapProjection {
                         name: config.trust_bundle_config_map.clone(),
+                        optional: Some(true),
                         items: Some(vec![KeyToPath {
                             key: "ca.crt".to_owned(),
                             path: "ca.crt".to_owned(),
                             ..KeyToPath::default()
                         }]),
-                        ..ConfigMapProjection::default()
                     }),
                     ..VolumeProjection::default()
                 }]),

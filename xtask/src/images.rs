@@ -70,10 +70,8 @@ pub(crate) fn build_all() -> Result<ImageSet> {
     let app_version = app_version(&helm::chart_dir().join("Chart.yaml"))?;
     let release = build_release(&root)?;
     let dir = images::dir()?;
-    let cache = dir.parent().context("the images directory has no parent")?;
-    let coredns = coredns_binary(&root, cache)?;
-    let coredns_version =
-        go_mod_version(&root.join("e2e/cluster/coredns/go.mod"), "github.com/coredns/coredns")?;
+    // The cluster's binaries (CoreDNS among them), built by e2e/cluster/build.sh if missing.
+    let bin_dir = cluster::build_binaries()?;
 
     let weft = |component: &str| -> Result<images::Image> {
         let proxy = component == "proxy";
@@ -98,14 +96,7 @@ pub(crate) fn build_all() -> Result<ImageSet> {
         },
         coredns: {
             eprintln!("[images] coredns");
-            let spec = ImageSpec {
-                component: "coredns".to_owned(),
-                version: coredns_version.trim_start_matches('v').to_owned(),
-                binary: coredns,
-                user: NONROOT,
-                iptables: false,
-            };
-            images::build(&spec, &dir)?
+            images::build_coredns(&bin_dir, &dir)?
         },
     };
     set.save(&dir)?;
@@ -142,62 +133,9 @@ fn app_version(chart: &Path) -> Result<String> {
     }
 }
 
-/// CoreDNS from the cluster's bin dir, `<cache>/k8s-<kubernetes version>/bin/coredns`, built by
-/// `e2e/cluster/build.sh` (run here when the binary is missing).
-fn coredns_binary(root: &Path, cache: &Path) -> Result<PathBuf> {
-    let k8s = go_mod_version(&root.join("e2e/cluster/go.mod"), "k8s.io/kubernetes")?;
-    let binary = cache.join(format!("k8s-{k8s}/bin/coredns"));
-    if binary.is_file() {
-        return Ok(binary);
-    }
-    let script = root.join("e2e/cluster/build.sh");
-    eprintln!("[images] {} is missing: running {}", binary.display(), script.display());
-    let output = Command::new("bash")
-        .arg(&script)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {}", script.display()))?;
-    if !output.status.success() {
-        bail!("{} failed ({})", script.display(), output.status);
-    }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let bin = stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
-    let binary = Path::new(bin).join("coredns");
-    if !binary.is_file() {
-        bail!("{} did not build {}", script.display(), binary.display());
-    }
-    Ok(binary)
-}
-
-/// The version `go.mod` requires of `module` (`v1.34.4`).
-fn go_mod_version(go_mod: &Path, module: &str) -> Result<String> {
-    let text = fs::read_to_string(go_mod).with_context(|| format!("reading {}", go_mod.display()))?;
-    required_version(&text, module).with_context(|| format!("{} does not require {module}", go_mod.display()))
-}
-
-fn required_version(go_mod: &str, module: &str) -> Option<String> {
-    go_mod.lines().find_map(|line| {
-        let mut words = line.split_whitespace().skip_while(|w| *w == "require");
-        (words.next() == Some(module))
-            .then(|| words.next())
-            .flatten()
-            .filter(|version| version.starts_with('v'))
-            .map(str::to_owned)
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn versions_are_read_from_require_lines_only() {
-        let go_mod = "module x\n\nrequire k8s.io/api v0.34.4\n\nrequire (\n\tk8s.io/kubernetes v1.34.4 // indirect\n)\n\
-                      replace k8s.io/kubernetes => ./elsewhere\n";
-        assert_eq!(required_version(go_mod, "k8s.io/kubernetes").as_deref(), Some("v1.34.4"));
-        assert_eq!(required_version(go_mod, "k8s.io/api").as_deref(), Some("v0.34.4"));
-        assert_eq!(required_version(go_mod, "k8s.io/client-go"), None);
-    }
 
     #[test]
     fn the_app_version_comes_from_the_chart() {

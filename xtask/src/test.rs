@@ -1,6 +1,7 @@
-//! `cargo xtask test [cargo test args]`: start the test cluster, run every test against it,
-//! and stop it again whatever the tests did. A cluster that was already running (started by
-//! hand with `cargo xtask cluster up`) is left running.
+//! `cargo xtask test [cargo test args]`: start the test cluster (control plane and node),
+//! build Weft's images and import them into the node, run every test against it, and stop it
+//! again whatever the tests did. A cluster that was already running (started by hand with
+//! `cargo xtask cluster up`) is left running.
 
 use std::{
     io::{BufRead, BufReader},
@@ -17,8 +18,12 @@ const SYSTEM_TOOLS: [(&str, &str); 1] = [("iptables", "iptables")];
 
 pub(crate) fn run(cargo_args: &[String]) -> Result<()> {
     crate::packages::ensure("test", &SYSTEM_TOOLS)?;
-    // `up` builds the binaries when they are missing, so this works on a fresh machine.
-    let (status, totals) = cluster::with_cluster(|| run_tests(cargo_args))?;
+    // `up` builds the binaries when they are missing, so this works on a fresh machine; the
+    // tests on the node (e2e/tests/mesh.rs) run the images built here.
+    let (status, totals) = cluster::with_cluster(|| {
+        crate::images::run(false)?;
+        run_tests(cargo_args)
+    })?;
     // Last, after the cluster's own messages: the total over every test binary.
     println!("\ntests: {} passed, {} failed, {} skipped", totals.passed, totals.failed, totals.ignored);
     if !status.success() {
