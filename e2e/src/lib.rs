@@ -1,10 +1,14 @@
 //! Weft's test cluster: a real Kubernetes control plane (etcd, kube-apiserver,
-//! kube-controller-manager, kube-scheduler) run as host processes on 127.0.0.1, and the
-//! helpers the tests use to reach it.
+//! kube-controller-manager, kube-scheduler) and one real node (containerd, kubelet, kube-proxy
+//! in a network namespace, CoreDNS), run as host processes, and the helpers the tests use.
 //!
 //! - [`cluster`] is the lifecycle behind `cargo xtask cluster up|down|status|env`: it builds the
 //!   pinned upstream binaries once (`e2e/cluster/build.sh`), generates the PKI, starts the
-//!   components detached from the calling process, and installs Weft's CRDs.
+//!   components detached from the calling process, and installs Weft's CRDs; [`node`] is the
+//!   node's part of it.
+//! - [`images`] builds OCI images from this host's files and imports them into the node.
+//! - [`mesh`] installs the chart with those images and drives the demo app on the node.
+//! - [`apply`] applies YAML streams as `kubectl apply --server-side` does.
 //! - [`http`] is a bounded `GET` for admin endpoints and test origins.
 //! - [`webhook`] runs Weft's injector in the calling process, registered with the apiserver by
 //!   URL, for the injection tests and the admission benchmark.
@@ -21,6 +25,7 @@ pub mod cluster;
 pub mod helm;
 pub mod http;
 pub mod images;
+pub mod mesh;
 pub mod node;
 mod pki;
 mod process;
