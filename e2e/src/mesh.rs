@@ -72,7 +72,7 @@ pub fn built_images() -> Result<ImageSet, MeshError> {
     ImageSet::load(&images::dir()?)?.ok_or(MeshError::NoImages)
 }
 
-/// `helm install` of the chart in this repository with `images` (through the values file
+/// `helm upgrade --install` of the chart in this repository with `images` (through the values file
 /// `cargo xtask images` writes) and `sets` (`key=value`), then waits until the operator and
 /// the webhook are available. The test cluster installs Weft's CRDs itself, so the release
 /// does not (`crds.install=false`).
@@ -80,8 +80,18 @@ pub async fn install(client: &Client, images: &ImageSet, sets: &[&str]) -> Resul
     let values = values_file(images)?;
     let chart = helm::chart_dir();
     let (chart, values) = (chart.to_string_lossy(), values.to_string_lossy());
-    let mut args =
-        vec!["install", RELEASE, &chart, "-n", RELEASE_NAMESPACE, "--create-namespace", "-f", &values];
+    // `upgrade --install`: a second run (the demo again) updates the release in place.
+    let mut args = vec![
+        "upgrade",
+        "--install",
+        RELEASE,
+        &chart,
+        "-n",
+        RELEASE_NAMESPACE,
+        "--create-namespace",
+        "-f",
+        &values,
+    ];
     for set in ["crds.install=false"].iter().chain(sets) {
         args.extend(["--set", set]);
     }

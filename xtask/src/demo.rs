@@ -1,37 +1,37 @@
-//! `cargo xtask demo`: the main job, as far as it runs today. Starts the local cluster, applies
-//! a canary (VirtualService + DestinationRule) as a user would, reads it back, shows the
-//! apiserver rejecting a bad one with a message that names the field, and injects the proxy
-//! into a pod of a labelled namespace through the real admission chain (the injector runs in
-//! this process for the demo, registered by URL), then runs a sidecar pair with mTLS in this
-//! process (`demo/mtls.rs`). The cluster stays up.
+//! `cargo xtask demo`: the main job, as far as it runs today. Starts the local cluster (control
+//! plane and node), applies a canary (VirtualService + DestinationRule) as a user would, reads
+//! it back, shows the apiserver rejecting a bad one with a message that names the field, builds
+//! Weft's images and `helm install`s the chart onto the node, rolls out the demo apps in a
+//! labelled namespace and shows them running with their proxies and a request crossing the
+//! mesh, then runs a sidecar pair with mTLS in this process (`demo/mtls.rs`). The cluster and
+//! the release stay up.
 
 mod mtls;
 
 use std::{fs, path::Path};
 
 use anyhow::{Context, Result};
-use k8s_openapi::api::core::v1::Pod;
 use kube::{
     Api, Client,
-    api::{Patch, PatchParams, PostParams},
+    api::{Patch, PatchParams},
 };
 use serde_json::Value;
 use weft_api::{DestinationRule, VirtualService, labels::FIELD_MANAGER};
-use weft_e2e::{
-    cluster,
-    webhook::{Registration, WebhookServer, enable_injection, pod},
-};
+use weft_e2e::{cluster, mesh, webhook::enable_injection};
 
 const NAMESPACE: &str = "weft-demo";
 const FIXTURES: &str = "lib/api/tests/fixtures";
 
 pub(crate) fn run() -> Result<()> {
     crate::cluster::up()?;
+    crate::images::run(false)?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(show())?;
-    println!("\nThe cluster keeps running: `cargo xtask cluster down` stops it.");
+    println!("\nThe cluster and the release keep running: look around with");
+    println!("  eval \"$(cargo xtask cluster env)\"; kubectl get pods -A");
+    println!("`cargo xtask cluster down` stops it all.");
     println!(
-        "Next to land: the mesh CA (today the proxies' certificates come from files), container images and a real node, so injected pods run."
+        "Next to land: the mesh CA (proxies talk plain text until it issues their certificates), resilience and policy in the proxy."
     );
     Ok(())
 }
@@ -81,18 +81,8 @@ async fn show() -> Result<()> {
         Ok(_) => anyhow::bail!("the apiserver accepted a VirtualService whose weights sum to 90"),
     }
 
-    println!(
-        "\n3. Label the namespace weft.dev/inject=enabled and create a plain pod: the injector adds the proxy"
-    );
-    enable_injection(&client, NAMESPACE).await?;
-    let scratch = std::env::temp_dir().join(format!("weft-demo-webhook-{}", std::process::id()));
-    let server = WebhookServer::start(&scratch).await?;
-    let registration =
-        Registration::create(&client, "weft-demo-injector", &server, "Fail", &[NAMESPACE]).await?;
-    let shown = show_injection(&client, &registration).await;
-    registration.delete().await?;
-    server.stop().await;
-    shown?;
+    println!("\n3. helm install Weft onto the node, label the namespace, roll out the demo apps");
+    show_mesh(&client).await?;
 
     println!("\n4. A sidecar pair with mTLS (two proxies in this process, certificates from a fresh root)");
     let scratch = std::env::temp_dir().join(format!("weft-demo-mtls-{}", std::process::id()));
@@ -101,26 +91,46 @@ async fn show() -> Result<()> {
     shown
 }
 
-async fn show_injection(client: &Client, registration: &Registration) -> Result<()> {
-    registration.wait_until_injecting(NAMESPACE).await?;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
-    let name = format!("productpage-{}", std::process::id());
-    let stored = pods.create(&PostParams::default(), &pod(&name, serde_json::json!({}))).await?;
-    let spec = stored.spec.unwrap_or_default();
-    for container in spec.init_containers.iter().flatten() {
-        let role = match container.restart_policy.as_deref() {
-            Some("Always") => "native sidecar",
-            _ => "init",
-        };
-        let args = container.args.as_deref().unwrap_or_default().join(" ");
-        println!("   pod {name}: {role} container {} {args}", container.name);
+async fn show_mesh(client: &Client) -> Result<()> {
+    let images = mesh::built_images()?;
+    mesh::install(client, &images, &["operator.replicas=1", "webhook.replicas=1"]).await?;
+    let values = mesh::values_file(&images)?;
+    println!(
+        "   helm upgrade --install weft charts/weft -n {} --create-namespace -f {} --set crds.install=false: operator and webhook ready",
+        mesh::RELEASE_NAMESPACE,
+        values.display()
+    );
+    enable_injection(client, NAMESPACE).await?;
+    println!("   kubectl label namespace {NAMESPACE} weft.dev/inject=enabled");
+    let pods = mesh::apply_and_wait(client, NAMESPACE, &mesh::bookinfo(&images)?).await?;
+    println!("   kubectl apply -n {NAMESPACE} -f examples/bookinfo.yaml: every Deployment available");
+    println!("   {:<34} {:<6} {:<12} CONTAINERS", "POD", "READY", "IP");
+    for pod in &pods {
+        let status = pod.status.clone().unwrap_or_default();
+        let statuses: Vec<_> = status
+            .init_container_statuses
+            .iter()
+            .flatten()
+            .filter(|c| c.started == Some(true))
+            .chain(status.container_statuses.iter().flatten())
+            .collect();
+        let ready = statuses.iter().filter(|c| c.ready).count();
+        let names: Vec<&str> = statuses.iter().map(|c| c.name.as_str()).collect();
+        println!(
+            "   {:<34} {:<6} {:<12} {}",
+            name(&pod.metadata),
+            format!("{ready}/{}", statuses.len()),
+            status.pod_ip.unwrap_or_default(),
+            names.join(", ")
+        );
     }
-    for container in &spec.containers {
-        println!("   pod {name}: app container {}", container.name);
-    }
-    let volumes: Vec<&str> = spec.volumes.iter().flatten().map(|v| v.name.as_str()).collect();
-    println!("   pod {name}: volumes {volumes:?}");
-    println!("   (no node runs it yet: the proxy image and a kubelet arrive with later work)");
+    let frontend = pods.iter().find(|p| mesh::app_of(p) == "frontend").context("no frontend pod")?;
+    let url = format!("http://reviews.{NAMESPACE}.svc.cluster.local/");
+    let report = mesh::call(frontend, &url, 100, 4).await?;
+    println!("   frontend -> {url} x100: status {:?}, versions {:?}", report.status, report.versions);
+    println!("   (the canary of step 1 is live: the proxies split reviews about 90/10 between v1 and v2)");
+    let outbound = mesh::requests_total(frontend, "outbound").await?;
+    println!("   the frontend's proxy has counted {outbound} outbound requests (weft_requests_total)");
     Ok(())
 }
 
