@@ -1061,7 +1061,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs root, containerd and runc: cargo test -p weft-e2e --lib images -- --ignored"]
     fn imported_images_run_in_containerd() {
         let containerd = Containerd::start();
         let out = temp_dir("import");
