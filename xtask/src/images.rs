@@ -137,6 +137,36 @@ fn app_version(chart: &Path) -> Result<String> {
 mod tests {
     use super::*;
 
+    /// The images built here and the Dockerfiles users build elsewhere describe the same
+    /// thing: the binary at `/usr/local/bin/weft-<component>` as the entrypoint, run as the
+    /// same user.
+    #[test]
+    fn each_dockerfile_runs_the_same_binary_as_the_same_user() {
+        let root = crate::codegen::repo_root();
+        for component in COMPONENTS {
+            let dir = if component == "demo" { "examples/demo".to_owned() } else { component.to_owned() };
+            let path = root.join(dir).join("Dockerfile");
+            let dockerfile = fs::read_to_string(&path).unwrap();
+            let uid = if component == "proxy" { PROXY_UID } else { NONROOT };
+            let binary = format!("/usr/local/bin/weft-{component}");
+            assert!(
+                dockerfile.contains(&format!("USER {uid}:{uid}")),
+                "{} does not run as {uid}",
+                path.display()
+            );
+            assert!(
+                dockerfile.contains(&format!("ENTRYPOINT [\"{binary}\"]")),
+                "{} does not run {binary}",
+                path.display()
+            );
+            assert!(
+                dockerfile.contains(&format!("-p weft-{component}")),
+                "{} builds another package",
+                path.display()
+            );
+        }
+    }
+
     #[test]
     fn the_app_version_comes_from_the_chart() {
         let version = app_version(&helm::chart_dir().join("Chart.yaml")).unwrap();

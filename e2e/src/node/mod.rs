@@ -253,3 +253,49 @@ pub async fn pod_problems(pods: &Api<Pod>, selector: &str) -> String {
         Err(e) => format!("listing pods: {e}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(status: serde_json::Value) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "status": status,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_pod_that_cannot_start_is_described_with_the_kubelets_reason() {
+        let stuck = pod(serde_json::json!({
+            "phase": "Pending",
+            "containerStatuses": [{
+                "name": "app", "image": "x", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"waiting": {"reason": "ErrImageNeverPull", "message": "image not present"}},
+            }],
+        }));
+        let problem = pod_problem(&stuck).unwrap();
+        assert!(problem.starts_with("pod shop/web Pending"), "{problem}");
+        assert!(problem.contains("app: ErrImageNeverPull image not present"), "{problem}");
+
+        let crashed = pod(serde_json::json!({
+            "phase": "Running",
+            "containerStatuses": [{
+                "name": "app", "image": "x", "imageID": "", "ready": false, "restartCount": 3,
+                "state": {"terminated": {"reason": "Error", "exitCode": 2}},
+            }],
+        }));
+        assert!(pod_problem(&crashed).unwrap().contains("app: Error (exit 2)"));
+    }
+
+    #[test]
+    fn ready_and_finished_pods_have_no_problem() {
+        let ready = pod(serde_json::json!({
+            "phase": "Running",
+            "conditions": [{"type": "Ready", "status": "True"}],
+        }));
+        assert_eq!(pod_problem(&ready), None);
+        assert_eq!(pod_problem(&pod(serde_json::json!({"phase": "Succeeded"}))), None);
+    }
+}
