@@ -113,6 +113,7 @@ async fn helm_install_creates_every_object_the_chart_renders() -> Result<()> {
             "ConfigMap/weft-injector",
             "Deployment/weft-operator",
             "Deployment/weft-webhook",
+            "Lease/weft-operator",
             "MutatingWebhookConfiguration/weft-sidecar-injector",
             "PodDisruptionBudget/weft-operator",
             "PodDisruptionBudget/weft-webhook",
