@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod};
+use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod, discovery::v1::EndpointSlice};
 use kube::{
     Api, Client,
     api::{DynamicObject, ListParams},
@@ -134,14 +134,23 @@ pub fn bookinfo(images: &ImageSet) -> Result<String, MeshError> {
     Ok(text.replace(DEMO_IMAGE_IN_EXAMPLES, &images.demo.name))
 }
 
-/// Applies `yaml` into `namespace`, waits until every Deployment in it is available, and
-/// returns the namespace's pods.
+/// Applies `yaml` into `namespace`, waits until every Deployment in it is available and every
+/// Service in it lists all its endpoints as ready (what the operator tells the proxies comes
+/// from those EndpointSlices), and returns the namespace's pods.
 pub async fn apply_and_wait(client: &Client, namespace: &str, yaml: &str) -> Result<Vec<Pod>, MeshError> {
     let applied: Vec<DynamicObject> = apply::apply_yaml(client, yaml, Some(namespace)).await?;
-    for object in &applied {
-        if object.types.as_ref().is_some_and(|t| t.kind == "Deployment") {
-            wait_available(client, namespace, object.metadata.name.as_deref().unwrap_or_default()).await?;
-        }
+    let named = |kind: &str| -> Vec<String> {
+        applied
+            .iter()
+            .filter(|o| o.types.as_ref().is_some_and(|t| t.kind == kind))
+            .map(|o| o.metadata.name.clone().unwrap_or_default())
+            .collect()
+    };
+    for name in named("Deployment") {
+        wait_available(client, namespace, &name).await?;
+    }
+    for name in named("Service") {
+        wait_endpoints_ready(client, namespace, &name).await?;
     }
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let listed = pods.list(&ListParams::default()).await.map_err(cluster::Error::kube("listing pods"))?;
@@ -179,6 +188,33 @@ pub async fn wait_available(client: &Client, namespace: &str, name: &str) -> Res
             return Err(MeshError::NotReady {
                 what: format!("Deployment {namespace}/{name}"),
                 problems: node::pod_problems(&pods, &selector).await,
+            });
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Waits until Service `name`'s EndpointSlices list at least one endpoint and all of them
+/// ready.
+async fn wait_endpoints_ready(client: &Client, namespace: &str, name: &str) -> Result<(), MeshError> {
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), namespace);
+    let selector = format!("kubernetes.io/service-name={name}");
+    let deadline = Instant::now() + START;
+    loop {
+        let listed = slices
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(cluster::Error::kube(format!("listing the EndpointSlices of {name}")))?;
+        let endpoints: Vec<_> = listed.items.iter().flat_map(|s| &s.endpoints).collect();
+        let ready =
+            endpoints.iter().filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(false)).count();
+        if !endpoints.is_empty() && ready == endpoints.len() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(MeshError::NotReady {
+                what: format!("the endpoints of Service {namespace}/{name}"),
+                problems: format!("{} listed, {ready} ready", endpoints.len()),
             });
         }
         tokio::time::sleep(POLL).await;
