@@ -350,7 +350,8 @@ impl Paths {
     }
 }
 
-/// The ports the components listen on, all on 127.0.0.1.
+/// The ports the control plane listens on: on 127.0.0.1, but the apiserver on the node's
+/// veth address ([`node::net::HOST_IP`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ports {
     /// etcd's client port (plain HTTP, loopback only).
