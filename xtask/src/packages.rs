@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 /// Installs, with apt-get, the package of every `(command, package)` whose command is missing.
 /// `why` names the task in the message.
 pub(crate) fn ensure(why: &str, tools: &[(&str, &str)]) -> Result<()> {
-    let missing: Vec<&str> = tools
+    let mut missing: Vec<&str> = tools
         .iter()
         .filter(|(tool, _)| {
             !Command::new("sh")
@@ -18,6 +18,9 @@ pub(crate) fn ensure(why: &str, tools: &[(&str, &str)]) -> Result<()> {
         })
         .map(|(_, package)| *package)
         .collect();
+    // One package may provide several of the tools.
+    missing.sort_unstable();
+    missing.dedup();
     if missing.is_empty() {
         return Ok(());
     }
