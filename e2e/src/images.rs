@@ -216,11 +216,6 @@ pub fn dir() -> Result<PathBuf, ImagesError> {
     Ok(cache.join("images"))
 }
 
-/// The socket of the test node's containerd: `<cluster state dir>/node/containerd.sock`.
-pub fn containerd_socket(cluster: &cluster::Paths) -> PathBuf {
-    cluster.root().join("node/containerd.sock")
-}
-
 /// Imports `images` into the containerd at `containerd_socket` (namespace [`NAMESPACE`],
 /// unpacked for its default snapshotter) with `ctr images import`, then checks that
 /// `ctr images ls` lists every one.

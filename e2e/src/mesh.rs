@@ -74,12 +74,12 @@ pub fn built_images() -> Result<ImageSet, MeshError> {
 
 /// `helm upgrade --install` of the chart in this repository with `images` (through the values file
 /// `cargo xtask images` writes) and `sets` (`key=value`), then waits until the operator and
-/// the webhook are available. The test cluster installs Weft's CRDs itself, so the release
-/// does not (`crds.install=false`).
-pub async fn install(client: &Client, images: &ImageSet, sets: &[&str]) -> Result<(), MeshError> {
-    let values = values_file(images)?;
+/// the webhook are available; returns the values file. The test cluster installs Weft's CRDs
+/// itself, so the release does not (`crds.install=false`).
+pub async fn install(client: &Client, images: &ImageSet, sets: &[&str]) -> Result<PathBuf, MeshError> {
+    let values_path = values_file(images)?;
     let chart = helm::chart_dir();
-    let (chart, values) = (chart.to_string_lossy(), values.to_string_lossy());
+    let (chart, values) = (chart.to_string_lossy(), values_path.to_string_lossy());
     // `upgrade --install`: a second run (the demo again) updates the release in place.
     let mut args = vec![
         "upgrade",
@@ -99,7 +99,7 @@ pub async fn install(client: &Client, images: &ImageSet, sets: &[&str]) -> Resul
     for name in ["weft-operator", "weft-webhook"] {
         wait_available(client, RELEASE_NAMESPACE, name).await?;
     }
-    Ok(())
+    Ok(values_path)
 }
 
 /// Writes the Helm values for `images` next to them; returns the file.

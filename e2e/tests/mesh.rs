@@ -123,13 +123,13 @@ async fn sum_requests(pods: &[&Pod], direction: &str) -> Result<f64> {
     Ok(total)
 }
 
-/// The release, installed. [`Installed::uninstall_and_check`] removes it; dropped without that
-/// (a failed step), it uninstalls anyway, so later test binaries find no webhook of ours.
+/// The release, installed. [`Installed::uninstall_and_check`] removes it; dropped after a failed
+/// step, it uninstalls anyway, so later test binaries find no webhook of ours (uninstalling
+/// twice is harmless: the second finds no release).
 struct Installed;
 
 impl Installed {
-    async fn uninstall_and_check(self, client: &Client) -> Result<()> {
-        std::mem::forget(self);
+    async fn uninstall_and_check(&self, client: &Client) -> Result<()> {
         mesh::uninstall()?;
         // Objects the operator made itself must go with the release (owner references).
         let deadline = Instant::now() + Duration::from_secs(60);

@@ -93,8 +93,7 @@ async fn show() -> Result<()> {
 
 async fn show_mesh(client: &Client) -> Result<()> {
     let images = mesh::built_images()?;
-    mesh::install(client, &images, &["operator.replicas=1", "webhook.replicas=1"]).await?;
-    let values = mesh::values_file(&images)?;
+    let values = mesh::install(client, &images, &["operator.replicas=1", "webhook.replicas=1"]).await?;
     println!(
         "   helm upgrade --install weft charts/weft -n {} --create-namespace -f {} --set crds.install=false: operator and webhook ready",
         mesh::RELEASE_NAMESPACE,

@@ -12,6 +12,7 @@ use anyhow::{Context as _, Result, bail};
 use weft_e2e::{
     cluster, helm,
     images::{self, ImageSet, ImageSpec, NONROOT, PROXY_UID},
+    mesh,
 };
 
 /// The release binaries behind Weft's images, by component: `weft-<component>`.
@@ -20,8 +21,7 @@ const COMPONENTS: [&str; 4] = ["operator", "webhook", "proxy", "demo"];
 pub(crate) fn run(no_import: bool) -> Result<()> {
     let set = build_all()?;
     let dir = images::dir()?;
-    let values = dir.join("values.yaml");
-    fs::write(&values, set.helm_values()).with_context(|| format!("writing {}", values.display()))?;
+    let values = mesh::values_file(&set)?;
     for image in set.images() {
         let size = fs::metadata(&image.archive).map(|m| m.len()).unwrap_or(0);
         println!("{:<44} {:>6.1} MB  {}", image.name, size as f64 / 1e6, image.archive.display());
@@ -33,8 +33,8 @@ pub(crate) fn run(no_import: bool) -> Result<()> {
         import_all(&set)?;
     }
     println!(
-        "\ninstall the chart with these images:\n  helm install weft charts/weft --namespace weft-system \
-         --create-namespace -f {}",
+        "\ninstall the chart with these images (the local cluster has the CRDs already):\n  \
+         helm install weft charts/weft --namespace weft-system --create-namespace -f {} --set crds.install=false",
         values.display()
     );
     Ok(())
@@ -42,7 +42,7 @@ pub(crate) fn run(no_import: bool) -> Result<()> {
 
 /// Imports `set` into the test node's containerd when it runs; says so when it does not.
 pub(crate) fn import_all(set: &ImageSet) -> Result<()> {
-    let socket = images::containerd_socket(&cluster::Paths::from_env()?);
+    let socket = cluster::Paths::from_env()?.node().containerd_socket();
     if !socket.exists() {
         println!(
             "not imported: no node containerd at {} (`cargo xtask cluster up` imports them when it starts)",
