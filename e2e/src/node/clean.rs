@@ -85,9 +85,10 @@ pub fn clean(dirs: &NodeDirs) -> Result<Cleaned, Error> {
 
     cleaned.netns = net::exists();
     net::remove()?;
+    unmount_empty_netns_dir();
     cleaned.cgroups = remove_cgroups()?;
     remove_links_into(Path::new(CONTAINER_LOG_LINKS), &dirs.pod_logs);
-    remove_cni_results();
+    remove_cni_results(&sandbox_ids(dirs));
     for dir in [&dirs.run, &dirs.root] {
         match fs::remove_dir_all(dir) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => {
@@ -248,14 +249,38 @@ fn remove_links_into(dir: &Path, target: &Path) {
     }
 }
 
-/// Removes libcni's cached results for the node's network (`weft-node-<container>-<if>`).
-fn remove_cni_results() {
+/// The ids of the pod sandboxes containerd's CRI plugin made (its per-sandbox directories).
+fn sandbox_ids(dirs: &NodeDirs) -> Vec<String> {
+    let sandboxes = dirs.containerd_root().join("io.containerd.grpc.v1.cri/sandboxes");
+    let Ok(entries) = fs::read_dir(sandboxes) else { return Vec::new() };
+    entries.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect()
+}
+
+/// Removes libcni's cached results of the node's pods: those of its network
+/// (`weft-node-<sandbox>-<if>`) and those of containerd's loopback network for its sandboxes
+/// (`cni-loopback-<sandbox>-lo`).
+fn remove_cni_results(sandboxes: &[String]) {
     let Ok(entries) = fs::read_dir(CNI_RESULTS) else { return };
-    let prefix = format!("{}-", net::NETNS);
+    let ours = format!("{}-", net::NETNS);
     for entry in entries.filter_map(Result::ok) {
-        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let loopback = name
+            .strip_prefix("cni-loopback-")
+            .is_some_and(|rest| sandboxes.iter().any(|id| rest.starts_with(id.as_str())));
+        if name.starts_with(&ours) || loopback {
             let _ = fs::remove_file(entry.path());
         }
+    }
+}
+
+/// `ip netns add` makes `/run/netns` a mount point of its own; once no namespace is left in
+/// it, that mount goes too.
+fn unmount_empty_netns_dir() {
+    let dir = Path::new("/run/netns");
+    let empty = fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_none());
+    let mounted = mount_points().is_ok_and(|mounts| mounts.iter().any(|m| m == dir));
+    if empty && mounted {
+        let _ = unmount(dir, UnmountFlags::DETACH);
     }
 }
 
