@@ -1,7 +1,11 @@
-//! The certificate issuer (feature `ca`): a root that signs workload certificates for SPIFFE
-//! IDs (ECDSA P-256, usable for both TLS server and client authentication), and DNS serving
-//! certificates (the operator's one-use CA for the injector's webhook certificate). Tests,
-//! benchmarks and the demo use it too; the mesh CA will build on it.
+//! The certificate issuer (feature `ca`): a CA that signs workload certificates for SPIFFE IDs
+//! (ECDSA P-256, usable for both TLS server and client authentication), from a certificate
+//! request whose key never left the workload (`sign_request`) or with a key of its own
+//! (`issue`, for tests and benchmarks), and DNS serving certificates (`issue_dns`).
+//!
+//! The CA is either a root made here (`new_root`) or material a user brings (`from_pem`: an
+//! intermediate, its chain and the roots, as Istio's `cacerts`). A leaf never outlives the
+//! certificate that signed it.
 
 use std::{
     fmt,
@@ -9,9 +13,10 @@ use std::{
 };
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer as RcgenIssuer,
-    KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer as RcgenIssuer, KeyPair, KeyUsagePurpose, SanType,
 };
+use rustls_pki_types::{CertificateDer, pem::PemObject};
 
 use crate::spiffe::SpiffeId;
 
@@ -19,26 +24,46 @@ use crate::spiffe::SpiffeId;
 pub enum Error {
     #[error("generating a certificate: {0}")]
     Generate(#[from] rcgen::Error),
+    /// Deliberately without detail from the key's parser, which could quote key material.
+    #[error("the CA key is not a usable private key (PEM, PKCS#8 ECDSA P-256 expected)")]
+    Key,
+    #[error("the CA certificate: {0}")]
+    Certificate(String),
+    #[error("the certificate request: {0}")]
+    Request(String),
+    #[error("the certificate request names {asked:?}; the caller is {id}")]
+    RequestNames { asked: Vec<String>, id: String },
+    #[error("the CA certificate expired at {0:?}")]
+    Expired(SystemTime),
 }
 
 /// Clock skew tolerated between the issuer and the peers that check its certificates.
 const BACKDATE: Duration = Duration::from_secs(60);
 
-/// A root CA.
+/// A CA: its signing key and certificate, the chain from it to a root, and the roots.
 pub struct Issuer {
     /// Its common name, for `Debug`.
     name: String,
-    root_pem: String,
+    /// The signing certificate, then any intermediates above it (not the root), PEM. Appended
+    /// to every leaf, so peers can build the path to a root they trust.
+    chain_pem: String,
+    /// The trust anchors, PEM: the trust bundle's content.
+    roots_pem: String,
+    key_pem: String,
+    not_after: SystemTime,
     issuer: RcgenIssuer<'static, KeyPair>,
 }
 
 impl fmt::Debug for Issuer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Issuer").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("Issuer")
+            .field("name", &self.name)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
     }
 }
 
-/// A freshly issued workload certificate and its key, both PEM.
+/// A freshly issued certificate and its key, both PEM.
 #[derive(Clone)]
 pub struct Issued {
     pub cert_pem: String,
@@ -57,6 +82,10 @@ fn at(t: SystemTime) -> time::OffsetDateTime {
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
 }
 
+fn new_key() -> Result<KeyPair, Error> {
+    Ok(KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?)
+}
+
 impl Issuer {
     /// The mesh root for `trust_domain`, valid from `now` (less a minute of skew) for `lifetime`.
     pub fn new_root(trust_domain: &str, now: SystemTime, lifetime: Duration) -> Result<Issuer, Error> {
@@ -71,7 +100,7 @@ impl Issuer {
         now: SystemTime,
         lifetime: Duration,
     ) -> Result<Issuer, Error> {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let key = new_key()?;
         let mut params = CertificateParams::default();
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
@@ -82,30 +111,181 @@ impl Issuer {
         params.not_before = at(now - BACKDATE);
         params.not_after = at(now + lifetime);
         let root = params.self_signed(&key)?;
+        let root_pem = root.pem();
         Ok(Issuer {
             name: common_name.to_owned(),
-            root_pem: root.pem(),
+            chain_pem: root_pem.clone(),
+            roots_pem: root_pem,
+            key_pem: key.serialize_pem(),
+            not_after: now + lifetime,
             issuer: RcgenIssuer::new(params, key),
         })
     }
 
-    /// The root certificate (the trust bundle's content), PEM.
-    pub fn root_pem(&self) -> &str {
-        &self.root_pem
+    /// A CA from PEM material: the signing certificate and its key, the intermediates between
+    /// it and a root (may be empty), and the roots peers trust. For a self-made root, `cert_pem`
+    /// and `roots_pem` are the same certificate.
+    pub fn from_pem(
+        cert_pem: &str,
+        key_pem: &str,
+        intermediates_pem: &str,
+        roots_pem: &str,
+    ) -> Result<Issuer, Error> {
+        let key = KeyPair::from_pem(key_pem).map_err(|_| Error::Key)?;
+        let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|e| Error::Certificate(e.to_string()))?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+            .map_err(|e| Error::Certificate(e.to_string()))?;
+        if !parsed.is_ca() {
+            return Err(Error::Certificate("it is not a CA certificate (basicConstraints cA=false)".into()));
+        }
+        if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(Error::Certificate("the key does not belong to the certificate".into()));
+        }
+        let name = parsed
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .unwrap_or("CA")
+            .to_owned();
+        let not_after =
+            UNIX_EPOCH + Duration::from_secs(parsed.validity().not_after.timestamp().max(0).unsigned_abs());
+        if CertificateDer::pem_slice_iter(roots_pem.as_bytes()).next().is_none() {
+            return Err(Error::Certificate("no root certificate".into()));
+        }
+        let issuer = RcgenIssuer::from_ca_cert_der(&cert, key)?;
+        let chain_pem = [cert_pem, intermediates_pem]
+            .iter()
+            .map(|pem| pem.trim())
+            .filter(|pem| !pem.is_empty())
+            .map(|pem| format!("{pem}\n"))
+            .collect();
+        Ok(Issuer {
+            name,
+            chain_pem,
+            roots_pem: roots_pem.to_owned(),
+            key_pem: key_pem.to_owned(),
+            not_after,
+            issuer,
+        })
     }
 
-    /// Issues a certificate for `id` with a new key, valid from `now` for `lifetime`.
-    pub fn issue(&self, id: &SpiffeId, now: SystemTime, lifetime: Duration) -> Result<Issued, Error> {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    /// The trust anchors (the trust bundle's content), PEM.
+    pub fn root_pem(&self) -> &str {
+        &self.roots_pem
+    }
+
+    /// The signing certificate and the intermediates above it, PEM.
+    pub fn chain_pem(&self) -> &str {
+        &self.chain_pem
+    }
+
+    /// The signing certificate alone, PEM (the first of `chain_pem`).
+    pub fn cert_pem(&self) -> &str {
+        let end = "-----END CERTIFICATE-----";
+        self.chain_pem.find(end).map_or(&self.chain_pem, |i| &self.chain_pem[..i + end.len() + 1])
+    }
+
+    /// The signing key, PEM: only for storing it where the CA lives (a Secret).
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+
+    /// When the signing certificate expires.
+    pub fn not_after(&self) -> SystemTime {
+        self.not_after
+    }
+
+    /// `lifetime` from `now`, cut to end with the signing certificate.
+    fn validity(&self, now: SystemTime, lifetime: Duration) -> Result<(SystemTime, SystemTime), Error> {
+        if self.not_after <= now {
+            return Err(Error::Expired(self.not_after));
+        }
+        Ok((now - BACKDATE, (now + lifetime).min(self.not_after)))
+    }
+
+    /// A workload leaf for `id`: one URI SAN, not a CA, digitalSignature, server and client auth.
+    fn leaf_params(
+        &self,
+        id: &SpiffeId,
+        now: SystemTime,
+        lifetime: Duration,
+    ) -> Result<CertificateParams, Error> {
+        let (not_before, not_after) = self.validity(now, lifetime)?;
         let mut params = CertificateParams::default();
+        // The SPIFFE ID is the whole name: an empty subject (so the SAN extension is critical).
+        params.distinguished_name = DistinguishedName::new();
         params.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
+        params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages =
             vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        params.not_before = at(now - BACKDATE);
-        params.not_after = at(now + lifetime);
-        let cert = params.signed_by(&key, &self.issuer)?;
+        params.not_before = at(not_before);
+        params.not_after = at(not_after);
+        Ok(params)
+    }
+
+    /// Signs a certificate request (PKCS#10, DER) for `id`, valid from `now` for `lifetime`
+    /// (never past the CA's own expiry). Only the request's key is used: the identity is the
+    /// caller's, so a request naming any other identity is refused, never copied. Returns the
+    /// chain, leaf first, PEM.
+    pub fn sign_request(
+        &self,
+        request_der: &[u8],
+        id: &SpiffeId,
+        now: SystemTime,
+        lifetime: Duration,
+    ) -> Result<String, Error> {
+        let request = CertificateSigningRequestParams::from_der(&request_der.into())
+            .map_err(|e| Error::Request(e.to_string()))?;
+        if request.public_key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 {
+            return Err(Error::Request("the key is not ECDSA P-256".into()));
+        }
+        let wanted = id.to_string();
+        let asked: Vec<String> = request
+            .params
+            .subject_alt_names
+            .iter()
+            .map(|san| match san {
+                SanType::URI(uri) => uri.as_str().to_owned(),
+                SanType::DnsName(dns) => format!("DNS:{}", dns.as_str()),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        if asked.iter().any(|name| name != &wanted) {
+            return Err(Error::RequestNames { asked, id: wanted });
+        }
+        let cert = self.leaf_params(id, now, lifetime)?.signed_by(&request.public_key, &self.issuer)?;
+        Ok(format!("{}{}", cert.pem(), self.chain_pem))
+    }
+
+    /// Issues a certificate for `id` with a new key, valid from `now` for `lifetime`. The
+    /// certificate is the leaf alone; `chain_pem` follows it on the wire when the CA is not the
+    /// root.
+    pub fn issue(&self, id: &SpiffeId, now: SystemTime, lifetime: Duration) -> Result<Issued, Error> {
+        let key = new_key()?;
+        let cert = self.leaf_params(id, now, lifetime)?.signed_by(&key, &self.issuer)?;
         Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
+
+    /// Issues a certificate for `id` that also names `dns_names` (the operator's serving
+    /// certificate: proxies check the DNS name they dialed, peers can read its identity), with a
+    /// new key. The certificate is followed by `chain_pem`.
+    pub fn issue_with_dns(
+        &self,
+        id: &SpiffeId,
+        dns_names: &[String],
+        now: SystemTime,
+        lifetime: Duration,
+    ) -> Result<Issued, Error> {
+        let key = new_key()?;
+        let mut params = self.leaf_params(id, now, lifetime)?;
+        for name in dns_names {
+            params.subject_alt_names.push(SanType::DnsName(name.clone().try_into()?));
+        }
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Issued { cert_pem: format!("{}{}", cert.pem(), self.chain_pem), key_pem: key.serialize_pem() })
     }
 
     /// Issues a serving certificate for `dns_names` (the first is also the common name) with a
@@ -116,12 +296,13 @@ impl Issuer {
         now: SystemTime,
         lifetime: Duration,
     ) -> Result<Issued, Error> {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let key = new_key()?;
         let mut params = CertificateParams::new(dns_names.to_vec())?;
         let common_name = dns_names.first().map_or(self.name.as_str(), String::as_str);
         params.distinguished_name.push(DnType::CommonName, common_name);
-        params.not_before = at(now - BACKDATE);
-        params.not_after = at(now + lifetime);
+        let (not_before, not_after) = self.validity(now, lifetime)?;
+        params.not_before = at(not_before);
+        params.not_after = at(not_after);
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }

@@ -5,6 +5,10 @@
 //! - The client names the identity it expects in SNI (`SpiffeId::server_name`) and accepts only
 //!   a server certificate for exactly that SPIFFE ID — never a DNS name check: a mesh workload
 //!   is who its certificate says, wherever it runs.
+//! - The control plane (the operator's port 15012) is reached with ordinary DNS-name checks
+//!   against the same bundle (`control_client_config`); it asks for a client certificate but
+//!   does not require one, because a proxy's first call is the request for its certificate
+//!   (`control_server_config`): each RPC decides whether it needs the caller's identity.
 //! - ALPN says what the tunnel carries, so the receiving proxy never has to detect it: `weft/h2`,
 //!   `weft/http1` or `weft/tcp`. A TLS connection offering none of these is not mesh traffic
 //!   (e.g. the app's own TLS) and passes through untouched.
@@ -99,6 +103,39 @@ pub fn client_config(
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(creds.chain.clone(), creds.key())?;
     config.alpn_protocols = vec![tunnel.alpn().to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The operator's side of the control-plane connection: its serving certificate; a client
+/// certificate is verified against the bundle when one is presented (`peer_identity` then names
+/// the caller) and not required. HTTP/2 only.
+pub fn control_server_config(creds: &Credentials, bundle: &TrustBundle) -> Result<Arc<ServerConfig>, Error> {
+    let provider = provider();
+    let verifier = WebPkiClientVerifier::builder_with_provider(bundle.roots.clone(), provider.clone())
+        .allow_unauthenticated()
+        .build()?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(creds.chain.clone(), creds.key())?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A proxy's side of the control-plane connection: the server must present a certificate for
+/// the DNS name dialed, chaining to the bundle; `creds`, when the proxy has them, identify it.
+pub fn control_client_config(
+    bundle: &TrustBundle,
+    creds: Option<&Credentials>,
+) -> Result<Arc<ClientConfig>, Error> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(bundle.roots.clone());
+    let mut config = match creds {
+        Some(creds) => builder.with_client_auth_cert(creds.chain.clone(), creds.key())?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }
 
