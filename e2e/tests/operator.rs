@@ -30,7 +30,10 @@ use tokio_util::sync::CancellationToken;
 use weft_api::{AuthorizationPolicy, DestinationRule, PeerAuthentication, VirtualService};
 use weft_e2e::TestCluster;
 use weft_operator::{Config, lease::Elector};
-use weft_proxy::config::control_plane::ControlPlane;
+use weft_proxy::{
+    config::control_plane::ControlPlane,
+    tls::{IdentityFiles, IdentitySource},
+};
 
 /// Every wait in this file is bounded by this.
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -212,7 +215,7 @@ async fn start_operator(
     ns: &str,
     grpc_addr: Option<SocketAddr>,
 ) -> Result<weft_operator::Handle> {
-    let mut config = Config::for_tests();
+    let mut config = Config::for_tests(ns);
     config.watch_namespace = Some(ns.to_owned());
     if let Some(addr) = grpc_addr {
         config.grpc_addr = addr;
@@ -222,11 +225,21 @@ async fn start_operator(
     Ok(operator)
 }
 
-async fn start_proxy(operator: SocketAddr, ns: &str) -> Result<weft_proxy::Handle> {
+/// A proxy on loopback subscribed to `operator`, with a certificate from the operator's CA for
+/// its namespace (the config stream requires one).
+async fn start_proxy(operator: &weft_operator::Handle, ns: &str) -> Result<weft_proxy::Handle> {
     let mut settings = weft_proxy::Settings::loopback("/nonexistent".into());
-    let mut cp = ControlPlane::new(operator.to_string(), format!("test-proxy.{ns}"), vec!["reviews".into()]);
+    let mut cp =
+        ControlPlane::new(operator.grpc_addr.to_string(), format!("test-proxy.{ns}"), vec!["reviews".into()]);
     cp.backoff_max = Duration::from_millis(500);
+    cp.server_name = format!("weft-operator.{ns}.svc");
     settings.control_plane = Some(cp);
+    let signer = operator.authority.current().context("the operator has no CA")?;
+    let id = weft_identity::SpiffeId::new("cluster.local", ns, "test-proxy")?;
+    let issued = signer.issuer.issue(&id, std::time::SystemTime::now(), Duration::from_secs(3600))?;
+    let dir = std::env::temp_dir().join(format!("weft-operator-test-{ns}"));
+    let files = IdentityFiles::write(&dir, &issued.cert_pem, &issued.key_pem, &signer.bundle_pem)?;
+    settings.identity = Some(IdentitySource::Files(files));
     Ok(weft_proxy::start(settings).await?)
 }
 
@@ -356,7 +369,7 @@ async fn a_connected_proxy_follows_weight_changes_and_deletion() -> Result<()> {
     bookinfo(&client, ns.name()).await?;
     create::<VirtualService>(&client, ns.name(), split_vs("reviews", 90, 10)).await?;
     let operator = start_operator(&client, ns.name(), None).await?;
-    let proxy = start_proxy(operator.grpc_addr, ns.name()).await?;
+    let proxy = start_proxy(&operator, ns.name()).await?;
 
     let w = wait_proxy(&proxy, "the 90/10 split", |c| weights(c).filter(|w| w[0].1 == 90)).await?;
     assert_eq!(w, [("v1".to_owned(), 90), ("v2".to_owned(), 10)]);
@@ -403,7 +416,7 @@ async fn proxies_keep_serving_while_the_operator_is_down_and_resync_after_restar
     create::<VirtualService>(&client, ns.name(), answer("before")).await?;
     let operator = start_operator(&client, ns.name(), None).await?;
     let grpc_addr = operator.grpc_addr;
-    let proxy = start_proxy(grpc_addr, ns.name()).await?;
+    let proxy = start_proxy(&operator, ns.name()).await?;
     let listener = proxy.explicit_addrs[0];
     wait_proxy(&proxy, "the first config", |c| has_routes(c).then_some(())).await?;
     assert_eq!(http_get(listener, "/", "reviews").await?, (200, "before".into()));
@@ -497,7 +510,7 @@ async fn two_replicas_both_serve_config_and_only_the_leader_writes_status() -> R
     let ns = cluster.namespace("op-replicas").await?;
     bookinfo(&client, ns.name()).await?;
     let replica = |identity: &str| {
-        let mut config = Config::for_tests();
+        let mut config = Config::for_tests(ns.name());
         config.watch_namespace = Some(ns.name().to_owned());
         config.lease = Some(weft_operator::LeaseConfig {
             namespace: ns.name().to_owned(),
@@ -516,7 +529,7 @@ async fn two_replicas_both_serve_config_and_only_the_leader_writes_status() -> R
 
     // The follower serves config too.
     create::<VirtualService>(&client, ns.name(), split_vs("reviews", 90, 10)).await?;
-    let proxy = start_proxy(second.grpc_addr, ns.name()).await?;
+    let proxy = start_proxy(&second, ns.name()).await?;
     wait_proxy(&proxy, "config from the follower", |c| weights(c).filter(|w| w[0].1 == 90)).await?;
 
     // Status comes from the leader alone.

@@ -143,7 +143,7 @@ async fn the_operator_issues_the_webhook_certificate_and_keeps_the_ca_bundle() -
         configuration: configuration_name.clone(),
         lifetime: Duration::from_secs(90 * 86_400),
     };
-    let mut config = Config::for_tests();
+    let mut config = Config::for_tests(&ns);
     config.watch_namespace = Some(ns.clone());
     config.webhook_cert = Some(cert_config.clone());
     let operator = weft_operator::start(client.clone(), config).await?;

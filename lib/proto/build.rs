@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use prost::Message as _;
 
-const PROTOS: &[&str] = &["weft/proxy/v1/config.proto"];
+const PROTOS: &[&str] = &["weft/proxy/v1/config.proto", "weft/identity/v1/ca.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");

@@ -13,11 +13,14 @@
 //! - [`server`]: the `ConfigDiscovery` gRPC service.
 //! - [`lease`]: leader election with a coordination.k8s.io Lease.
 //! - [`metrics`], [`admin`]: Prometheus metrics, `/live`, `/ready`, `/metrics`.
+//! - [`ca`]: the mesh CA: its Secret, the `Certificates` service (TokenReview, then sign), TLS on
+//!   the gRPC port, the trust bundle ConfigMaps.
 //! - [`webhook_cert`]: the injector's serving certificate and its caBundle (leader only).
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod ca;
 pub mod controllers;
 pub mod index;
 pub mod lease;

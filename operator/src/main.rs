@@ -4,7 +4,12 @@ use std::{net::SocketAddr, time::Duration};
 
 use anyhow::Context as _;
 use clap::Parser;
-use weft_operator::{Config, LeaseConfig, WebhookCertConfig, controllers::Debounce, index::Settings};
+use weft_operator::{
+    Config, LeaseConfig, WebhookCertConfig,
+    ca::{self, CaConfig, bundle::BundleConfig},
+    controllers::Debounce,
+    index::Settings,
+};
 
 /// A trust domain that can head a SPIFFE ID.
 fn trust_domain(text: &str) -> Result<String, String> {
@@ -17,13 +22,27 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     weft_api::Duration::new(text).parse().map_err(|e| e.to_string())
 }
 
+/// A workload certificate lifetime: a duration within the CA's bounds.
+fn workload_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = parse_duration(text)?;
+    if ttl > ca::MAX_WORKLOAD_TTL || ttl < ca::MIN_WORKLOAD_TTL {
+        return Err(format!(
+            "{text} is outside {}s..={}s (at most 90 days)",
+            ca::MIN_WORKLOAD_TTL.as_secs(),
+            ca::MAX_WORKLOAD_TTL.as_secs()
+        ));
+    }
+    Ok(ttl)
+}
+
 /// Weft's control plane: watches VirtualService, DestinationRule, PeerAuthentication,
 /// AuthorizationPolicy, Services, EndpointSlices and Pods; serves resolved proxy config over gRPC;
 /// writes status conditions while it holds the leader Lease.
 #[derive(Debug, Parser)]
 #[command(name = "weft-operator", version)]
 struct Args {
-    /// The config server (gRPC, ConfigDiscovery; plaintext until the identity work adds mTLS).
+    /// The gRPC server: ConfigDiscovery and the CA's Certificates, TLS with a certificate from
+    /// the mesh CA.
     #[arg(long, env = "WEFT_OPERATOR_GRPC_ADDR", default_value = "0.0.0.0:15012")]
     grpc_addr: SocketAddr,
     /// Admin server: /live, /ready, /metrics.
@@ -71,6 +90,24 @@ struct Args {
     /// Lifetime of the injector's certificate, e.g. 2160h; renewed at half of it.
     #[arg(long, default_value = "2160h", value_parser = parse_duration, value_name = "DURATION")]
     webhook_cert_ttl: Duration,
+    /// The Secret (in --namespace) holding the mesh CA: made with a new root on first start, or
+    /// created beforehand with a plug-in intermediate (keys ca.crt, ca.key, cert-chain.pem,
+    /// root-cert.pem).
+    #[arg(long, default_value = "weft-ca", value_name = "NAME")]
+    ca_secret: String,
+    /// Lifetime of workload certificates (10s to 2160h); proxies renew at about half of it.
+    #[arg(long, env = "WEFT_WORKLOAD_CERT_TTL", default_value = "24h", value_parser = workload_ttl, value_name = "DURATION")]
+    workload_cert_ttl: Duration,
+    /// The ConfigMap the trust bundle is kept in, in every namespace labelled for injection
+    /// (empty: none is kept).
+    #[arg(long, default_value = "weft-trust-bundle", value_name = "NAME")]
+    trust_bundle_configmap: String,
+    /// The operator's Service: its certificate names <service>.<namespace>.svc.
+    #[arg(long, default_value = "weft-operator", value_name = "NAME")]
+    service: String,
+    /// The operator's ServiceAccount: its certificate's SPIFFE ID.
+    #[arg(long, env = "WEFT_SERVICE_ACCOUNT", default_value = "weft-operator", value_name = "NAME")]
+    service_account: String,
     /// Log format on stderr.
     #[arg(long, env = "WEFT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -97,6 +134,11 @@ impl Args {
             webhook_service,
             webhook_tls_secret,
             webhook_cert_ttl,
+            ca_secret,
+            workload_cert_ttl,
+            trust_bundle_configmap,
+            service,
+            service_account,
             log_format: _,
             log: _,
         } = self;
@@ -108,6 +150,15 @@ impl Args {
             lifetime: webhook_cert_ttl,
         });
         let duration = Duration::from_secs(lease_duration_seconds.max(2));
+        let ca = CaConfig {
+            secret: ca_secret,
+            workload_ttl: workload_cert_ttl,
+            service,
+            service_account,
+            bundle: (!trust_bundle_configmap.is_empty())
+                .then_some(BundleConfig { name: trust_bundle_configmap }),
+            ..CaConfig::new(&namespace, &trust_domain)
+        };
         Config {
             grpc_addr,
             admin_addr,
@@ -125,6 +176,7 @@ impl Args {
                 retry_period: duration / 5,
             }),
             webhook_cert,
+            ca,
         }
     }
 }
@@ -162,5 +214,16 @@ mod tests {
     fn the_trust_domain_flag_reaches_the_index() {
         let args = Args::try_parse_from(["weft-operator", "--trust-domain=example.org"]).unwrap();
         assert_eq!(args.config().index.trust_domain, "example.org");
+    }
+
+    #[test]
+    fn workload_certificate_lifetimes_are_bounded() {
+        let parse =
+            |ttl: &str| Args::try_parse_from(["weft-operator", &format!("--workload-cert-ttl={ttl}")]);
+        assert_eq!(parse("20s").unwrap().config().ca.workload_ttl, Duration::from_secs(20));
+        assert_eq!(parse("2160h").unwrap().config().ca.workload_ttl, ca::MAX_WORKLOAD_TTL);
+        let err = parse("2161h").unwrap_err().to_string();
+        assert!(err.contains("at most 90 days"), "{err}");
+        assert!(parse("1s").is_err());
     }
 }

@@ -13,6 +13,12 @@ struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CaLabels {
+    result: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
     kind: &'static str,
 }
@@ -28,6 +34,7 @@ pub struct Metrics {
     pushes: Counter,
     connected: Gauge,
     leader: Gauge,
+    ca_requests: Family<CaLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -42,6 +49,7 @@ impl Default for Metrics {
         let pushes = Counter::default();
         let connected = Gauge::default();
         let leader = Gauge::default();
+        let ca_requests = Family::<CaLabels, Counter>::default();
         registry.register(
             "weft_operator_reconciles",
             "Resolutions of the index (each covers every change since the previous one)",
@@ -66,6 +74,11 @@ impl Default for Metrics {
         registry.register("weft_operator_pushes", "Config updates sent to proxies", pushes.clone());
         registry.register("weft_operator_connected_proxies", "Open config streams", connected.clone());
         registry.register("weft_operator_leader", "1 while this replica holds the lease", leader.clone());
+        registry.register(
+            "weft_ca_requests",
+            "Certificate requests, by result (issued, refused, error) and the refusal's reason",
+            ca_requests.clone(),
+        );
         Metrics {
             registry,
             reconciles,
@@ -76,6 +89,7 @@ impl Default for Metrics {
             pushes,
             connected,
             leader,
+            ca_requests,
         }
     }
 }
@@ -97,6 +111,10 @@ impl Metrics {
     pub fn record_push(&self, latency_seconds: f64) {
         self.pushes.inc();
         self.push_latency.observe(latency_seconds);
+    }
+
+    pub fn record_ca_request(&self, result: &'static str, reason: &'static str) {
+        self.ca_requests.get_or_create(&CaLabels { result, reason }).inc();
     }
 
     pub fn connected(&self) -> &Gauge {

@@ -1,5 +1,6 @@
-//! Wiring: watchers -> index task -> snapshots -> (config server, status writer); the elector
-//! decides who writes status; admin serves health and metrics. [`start`] returns once the
+//! Wiring: watchers -> index task -> snapshots -> (config server, status writer); the CA
+//! (Secret -> signer -> certificates, the 15012 TLS, bundle ConfigMaps); the elector decides who
+//! writes status and bundles; admin serves health and metrics. [`start`] returns once the
 //! listeners are bound; [`Handle::ready`] waits for the first snapshot.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -15,6 +16,7 @@ use tracing::{error, info};
 
 use crate::{
     admin,
+    ca::{self, Authority, CaConfig, serving::ServingTls},
     controllers::{self, Debounce, Snapshot},
     index::{Index, Settings},
     lease::Elector,
@@ -32,7 +34,7 @@ pub enum Error {
 
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// The config server (gRPC): `0.0.0.0:15012`.
+    /// The gRPC server (config and CA, TLS): `0.0.0.0:15012`.
     pub grpc_addr: SocketAddr,
     /// `/live`, `/ready`, `/metrics`: `0.0.0.0:15014`.
     pub admin_addr: SocketAddr,
@@ -45,6 +47,8 @@ pub struct Config {
     pub lease: Option<LeaseConfig>,
     /// The injector's serving certificate and caBundle (`None`: not managed here).
     pub webhook_cert: Option<WebhookCertConfig>,
+    /// The mesh CA (always on: the gRPC port serves TLS with its certificate).
+    pub ca: CaConfig,
 }
 
 #[derive(Clone, Debug)]
@@ -58,8 +62,8 @@ pub struct LeaseConfig {
 }
 
 impl Config {
-    /// Loopback, ephemeral ports, no lease.
-    pub fn for_tests() -> Config {
+    /// Loopback, ephemeral ports, no lease; the CA Secret in `namespace`, no bundle ConfigMaps.
+    pub fn for_tests(namespace: &str) -> Config {
         Config {
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -68,6 +72,7 @@ impl Config {
             debounce: Debounce::default(),
             lease: None,
             webhook_cert: None,
+            ca: CaConfig::new(namespace, "cluster.local"),
         }
     }
 }
@@ -78,6 +83,8 @@ pub struct Handle {
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub metrics: Arc<Metrics>,
+    /// The mesh CA's current signer and trust bundle.
+    pub authority: Arc<Authority>,
     snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
     leader: watch::Receiver<bool>,
     stop: CancellationToken,
@@ -85,10 +92,11 @@ pub struct Handle {
 }
 
 impl Handle {
-    /// Resolves once every kind has listed and the first snapshot is served.
+    /// Resolves once every kind has listed, the first snapshot is served and the CA is loaded.
     pub async fn ready(&self) {
         let mut rx = self.snapshots.clone();
         let _ = rx.wait_for(Option::is_some).await;
+        self.authority.ready().await;
     }
 
     pub fn snapshots(&self) -> watch::Receiver<Option<Arc<Snapshot>>> {
@@ -168,12 +176,53 @@ pub async fn start(client: Client, config: Config) -> Result<Handle, Error> {
         let domain = config.index.cluster_domain.clone();
         tasks.spawn(webhook_cert::run(client.clone(), cert, domain, leader.clone(), stop.clone()));
     }
-    tasks.spawn(status::run_writer(client, snapshots.clone(), leader.clone(), metrics.clone(), stop.clone()));
+    tasks.spawn(status::run_writer(
+        client.clone(),
+        snapshots.clone(),
+        leader.clone(),
+        metrics.clone(),
+        stop.clone(),
+    ));
 
-    let server = ConfigServer::new(snapshots.clone(), metrics.clone(), stop.clone());
+    let authority = Arc::new(Authority::default());
+    tasks.spawn(ca::authority::run(
+        client.clone(),
+        config.ca.clone(),
+        authority.clone(),
+        metrics.clone(),
+        stop.clone(),
+    ));
+    if let Some(bundle) = config.ca.bundle.clone() {
+        tasks.spawn(ca::bundle::run(
+            client.clone(),
+            bundle,
+            authority.clone(),
+            leader.clone(),
+            metrics.clone(),
+            stop.clone(),
+        ));
+    }
+    let serving = Arc::new(ServingTls::default());
+    tasks.spawn(ca::serving::keep_certificate(
+        config.ca.clone(),
+        config.index.cluster_domain.clone(),
+        authority.clone(),
+        serving.clone(),
+        metrics.clone(),
+        stop.clone(),
+    ));
+    let certify = ca::certify::CertifyService {
+        client: client.clone(),
+        config: config.ca.clone(),
+        authority: authority.clone(),
+        metrics: metrics.clone(),
+    };
+    let server =
+        ConfigServer::new(snapshots.clone(), metrics.clone(), config.ca.namespace.clone(), stop.clone());
+    let incoming = ca::serving::incoming(grpc, serving, metrics.clone(), stop.clone());
     tasks.spawn(async move {
-        if let Err(error) = server.serve(grpc).await {
-            error!(%error, "config server stopped");
+        if let Err(error) = server.serve(incoming, Some(certify)).await {
+            error!(%error, "gRPC server stopped");
         }
     });
     let router = admin::router(snapshots.clone(), metrics.clone());
@@ -184,5 +233,5 @@ pub async fn start(client: Client, config: Config) -> Result<Handle, Error> {
         }
     });
     info!(grpc = %grpc_addr, admin = %admin_addr, "weft-operator started");
-    Ok(Handle { grpc_addr, admin_addr, metrics, snapshots, leader, stop, tasks })
+    Ok(Handle { grpc_addr, admin_addr, metrics, authority, snapshots, leader, stop, tasks })
 }

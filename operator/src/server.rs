@@ -1,5 +1,8 @@
-//! The `ConfigDiscovery` gRPC service (tonic, port 15012, plaintext until the identity work adds
-//! mTLS). Each `Subscribe` stream holds what its proxy asked for; [`view`] (pure) computes the
+//! The `ConfigDiscovery` gRPC service (tonic, port 15012, TLS from the mesh CA, beside the CA's
+//! `Certificates` service). A stream is authorized by the caller's certificate: `Subscribe` only
+//! for a node in the certificate's namespace (so a proxy never sees another namespace's inbound
+//! policy), `Watch` (every service) only for identities of the mesh namespace. Each `Subscribe`
+//! stream holds what its proxy asked for; [`view`] (pure) computes the
 //! proxy's config from a snapshot and that set, and the stream sends it whenever its content
 //! version changes: first a full snapshot, then pushes as snapshots are published (the index
 //! already debounces). Streams only move data.
@@ -18,6 +21,10 @@ use weft_proto::v1::{
 };
 
 use crate::{
+    ca::{
+        certify::CertifyService,
+        serving::{Connection, PeerInfo},
+    },
     controllers::{Snapshot, content_hash},
     index::{self, Resolution},
     metrics::Metrics,
@@ -25,8 +32,8 @@ use crate::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("serving gRPC on {addr}: {source}")]
-    Serve { addr: SocketAddr, source: tonic::transport::Error },
+    #[error("serving gRPC: {0}")]
+    Serve(tonic::transport::Error),
 }
 
 /// How long a new stream may take to send its first request.
@@ -41,26 +48,58 @@ type Snapshots = watch::Receiver<Option<Arc<Snapshot>>>;
 pub struct ConfigServer {
     snapshots: Snapshots,
     metrics: Arc<Metrics>,
+    /// The mesh namespace: its identities may `Watch` everything.
+    mesh_namespace: String,
     stop: CancellationToken,
 }
 
 impl ConfigServer {
-    pub fn new(snapshots: Snapshots, metrics: Arc<Metrics>, stop: CancellationToken) -> Self {
-        ConfigServer { snapshots, metrics, stop }
+    pub fn new(
+        snapshots: Snapshots,
+        metrics: Arc<Metrics>,
+        mesh_namespace: String,
+        stop: CancellationToken,
+    ) -> Self {
+        ConfigServer { snapshots, metrics, mesh_namespace, stop }
     }
 
-    /// Serves on `listener` until `stop`.
-    pub async fn serve(self, listener: tokio::net::TcpListener) -> Result<(), Error> {
-        let addr = listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    /// Serves the config and CA services on `incoming` (TLS connections) until `stop`.
+    pub async fn serve(
+        self,
+        incoming: mpsc::Receiver<Result<Connection, std::io::Error>>,
+        certify: Option<CertifyService>,
+    ) -> Result<(), Error> {
         let stop = self.stop.clone();
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
             .add_service(ConfigDiscoveryServer::new(self))
-            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+            .add_optional_service(
+                certify.map(weft_proto::identity::v1::certificates_server::CertificatesServer::new),
+            )
+            .serve_with_incoming_shutdown(ReceiverStream::new(incoming), stop.cancelled_owned())
             .await
-            .map_err(|source| Error::Serve { addr, source })
+            .map_err(Error::Serve)
     }
+
+    /// The caller's identity, or why the call is refused.
+    fn caller<T>(
+        &self,
+        request: &Request<T>,
+    ) -> Result<(Option<SocketAddr>, weft_identity::SpiffeId), Status> {
+        let info = request.extensions().get::<PeerInfo>();
+        match info.and_then(|i| i.identity.clone()) {
+            Some(id) => Ok((info.and_then(|i| i.remote), id)),
+            None => {
+                self.metrics.record_error("grpc_unauthenticated");
+                Err(Status::unauthenticated("a client certificate from the mesh CA is required"))
+            }
+        }
+    }
+}
+
+/// Whether `identity` may receive the config of node `<pod>.<namespace>`: only its own namespace's.
+pub fn may_subscribe(identity: &weft_identity::SpiffeId, node: &str) -> bool {
+    node.rsplit_once('.').is_some_and(|(_, ns)| ns == identity.namespace())
 }
 
 /// What one proxy is given: the services it subscribed to (names resolved from its namespace,
@@ -148,6 +187,14 @@ impl ConfigDiscovery for ConfigServer {
     type SubscribeStream = UpdateStream;
 
     async fn watch(&self, request: Request<pb::WatchRequest>) -> Result<Response<ConfigStream>, Status> {
+        let (_, caller) = self.caller(&request)?;
+        if caller.namespace() != self.mesh_namespace {
+            self.metrics.record_error("grpc_forbidden");
+            return Err(Status::permission_denied(format!(
+                "{caller} may not watch every service: only identities of namespace {}",
+                self.mesh_namespace
+            )));
+        }
         let request = request.into_inner();
         let (tx, rx) = mpsc::channel(4);
         let mut snapshots = self.snapshots.clone();
@@ -179,7 +226,7 @@ impl ConfigDiscovery for ConfigServer {
         &self,
         request: Request<Streaming<pb::SubscribeRequest>>,
     ) -> Result<Response<UpdateStream>, Status> {
-        let peer = request.remote_addr();
+        let (peer, caller) = self.caller(&request)?;
         let mut requests = request.into_inner();
         // The first message names the node; a client that sends none is not waited for forever.
         let first = match tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, requests.message()).await {
@@ -198,6 +245,14 @@ impl ConfigDiscovery for ConfigServer {
             self.metrics.record_error("subscribe_invalid");
             return Err(Status::invalid_argument("node must be <pod>.<namespace>"));
         }
+        if !may_subscribe(&caller, &first.node) {
+            self.metrics.record_error("grpc_forbidden");
+            return Err(Status::permission_denied(format!(
+                "{caller} may not subscribe as node {}: only nodes of namespace {}",
+                first.node,
+                caller.namespace()
+            )));
+        }
         let (tx, rx) = mpsc::channel(4);
         let stream = Subscription {
             node: first.node.clone(),
@@ -207,7 +262,7 @@ impl ConfigDiscovery for ConfigServer {
             metrics: self.metrics.clone(),
             stop: self.stop.clone(),
         };
-        let span = info_span!("subscribe", node = %first.node, peer = ?peer);
+        let span = info_span!("subscribe", node = %first.node, identity = %caller, peer = ?peer);
         tokio::spawn(stream.run(first, requests, tx).instrument(span));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

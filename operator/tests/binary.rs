@@ -161,7 +161,17 @@ async fn a_killed_operator_leaves_proxies_serving_and_the_next_one_resyncs_them(
         vec!["reviews".into()],
     );
     cp.backoff_max = Duration::from_millis(500);
+    cp.server_name = format!("weft-operator.{}.svc", ns.name());
     settings.control_plane = Some(cp);
+    // A certificate from the CA the operator made in its namespace (the stream requires one).
+    let secrets = Api::namespaced(client.clone(), ns.name());
+    let signer = weft_operator::ca::authority::read(&secrets, "weft-ca").await?.context("no CA Secret")?;
+    let id = weft_identity::SpiffeId::new("cluster.local", ns.name(), "test-proxy")?;
+    let issued = signer.issuer.issue(&id, std::time::SystemTime::now(), Duration::from_secs(3600))?;
+    let dir = std::env::temp_dir().join(format!("weft-binary-test-{}", ns.name()));
+    let files =
+        weft_proxy::tls::IdentityFiles::write(&dir, &issued.cert_pem, &issued.key_pem, &signer.bundle_pem)?;
+    settings.identity = Some(weft_proxy::tls::IdentitySource::Files(files));
     let proxy = weft_proxy::start(settings).await?;
     let listener = proxy.explicit_addrs[0];
     let mut status = proxy.store.subscribe();

@@ -1,18 +1,33 @@
 //! The config server in-process on loopback, driven by hand-made snapshots and a real tonic
-//! client: the stream protocol without a cluster.
+//! client over TLS with certificates from a test CA: the stream protocol and who may open which
+//! stream, without a cluster.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
-use weft_operator::{controllers::Snapshot, index::Resolution, metrics::Metrics, server::ConfigServer};
+use weft_identity::{Credentials, SpiffeId, TrustBundle, ca::Issuer, tls as mesh};
+use weft_operator::{
+    ca::serving::{self, ServingTls},
+    controllers::Snapshot,
+    index::Resolution,
+    metrics::Metrics,
+    server::ConfigServer,
+};
 use weft_proto::v1::{self as pb, config_discovery_client::ConfigDiscoveryClient};
 
 const A: &str = "a.shop.svc.cluster.local";
 const B: &str = "b.shop.svc.cluster.local";
 const D: &str = "d.shop.svc.cluster.local";
 const BOUND: Duration = Duration::from_secs(10);
+const DAY: Duration = Duration::from_secs(86_400);
+/// The operator's name as proxies dial it.
+const OPERATOR: &str = "weft-operator.weft-system.svc";
 
 /// Services a (routing to b), b and d; `port` varies a's port so its content changes.
 fn snapshot(generation: u64, a_port: u32, d_port: u32) -> Option<Arc<Snapshot>> {
@@ -60,25 +75,53 @@ fn snapshot(generation: u64, a_port: u32, d_port: u32) -> Option<Arc<Snapshot>> 
 
 struct Server {
     addr: std::net::SocketAddr,
+    ca: Issuer,
     publish: watch::Sender<Option<Arc<Snapshot>>>,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
+}
+
+fn id(namespace: &str, service_account: &str) -> SpiffeId {
+    SpiffeId::new("cluster.local", namespace, service_account).unwrap()
 }
 
 async fn serve() -> Server {
     let (publish, snapshots) = watch::channel(None);
     let metrics = Arc::new(Metrics::default());
     let stop = CancellationToken::new();
+    let ca = Issuer::new_root("cluster.local", SystemTime::now(), DAY).unwrap();
+    let issued = ca
+        .issue_with_dns(&id("weft-system", "weft-operator"), &[OPERATOR.to_owned()], SystemTime::now(), DAY)
+        .unwrap();
+    let creds = Credentials::from_pem(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes()).unwrap();
+    let serving = Arc::new(ServingTls::default());
+    serving.set(mesh::control_server_config(&creds, &bundle(&ca)).unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(ConfigServer::new(snapshots, metrics.clone(), stop.clone()).serve(listener));
-    Server { addr, publish, metrics, stop }
+    let incoming = serving::incoming(listener, serving, metrics.clone(), stop.clone());
+    let server = ConfigServer::new(snapshots, metrics.clone(), "weft-system".into(), stop.clone());
+    tokio::spawn(server.serve(incoming, None));
+    Server { addr, ca, publish, metrics, stop }
 }
 
-async fn client(addr: std::net::SocketAddr) -> ConfigDiscoveryClient<tonic::transport::Channel> {
-    let channel =
-        tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
-    ConfigDiscoveryClient::new(channel)
+fn bundle(ca: &Issuer) -> TrustBundle {
+    TrustBundle::from_pem(ca.root_pem().as_bytes()).unwrap()
+}
+
+impl Server {
+    /// A client with a certificate for `namespace` (or none).
+    async fn channel(&self, namespace: Option<&str>) -> tonic::transport::Channel {
+        let creds = namespace.map(|ns| {
+            let issued = self.ca.issue(&id(ns, "web"), SystemTime::now(), DAY).unwrap();
+            Credentials::from_pem(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes()).unwrap()
+        });
+        let tls = mesh::control_client_config(&bundle(&self.ca), creds.as_ref()).unwrap();
+        weft_proxy::grpc::connect(&self.addr.to_string(), OPERATOR, tls).await.unwrap()
+    }
+
+    async fn client(&self, namespace: &str) -> ConfigDiscoveryClient<tonic::transport::Channel> {
+        ConfigDiscoveryClient::new(self.channel(Some(namespace)).await)
+    }
 }
 
 struct Sub {
@@ -87,11 +130,16 @@ struct Sub {
 }
 
 impl Sub {
-    async fn open(addr: std::net::SocketAddr, first: pb::SubscribeRequest) -> Sub {
+    async fn open(server: &Server, first: pb::SubscribeRequest) -> Sub {
         let (requests, rx) = mpsc::unbounded_channel();
         requests.send(first).unwrap();
-        let updates =
-            client(addr).await.subscribe(UnboundedReceiverStream::new(rx)).await.unwrap().into_inner();
+        let updates = server
+            .client("shop")
+            .await
+            .subscribe(UnboundedReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
         Sub { requests, updates }
     }
 
@@ -124,7 +172,7 @@ fn first(version: &str, subscribe: &[&str]) -> pb::SubscribeRequest {
 #[tokio::test]
 async fn a_stream_gets_a_full_snapshot_then_only_changes_it_can_see() {
     let server = serve().await;
-    let mut sub = Sub::open(server.addr, first("", &["a"])).await;
+    let mut sub = Sub::open(&server, first("", &["a"])).await;
     // Nothing is served before the first snapshot; the first one arrives whole.
     server.publish.send_replace(snapshot(1, 80, 80));
     let update = sub.next().await;
@@ -157,11 +205,11 @@ async fn a_stream_gets_a_full_snapshot_then_only_changes_it_can_see() {
 async fn a_reconnecting_proxy_that_is_up_to_date_gets_no_redundant_push() {
     let server = serve().await;
     server.publish.send_replace(snapshot(1, 80, 80));
-    let mut sub = Sub::open(server.addr, first("", &["a"])).await;
+    let mut sub = Sub::open(&server, first("", &["a"])).await;
     let version = sub.next().await.version;
     drop(sub);
 
-    let mut again = Sub::open(server.addr, first(&version, &["a"])).await;
+    let mut again = Sub::open(&server, first(&version, &["a"])).await;
     // The first message this stream sees is the next change, not a copy of what it has.
     server.publish.send_replace(snapshot(2, 9090, 80));
     assert_eq!(a_port(&again.next().await), 9090);
@@ -174,11 +222,12 @@ async fn a_first_message_without_a_node_is_refused_and_watch_streams_everything(
     server.publish.send_replace(snapshot(1, 80, 80));
     let (tx, rx) = mpsc::unbounded_channel();
     tx.send(pb::SubscribeRequest::default()).unwrap();
-    let status = client(server.addr).await.subscribe(UnboundedReceiverStream::new(rx)).await.unwrap_err();
+    let status = server.client("shop").await.subscribe(UnboundedReceiverStream::new(rx)).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(status.message().contains("<pod>.<namespace>"));
 
-    let mut watch = client(server.addr)
+    let mut watch = server
+        .client("weft-system")
         .await
         .watch(pb::WatchRequest { node: "tool.x".into(), version: String::new() })
         .await
@@ -192,6 +241,37 @@ async fn a_first_message_without_a_node_is_refused_and_watch_streams_everything(
     server.stop.cancel();
 }
 
+/// A stream is opened only for the caller's own namespace, only with a certificate, and the
+/// whole mesh is watched only from the mesh namespace.
+#[tokio::test]
+async fn streams_are_authorized_by_the_callers_certificate() {
+    let server = serve().await;
+    server.publish.send_replace(snapshot(1, 80, 80));
+    let subscribe = |channel: tonic::transport::Channel| async move {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tx.send(first("", &["a"])).unwrap();
+        ConfigDiscoveryClient::new(channel).subscribe(UnboundedReceiverStream::new(rx)).await.map(|_| ())
+    };
+    let anonymous = subscribe(server.channel(None).await).await.unwrap_err();
+    assert_eq!(anonymous.code(), tonic::Code::Unauthenticated, "{anonymous:?}");
+    let other = subscribe(server.channel(Some("other")).await).await.unwrap_err();
+    assert_eq!(other.code(), tonic::Code::PermissionDenied, "{other:?}");
+    assert!(other.message().contains("spiffe://cluster.local/ns/other/sa/web"), "{other:?}");
+    subscribe(server.channel(Some("shop")).await).await.expect("its own namespace");
+
+    let watch = server.client("shop").await.watch(pb::WatchRequest::default()).await.unwrap_err();
+    assert_eq!(watch.code(), tonic::Code::PermissionDenied, "{watch:?}");
+    let text = server.metrics.encode();
+    assert!(text.contains(r#"weft_operator_errors_total{reason="grpc_forbidden"} 2"#), "{text}");
+    assert!(text.contains(r#"weft_operator_errors_total{reason="grpc_unauthenticated"} 1"#), "{text}");
+
+    // A client that does not trust the CA never gets as far as a call.
+    let foreign = Issuer::new_root("cluster.local", SystemTime::now(), DAY).unwrap();
+    let tls = mesh::control_client_config(&bundle(&foreign), None).unwrap();
+    assert!(weft_proxy::grpc::connect(&server.addr.to_string(), OPERATOR, tls).await.is_err());
+    server.stop.cancel();
+}
+
 /// The real proxy's control-plane source against this server: it installs updates, subscribes
 /// lazily at run time, and keeps its running config when an update does not compile.
 #[tokio::test]
@@ -199,11 +279,19 @@ async fn a_real_proxy_installs_updates_subscribes_lazily_and_keeps_its_config_on
     let server = serve().await;
     server.publish.send_replace(snapshot(1, 80, 80));
     let mut settings = weft_proxy::Settings::loopback("/nonexistent".into());
-    settings.control_plane = Some(weft_proxy::config::control_plane::ControlPlane::new(
+    let mut cp = weft_proxy::config::control_plane::ControlPlane::new(
         server.addr.to_string(),
         "web-1.shop",
         vec!["a".into()],
-    ));
+    );
+    cp.server_name = OPERATOR.into();
+    settings.control_plane = Some(cp);
+    let issued = server.ca.issue(&id("shop", "web"), SystemTime::now(), DAY).unwrap();
+    let dir = std::env::temp_dir().join(format!("weft-config-server-{}", std::process::id()));
+    let files =
+        weft_proxy::tls::IdentityFiles::write(&dir, &issued.cert_pem, &issued.key_pem, server.ca.root_pem())
+            .unwrap();
+    settings.identity = Some(weft_proxy::tls::IdentitySource::Files(files));
     let proxy = weft_proxy::start(settings).await.unwrap();
     let mut status = proxy.store.subscribe();
     let wait = |status: &mut watch::Receiver<weft_proxy::config::Status>, attempts: u64| {

@@ -70,7 +70,16 @@ fn handle<B>(
             if shared.drain.is_cancelled() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
             } else if shared.is_ready() {
-                text(StatusCode::OK, "ready\n")
+                match shared.identity.current() {
+                    Some(tls) => {
+                        let expiry = tls.not_after.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                        text(
+                            StatusCode::OK,
+                            format!("ready\nidentity: {}\nnotAfterUnixSeconds: {expiry}\n", tls.id),
+                        )
+                    }
+                    None => text(StatusCode::OK, "ready\n"),
+                }
             } else if shared.store.is_ready() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "no identity loaded\n")
             } else {

@@ -28,7 +28,7 @@ use crate::{
     metrics::{HandshakeLabels, ListenerLabels, Metrics, PeerLabels, ResultLabels, TcpLabels},
     settings::{ExplicitListener, Settings},
     sys, tcp,
-    tls::{self as mesh, Accepted, IdentityFiles, IdentityStore, MeshTls},
+    tls::{self as mesh, Accepted, IdentityFiles, IdentitySource, IdentityStore, MeshTls},
     upstream::{ConnectOpts, Endpoint, Peer, Proto},
 };
 use weft_identity::Tunnel;
@@ -49,8 +49,9 @@ pub struct Shared {
     pub passthrough: Passthrough,
     /// The operator's stream, when the config comes from it: routing misses subscribe lazily.
     pub control_plane: Option<control_plane::Subscriptions>,
-    /// This proxy's mesh identity (empty without `--cert-file` or until it first loads).
-    pub identity: IdentityStore,
+    /// This proxy's mesh identity (empty without a source, until it first loads, or once it
+    /// expired).
+    pub identity: Arc<IdentityStore>,
     /// Cancelled when draining starts: listeners stop, connections close gracefully.
     pub drain: CancellationToken,
     /// Every connection task, so drain can wait for them.
@@ -65,6 +66,16 @@ impl Shared {
             Some(tls) => Peer { workload, ..tls.peer.clone() },
             None => Peer { namespace: self.settings.namespace.clone(), workload, ..Peer::default() },
         }
+    }
+
+    /// How to reach endpoints: the identity to present, and whether one is required.
+    pub fn connect_opts(&self, cluster: Option<&crate::config::Cluster>) -> ConnectOpts {
+        ConnectOpts::new(
+            &self.settings.timeouts,
+            cluster,
+            self.identity.current(),
+            self.settings.identity.is_some(),
+        )
     }
 
     /// Ready to serve: a config is loaded, and the identity too when one is configured.
@@ -170,9 +181,10 @@ pub async fn start_with(
     let shutdown = CancellationToken::new();
     let done = CancellationToken::new();
     let reload = Arc::new(Notify::new());
+    let identity = Arc::new(IdentityStore::default());
     let control_plane = match &settings.control_plane {
         // Ready once the first update arrives; the last config stays through disconnects.
-        Some(cp) => Some(control_plane::spawn(cp.clone(), store.clone(), done.clone())),
+        Some(cp) => Some(control_plane::spawn(cp.clone(), store.clone(), identity.clone(), done.clone())),
         None => {
             // The first load happens before the listeners open, so a good file makes the proxy
             // ready at once.
@@ -196,17 +208,24 @@ pub async fn start_with(
         access_log,
         passthrough: Passthrough::default(),
         control_plane: control_plane.clone(),
-        identity: IdentityStore::default(),
+        identity,
         drain: CancellationToken::new(),
         tracker: TaskTracker::new(),
     });
 
-    if let Some(files) = settings.identity.clone() {
-        // Loaded before the listeners open, so a proxy with good files never accepts a
-        // connection it cannot tunnel.
-        let fingerprint = mesh::fingerprint(&files).await;
-        load_identity(&shared, &files).await;
-        tokio::spawn(identity_loop(files, fingerprint, shared.clone(), done.clone()));
+    match settings.identity.clone() {
+        Some(IdentitySource::Files(files)) => {
+            // Loaded before the listeners open, so a proxy with good files never accepts a
+            // connection it cannot tunnel.
+            let fingerprint = mesh::fingerprint(&files).await;
+            load_identity(&shared, &files).await;
+            tokio::spawn(identity_loop(files, fingerprint, shared.clone(), done.clone()));
+        }
+        // Not ready (and meshed endpoints refused) until the CA's first certificate arrives.
+        Some(IdentitySource::Ca(ca)) => {
+            tokio::spawn(crate::certify::run(ca, shared.identity.clone(), metrics.clone(), done.clone()));
+        }
+        None => {}
     }
 
     let bind = |what: &'static str, addr: SocketAddr| async move {
@@ -290,6 +309,8 @@ async fn load_identity(shared: &Shared, files: &IdentityFiles) {
     let result = match MeshTls::load(files, std::time::SystemTime::now()).await {
         Ok(tls) => {
             tracing::info!(identity = %tls.id, not_after = ?tls.not_after, "identity loaded");
+            let expiry = tls.not_after.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            shared.metrics.identity_expiry.set(i64::try_from(expiry).unwrap_or(i64::MAX));
             shared.identity.set(tls);
             "ok"
         }
@@ -568,7 +589,7 @@ async fn dispatch<I>(
                 return;
             };
             let t = &shared.settings.timeouts;
-            let opts = ConnectOpts::new(t, None, shared.identity.current());
+            let opts = shared.connect_opts(None);
             let upstream_tls = endpoint.is_tunneled(opts.mesh.as_deref());
             let upstream = match endpoint.connect(&opts, Tunnel::Tcp).await {
                 Ok(u) => u,

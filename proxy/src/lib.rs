@@ -5,13 +5,16 @@
 //! (`http::observe`, `http::headers::RequestIdLayer`) to `http::router`, which asks the pure
 //! `route` and `balance` functions what to do against the current `config::Snapshot`, and sends
 //! upstream through `upstream` connection pools. `tls` holds the mesh identity and both ends of
-//! the mTLS tunnels between proxies. `admin` serves health, config and metrics.
+//! the mTLS tunnels between proxies; `certify` gets its certificate from the mesh CA over
+//! `grpc` (the TLS channel to the operator). `admin` serves health, config and metrics.
 
 pub mod admin;
 pub mod app;
 pub mod balance;
+pub mod certify;
 pub mod config;
 pub mod detect;
+pub mod grpc;
 pub mod http;
 pub mod io;
 pub mod iptables;

@@ -5,7 +5,12 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use weft_proxy::settings::{ExplicitListener, Limits, Settings, Timeouts, parse_duration, parse_listener};
-use weft_proxy::{config::control_plane::ControlPlane, tls::IdentityFiles};
+use weft_proxy::{
+    certify::CaClient,
+    config::control_plane::ControlPlane,
+    grpc::host_of,
+    tls::{IdentityFiles, IdentitySource},
+};
 
 /// Weft's sidecar proxy: forwards HTTP/1.1, HTTP/2, gRPC and opaque TCP with routing, weighted
 /// splits and load balancing from a config file (YAML or JSON of weft.proxy.v1.ProxyConfig).
@@ -24,11 +29,28 @@ struct Args {
     #[arg(long, env = "WEFT_CONFIG", value_name = "FILE", required_unless_present = "control_plane")]
     config: Option<PathBuf>,
 
-    /// The operator's config server (HOST:PORT, plaintext gRPC for now): the proxy subscribes
-    /// for its workload and its destinations, keeps its last config when the stream breaks, and
-    /// reconnects with backoff.
+    /// The operator (HOST:PORT, gRPC over TLS): with --token-file and --trust-bundle-file the
+    /// proxy gets its certificate from the mesh CA there; it subscribes for its workload and its
+    /// destinations, keeps its last config when the stream breaks, and reconnects with backoff.
     #[arg(long, env = "WEFT_CONTROL_PLANE", value_name = "HOST:PORT")]
     control_plane: Option<String>,
+
+    /// The DNS name the operator's certificate must carry (default: the host of --control-plane).
+    #[arg(long, env = "WEFT_CONTROL_PLANE_NAME", value_name = "NAME")]
+    control_plane_name: Option<String>,
+
+    /// This pod's projected ServiceAccount token (audience weft-ca), sent to the mesh CA with
+    /// each certificate request. Without --cert-file, the proxy's identity comes from the CA.
+    #[arg(long, env = "WEFT_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<PathBuf>,
+
+    /// The mesh's trust domain and this pod's ServiceAccount: the identity the proxy expects
+    /// from the CA (a mismatch is refused, loudly).
+    #[arg(long, env = "WEFT_TRUST_DOMAIN", value_name = "DOMAIN")]
+    trust_domain: Option<String>,
+
+    #[arg(long, env = "WEFT_SERVICE_ACCOUNT", value_name = "NAME")]
+    service_account: Option<String>,
 
     /// This pod's name (the control plane's node is <pod>.<namespace>).
     #[arg(long, env = "POD_NAME", default_value = "", value_name = "NAME")]
@@ -55,9 +77,8 @@ struct Args {
     #[arg(long, env = "WEFT_KEY_FILE", value_name = "FILE", requires = "cert_file")]
     key_file: Option<PathBuf>,
 
-    /// The roots peers' certificates must chain to (PEM, several during a root rotation).
-    /// Alone, without --cert-file, it is accepted and unused: the injector always mounts the
-    /// mesh's bundle, and a proxy that has no certificate of its own yet talks plain text.
+    /// The roots peers' (and the operator's) certificates must chain to (PEM, several during a
+    /// root rotation). Re-read when it changes.
     #[arg(long, env = "WEFT_TRUST_BUNDLE_FILE", value_name = "FILE")]
     trust_bundle_file: Option<PathBuf>,
 
@@ -249,20 +270,65 @@ fn wait(args: WaitArgs) -> anyhow::Result<()> {
 }
 
 impl Args {
-    fn settings(self) -> Settings {
+    /// Where the identity comes from: files, else the CA on the control plane, else nowhere.
+    fn identity(&self) -> anyhow::Result<Option<IdentitySource>> {
+        if let (Some(cert), Some(key), Some(bundle)) =
+            (&self.cert_file, &self.key_file, &self.trust_bundle_file)
+        {
+            return Ok(Some(IdentitySource::Files(IdentityFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                trust_bundle: bundle.clone(),
+            })));
+        }
+        let (Some(addr), Some(token), Some(bundle)) =
+            (&self.control_plane, &self.token_file, &self.trust_bundle_file)
+        else {
+            if self.control_plane.is_some() && self.config.is_none() {
+                anyhow::bail!(
+                    "--control-plane needs an identity: --token-file and --trust-bundle-file (from the mesh CA), or --cert-file, --key-file and --trust-bundle-file"
+                );
+            }
+            return Ok(None);
+        };
+        let expected = match (&self.trust_domain, &self.service_account) {
+            (Some(td), Some(sa)) => Some(
+                weft_identity::SpiffeId::new(td, &self.pod_namespace, sa)
+                    .context("--trust-domain, --pod-namespace and --service-account")?,
+            ),
+            _ => None,
+        };
+        Ok(Some(IdentitySource::Ca(CaClient {
+            addr: addr.clone(),
+            server_name: self.control_plane_name.clone().unwrap_or_else(|| host_of(addr).to_owned()),
+            token_file: token.clone(),
+            trust_bundle_file: bundle.clone(),
+            expected,
+            poll: self.config_poll,
+            backoff_min: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(30),
+        })))
+    }
+
+    fn settings(self) -> anyhow::Result<Settings> {
+        let identity = self.identity()?;
         let redirect = |addr| (!self.no_redirect).then_some(addr);
         let control_plane = match (&self.config, &self.control_plane) {
             (None, Some(addr)) => {
                 let pod = if self.pod_name.is_empty() { "weft-proxy" } else { self.pod_name.as_str() };
-                Some(ControlPlane::new(
+                let mut cp = ControlPlane::new(
                     addr.clone(),
                     format!("{pod}.{}", self.pod_namespace),
                     self.destinations.clone(),
-                ))
+                );
+                if let Some(name) = &self.control_plane_name {
+                    cp.server_name = name.clone();
+                }
+                Some(cp)
             }
             _ => None,
         };
-        Settings {
+        Ok(Settings {
             config_path: self.config.clone().unwrap_or_default(),
             control_plane,
             config_poll_interval: self.config_poll,
@@ -291,15 +357,10 @@ impl Args {
                 tls_handshake: self.tls_handshake_timeout,
             },
             access_log: self.access_log,
-            identity: match (&self.cert_file, &self.key_file, &self.trust_bundle_file) {
-                (Some(cert), Some(key), Some(bundle)) => {
-                    Some(IdentityFiles { cert: cert.clone(), key: key.clone(), trust_bundle: bundle.clone() })
-                }
-                _ => None,
-            },
+            identity,
             workload: self.workload.as_str().into(),
             namespace: self.pod_namespace.as_str().into(),
-        }
+        })
     }
 }
 
@@ -317,7 +378,8 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    runtime.block_on(run(args.settings()))
+    let settings = args.settings()?;
+    runtime.block_on(run(settings))
 }
 
 fn init_tracing(format: &str, filter: &str) -> anyhow::Result<()> {

@@ -102,6 +102,8 @@ pub struct Metrics {
     pub connections_active: Family<ListenerLabels, Gauge>,
     pub access_log_dropped: Counter,
     pub identity_reloads: Family<ResultLabels, Counter>,
+    /// When this proxy's certificate expires (Unix seconds; 0 without one).
+    pub identity_expiry: Gauge,
     pub tls_handshakes: Family<HandshakeLabels, Counter>,
 }
 
@@ -126,6 +128,7 @@ impl Default for Metrics {
         let connections_active = Family::default();
         let access_log_dropped = Counter::default();
         let identity_reloads = Family::default();
+        let identity_expiry = Gauge::default();
         let tls_handshakes = Family::default();
         registry.register(
             "weft_requests",
@@ -167,8 +170,13 @@ impl Default for Metrics {
         );
         registry.register(
             "weft_identity_reloads",
-            "Identity (certificate, key, trust bundle) load attempts by result",
+            "Identity load attempts (certificate files, or requests to the mesh CA) by result",
             identity_reloads.clone(),
+        );
+        registry.register(
+            "weft_identity_expiry_timestamp_seconds",
+            "When this proxy's certificate expires, Unix seconds (0: none)",
+            identity_expiry.clone(),
         );
         registry.register(
             "weft_tls_handshakes",
@@ -188,6 +196,7 @@ impl Default for Metrics {
             connections_active,
             access_log_dropped,
             identity_reloads,
+            identity_expiry,
             tls_handshakes,
         }
     }

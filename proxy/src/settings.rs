@@ -29,8 +29,9 @@ pub struct Settings {
     pub timeouts: Timeouts,
     /// Write one JSON line per request to stdout.
     pub access_log: bool,
-    /// This proxy's mesh identity; without it, no mTLS is accepted or originated.
-    pub identity: Option<crate::tls::IdentityFiles>,
+    /// Where this proxy's mesh identity comes from; without one, no mTLS is accepted or
+    /// originated (and the control plane cannot be reached: it requires TLS).
+    pub identity: Option<crate::tls::IdentitySource>,
     /// Who this proxy runs beside, for metric labels (`source_*` outbound, `destination_*`
     /// inbound).
     pub workload: Arc<str>,

@@ -1,5 +1,6 @@
-//! Mesh mTLS: this proxy's identity (loaded from files, reloaded when they change, the last good
-//! one kept when a new one is bad), and both ends of a tunnel between proxies.
+//! Mesh mTLS: this proxy's identity (from files, reloaded when they change, or from the mesh CA
+//! by `certify`; the last good one kept when a new one is bad), and both ends of a tunnel
+//! between proxies.
 //!
 //! - `accept` (inbound and explicit listeners): a TLS ClientHello offering a `weft/*` ALPN is
 //!   terminated with this proxy's certificate, the client's certificate required; the ALPN says
@@ -35,6 +36,36 @@ pub struct IdentityFiles {
     pub trust_bundle: PathBuf,
 }
 
+impl IdentityFiles {
+    /// Writes `cert.pem`, `key.pem` (owner-only) and `ca.crt` into `dir`, each replaced
+    /// atomically, as any writer of a running proxy's credentials must (tests, benchmarks, the
+    /// demo).
+    pub fn write(
+        dir: &std::path::Path,
+        cert_pem: &str,
+        key_pem: &str,
+        bundle_pem: &str,
+    ) -> std::io::Result<IdentityFiles> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::create_dir_all(dir)?;
+        let files = IdentityFiles {
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+            trust_bundle: dir.join("ca.crt"),
+        };
+        for (path, content) in
+            [(&files.key, key_pem), (&files.cert, cert_pem), (&files.trust_bundle, bundle_pem)]
+        {
+            let tmp = path.with_extension("tmp");
+            let mut file =
+                std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+            std::io::Write::write_all(&mut file, content.as_bytes())?;
+            std::fs::rename(&tmp, path)?;
+        }
+        Ok(files)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("reading {path}: {source}")]
@@ -47,9 +78,20 @@ pub enum Error {
     Expired(SystemTime),
 }
 
+/// Where the proxy's identity comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IdentitySource {
+    /// Files someone else writes (tests, benchmarks, an external issuer).
+    Files(IdentityFiles),
+    /// The mesh CA on the control plane (in-cluster proxies).
+    Ca(crate::certify::CaClient),
+}
+
 /// One loaded identity, ready to accept and connect.
 pub struct MeshTls {
     pub id: SpiffeId,
+    pub creds: Credentials,
+    pub bundle: TrustBundle,
     /// This proxy as a peer (identity, principal, namespace), built once per load; the workload
     /// is filled in by `Shared::local_peer`.
     pub peer: Peer,
@@ -72,6 +114,8 @@ impl MeshTls {
         let connector = |t| Ok::<_, Error>((t, TlsConnector::from(mesh::client_config(creds, bundle, t)?)));
         Ok(MeshTls {
             id: creds.id.clone(),
+            creds: creds.clone(),
+            bundle: bundle.clone(),
             peer: Peer::new(Some(creds.id.clone()), ""),
             not_after: creds.not_after,
             acceptor: TlsAcceptor::from(mesh::server_config(creds, bundle)?),
@@ -103,10 +147,24 @@ impl MeshTls {
     }
 }
 
-/// The current identity, swapped whole on reload; `None` until one loads (or without files).
-#[derive(Debug, Default)]
+/// The current identity, swapped whole on reload; `None` until one loads, without a source, or
+/// once it expired. The trust bundle is kept apart too: a proxy has one before it has a
+/// certificate (it checks the CA with it).
+#[derive(Debug)]
 pub struct IdentityStore {
     current: ArcSwapOption<MeshTls>,
+    bundle: ArcSwapOption<TrustBundle>,
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for IdentityStore {
+    fn default() -> Self {
+        IdentityStore {
+            current: ArcSwapOption::empty(),
+            bundle: ArcSwapOption::empty(),
+            changes: tokio::sync::watch::channel(0).0,
+        }
+    }
 }
 
 impl IdentityStore {
@@ -114,8 +172,43 @@ impl IdentityStore {
         self.current.load_full()
     }
 
+    pub fn bundle(&self) -> Option<Arc<TrustBundle>> {
+        self.bundle.load_full()
+    }
+
     pub fn set(&self, tls: MeshTls) {
+        self.bundle.store(Some(Arc::new(tls.bundle.clone())));
         self.current.store(Some(Arc::new(tls)));
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    pub fn set_bundle(&self, bundle: TrustBundle) {
+        self.bundle.store(Some(Arc::new(bundle)));
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// Drops the certificate (it expired): the proxy presents none rather than a bad one.
+    pub fn clear(&self) {
+        self.current.store(None);
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// Ticks on every change.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Resolves once a certificate is loaded.
+    pub async fn loaded(&self) -> Arc<MeshTls> {
+        let mut changes = self.changes();
+        loop {
+            if let Some(tls) = self.current() {
+                return tls;
+            }
+            if changes.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 }
 

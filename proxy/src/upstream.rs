@@ -53,6 +53,9 @@ pub struct ConnectOpts {
     pub idle_timeout: Duration,
     /// This proxy's identity, for endpoints that run a proxy too.
     pub mesh: Option<Arc<MeshTls>>,
+    /// The proxy has an identity source: without a certificate at hand (not issued yet, or
+    /// expired), a meshed endpoint is refused rather than reached in plain text.
+    pub require_mesh: bool,
 }
 
 impl ConnectOpts {
@@ -61,11 +64,13 @@ impl ConnectOpts {
         timeouts: &crate::settings::Timeouts,
         cluster: Option<&crate::config::Cluster>,
         mesh: Option<Arc<MeshTls>>,
+        require_mesh: bool,
     ) -> Self {
         ConnectOpts {
             connect_timeout: cluster.and_then(|c| c.connect_timeout).unwrap_or(timeouts.connect),
             idle_timeout: cluster.and_then(|c| c.idle_timeout).unwrap_or(timeouts.upstream_idle),
             mesh,
+            require_mesh,
         }
     }
 }
@@ -101,6 +106,8 @@ pub enum Error {
     Connect { addr: SocketAddr, source: std::io::Error },
     #[error("handshake with {addr}: {source}")]
     Handshake { addr: SocketAddr, source: hyper::Error },
+    #[error("{addr} is meshed ({identity}) and this proxy has no certificate: refusing plain text")]
+    NoIdentity { addr: SocketAddr, identity: SpiffeId },
     #[error("mTLS with {addr} ({identity}): {source}")]
     Tls { addr: SocketAddr, identity: SpiffeId, source: std::io::Error },
     #[error("request to {addr}: {source}")]
@@ -115,6 +122,7 @@ impl Error {
             Error::ConnectTimeout { .. }
                 | Error::Connect { .. }
                 | Error::Handshake { .. }
+                | Error::NoIdentity { .. }
                 | Error::Tls { .. }
         )
     }
@@ -283,14 +291,18 @@ impl Endpoint {
     }
 
     /// Whether connections to this endpoint are mesh tunnels: it runs a proxy and this proxy
-    /// has an identity to present. Without one, traffic to a meshed endpoint goes in plain text
-    /// (accepted unless the peer's policy is STRICT).
+    /// has an identity to present. A proxy with an identity source but no certificate refuses
+    /// meshed endpoints (`Error::NoIdentity`); only a proxy without any identity source (tests,
+    /// benchmarks) reaches them in plain text.
     pub fn is_tunneled(&self, mesh: Option<&MeshTls>) -> bool {
         self.peer.identity.is_some() && mesh.is_some()
     }
 
     /// A connection carrying `tunnel` traffic: a mesh tunnel when `is_tunneled`, else plain TCP.
     pub async fn connect(&self, opts: &ConnectOpts, tunnel: Tunnel) -> Result<UpstreamIo, Error> {
+        if let (Some(identity), None, true) = (&self.peer.identity, &opts.mesh, opts.require_mesh) {
+            return Err(Error::NoIdentity { addr: self.addr, identity: SpiffeId::clone(identity) });
+        }
         let tcp = self.connect_tcp(opts.connect_timeout).await?;
         let (Some(identity), Some(mesh)) = (&self.peer.identity, &opts.mesh) else {
             return Ok(Either::Left(tcp));

@@ -503,12 +503,12 @@ fn volumes(config: &InjectConfig) -> [Volume; 2] {
             name: TRUST_BUNDLE_VOLUME.to_owned(),
             projected: Some(ProjectedVolumeSource {
                 sources: Some(vec![VolumeProjection {
-                    // Optional until the mesh CA publishes the bundle into every namespace:
-                    // a required ConfigMap nobody makes would hold every injected pod in
-                    // ContainerCreating. The proxy runs without it (no identity, plain text).
+                    // Required: the operator keeps it in every injected namespace, and a proxy
+                    // without the bundle can trust neither the CA nor its peers. A pod created
+                    // before the ConfigMap waits in ContainerCreating until it exists.
                     config_map: Some(ConfigMapProjection {
                         name: config.trust_bundle_config_map.clone(),
-                        optional: Some(true),
+                        optional: Some(false),
                         items: Some(vec![KeyToPath {
                             key: "ca.crt".to_owned(),
                             path: "ca.crt".to_owned(),

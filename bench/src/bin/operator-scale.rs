@@ -78,7 +78,8 @@ fn main() -> Result<()> {
 
 async fn serve(grpc: SocketAddr, admin: SocketAddr, namespace: Option<String>) -> Result<()> {
     let cluster = TestCluster::try_shared().await?;
-    let mut config = weft_operator::Config::for_tests();
+    let namespace_or_default = namespace.clone().unwrap_or_else(|| "default".to_owned());
+    let mut config = weft_operator::Config::for_tests(&namespace_or_default);
     // Only the benchmark's namespace: other users of the shared cluster are left alone.
     config.watch_namespace = namespace;
     config.grpc_addr = grpc;
@@ -227,10 +228,18 @@ async fn bench(args: Args) -> Result<()> {
     // The subscribers.
     let hot: BTreeSet<String> = (0..args.hot).map(svc_name).collect();
     let (reports, mut seen) = mpsc::unbounded_channel::<(usize, Vec<(String, u32)>, Instant)>();
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))?;
+    // Subscribers identify as a workload of the namespace, with a certificate from the CA the
+    // operator made there (the config stream requires one).
+    let secrets = kube::Api::namespaced(client.clone(), &ns);
+    let signer = weft_operator::ca::authority::read(&secrets, "weft-ca").await?.context("no CA Secret")?;
+    let id = weft_identity::SpiffeId::new("cluster.local", &ns, "bench")?;
+    let issued = signer.issuer.issue(&id, std::time::SystemTime::now(), Duration::from_secs(3600))?;
+    let creds = weft_identity::Credentials::from_pem(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes())?;
+    let tls = weft_identity::tls::control_client_config(&signer.bundle, Some(&creds))?;
+    let server_name = format!("weft-operator.{ns}.svc");
     let mut first_updates = Vec::new();
     for s in 0..args.subscribers {
-        let channel = endpoint.connect().await?;
+        let channel = weft_proxy::grpc::connect(&grpc.to_string(), &server_name, tls.clone()).await?;
         let (tx, rx) = mpsc::unbounded_channel();
         let mut names: Vec<String> = hot.iter().cloned().collect();
         names.extend(

@@ -63,6 +63,13 @@ impl fmt::Debug for Issuer {
     }
 }
 
+/// A signed certificate request: the chain (leaf first, PEM) and when the leaf expires.
+#[derive(Clone, Debug)]
+pub struct Signed {
+    pub chain_pem: String,
+    pub not_after: SystemTime,
+}
+
 /// A freshly issued certificate and its key, both PEM.
 #[derive(Clone)]
 pub struct Issued {
@@ -211,7 +218,7 @@ impl Issuer {
         id: &SpiffeId,
         now: SystemTime,
         lifetime: Duration,
-    ) -> Result<CertificateParams, Error> {
+    ) -> Result<(CertificateParams, SystemTime), Error> {
         let (not_before, not_after) = self.validity(now, lifetime)?;
         let mut params = CertificateParams::default();
         // The SPIFFE ID is the whole name: an empty subject (so the SAN extension is critical).
@@ -223,20 +230,19 @@ impl Issuer {
             vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.not_before = at(not_before);
         params.not_after = at(not_after);
-        Ok(params)
+        Ok((params, not_after))
     }
 
     /// Signs a certificate request (PKCS#10, DER) for `id`, valid from `now` for `lifetime`
     /// (never past the CA's own expiry). Only the request's key is used: the identity is the
-    /// caller's, so a request naming any other identity is refused, never copied. Returns the
-    /// chain, leaf first, PEM.
+    /// caller's, so a request naming any other identity is refused, never copied.
     pub fn sign_request(
         &self,
         request_der: &[u8],
         id: &SpiffeId,
         now: SystemTime,
         lifetime: Duration,
-    ) -> Result<String, Error> {
+    ) -> Result<Signed, Error> {
         let request = CertificateSigningRequestParams::from_der(&request_der.into())
             .map_err(|e| Error::Request(e.to_string()))?;
         if request.public_key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 {
@@ -256,8 +262,9 @@ impl Issuer {
         if asked.iter().any(|name| name != &wanted) {
             return Err(Error::RequestNames { asked, id: wanted });
         }
-        let cert = self.leaf_params(id, now, lifetime)?.signed_by(&request.public_key, &self.issuer)?;
-        Ok(format!("{}{}", cert.pem(), self.chain_pem))
+        let (params, not_after) = self.leaf_params(id, now, lifetime)?;
+        let cert = params.signed_by(&request.public_key, &self.issuer)?;
+        Ok(Signed { chain_pem: format!("{}{}", cert.pem(), self.chain_pem), not_after })
     }
 
     /// Issues a certificate for `id` with a new key, valid from `now` for `lifetime`. The
@@ -265,7 +272,7 @@ impl Issuer {
     /// root.
     pub fn issue(&self, id: &SpiffeId, now: SystemTime, lifetime: Duration) -> Result<Issued, Error> {
         let key = new_key()?;
-        let cert = self.leaf_params(id, now, lifetime)?.signed_by(&key, &self.issuer)?;
+        let cert = self.leaf_params(id, now, lifetime)?.0.signed_by(&key, &self.issuer)?;
         Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }
 
@@ -280,7 +287,7 @@ impl Issuer {
         lifetime: Duration,
     ) -> Result<Issued, Error> {
         let key = new_key()?;
-        let mut params = self.leaf_params(id, now, lifetime)?;
+        let (mut params, _) = self.leaf_params(id, now, lifetime)?;
         for name in dns_names {
             params.subject_alt_names.push(SanType::DnsName(name.clone().try_into()?));
         }

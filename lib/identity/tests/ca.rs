@@ -27,7 +27,7 @@ fn a_signed_request_is_an_x509_svid_for_the_callers_identity_only() {
     let now = SystemTime::now();
     let ca = Issuer::new_root("cluster.local", now, 3650 * DAY).unwrap();
     let asked = request::generate(Some(&id("reviews"))).unwrap();
-    let chain = ca.sign_request(&asked.request_der, &id("reviews"), now, DAY).unwrap();
+    let chain = ca.sign_request(&asked.request_der, &id("reviews"), now, DAY).unwrap().chain_pem;
 
     let der = first_der(&chain);
     let (_, leaf) = X509Certificate::from_der(&der).unwrap();
@@ -64,7 +64,7 @@ fn a_signed_request_is_an_x509_svid_for_the_callers_identity_only() {
 
     // A request without names gets the caller's identity too.
     let anonymous = request::generate(None).unwrap();
-    let chain = ca.sign_request(&anonymous.request_der, &id("ratings"), now, DAY).unwrap();
+    let chain = ca.sign_request(&anonymous.request_der, &id("ratings"), now, DAY).unwrap().chain_pem;
     let creds = Credentials::from_pem(chain.as_bytes(), anonymous.key_pem.as_bytes()).unwrap();
     assert_eq!(creds.id, id("ratings"));
 }
@@ -102,7 +102,7 @@ fn a_leaf_never_outlives_its_ca_and_an_expired_ca_signs_nothing() {
     let now = SystemTime::now();
     let ca = Issuer::new_root("cluster.local", now, DAY).unwrap();
     let asked = request::generate(None).unwrap();
-    let chain = ca.sign_request(&asked.request_der, &id("reviews"), now, 30 * DAY).unwrap();
+    let chain = ca.sign_request(&asked.request_der, &id("reviews"), now, 30 * DAY).unwrap().chain_pem;
     let creds = Credentials::from_pem(chain.as_bytes(), asked.key_pem.as_bytes()).unwrap();
     let cut = ca.not_after().duration_since(creds.not_after).unwrap();
     assert!(cut < Duration::from_secs(1), "the leaf ends with its CA (to the second): {cut:?}");
@@ -133,7 +133,7 @@ fn a_plug_in_intermediate_signs_leaves_that_chain_to_the_users_root() {
     let ca = Issuer::from_pem(&intermediate.pem(), &mesh_key.serialize_pem(), "", &root.pem()).unwrap();
     assert_eq!(ca.root_pem(), root.pem());
     let asked = request::generate(None).unwrap();
-    let chain = ca.sign_request(&asked.request_der, &id("reviews"), now, DAY).unwrap();
+    let chain = ca.sign_request(&asked.request_der, &id("reviews"), now, DAY).unwrap().chain_pem;
     let creds = Credentials::from_pem(chain.as_bytes(), asked.key_pem.as_bytes()).unwrap();
     assert_eq!(creds.chain.len(), 2, "leaf, then the intermediate");
     let (_, leaf) = X509Certificate::from_der(creds.chain[0].as_ref()).unwrap();

@@ -1,5 +1,6 @@
 //! The control-plane config source: a `ConfigDiscovery.Subscribe` stream to the operator
-//! (`WEFT_CONTROL_PLANE`, port 15012; plaintext until the identity work adds mTLS). The proxy
+//! (`WEFT_CONTROL_PLANE`, port 15012, TLS: the operator checked against the trust bundle, this
+//! proxy identified by its certificate, so the stream waits for the first one). The proxy
 //! names its workload and the destinations it needs; each `ConfigUpdate` holds exactly those
 //! services (and where their routes lead) and replaces the running config whole. When the stream
 //! breaks, the running config stays and the client reconnects with jittered exponential backoff,
@@ -19,13 +20,14 @@ use tokio_util::sync::CancellationToken;
 use weft_proto::v1::{self as pb, config_discovery_client::ConfigDiscoveryClient};
 
 use super::Store;
+use crate::tls::IdentityStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("invalid control-plane address {addr:?}: {source}")]
-    Address { addr: String, source: tonic::transport::Error },
-    #[error("connecting to the control plane at {addr}: {source}")]
-    Connect { addr: String, source: tonic::transport::Error },
+    #[error("{0}")]
+    Connect(#[from] crate::grpc::Error),
+    #[error("TLS to the control plane: {0}")]
+    Tls(#[from] weft_identity::tls::Error),
     #[error("subscribing: {0}")]
     Subscribe(tonic::Status),
     #[error("the config stream failed: {0}")]
@@ -41,6 +43,8 @@ pub enum Error {
 pub struct ControlPlane {
     /// `host:port` of the operator's config server.
     pub addr: String,
+    /// The DNS name its certificate must carry (by default the host of `addr`).
+    pub server_name: String,
     /// `<pod>.<namespace>`.
     pub node: String,
     /// Destinations subscribed from the start (service names or virtual addresses); more are
@@ -52,8 +56,10 @@ pub struct ControlPlane {
 
 impl ControlPlane {
     pub fn new(addr: impl Into<String>, node: impl Into<String>, destinations: Vec<String>) -> ControlPlane {
+        let addr = addr.into();
         ControlPlane {
-            addr: addr.into(),
+            server_name: crate::grpc::host_of(&addr).to_owned(),
+            addr,
             node: node.into(),
             destinations,
             backoff_min: Duration::from_millis(100),
@@ -124,8 +130,13 @@ impl Subscriptions {
     }
 }
 
-/// Starts the client; it runs until `stop`.
-pub fn spawn(settings: ControlPlane, store: Store, stop: CancellationToken) -> Subscriptions {
+/// Starts the client; it runs until `stop`. Streams open once `identity` holds a certificate.
+pub fn spawn(
+    settings: ControlPlane,
+    store: Store,
+    identity: Arc<IdentityStore>,
+    stop: CancellationToken,
+) -> Subscriptions {
     let (tx, rx) = mpsc::unbounded_channel();
     let (connected_tx, connected) = watch::channel(false);
     let (inbound_tx, inbound) = watch::channel(None);
@@ -133,6 +144,7 @@ pub fn spawn(settings: ControlPlane, store: Store, stop: CancellationToken) -> S
         wanted: settings.destinations.iter().cloned().collect(),
         settings,
         store,
+        identity,
         commands: rx,
         connected: connected_tx,
         inbound: inbound_tx,
@@ -149,6 +161,7 @@ pub fn spawn(settings: ControlPlane, store: Store, stop: CancellationToken) -> S
 struct Client {
     settings: ControlPlane,
     store: Store,
+    identity: Arc<IdentityStore>,
     wanted: BTreeSet<String>,
     commands: mpsc::UnboundedReceiver<Command>,
     connected: watch::Sender<bool>,
@@ -176,16 +189,15 @@ impl Client {
     /// One stream, until it fails. `received` turns true once an update arrived.
     async fn session(&mut self, received: &mut bool) -> Error {
         let addr = self.settings.addr.clone();
-        let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{addr}")) {
-            Ok(e) => e
-                .connect_timeout(Duration::from_secs(5))
-                .http2_keep_alive_interval(Duration::from_secs(30))
-                .keep_alive_timeout(Duration::from_secs(10)),
-            Err(source) => return Error::Address { addr, source },
-        };
-        let channel = match endpoint.connect().await {
+        let tls = self.identity.loaded().await;
+        let config = match weft_identity::tls::control_client_config(&tls.bundle, Some(&tls.creds)) {
             Ok(c) => c,
-            Err(source) => return Error::Connect { addr, source },
+            Err(e) => return e.into(),
+        };
+        drop(tls);
+        let channel = match crate::grpc::connect(&addr, &self.settings.server_name, config).await {
+            Ok(c) => c,
+            Err(e) => return e.into(),
         };
         let (requests, requests_rx) = mpsc::unbounded_channel();
         let first = pb::SubscribeRequest {
@@ -261,8 +273,12 @@ mod tests {
     async fn lazy_subscriptions_are_asked_once_and_bounded() {
         let stop = CancellationToken::new();
         // Nothing listens there: the client keeps retrying in the background, which is fine.
-        let subscriptions =
-            spawn(ControlPlane::new("127.0.0.1:9", "web-1.shop", Vec::new()), Store::default(), stop.clone());
+        let subscriptions = spawn(
+            ControlPlane::new("127.0.0.1:9", "web-1.shop", Vec::new()),
+            Store::default(),
+            Arc::default(),
+            stop.clone(),
+        );
         let address = |i: usize| IpAddr::from([10, 96, (i / 256) as u8, (i % 256) as u8]);
         assert!(subscriptions.subscribe_lazily(address(0)));
         assert!(!subscriptions.subscribe_lazily(address(0)), "asked once");
@@ -289,7 +305,12 @@ mod tests {
         let store = Store::default();
         let stop = CancellationToken::new();
         // Port 1 on loopback refuses connections.
-        let subs = spawn(ControlPlane::new("127.0.0.1:1", "p.ns", vec![]), store.clone(), stop.clone());
+        let subs = spawn(
+            ControlPlane::new("127.0.0.1:1", "p.ns", vec![]),
+            store.clone(),
+            Arc::default(),
+            stop.clone(),
+        );
         tokio::time::sleep(Duration::from_secs(30)).await;
         assert!(!*subs.connected().borrow());
         assert!(store.current().is_none());

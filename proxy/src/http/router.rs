@@ -208,8 +208,7 @@ impl Router {
                     target: None,
                     info,
                 };
-                let opts =
-                    ConnectOpts::new(&self.shared.settings.timeouts, None, self.shared.identity.current());
+                let opts = self.shared.connect_opts(None);
                 self.send(req, plan, opts).await
             }
             Decision::Route { service, route: None, port } => {
@@ -289,8 +288,7 @@ impl Router {
             crate::config::Protocol::Http2 => Proto::Http2,
             _ => self.conn.downstream,
         };
-        let opts =
-            ConnectOpts::new(&self.shared.settings.timeouts, Some(cluster), self.shared.identity.current());
+        let opts = self.shared.connect_opts(Some(cluster));
         self.send(req, Plan { endpoint, proto, route, matched, target, info }, opts).await
     }
 }

@@ -17,7 +17,10 @@ use tokio::{
     net::TcpStream,
 };
 use weft_identity::{SpiffeId, ca::Issuer};
-use weft_proxy::{settings::ExplicitListener, tls::IdentityFiles};
+use weft_proxy::{
+    settings::ExplicitListener,
+    tls::{IdentityFiles, IdentitySource},
+};
 
 use crate::support::*;
 
@@ -71,7 +74,7 @@ async fn inbound(
     );
     let target = target.map(|(h, p)| (h.to_owned(), p));
     TestProxy::start_with(&config, move |s| {
-        s.identity = Some(files);
+        s.identity = Some(IdentitySource::Files(files));
         s.workload = "reviews-v1".into();
         s.explicit = vec![ExplicitListener { addr: "127.0.0.1:0".parse().unwrap(), target }];
     })
@@ -91,7 +94,7 @@ async fn outbound(
         "services:\n  - name: reviews\n    ports: [{{number: 9080, protocol: {protocol}, endpoints: [{endpoint}]}}]\n  - name: db\n    ports: [{{number: 9000, protocol: TCP, endpoints: [{endpoint}]}}]\n"
     );
     TestProxy::start_with(&config, move |s| {
-        s.identity = files;
+        s.identity = files.map(IdentitySource::Files);
         s.workload = "productpage".into();
         s.namespace = "prod".into();
         s.explicit = vec![
@@ -256,7 +259,7 @@ async fn bad_identity_files_keep_the_running_identity() {
 async fn without_loadable_identity_files_the_proxy_is_not_ready() {
     let dir = std::env::temp_dir().join(format!("weft-mtls-missing-{}", std::process::id()));
     let files = IdentityFiles { cert: dir.join("c"), key: dir.join("k"), trust_bundle: dir.join("b") };
-    let proxy = TestProxy::start_with("services: []\n", |s| s.identity = Some(files)).await;
+    let proxy = TestProxy::start_with("services: []\n", |s| s.identity = Some(IdentitySource::Files(files))).await;
     let ready = admin(&proxy, Method::GET, "/ready").await;
     assert_eq!(
         (ready.status, &ready.body[..]),

@@ -15,7 +15,11 @@ use tokio::{
     net::TcpListener,
 };
 use weft_identity::{SpiffeId, ca::Issuer};
-use weft_proxy::{Settings, settings::ExplicitListener, tls::IdentityFiles};
+use weft_proxy::{
+    Settings,
+    settings::ExplicitListener,
+    tls::{IdentityFiles, IdentitySource},
+};
 
 const TRUST_DOMAIN: &str = "cluster.local";
 const DAY: Duration = Duration::from_secs(86_400);
@@ -72,18 +76,11 @@ async fn proxy(scratch: &Path, name: &str, issuer: &Issuer, config: &str) -> Res
     std::fs::create_dir_all(&dir)?;
     let service_account = name.split('-').next().unwrap_or(name);
     let issued = issuer.issue(&id(service_account)?, SystemTime::now(), DAY)?;
-    let files = IdentityFiles {
-        cert: dir.join("cert.pem"),
-        key: dir.join("key.pem"),
-        trust_bundle: dir.join("ca.crt"),
-    };
-    std::fs::write(&files.cert, &issued.cert_pem)?;
-    std::fs::write(&files.key, &issued.key_pem)?;
-    std::fs::write(&files.trust_bundle, issuer.root_pem())?;
+    let files = IdentityFiles::write(&dir, &issued.cert_pem, &issued.key_pem, issuer.root_pem())?;
     std::fs::write(dir.join("config.yaml"), config)?;
     let mut settings = Settings::loopback(dir.join("config.yaml"));
     settings.explicit = vec![ExplicitListener { addr: SocketAddr::from(([127, 0, 0, 1], 0)), target: None }];
-    settings.identity = Some(files);
+    settings.identity = Some(IdentitySource::Files(files));
     settings.workload = service_account.into();
     settings.namespace = "weft-demo".into();
     Ok(weft_proxy::start(settings).await?)

@@ -1,0 +1,358 @@
+//! The mesh CA against the real apiserver: tokens minted by the apiserver's TokenRequest API and
+//! checked by its TokenReview. Who gets a certificate and who is refused (with the reason
+//! counted), and two proxies whose certificates come from the operator, renewed several times
+//! under steady load with no failed request, also while the operator is away.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context, Result, ensure};
+use k8s_openapi::api::{
+    authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
+    core::v1::{Pod, ServiceAccount},
+};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, PostParams},
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use weft_e2e::TestCluster;
+use weft_identity::{SpiffeId, TrustBundle};
+use weft_operator::Config;
+use weft_proxy::{
+    certify::{self, CaClient},
+    settings::ExplicitListener,
+    tls::IdentitySource,
+};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// A ServiceAccount and a pod using it (the pod need not run: a bound token needs the object).
+async fn workload(client: &Client, ns: &str, sa: &str) -> Result<Pod> {
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
+    let account: ServiceAccount = serde_json::from_value(serde_json::json!({"metadata": {"name": sa}}))?;
+    sas.create(&PostParams::default(), &account).await?;
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": format!("{sa}-0")},
+        "spec": {"serviceAccountName": sa, "automountServiceAccountToken": false,
+                 "containers": [{"name": "app", "image": "weft.local/none:0"}]}}))?;
+    Ok(Api::namespaced(client.clone(), ns).create(&PostParams::default(), &pod).await?)
+}
+
+/// A token for `sa`, for `audience`, bound to `pod` when given.
+async fn token(client: &Client, ns: &str, sa: &str, audience: &str, pod: Option<&Pod>) -> Result<String> {
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![audience.to_owned()],
+            expiration_seconds: Some(3600),
+            bound_object_ref: pod.map(|p| BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: p.metadata.name.clone(),
+                uid: p.metadata.uid.clone(),
+            }),
+        },
+        ..TokenRequest::default()
+    };
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
+    let issued = sas.create_token_request(sa, &PostParams::default(), &request).await?;
+    issued.status.map(|s| s.token).context("no token in the TokenRequest")
+}
+
+fn scratch(ns: &str) -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("weft-ca-test-{ns}"));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// The CA client's settings for a proxy of `ns` with `token` (written to a file).
+fn ca_client(
+    dir: &Path,
+    name: &str,
+    operator: &weft_operator::Handle,
+    ns: &str,
+    token: &str,
+) -> Result<CaClient> {
+    let token_file = dir.join(format!("{name}.token"));
+    std::fs::write(&token_file, token)?;
+    let bundle_file = dir.join("ca.crt");
+    let signer = operator.authority.current().context("the operator has no CA")?;
+    std::fs::write(&bundle_file, &signer.bundle_pem)?;
+    Ok(CaClient {
+        addr: operator.grpc_addr.to_string(),
+        server_name: format!("weft-operator.{ns}.svc"),
+        token_file,
+        trust_bundle_file: bundle_file,
+        expected: None,
+        poll: Duration::from_millis(200),
+        backoff_min: Duration::from_millis(200),
+        backoff_max: Duration::from_secs(2),
+    })
+}
+
+async fn start_operator(
+    client: &Client,
+    ns: &str,
+    ttl: Duration,
+    grpc: Option<std::net::SocketAddr>,
+) -> Result<weft_operator::Handle> {
+    let mut config = Config::for_tests(ns);
+    config.watch_namespace = Some(ns.to_owned());
+    config.ca.workload_ttl = ttl;
+    if let Some(addr) = grpc {
+        config.grpc_addr = addr;
+    }
+    let operator = weft_operator::start(client.clone(), config).await?;
+    tokio::time::timeout(DEADLINE, operator.ready()).await.context("the operator never became ready")?;
+    Ok(operator)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ca_issues_exactly_the_tokens_identity_and_refuses_everything_else() -> Result<()> {
+    let cluster = TestCluster::shared().await;
+    let client = cluster.client();
+    let ns = cluster.namespace("ca-certify").await?;
+    let ns = ns.name();
+    let operator = start_operator(&client, ns, Duration::from_secs(3600), None).await?;
+    let dir = scratch(ns)?;
+    let pod = workload(&client, ns, "reviews").await?;
+    let bundle = TrustBundle::from_pem(operator.authority.current().context("no CA")?.bundle_pem.as_bytes())?;
+
+    let good = token(&client, ns, "reviews", "weft-ca", Some(&pod)).await?;
+    let creds = certify::certify(&ca_client(&dir, "good", &operator, ns, &good)?, &bundle).await?;
+    assert_eq!(creds.id, SpiffeId::new("cluster.local", ns, "reviews")?);
+    let lifetime = creds.not_after.duration_since(creds.not_before)?;
+    assert_eq!(lifetime, Duration::from_secs(3600 + 60), "the configured lifetime, backdated a minute");
+    assert_eq!(creds.chain.len(), 2, "leaf and CA");
+
+    let refused = |name: &'static str, token: String, expected: Option<SpiffeId>| {
+        let (dir, operator, bundle) = (&dir, &operator, &bundle);
+        async move {
+            let mut settings = ca_client(dir, name, operator, ns, &token)?;
+            settings.expected = expected;
+            match certify::certify(&settings, bundle).await {
+                Ok(creds) => anyhow::bail!("{name}: issued {}", creds.id),
+                Err(certify::Error::Refused(status)) => Ok::<_, anyhow::Error>(status),
+                Err(other) => anyhow::bail!("{name}: {other}"),
+            }
+        }
+    };
+    let none = refused("no token", String::new(), None).await?;
+    assert_eq!(none.code(), tonic::Code::Unauthenticated, "{none:?}");
+    let audience = refused(
+        "other audience",
+        token(&client, ns, "reviews", "https://example.org", Some(&pod)).await?,
+        None,
+    )
+    .await?;
+    assert_eq!(audience.code(), tonic::Code::Unauthenticated, "{audience:?}");
+    let unbound = refused("unbound", token(&client, ns, "reviews", "weft-ca", None).await?, None).await?;
+    assert!(unbound.message().contains("not bound to a pod"), "{unbound:?}");
+    let forged = refused("garbage", "eyJhbGciOiJSUzI1NiJ9.e30.c2ln".into(), None).await?;
+    assert_eq!(forged.code(), tonic::Code::Unauthenticated, "{forged:?}");
+    // sa reviews asking for sa admin: refused, and named.
+    let admin = SpiffeId::new("cluster.local", ns, "admin")?;
+    let other = refused("another identity", good.clone(), Some(admin)).await?;
+    assert_eq!(other.code(), tonic::Code::InvalidArgument, "{other:?}");
+    assert!(other.message().contains("/sa/admin"), "{other:?}");
+    // A token of a deleted pod dies with the pod.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    pods.delete("reviews-0", &DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() })
+        .await?;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while pods.get_opt("reviews-0").await?.is_some() {
+        ensure!(tokio::time::Instant::now() < deadline, "the pod was never deleted");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let deleted = refused("deleted pod", good, None).await?;
+    assert_eq!(deleted.code(), tonic::Code::Unauthenticated, "{deleted:?}");
+
+    let metrics = operator.metrics.encode();
+    for (result, reason, count) in [
+        ("issued", "", 1),
+        ("refused", "no_token", 1),
+        ("refused", "wrong_audience", 1),
+        ("refused", "not_pod_bound", 1),
+        ("refused", "token_rejected", 2),
+        ("refused", "identity_mismatch", 1),
+    ] {
+        let line = format!("weft_ca_requests_total{{result=\"{result}\",reason=\"{reason}\"}} {count}");
+        assert!(metrics.contains(&line), "{line} not in:\n{metrics}");
+    }
+    operator.shutdown().await;
+    Ok(())
+}
+
+/// An app that answers every request on a connection with a short 200.
+async fn origin() -> Result<std::net::SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {
+                    if stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n").await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
+async fn proxy(dir: &Path, name: &str, config: &str, ca: CaClient) -> Result<weft_proxy::Handle> {
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, config)?;
+    let mut settings = weft_proxy::Settings::loopback(path);
+    settings.explicit = vec![ExplicitListener { addr: ([127, 0, 0, 1], 0).into(), target: None }];
+    settings.identity = Some(IdentitySource::Ca(ca));
+    let proxy = weft_proxy::start(settings).await?;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while weft_e2e::http::get(proxy.admin_addr, "admin", "/ready").await.map(|(s, _)| s).unwrap_or(0) != 200 {
+        ensure!(tokio::time::Instant::now() < deadline, "{name} never got a certificate");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(proxy)
+}
+
+fn renewals(proxy: &weft_proxy::Handle) -> u64 {
+    let text = proxy.metrics.encode();
+    text.lines()
+        .find(|l| l.starts_with("weft_identity_reloads_total{result=\"ok\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_renew_from_the_operator_under_load_without_a_failed_request() -> Result<()> {
+    let cluster = TestCluster::shared().await;
+    let client = cluster.client();
+    let ns = cluster.namespace("ca-renew").await?;
+    let ns = ns.name();
+    let ttl = Duration::from_secs(20);
+    let mut operator = start_operator(&client, ns, ttl, None).await?;
+    let grpc = operator.grpc_addr;
+    let dir = scratch(ns)?;
+    let client_pod = workload(&client, ns, "productpage").await?;
+    let server_pod = workload(&client, ns, "reviews").await?;
+    let app = origin().await?;
+
+    let server_ca = ca_client(
+        &dir,
+        "reviews",
+        &operator,
+        ns,
+        &token(&client, ns, "reviews", "weft-ca", Some(&server_pod)).await?,
+    )?;
+    let server = proxy(
+        &dir,
+        "reviews",
+        &format!("services:\n  - name: reviews\n    ports: [{{number: 9080, endpoints: [{{address: \"{app}\"}}]}}]\n"),
+        server_ca,
+    )
+    .await?;
+    let reviews = SpiffeId::new("cluster.local", ns, "reviews")?;
+    let client_ca = ca_client(
+        &dir,
+        "productpage",
+        &operator,
+        ns,
+        &token(&client, ns, "productpage", "weft-ca", Some(&client_pod)).await?,
+    )?;
+    let client_proxy = proxy(
+        &dir,
+        "productpage",
+        &format!(
+            "services:\n  - name: reviews\n    ports: [{{number: 9080, endpoints: [{{address: \"{}\", identity: \"{reviews}\", workload: reviews}}]}}]\n",
+            server.explicit_addrs[0]
+        ),
+        client_ca,
+    )
+    .await?;
+
+    // Steady load: one request at a time, each on a new connection (so each is a handshake
+    // with whatever certificates are current), until told to stop.
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let load = {
+        let (ok, failed, stop, target) =
+            (ok.clone(), failed.clone(), stop.clone(), client_proxy.explicit_addrs[0]);
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                match weft_e2e::http::get(target, "reviews", "/").await {
+                    Ok((200, _)) => ok.fetch_add(1, Ordering::Relaxed),
+                    Ok((status, body)) => {
+                        eprintln!("failed: {status} {body}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                    Err(error) => {
+                        eprintln!("failed: {error}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+
+    // At least three renewals each (renewal is due every 8 to 10 s of a 20 s lifetime).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    while renewals(&server) < 4 || renewals(&client_proxy) < 4 {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "too few renewals: {} and {}",
+            renewals(&server),
+            renewals(&client_proxy)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The operator away for longer than a renewal interval: traffic goes on with the
+    // certificates the proxies hold; renewal succeeds once it is back.
+    operator.shutdown().await;
+    let before = (renewals(&server), renewals(&client_proxy));
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    ensure!(renewals(&server) == before.0, "no renewal while the operator is away");
+    operator = start_operator(&client, ns, ttl, Some(grpc)).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while renewals(&server) <= before.0 || renewals(&client_proxy) <= before.1 {
+        ensure!(tokio::time::Instant::now() < deadline, "no renewal after the operator returned");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.cancel();
+    load.await?;
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert_eq!(failed, 0, "{failed} of {} requests failed", ok + failed);
+    assert!(ok > 100, "only {ok} requests");
+    let errors = server.metrics.encode();
+    assert!(
+        errors.contains("weft_identity_reloads_total{result=\"error\"}"),
+        "renewal failures are counted:\n{errors}"
+    );
+    let metrics = weft_e2e::http::get(server.admin_addr, "admin", "/metrics").await?.1;
+    let principal = format!("spiffe://cluster.local/ns/{ns}/sa/productpage");
+    assert!(
+        metrics.lines().any(|l| l.starts_with("weft_requests_total{")
+            && l.contains("tls=\"true\"")
+            && l.contains(&principal)),
+        "the server proxy names the client's identity:\n{metrics}"
+    );
+    let (_, ready) = weft_e2e::http::get(server.admin_addr, "admin", "/ready").await?;
+    assert!(
+        ready.contains(&format!("identity: {reviews}")) && ready.contains("notAfterUnixSeconds: "),
+        "{ready}"
+    );
+
+    client_proxy.shutdown();
+    server.shutdown();
+    operator.shutdown().await;
+    Ok(())
+}
