@@ -161,7 +161,7 @@ async fn the_ca_issues_exactly_the_tokens_identity_and_refuses_everything_else()
     let other = refused("another identity", good.clone(), Some(admin)).await?;
     assert_eq!(other.code(), tonic::Code::InvalidArgument, "{other:?}");
     assert!(other.message().contains("/sa/admin"), "{other:?}");
-    // A token of a deleted pod dies with the pod.
+    // A token of a deleted pod dies with the pod (at once: the CA reads the pod back).
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     pods.delete("reviews-0", &DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() })
         .await?;
@@ -179,7 +179,8 @@ async fn the_ca_issues_exactly_the_tokens_identity_and_refuses_everything_else()
         ("refused", "no_token", 1),
         ("refused", "wrong_audience", 1),
         ("refused", "not_pod_bound", 1),
-        ("refused", "token_rejected", 2),
+        ("refused", "token_rejected", 1),
+        ("refused", "pod_gone", 1),
         ("refused", "identity_mismatch", 1),
     ] {
         let line = format!("weft_ca_requests_total{{result=\"{result}\",reason=\"{reason}\"}} {count}");
@@ -351,6 +352,83 @@ async fn proxies_renew_from_the_operator_under_load_without_a_failed_request() -
         "{ready}"
     );
 
+    client_proxy.shutdown();
+    server.shutdown();
+    operator.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_whose_certificate_expired_fails_closed_and_recovers_when_the_ca_returns() -> Result<()> {
+    let cluster = TestCluster::shared().await;
+    let client = cluster.client();
+    let ns = cluster.namespace("ca-expiry").await?;
+    let ns = ns.name();
+    let ttl = Duration::from_secs(10);
+    let operator = start_operator(&client, ns, ttl, None).await?;
+    let grpc = operator.grpc_addr;
+    let dir = scratch(ns)?;
+    let client_pod = workload(&client, ns, "productpage").await?;
+    let server_pod = workload(&client, ns, "reviews").await?;
+    let app = origin().await?;
+    let server_ca = ca_client(
+        &dir,
+        "reviews",
+        &operator,
+        ns,
+        &token(&client, ns, "reviews", "weft-ca", Some(&server_pod)).await?,
+    )?;
+    let server = proxy(
+        &dir,
+        "reviews",
+        &format!("services:\n  - name: reviews\n    ports: [{{number: 9080, endpoints: [{{address: \"{app}\"}}]}}]\n"),
+        server_ca,
+    )
+    .await?;
+    let reviews = SpiffeId::new("cluster.local", ns, "reviews")?;
+    let client_ca = ca_client(
+        &dir,
+        "productpage",
+        &operator,
+        ns,
+        &token(&client, ns, "productpage", "weft-ca", Some(&client_pod)).await?,
+    )?;
+    let client_proxy = proxy(
+        &dir,
+        "productpage",
+        &format!(
+            "services:\n  - name: reviews\n    ports: [{{number: 9080, endpoints: [{{address: \"{}\", identity: \"{reviews}\", workload: reviews}}]}}]\n",
+            server.explicit_addrs[0]
+        ),
+        client_ca,
+    )
+    .await?;
+    let target = client_proxy.explicit_addrs[0];
+    assert_eq!(weft_e2e::http::get(target, "reviews", "/").await?.0, 200);
+
+    // No CA: once the certificate expires the proxy presents none, reports not ready, and
+    // refuses the meshed endpoint rather than reach it in plain text.
+    operator.shutdown().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = weft_e2e::http::get(client_proxy.admin_addr, "admin", "/ready").await?;
+        if status == 503 {
+            assert!(body.contains("no identity"), "{body}");
+            break;
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "the certificate never expired");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, body) = weft_e2e::http::get(target, "reviews", "/").await?;
+    assert_eq!(status, 503, "fails closed: {body}");
+
+    // The CA back: a new certificate, and traffic flows again without a restart.
+    let operator = start_operator(&client, ns, ttl, Some(grpc)).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while weft_e2e::http::get(target, "reviews", "/").await?.0 != 200 {
+        ensure!(tokio::time::Instant::now() < deadline, "traffic never recovered");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     client_proxy.shutdown();
     server.shutdown();
     operator.shutdown().await;

@@ -62,11 +62,13 @@ pub enum Error {
     Unexpected { got: SpiffeId, expected: SpiffeId },
 }
 
-/// When to renew a certificate valid from `not_before` to `not_after`: at half its lifetime,
-/// less `jitter` (0..1) times a tenth of it.
-pub fn renew_at(not_before: SystemTime, not_after: SystemTime, jitter: f64) -> SystemTime {
-    let lifetime = not_after.duration_since(not_before).unwrap_or_default();
-    not_before + lifetime / 2 - lifetime.mul_f64(0.1 * jitter.clamp(0.0, 1.0))
+/// When to renew a certificate received at `received` and valid until `not_after`: at half the
+/// time it has left, less `jitter` (0..1) times a tenth of it. Measured from receipt, not from
+/// `notBefore`, which the CA backdates for clock skew (with a short lifetime, half of
+/// `notBefore..notAfter` could already be past).
+pub fn renew_at(received: SystemTime, not_after: SystemTime, jitter: f64) -> SystemTime {
+    let lifetime = not_after.duration_since(received).unwrap_or_default();
+    received + lifetime / 2 - lifetime.mul_f64(0.1 * jitter.clamp(0.0, 1.0))
 }
 
 /// The delay before retry `attempt` (0-based): doubling from `min` to `max`, never past
@@ -171,7 +173,7 @@ pub async fn run(
             match certify(&settings, &bundle).await {
                 Ok(creds) => match MeshTls::new(&creds, &bundle) {
                     Ok(tls) => {
-                        renew = renew_at(creds.not_before, creds.not_after, fastrand::f64());
+                        renew = renew_at(SystemTime::now(), creds.not_after, fastrand::f64());
                         attempt = 0;
                         tracing::info!(identity = %creds.id, not_after = unix(creds.not_after), renew_at = unix(renew), "certificate issued by the CA");
                         metrics.identity_expiry.set(unix(creds.not_after));

@@ -183,6 +183,7 @@ impl Endpoint {
         proto: Proto,
         opts: ConnectOpts,
     ) -> Result<Response<Incoming>, Error> {
+        self.check_identity(&opts)?;
         match proto {
             Proto::Http1 => self.send_h1(req, &opts).await,
             Proto::Http2 => self.send_h2(req, &opts).await,
@@ -290,6 +291,17 @@ impl Endpoint {
         Ok(sender)
     }
 
+    /// Refuses a meshed endpoint when this proxy should present a certificate and has none (not
+    /// issued yet, or expired) — before a pooled connection, made while it had one, is reused.
+    fn check_identity(&self, opts: &ConnectOpts) -> Result<(), Error> {
+        match (&self.peer.identity, &opts.mesh, opts.require_mesh) {
+            (Some(identity), None, true) => {
+                Err(Error::NoIdentity { addr: self.addr, identity: SpiffeId::clone(identity) })
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Whether connections to this endpoint are mesh tunnels: it runs a proxy and this proxy
     /// has an identity to present. A proxy with an identity source but no certificate refuses
     /// meshed endpoints (`Error::NoIdentity`); only a proxy without any identity source (tests,
@@ -300,9 +312,7 @@ impl Endpoint {
 
     /// A connection carrying `tunnel` traffic: a mesh tunnel when `is_tunneled`, else plain TCP.
     pub async fn connect(&self, opts: &ConnectOpts, tunnel: Tunnel) -> Result<UpstreamIo, Error> {
-        if let (Some(identity), None, true) = (&self.peer.identity, &opts.mesh, opts.require_mesh) {
-            return Err(Error::NoIdentity { addr: self.addr, identity: SpiffeId::clone(identity) });
-        }
+        self.check_identity(opts)?;
         let tcp = self.connect_tcp(opts.connect_timeout).await?;
         let (Some(identity), Some(mesh)) = (&self.peer.identity, &opts.mesh) else {
             return Ok(Either::Left(tcp));

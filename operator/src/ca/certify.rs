@@ -1,14 +1,18 @@
 //! The `Certificates` gRPC service: a proxy sends a certificate request with its projected
 //! ServiceAccount token; the token is checked with a TokenReview against the apiserver (the
-//! audience must be the CA's, and the token bound to a pod that still exists: the apiserver
-//! checks that for bound tokens), and the certificate names exactly the token's identity.
+//! audience must be the CA's, the token bound to a pod), the pod is read back to see it is still
+//! there and running (the apiserver caches a token's review for a few seconds, so a deleted
+//! pod's token could pass it), and the certificate names exactly the token's identity.
 //!
 //! What the review says is judged by a pure function ([`caller_of`]); refusals carry a reason,
 //! are counted in `weft_ca_requests_total{result, reason}`, and never log the token.
 
 use std::{sync::Arc, time::SystemTime};
 
-use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
+use k8s_openapi::api::{
+    authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus},
+    core::v1::Pod,
+};
 use kube::{Api, Client, api::PostParams};
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
@@ -18,14 +22,16 @@ use weft_proto::identity::v1::{self as pb, certificates_server::Certificates};
 use super::{Authority, CaConfig};
 use crate::metrics::Metrics;
 
-/// The extra field a bound token carries naming its pod.
+/// The extra fields a bound token carries naming its pod.
 const POD_NAME: &str = "authentication.kubernetes.io/pod-name";
+const POD_UID: &str = "authentication.kubernetes.io/pod-uid";
 
 /// Who a verified token belongs to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Caller {
     pub id: SpiffeId,
     pub pod: String,
+    pub pod_uid: String,
 }
 
 /// Why a request was refused. `reason` is the metric label.
@@ -45,6 +51,8 @@ pub enum Refusal {
     BadRequest(String),
     #[error("{0}")]
     IdentityMismatch(String),
+    #[error("the token's pod {0} is gone or no longer running")]
+    PodGone(String),
 }
 
 impl Refusal {
@@ -57,6 +65,7 @@ impl Refusal {
             Refusal::NotServiceAccount(_) => "not_service_account",
             Refusal::BadRequest(_) => "bad_request",
             Refusal::IdentityMismatch(_) => "identity_mismatch",
+            Refusal::PodGone(_) => "pod_gone",
         }
     }
 }
@@ -79,15 +88,19 @@ pub fn caller_of(status: &TokenReviewStatus, audience: &str, trust_domain: &str)
     let not_sa = || Refusal::NotServiceAccount(username.clone());
     let rest = username.strip_prefix("system:serviceaccount:").ok_or_else(not_sa)?;
     let (namespace, service_account) = rest.split_once(':').ok_or_else(not_sa)?;
-    let pod = user
-        .extra
-        .as_ref()
-        .and_then(|extra| extra.get(POD_NAME))
-        .and_then(|names| names.first())
-        .filter(|name| !name.is_empty())
-        .ok_or(Refusal::NotPodBound)?;
+    let extra = |key: &str| {
+        user.extra
+            .as_ref()
+            .and_then(|extra| extra.get(key))
+            .and_then(|values| values.first())
+            .filter(|value| !value.is_empty())
+            .cloned()
+    };
+    let (Some(pod), Some(pod_uid)) = (extra(POD_NAME), extra(POD_UID)) else {
+        return Err(Refusal::NotPodBound);
+    };
     let id = SpiffeId::new(trust_domain, namespace, service_account).map_err(|_| not_sa())?;
-    Ok(Caller { id, pod: pod.clone() })
+    Ok(Caller { id, pod, pod_uid })
 }
 
 /// The bearer token in `authorization` metadata.
@@ -128,6 +141,24 @@ impl CertifyService {
         }
     }
 
+    /// Whether the caller's pod still exists (same UID), is not being deleted and has not ended.
+    async fn pod_is_live(&self, caller: &Caller) -> Result<bool, Status> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), caller.id.namespace());
+        match pods.get_opt(&caller.pod).await {
+            Ok(pod) => Ok(pod.is_some_and(|p| {
+                let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+                p.metadata.uid.as_deref() == Some(caller.pod_uid.as_str())
+                    && p.metadata.deletion_timestamp.is_none()
+                    && !matches!(phase, Some("Succeeded" | "Failed"))
+            })),
+            Err(error) => {
+                self.metrics.record_ca_request("error", "pod_lookup_failed");
+                warn!(%error, pod = %caller.pod, "reading the caller's pod failed");
+                Err(Status::unavailable("the caller's pod could not be read; retry"))
+            }
+        }
+    }
+
     fn refuse(&self, refusal: Refusal) -> Status {
         self.metrics.record_ca_request("refused", refusal.reason());
         info!(reason = refusal.reason(), %refusal, "certificate request refused");
@@ -154,6 +185,9 @@ impl Certificates for CertifyService {
         let status = self.review(token).await?;
         let caller = caller_of(&status, &self.config.audience, &self.config.trust_domain)
             .map_err(|refusal| self.refuse(refusal))?;
+        if !self.pod_is_live(&caller).await? {
+            return Err(self.refuse(Refusal::PodGone(format!("{}/{}", caller.id.namespace(), caller.pod))));
+        }
         let csr = request.into_inner().csr;
         let now = SystemTime::now();
         let signed =
@@ -188,7 +222,12 @@ mod tests {
             audiences: Some(vec!["weft-ca".into()]),
             user: Some(UserInfo {
                 username: Some(username.into()),
-                extra: pod.map(|p| BTreeMap::from([(POD_NAME.to_owned(), vec![p.to_owned()])])),
+                extra: pod.map(|p| {
+                    BTreeMap::from([
+                        (POD_NAME.to_owned(), vec![p.to_owned()]),
+                        (POD_UID.to_owned(), vec!["uid-1".to_owned()]),
+                    ])
+                }),
                 ..UserInfo::default()
             }),
             ..TokenReviewStatus::default()
@@ -201,7 +240,7 @@ mod tests {
             caller_of(&reviewed("system:serviceaccount:shop:reviews", Some("reviews-1")), "weft-ca", "td")
                 .unwrap();
         assert_eq!(caller.id.to_string(), "spiffe://td/ns/shop/sa/reviews");
-        assert_eq!(caller.pod, "reviews-1");
+        assert_eq!((caller.pod.as_str(), caller.pod_uid.as_str()), ("reviews-1", "uid-1"));
     }
 
     #[test]

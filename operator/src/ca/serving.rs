@@ -68,9 +68,10 @@ impl ServingTls {
     }
 }
 
-/// When to re-issue a certificate valid from `not_before` to `not_after`: at half its life.
-pub fn renew_at(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
-    not_before + not_after.duration_since(not_before).unwrap_or_default() / 2
+/// When to re-issue a certificate issued at `issued` and valid until `not_after`: at half its
+/// life (from issue, not from the backdated `notBefore`).
+pub fn renew_at(issued: SystemTime, not_after: SystemTime) -> SystemTime {
+    issued + not_after.duration_since(issued).unwrap_or_default() / 2
 }
 
 /// Keeps the operator's certificate current until `stop`.
@@ -90,7 +91,7 @@ pub async fn keep_certificate(
                 Ok((tls, creds)) => {
                     serving.set(tls);
                     info!(identity = %creds.id, not_after = ?creds.not_after, "serving certificate issued");
-                    renew_at(creds.not_before, creds.not_after)
+                    renew_at(SystemTime::now(), creds.not_after)
                         .duration_since(SystemTime::now())
                         .unwrap_or_default()
                         .max(Duration::from_secs(1))
