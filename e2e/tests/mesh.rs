@@ -54,6 +54,12 @@ async fn weft_installs_and_meshes_apps_on_the_real_node() -> Result<()> {
     }
     let (status, body) = get(frontend, ADMIN_PORT, "/ready").await?;
     ensure!(status == 200, "the frontend's proxy /ready answered {status}: {body}");
+    // Its identity came from the mesh CA: nobody wrote a certificate file.
+    let frontend_id = format!("spiffe://cluster.local/ns/{}/sa/frontend", meshed.name());
+    ensure!(
+        body.contains(&format!("identity: {frontend_id}")),
+        "the frontend's proxy has no identity from the CA: {body}"
+    );
 
     step("a request from one demo pod to another's Service crosses both proxies");
     let reviews: Vec<&Pod> = pods.iter().filter(|p| app_of(p) == "reviews").collect();
@@ -71,6 +77,23 @@ async fn weft_installs_and_meshes_apps_on_the_real_node() -> Result<()> {
         "the reviews Service spread over its versions: {:?}",
         report.versions
     );
+    // Between the proxies it was mTLS: each reviews proxy that served some names the
+    // frontend's identity, over TLS.
+    let mut mtls = 0.0;
+    for pod in &reviews {
+        let (_, metrics) = get(pod, ADMIN_PORT, "/metrics").await?;
+        mtls += metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("weft_requests_total{")
+                    && l.contains("direction=\"inbound\"")
+                    && l.contains("tls=\"true\"")
+                    && l.contains(&frontend_id)
+            })
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    ensure!(mtls >= 30.0, "the reviews proxies counted {mtls} mTLS requests from {frontend_id}, expected 30");
     // The route came from the operator, over its Service's DNS name: the frontend's proxy
     // holds the reviews Service with its three pods as endpoints.
     let (_, config) = get(frontend, ADMIN_PORT, "/config").await?;
@@ -162,7 +185,9 @@ async fn leftovers(client: &Client) -> Result<Vec<String>> {
         ("", "v1", "Pod", &[]),
         ("", "v1", "Service", &[]),
         ("", "v1", "ConfigMap", &["kube-root-ca.crt"]),
-        ("", "v1", "Secret", &[]),
+        // The mesh CA stays (as Istio's istio-ca-secret does): a reinstall keeps the root
+        // that running proxies trust, and a plug-in CA is the user's own.
+        ("", "v1", "Secret", &["weft-ca"]),
         ("", "v1", "ServiceAccount", &["default"]),
         ("coordination.k8s.io", "v1", "Lease", &[]),
         ("rbac.authorization.k8s.io", "v1", "Role", &[]),

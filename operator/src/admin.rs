@@ -1,5 +1,6 @@
 //! The admin server: `/live` (the process runs), `/ready` (config is being served: every kind
-//! has listed once), `/metrics` (Prometheus text).
+//! has listed once, and the CA is loaded, so the gRPC port has its certificate), `/metrics`
+//! (Prometheus text).
 
 use std::sync::Arc;
 
@@ -13,27 +14,34 @@ use axum::{
 use tokio::{net::TcpListener, sync::watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::{controllers::Snapshot, metrics::Metrics};
+use crate::{ca::Authority, controllers::Snapshot, metrics::Metrics};
 
 #[derive(Clone, Debug)]
 struct AdminState {
     snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
+    authority: Arc<Authority>,
     metrics: Arc<Metrics>,
 }
 
-pub fn router(snapshots: watch::Receiver<Option<Arc<Snapshot>>>, metrics: Arc<Metrics>) -> Router {
+pub fn router(
+    snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
+    authority: Arc<Authority>,
+    metrics: Arc<Metrics>,
+) -> Router {
     Router::new()
         .route("/live", get(|| async { "ok\n" }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics_text))
-        .with_state(AdminState { snapshots, metrics })
+        .with_state(AdminState { snapshots, authority, metrics })
 }
 
 async fn ready(State(state): State<AdminState>) -> Response {
-    if state.snapshots.borrow().is_some() {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
+    if state.snapshots.borrow().is_none() {
         (StatusCode::SERVICE_UNAVAILABLE, "not synced yet\n").into_response()
+    } else if state.authority.current().is_none() {
+        (StatusCode::SERVICE_UNAVAILABLE, "the CA is not loaded yet\n").into_response()
+    } else {
+        (StatusCode::OK, "ready\n").into_response()
     }
 }
 
@@ -60,10 +68,11 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn ready_only_once_a_snapshot_is_served_and_metrics_are_text() {
+    async fn ready_only_once_a_snapshot_is_served_and_the_ca_loaded_and_metrics_are_text() {
         let (publish, snapshots) = watch::channel(None);
         let metrics = Arc::new(Metrics::default());
-        let app = router(snapshots, metrics.clone());
+        let authority = Arc::new(Authority::default());
+        let app = router(snapshots, authority.clone(), metrics.clone());
         assert_eq!(get(app.clone(), "/live").await.0, StatusCode::OK);
         assert_eq!(get(app.clone(), "/ready").await.0, StatusCode::SERVICE_UNAVAILABLE);
         publish.send_replace(Some(Arc::new(Snapshot {
@@ -72,6 +81,13 @@ mod tests {
             cluster_domain: "cluster.local".into(),
             changed_at: tokio::time::Instant::now(),
         })));
+        assert_eq!(
+            get(app.clone(), "/ready").await,
+            (StatusCode::SERVICE_UNAVAILABLE, "the CA is not loaded yet\n".into())
+        );
+        let config = crate::ca::CaConfig::new("mesh", "cluster.local");
+        let secret = crate::ca::authority::new_root_secret(&config, std::time::SystemTime::now()).unwrap();
+        authority.set(crate::ca::authority::signer_from("weft-ca", &secret.data.unwrap(), "1").unwrap());
         assert_eq!(get(app.clone(), "/ready").await.0, StatusCode::OK);
         metrics.record_error("watch");
         let (status, text) = get(app, "/metrics").await;

@@ -225,7 +225,7 @@ pub async fn start(client: Client, config: Config) -> Result<Handle, Error> {
             error!(%error, "gRPC server stopped");
         }
     });
-    let router = admin::router(snapshots.clone(), metrics.clone());
+    let router = admin::router(snapshots.clone(), authority.clone(), metrics.clone());
     let admin_stop = stop.clone();
     tasks.spawn(async move {
         if let Err(error) = admin::serve(admin_listener, router, admin_stop).await {

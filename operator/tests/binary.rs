@@ -153,7 +153,8 @@ async fn a_killed_operator_leaves_proxies_serving_and_the_next_one_resyncs_them(
 
     let (grpc, admin) = (free_port()?, free_port()?);
     let scope = ["--watch-namespace", ns.name()];
-    let mut first = start(cluster, grpc, admin, &[], &scope).await?;
+    let env = [("POD_NAMESPACE", ns.name())];
+    let mut first = start(cluster, grpc, admin, &env, &scope).await?;
     let mut settings = weft_proxy::Settings::loopback("/nonexistent".into());
     let mut cp = weft_proxy::config::control_plane::ControlPlane::new(
         grpc.to_string(),
@@ -188,7 +189,7 @@ async fn a_killed_operator_leaves_proxies_serving_and_the_next_one_resyncs_them(
     vss.patch("reviews", &PatchParams::default(), &Patch::Merge(answer("two"))).await?;
     // Nothing installs while no operator runs, so this count is stable until the next one.
     let before = proxy.store.status().attempts;
-    let mut second = start(cluster, grpc, admin, &[], &scope).await?;
+    let mut second = start(cluster, grpc, admin, &env, &scope).await?;
     tokio::time::timeout(DEADLINE, status.wait_for(|s| s.attempts > before)).await??;
     assert_eq!(ask(listener).await?, "two");
     proxy.shutdown();
