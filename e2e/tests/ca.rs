@@ -224,6 +224,93 @@ async fn proxy(dir: &Path, name: &str, config: &str, ca: CaClient) -> Result<wef
     Ok(proxy)
 }
 
+/// Two proxies like the sidecars of `productpage` (client) and `reviews` (server), both with
+/// certificates from `operator` for ServiceAccounts of their own.
+struct Pair {
+    server: weft_proxy::Handle,
+    client: weft_proxy::Handle,
+}
+
+impl Pair {
+    async fn start(client: &Client, ns: &str, operator: &weft_operator::Handle, dir: &Path) -> Result<Pair> {
+        let client_pod = workload(client, ns, "productpage").await?;
+        let server_pod = workload(client, ns, "reviews").await?;
+        let app = origin().await?;
+        let server_token = token(client, ns, "reviews", "weft-ca", Some(&server_pod)).await?;
+        let server = proxy(
+            dir,
+            "reviews",
+            &format!("services:\n  - name: reviews\n    ports: [{{number: 9080, endpoints: [{{address: \"{app}\"}}]}}]\n"),
+            ca_client(dir, "reviews", operator, ns, &server_token)?,
+        )
+        .await?;
+        let reviews = SpiffeId::new("cluster.local", ns, "reviews")?;
+        let client_token = token(client, ns, "productpage", "weft-ca", Some(&client_pod)).await?;
+        let client_proxy = proxy(
+            dir,
+            "productpage",
+            &format!(
+                "services:\n  - name: reviews\n    ports: [{{number: 9080, endpoints: [{{address: \"{}\", identity: \"{reviews}\", workload: reviews}}]}}]\n",
+                server.explicit_addrs[0]
+            ),
+            ca_client(dir, "productpage", operator, ns, &client_token)?,
+        )
+        .await?;
+        Ok(Pair { server, client: client_proxy })
+    }
+
+    fn target(&self) -> std::net::SocketAddr {
+        self.client.explicit_addrs[0]
+    }
+
+    fn shutdown(&self) {
+        self.client.shutdown();
+        self.server.shutdown();
+    }
+}
+
+/// Steady load through the pair: one request at a time, each on a new connection (so each is a
+/// handshake with whatever certificates and bundle are current), until stopped.
+struct Load {
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Load {
+    fn start(target: std::net::SocketAddr) -> Load {
+        let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = {
+            let (ok, failed, stop) = (ok.clone(), failed.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.is_cancelled() {
+                    match weft_e2e::http::get(target, "reviews", "/").await {
+                        Ok((200, _)) => ok.fetch_add(1, Ordering::Relaxed),
+                        outcome => {
+                            eprintln!("failed: {outcome:?}");
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+        };
+        Load { ok, failed, stop, task }
+    }
+
+    /// Stops and checks that every request succeeded (and that there were some).
+    async fn finish(self) -> Result<()> {
+        self.stop.cancel();
+        self.task.await?;
+        let (ok, failed) = (self.ok.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed));
+        ensure!(failed == 0, "{failed} of {} requests failed", ok + failed);
+        ensure!(ok > 100, "only {ok} requests");
+        Ok(())
+    }
+}
+
 fn renewals(proxy: &weft_proxy::Handle) -> u64 {
     let text = proxy.metrics.encode();
     text.lines()
@@ -242,76 +329,19 @@ async fn proxies_renew_from_the_operator_under_load_without_a_failed_request() -
     let mut operator = start_operator(&client, ns, ttl, None).await?;
     let grpc = operator.grpc_addr;
     let dir = scratch(ns)?;
-    let client_pod = workload(&client, ns, "productpage").await?;
-    let server_pod = workload(&client, ns, "reviews").await?;
-    let app = origin().await?;
-
-    let server_ca = ca_client(
-        &dir,
-        "reviews",
-        &operator,
-        ns,
-        &token(&client, ns, "reviews", "weft-ca", Some(&server_pod)).await?,
-    )?;
-    let server = proxy(
-        &dir,
-        "reviews",
-        &format!("services:\n  - name: reviews\n    ports: [{{number: 9080, endpoints: [{{address: \"{app}\"}}]}}]\n"),
-        server_ca,
-    )
-    .await?;
+    let pair = Pair::start(&client, ns, &operator, &dir).await?;
+    let (server, client_proxy) = (&pair.server, &pair.client);
     let reviews = SpiffeId::new("cluster.local", ns, "reviews")?;
-    let client_ca = ca_client(
-        &dir,
-        "productpage",
-        &operator,
-        ns,
-        &token(&client, ns, "productpage", "weft-ca", Some(&client_pod)).await?,
-    )?;
-    let client_proxy = proxy(
-        &dir,
-        "productpage",
-        &format!(
-            "services:\n  - name: reviews\n    ports: [{{number: 9080, endpoints: [{{address: \"{}\", identity: \"{reviews}\", workload: reviews}}]}}]\n",
-            server.explicit_addrs[0]
-        ),
-        client_ca,
-    )
-    .await?;
-
-    // Steady load: one request at a time, each on a new connection (so each is a handshake
-    // with whatever certificates are current), until told to stop.
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let stop = tokio_util::sync::CancellationToken::new();
-    let load = {
-        let (ok, failed, stop, target) =
-            (ok.clone(), failed.clone(), stop.clone(), client_proxy.explicit_addrs[0]);
-        tokio::spawn(async move {
-            while !stop.is_cancelled() {
-                match weft_e2e::http::get(target, "reviews", "/").await {
-                    Ok((200, _)) => ok.fetch_add(1, Ordering::Relaxed),
-                    Ok((status, body)) => {
-                        eprintln!("failed: {status} {body}");
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                    Err(error) => {
-                        eprintln!("failed: {error}");
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-    };
+    let load = Load::start(pair.target());
 
     // At least three renewals each (renewal is due every 8 to 10 s of a 20 s lifetime).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-    while renewals(&server) < 4 || renewals(&client_proxy) < 4 {
+    while renewals(server) < 4 || renewals(client_proxy) < 4 {
         ensure!(
             tokio::time::Instant::now() < deadline,
             "too few renewals: {} and {}",
-            renewals(&server),
-            renewals(&client_proxy)
+            renewals(server),
+            renewals(client_proxy)
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -319,20 +349,16 @@ async fn proxies_renew_from_the_operator_under_load_without_a_failed_request() -
     // The operator away for longer than a renewal interval: traffic goes on with the
     // certificates the proxies hold; renewal succeeds once it is back.
     operator.shutdown().await;
-    let before = (renewals(&server), renewals(&client_proxy));
+    let before = (renewals(server), renewals(client_proxy));
     tokio::time::sleep(Duration::from_secs(11)).await;
-    ensure!(renewals(&server) == before.0, "no renewal while the operator is away");
+    ensure!(renewals(server) == before.0, "no renewal while the operator is away");
     operator = start_operator(&client, ns, ttl, Some(grpc)).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while renewals(&server) <= before.0 || renewals(&client_proxy) <= before.1 {
+    while renewals(server) <= before.0 || renewals(client_proxy) <= before.1 {
         ensure!(tokio::time::Instant::now() < deadline, "no renewal after the operator returned");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    stop.cancel();
-    load.await?;
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-    assert_eq!(failed, 0, "{failed} of {} requests failed", ok + failed);
-    assert!(ok > 100, "only {ok} requests");
+    load.finish().await?;
     let errors = server.metrics.encode();
     assert!(
         errors.contains("weft_identity_reloads_total{result=\"error\"}"),
@@ -352,8 +378,7 @@ async fn proxies_renew_from_the_operator_under_load_without_a_failed_request() -
         "{ready}"
     );
 
-    client_proxy.shutdown();
-    server.shutdown();
+    pair.shutdown();
     operator.shutdown().await;
     Ok(())
 }
@@ -368,42 +393,9 @@ async fn a_proxy_whose_certificate_expired_fails_closed_and_recovers_when_the_ca
     let operator = start_operator(&client, ns, ttl, None).await?;
     let grpc = operator.grpc_addr;
     let dir = scratch(ns)?;
-    let client_pod = workload(&client, ns, "productpage").await?;
-    let server_pod = workload(&client, ns, "reviews").await?;
-    let app = origin().await?;
-    let server_ca = ca_client(
-        &dir,
-        "reviews",
-        &operator,
-        ns,
-        &token(&client, ns, "reviews", "weft-ca", Some(&server_pod)).await?,
-    )?;
-    let server = proxy(
-        &dir,
-        "reviews",
-        &format!("services:\n  - name: reviews\n    ports: [{{number: 9080, endpoints: [{{address: \"{app}\"}}]}}]\n"),
-        server_ca,
-    )
-    .await?;
-    let reviews = SpiffeId::new("cluster.local", ns, "reviews")?;
-    let client_ca = ca_client(
-        &dir,
-        "productpage",
-        &operator,
-        ns,
-        &token(&client, ns, "productpage", "weft-ca", Some(&client_pod)).await?,
-    )?;
-    let client_proxy = proxy(
-        &dir,
-        "productpage",
-        &format!(
-            "services:\n  - name: reviews\n    ports: [{{number: 9080, endpoints: [{{address: \"{}\", identity: \"{reviews}\", workload: reviews}}]}}]\n",
-            server.explicit_addrs[0]
-        ),
-        client_ca,
-    )
-    .await?;
-    let target = client_proxy.explicit_addrs[0];
+    let pair = Pair::start(&client, ns, &operator, &dir).await?;
+    let client_proxy = &pair.client;
+    let target = pair.target();
     assert_eq!(weft_e2e::http::get(target, "reviews", "/").await?.0, 200);
 
     // No CA: once the certificate expires the proxy presents none, reports not ready, and
@@ -429,8 +421,89 @@ async fn a_proxy_whose_certificate_expired_fails_closed_and_recovers_when_the_ca
         ensure!(tokio::time::Instant::now() < deadline, "traffic never recovered");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    client_proxy.shutdown();
-    server.shutdown();
+    pair.shutdown();
+    operator.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_root_rotates_under_load_without_a_failed_request() -> Result<()> {
+    use kube::api::{Patch, PatchParams};
+    use weft_operator::ca::rotation::PHASE;
+
+    let cluster = TestCluster::shared().await;
+    let client = cluster.client();
+    let ns = cluster.namespace("ca-rotate").await?;
+    let ns = ns.name();
+    let mut config = Config::for_tests(ns);
+    config.watch_namespace = Some(ns.to_owned());
+    config.ca.workload_ttl = Duration::from_secs(20);
+    config.ca.reload_every = Duration::from_secs(1);
+    config.ca.rotation_propagation = Duration::from_secs(3);
+    let operator = weft_operator::start(client.clone(), config).await?;
+    tokio::time::timeout(DEADLINE, operator.ready()).await.context("the operator never became ready")?;
+    let dir = scratch(ns)?;
+    let pair = Pair::start(&client, ns, &operator, &dir).await?;
+    let old_bundle = operator.authority.current().context("no CA")?.bundle_pem.clone();
+
+    // The kubelet's part: the mounted bundle follows what the CA publishes.
+    let mirror_stop = tokio_util::sync::CancellationToken::new();
+    let mirror = {
+        let (authority, stop, file) = (operator.authority.clone(), mirror_stop.clone(), dir.join("ca.crt"));
+        tokio::spawn(async move {
+            let mut changes = authority.changes();
+            while !stop.is_cancelled() {
+                if let Some(signer) = authority.current() {
+                    let _ = std::fs::write(file.with_extension("tmp"), &signer.bundle_pem);
+                    let _ = std::fs::rename(file.with_extension("tmp"), &file);
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = changes.changed() => {}
+                }
+            }
+        })
+    };
+    let load = Load::start(pair.target());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // The documented command: annotate the CA Secret.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), ns);
+    let request = serde_json::json!({"metadata": {"annotations": {PHASE: "requested"}}});
+    secrets.patch("weft-ca", &PatchParams::default(), &Patch::Merge(&request)).await?;
+    let mut phases = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let secret = secrets.get("weft-ca").await?;
+        let phase = secret.metadata.annotations.and_then(|a| a.get(PHASE).cloned()).unwrap_or_default();
+        if phases.last() != Some(&phase) {
+            eprintln!("rotation phase: {phase}");
+            phases.push(phase.clone());
+        }
+        if phase == "done" {
+            break;
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "the rotation did not finish: {phases:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    ensure!(phases.iter().any(|p| p == "switched"), "phases seen: {phases:?}");
+    // Once the old root is gone, every new handshake proves both proxies hold new-root
+    // certificates: keep the load on a little longer.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let new_bundle = loop {
+        let bundle = operator.authority.current().context("no CA")?.bundle_pem.clone();
+        if TrustBundle::from_pem(bundle.as_bytes())?.roots.len() == 1 {
+            break bundle;
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "the operator never reloaded the retired bundle");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    ensure!(new_bundle.trim() != old_bundle.trim(), "the root did not change");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    load.finish().await?;
+    mirror_stop.cancel();
+    mirror.await?;
+    pair.shutdown();
     operator.shutdown().await;
     Ok(())
 }

@@ -61,9 +61,20 @@ async fn weft_installs_and_meshes_apps_on_the_real_node() -> Result<()> {
         "the frontend's proxy has no identity from the CA: {body}"
     );
 
-    step("a request from one demo pod to another's Service crosses both proxies");
+    step("a request from one demo pod to another's Service crosses both proxies, over mTLS");
     let reviews: Vec<&Pod> = pods.iter().filter(|p| app_of(p) == "reviews").collect();
     let reviews_url = format!("http://reviews.{}.svc.cluster.local/", meshed.name());
+    // The frontend's proxy learns of the Service on the first connection to it (lazy
+    // subscription; that connection passes through as it was dialed): warm it up, then wait
+    // until its config holds the Service.
+    call(frontend, &reviews_url, 1, 1).await?;
+    let reviews_fqdn = format!("reviews.{}.svc.cluster.local", meshed.name());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !get(frontend, ADMIN_PORT, "/config").await?.1.contains(&reviews_fqdn) {
+        ensure!(Instant::now() < deadline, "the frontend's proxy never got the reviews Service");
+        tokio::time::sleep(POLL).await;
+    }
+    let before_mtls = mtls_requests(&reviews, &frontend_id).await?;
     let before_out = requests_total(frontend, "outbound").await?;
     let before_in = sum_requests(&reviews, "inbound").await?;
     let report = call(frontend, &reviews_url, 30, 3).await?;
@@ -77,22 +88,8 @@ async fn weft_installs_and_meshes_apps_on_the_real_node() -> Result<()> {
         "the reviews Service spread over its versions: {:?}",
         report.versions
     );
-    // Between the proxies it was mTLS: each reviews proxy that served some names the
-    // frontend's identity, over TLS.
-    let mut mtls = 0.0;
-    for pod in &reviews {
-        let (_, metrics) = get(pod, ADMIN_PORT, "/metrics").await?;
-        mtls += metrics
-            .lines()
-            .filter(|l| {
-                l.starts_with("weft_requests_total{")
-                    && l.contains("direction=\"inbound\"")
-                    && l.contains("tls=\"true\"")
-                    && l.contains(&frontend_id)
-            })
-            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-            .sum::<f64>();
-    }
+    // Between the proxies it was mTLS: the reviews proxies name the frontend's identity, over TLS.
+    let mtls = mtls_requests(&reviews, &frontend_id).await? - before_mtls;
     ensure!(mtls >= 30.0, "the reviews proxies counted {mtls} mTLS requests from {frontend_id}, expected 30");
     // The route came from the operator, over its Service's DNS name: the frontend's proxy
     // holds the reviews Service with its three pods as endpoints.
@@ -136,6 +133,25 @@ fn only<'a>(pods: &'a [Pod], app: &str) -> Result<&'a Pod> {
     let pod = matching.next().with_context(|| format!("no pod of app {app}"))?;
     ensure!(matching.next().is_none(), "more than one pod of app {app}");
     Ok(pod)
+}
+
+/// Inbound requests the pods' proxies counted over mTLS from `principal`.
+async fn mtls_requests(pods: &[&Pod], principal: &str) -> Result<f64> {
+    let mut total = 0.0;
+    for pod in pods {
+        let (_, metrics) = get(pod, ADMIN_PORT, "/metrics").await?;
+        total += metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("weft_requests_total{")
+                    && l.contains("direction=\"inbound\"")
+                    && l.contains("tls=\"true\"")
+                    && l.contains(&format!("source_principal=\"{principal}\""))
+            })
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    Ok(total)
 }
 
 async fn sum_requests(pods: &[&Pod], direction: &str) -> Result<f64> {

@@ -102,6 +102,10 @@ struct Args {
     /// (empty: none is kept).
     #[arg(long, default_value = "weft-trust-bundle", value_name = "NAME")]
     trust_bundle_configmap: String,
+    /// During a root rotation, how long after the new root reaches every bundle ConfigMap
+    /// signing switches to it (the kubelet refreshes mounted ConfigMaps within about a minute).
+    #[arg(long, default_value = "3m", value_parser = parse_duration, value_name = "DURATION")]
+    root_rotation_propagation: Duration,
     /// The operator's Service: its certificate names <service>.<namespace>.svc.
     #[arg(long, default_value = "weft-operator", value_name = "NAME")]
     service: String,
@@ -137,6 +141,7 @@ impl Args {
             ca_secret,
             workload_cert_ttl,
             trust_bundle_configmap,
+            root_rotation_propagation,
             service,
             service_account,
             log_format: _,
@@ -155,6 +160,7 @@ impl Args {
             workload_ttl: workload_cert_ttl,
             service,
             service_account,
+            rotation_propagation: root_rotation_propagation,
             bundle: (!trust_bundle_configmap.is_empty())
                 .then_some(BundleConfig { name: trust_bundle_configmap }),
             ..CaConfig::new(&namespace, &trust_domain)

@@ -202,6 +202,13 @@ pub async fn start(client: Client, config: Config) -> Result<Handle, Error> {
             stop.clone(),
         ));
     }
+    tasks.spawn(ca::rotation::run(
+        client.clone(),
+        config.ca.clone(),
+        leader.clone(),
+        metrics.clone(),
+        stop.clone(),
+    ));
     let serving = Arc::new(ServingTls::default());
     tasks.spawn(ca::serving::keep_certificate(
         config.ca.clone(),

@@ -35,6 +35,13 @@ pub(crate) enum Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The mesh CA: 200 proxies asking for their certificate at once through the real
+    /// TokenReview, several rounds; time to a certificate, the operator's CPU and RSS.
+    Ca {
+        /// Passed to the benchmark (`--proxies N`, `--rounds N`, `--out FILE`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 /// Commands the proxy benchmark runs, and the Debian package that provides each.
@@ -53,6 +60,7 @@ pub(crate) fn run(bench: Bench) -> Result<()> {
     match bench {
         Bench::Admission { args } => cluster::with_cluster(|| cargo_run("admission", &args)),
         Bench::Operator { args } => cluster::with_cluster(|| cargo_run("operator-scale", &args)),
+        Bench::Ca { args } => cluster::with_cluster(|| cargo_run("ca", &args)),
         Bench::Proxy { args } => {
             crate::packages::ensure("bench", &PROXY_TOOLS)?;
             let oha = install_oha()?;

@@ -8,10 +8,12 @@
 //! - [`serving`]: TLS on port 15012: the operator's own certificate from the same CA, and the
 //!   caller's identity (when it presents a certificate) handed to each RPC.
 //! - [`bundle`]: the `weft-trust-bundle` ConfigMap in every namespace labelled for injection.
+//! - [`rotation`]: root rotation in phases, started by an annotation on the CA Secret.
 
 pub mod authority;
 pub mod bundle;
 pub mod certify;
+pub mod rotation;
 pub mod serving;
 
 use std::time::Duration;
@@ -44,6 +46,9 @@ pub struct CaConfig {
     pub reload_every: Duration,
     /// Keep the trust bundle ConfigMap in injected namespaces (off in tests that share a cluster).
     pub bundle: Option<bundle::BundleConfig>,
+    /// During a root rotation, how long after the new root reaches the bundle ConfigMaps
+    /// signing switches to it: the kubelet refreshes mounted ConfigMaps within about a minute.
+    pub rotation_propagation: Duration,
 }
 
 impl CaConfig {
@@ -60,6 +65,7 @@ impl CaConfig {
             service_account: "weft-operator".to_owned(),
             reload_every: Duration::from_secs(5),
             bundle: None,
+            rotation_propagation: Duration::from_secs(180),
         }
     }
 
