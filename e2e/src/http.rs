@@ -1,6 +1,6 @@
 //! A minimal HTTP/1.1 client for admin endpoints and test origins: one `GET` per connection,
 //! bounded in time, so a server that accepts and never answers fails the caller instead of
-//! hanging it.
+//! hanging it. And the smallest origin: a server answering every request with one body.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -40,4 +40,26 @@ pub async fn get(addr: SocketAddr, host: &str, path: &str) -> Result<(u16, Strin
     })?;
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     Ok((status, body))
+}
+
+/// A server on loopback that answers every request (keep-alive) with 200 and `body`; runs until
+/// the runtime ends. Tests and the demo put it behind proxies.
+pub async fn serve_ok(body: &'static str) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let reply = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let reply = reply.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {
+                    if stream.write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Ok(addr)
 }

@@ -21,7 +21,6 @@ use kube::{
     Api, Client,
     api::{DeleteParams, PostParams},
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weft_e2e::TestCluster;
 use weft_identity::{SpiffeId, TrustBundle};
 use weft_operator::Config;
@@ -190,25 +189,6 @@ async fn the_ca_issues_exactly_the_tokens_identity_and_refuses_everything_else()
     Ok(())
 }
 
-/// An app that answers every request on a connection with a short 200.
-async fn origin() -> Result<std::net::SocketAddr> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {
-                    if stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n").await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    Ok(addr)
-}
-
 async fn proxy(dir: &Path, name: &str, config: &str, ca: CaClient) -> Result<weft_proxy::Handle> {
     let path = dir.join(format!("{name}.yaml"));
     std::fs::write(&path, config)?;
@@ -235,7 +215,7 @@ impl Pair {
     async fn start(client: &Client, ns: &str, operator: &weft_operator::Handle, dir: &Path) -> Result<Pair> {
         let client_pod = workload(client, ns, "productpage").await?;
         let server_pod = workload(client, ns, "reviews").await?;
-        let app = origin().await?;
+        let app = weft_e2e::http::serve_ok("ok\n").await?;
         let server_token = token(client, ns, "reviews", "weft-ca", Some(&server_pod)).await?;
         let server = proxy(
             dir,
@@ -501,6 +481,10 @@ async fn the_root_rotates_under_load_without_a_failed_request() -> Result<()> {
     ensure!(new_bundle.trim() != old_bundle.trim(), "the root did not change");
     tokio::time::sleep(Duration::from_secs(3)).await;
     load.finish().await?;
+    for proxy in [&pair.server, &pair.client] {
+        let (_, ready) = weft_e2e::http::get(proxy.admin_addr, "admin", "/ready").await?;
+        ensure!(ready.contains("trustBundleRoots: 1"), "the old root is still trusted: {ready}");
+    }
     mirror_stop.cancel();
     mirror.await?;
     pair.shutdown();

@@ -73,10 +73,12 @@ fn handle<B>(
                 match shared.identity.current() {
                     Some(tls) => {
                         let expiry = tls.not_after.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-                        text(
-                            StatusCode::OK,
-                            format!("ready\nidentity: {}\nnotAfterUnixSeconds: {expiry}\n", tls.id),
-                        )
+                        let roots = tls.bundle.roots.len();
+                        let body = format!(
+                            "ready\nidentity: {}\nnotAfterUnixSeconds: {expiry}\ntrustBundleRoots: {roots}\n",
+                            tls.id
+                        );
+                        text(StatusCode::OK, body)
                     }
                     None => text(StatusCode::OK, "ready\n"),
                 }

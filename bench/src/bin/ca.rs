@@ -51,7 +51,8 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    if let (Some(grpc), Some(admin), Some(ns)) = (args.serve, args.serve_admin, args.serve_namespace.clone()) {
+    if let (Some(grpc), Some(admin), Some(ns)) = (args.serve, args.serve_admin, args.serve_namespace.clone())
+    {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         return runtime.block_on(serve(grpc, admin, ns));
     }
@@ -92,7 +93,11 @@ async fn bench(args: Args) -> Result<()> {
             let (sas, pods) = (sas.clone(), pods.clone());
             async move {
                 let sa = format!("proxy-{i}");
-                sas.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": sa}}))?).await?;
+                sas.create(
+                    &PostParams::default(),
+                    &serde_json::from_value(json!({"metadata": {"name": sa}}))?,
+                )
+                .await?;
                 let pod: Pod = serde_json::from_value(json!({
                     "metadata": {"name": format!("{sa}-0")},
                     "spec": {"serviceAccountName": sa, "automountServiceAccountToken": false,
@@ -122,7 +127,11 @@ async fn bench(args: Args) -> Result<()> {
         .await
         .into_iter()
         .collect::<Result<_>>()?;
-    eprintln!("{} service accounts, pods and tokens in {:.1}s", args.proxies, started.elapsed().as_secs_f64());
+    eprintln!(
+        "{} service accounts, pods and tokens in {:.1}s",
+        args.proxies,
+        started.elapsed().as_secs_f64()
+    );
 
     // The operator, in a process of its own.
     let (grpc, admin) = (free_port()?, free_port()?);
@@ -170,7 +179,9 @@ async fn bench(args: Args) -> Result<()> {
     let hz = procfs::clk_tck();
     let rss0 = procfs::status_kib(&[pid], "VmRSS:");
     let mut cpu = procfs::cpu_ticks(&[pid]);
-    println!("| round | certificates | failed | p50 ms | p90 ms | p99 ms | max ms | wall s | operator CPU s | operator RSS MiB |");
+    println!(
+        "| round | certificates | failed | p50 ms | p90 ms | p99 ms | max ms | wall s | operator CPU s | operator RSS MiB |"
+    );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut rounds = Vec::new();
     for round in 1..=args.rounds {
@@ -212,7 +223,9 @@ async fn bench(args: Args) -> Result<()> {
     }
     std::fs::write(
         &args.out,
-        serde_json::to_string_pretty(&json!({"proxies": args.proxies, "rss_before_mib": rss0 as f64 / 1024.0, "rounds": rounds}))?,
+        serde_json::to_string_pretty(
+            &json!({"proxies": args.proxies, "rss_before_mib": rss0 as f64 / 1024.0, "rounds": rounds}),
+        )?,
     )?;
     child.kill().await?;
     Ok(())

@@ -183,6 +183,24 @@ pub fn apply(secret: &mut Secret, step: Step, config: &CaConfig, now: u64) -> Re
     Ok(())
 }
 
+/// A CA the user brought: intermediates, or roots other than the signing certificate.
+pub fn is_plug_in(secret: &Secret) -> bool {
+    let roots = text(secret, ROOTS);
+    !text(secret, super::authority::CHAIN).trim().is_empty()
+        || (!roots.trim().is_empty()
+            && roots.trim() != text(secret, CERT).trim()
+            && !secret_is_rotating(secret))
+}
+
+fn secret_is_rotating(secret: &Secret) -> bool {
+    secret
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(PHASE))
+        .is_some_and(|p| p != "requested" && p != "done" && p != "refused")
+}
+
 /// Whether every injected namespace's bundle ConfigMap holds `root_pem` (trivially true when
 /// the operator keeps none).
 async fn bundles_hold(client: &Client, config: &CaConfig, root_pem: &str) -> Result<bool, Error> {
@@ -250,6 +268,16 @@ async fn step_once(client: &Client, secrets: &Api<Secret>, config: &CaConfig) ->
         Some("distributing") => bundles_hold(client, config, &text(&secret, NEXT_CERT)).await?,
         _ => true,
     };
+    if phase == Some("requested") && is_plug_in(&secret) {
+        // A root made here would replace the user's intermediate: their CA, their rotation.
+        annotate(&mut secret, "refused", now);
+        secrets
+            .replace(&config.secret, &PostParams::default(), &secret)
+            .await
+            .map_err(kube("writing the CA Secret"))?;
+        warn!(secret = %config.secret, "root rotation refused: the Secret holds a plug-in CA; rotate it by replacing its material (docs/security.md)");
+        return Ok(Step::Idle);
+    }
     let since = number(PHASE_SINCE).unwrap_or(0);
     let step = plan(phase, since, number(RETIRE_AT), now, config.rotation_propagation, bundles_current);
     if matches!(step, Step::Distribute | Step::Switch | Step::Retire) {

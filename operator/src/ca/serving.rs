@@ -198,6 +198,8 @@ pub fn incoming(
                     }
                 },
             };
+            // Small gRPC frames must not wait for Nagle (a 40 ms stall per call otherwise).
+            let _ = tcp.set_nodelay(true);
             let Some(config) = serving.current() else {
                 debug!(%remote, "no serving certificate yet; closing");
                 continue;

@@ -259,7 +259,8 @@ async fn bad_identity_files_keep_the_running_identity() {
 async fn without_loadable_identity_files_the_proxy_is_not_ready() {
     let dir = std::env::temp_dir().join(format!("weft-mtls-missing-{}", std::process::id()));
     let files = IdentityFiles { cert: dir.join("c"), key: dir.join("k"), trust_bundle: dir.join("b") };
-    let proxy = TestProxy::start_with("services: []\n", |s| s.identity = Some(IdentitySource::Files(files))).await;
+    let proxy =
+        TestProxy::start_with("services: []\n", |s| s.identity = Some(IdentitySource::Files(files))).await;
     let ready = admin(&proxy, Method::GET, "/ready").await;
     assert_eq!(
         (ready.status, &ready.body[..]),

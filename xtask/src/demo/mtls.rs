@@ -10,10 +10,6 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
-};
 use weft_identity::{SpiffeId, ca::Issuer};
 use weft_proxy::{
     Settings,
@@ -27,7 +23,7 @@ const DAY: Duration = Duration::from_secs(86_400);
 pub(crate) async fn show(scratch: &Path) -> Result<()> {
     std::fs::create_dir_all(scratch)?;
     let issuer = Issuer::new_root(TRUST_DOMAIN, SystemTime::now(), DAY)?;
-    let app = origin().await?;
+    let app = weft_e2e::http::serve_ok("reviews v1\n").await?;
     let reviews = id("reviews")?;
 
     let server_config = format!(
@@ -84,27 +80,6 @@ async fn proxy(scratch: &Path, name: &str, issuer: &Issuer, config: &str) -> Res
     settings.workload = service_account.into();
     settings.namespace = "weft-demo".into();
     Ok(weft_proxy::start(settings).await?)
-}
-
-/// The `reviews` app: answers every request on a connection with a short 200.
-async fn origin() -> Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {
-                    let body = "reviews v1\n";
-                    let reply = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len());
-                    if stream.write_all(reply.as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    Ok(addr)
 }
 
 /// `GET /reviews/1` for `reviews` through a proxy: the status and body.
