@@ -291,6 +291,12 @@ impl Paths {
         self.root.join("pki")
     }
 
+    /// The key the apiserver verifies ServiceAccount tokens with (PKCS#8 PEM, ECDSA P-256): tests
+    /// that need a token the TokenRequest API will not mint (an expired one) sign it themselves.
+    pub fn service_account_key(&self) -> PathBuf {
+        self.pki().join("sa.key")
+    }
+
     fn etcd_data(&self) -> PathBuf {
         self.root.join("etcd")
     }

@@ -101,6 +101,11 @@ impl TestCluster {
         self.paths.kubeconfig()
     }
 
+    /// The ServiceAccount token signing key (see `Paths::service_account_key`).
+    pub fn service_account_key(&self) -> PathBuf {
+        self.paths.service_account_key()
+    }
+
     /// Creates a namespace named `<prefix>-<random>` for one test, deleted when the returned
     /// guard drops (namespace deletion, which the controller-manager finishes, removes
     /// everything in it).

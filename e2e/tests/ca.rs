@@ -1,5 +1,5 @@
-//! The mesh CA against the real apiserver: tokens minted by the apiserver's TokenRequest API and
-//! checked by its TokenReview. Who gets a certificate and who is refused (with the reason
+//! The mesh CA against the real apiserver: tokens minted by the apiserver's TokenRequest API (or,
+//! for an expired one, signed with the cluster's own key) and checked by its TokenReview. Who gets a certificate and who is refused (with the reason
 //! counted), and two proxies whose certificates come from the operator, renewed several times
 //! under steady load with no failed request, also while the operator is away.
 
@@ -62,6 +62,29 @@ async fn token(client: &Client, ns: &str, sa: &str, audience: &str, pod: Option<
     let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
     let issued = sas.create_token_request(sa, &PostParams::default(), &request).await?;
     issued.status.map(|s| s.token).context("no token in the TokenRequest")
+}
+
+/// `token` with its validity moved an hour into the past, signed again (ES256) with `key`.
+fn expire(token: &str, key: &Path) -> Result<String> {
+    use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64};
+    let mut parts = token.split('.');
+    let (header, claims) = (parts.next().context("no JWT header")?, parts.next().context("no JWT claims")?);
+    let mut claims: serde_json::Value = serde_json::from_slice(&B64.decode(claims)?)?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    for (claim, ago) in [("iat", 7200), ("nbf", 7200), ("exp", 3600)] {
+        claims[claim] = serde_json::json!(now - ago);
+    }
+    let signed = format!("{header}.{}", B64.encode(serde_json::to_vec(&claims)?));
+    let pkcs8 = rcgen::KeyPair::from_pem(&std::fs::read_to_string(key)?)?.serialize_der();
+    let rng = ring::rand::SystemRandom::new();
+    let signer = ring::signature::EcdsaKeyPair::from_pkcs8(
+        &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+        &pkcs8,
+        &rng,
+    )
+    .map_err(|e| anyhow::anyhow!("the ServiceAccount key: {e}"))?;
+    let signature = signer.sign(&rng, signed.as_bytes()).map_err(|e| anyhow::anyhow!("signing: {e}"))?;
+    Ok(format!("{signed}.{}", B64.encode(signature.as_ref())))
 }
 
 fn scratch(ns: &str) -> Result<PathBuf> {
@@ -169,8 +192,14 @@ async fn the_ca_issues_exactly_the_tokens_identity_and_refuses_everything_else()
         ensure!(tokio::time::Instant::now() < deadline, "the pod was never deleted");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let deleted = refused("deleted pod", good, None).await?;
+    let deleted = refused("deleted pod", good.clone(), None).await?;
     assert_eq!(deleted.code(), tonic::Code::Unauthenticated, "{deleted:?}");
+
+    // An expired token: the TokenRequest API mints none (ten minutes at least), so the good
+    // token's claims are moved into the past and signed again with the cluster's own key.
+    let expired = expire(&good, &cluster.service_account_key())?;
+    let old = refused("expired token", expired, None).await?;
+    assert_eq!(old.code(), tonic::Code::Unauthenticated, "{old:?}");
 
     let metrics = operator.metrics.encode();
     for (result, reason, count) in [
@@ -178,7 +207,7 @@ async fn the_ca_issues_exactly_the_tokens_identity_and_refuses_everything_else()
         ("refused", "no_token", 1),
         ("refused", "wrong_audience", 1),
         ("refused", "not_pod_bound", 1),
-        ("refused", "token_rejected", 1),
+        ("refused", "token_rejected", 2),
         ("refused", "pod_gone", 1),
         ("refused", "identity_mismatch", 1),
     ] {

@@ -60,6 +60,8 @@ pub enum Error {
     Credentials(weft_identity::credentials::Error),
     #[error("the CA issued {got}, this proxy expects {expected}")]
     Unexpected { got: SpiffeId, expected: SpiffeId },
+    #[error("the issued certificate does not load: {0}")]
+    Load(#[from] crate::tls::Error),
 }
 
 /// When to renew a certificate received at `received` and valid until `not_after`: at half the
@@ -89,10 +91,6 @@ pub fn retry_in(
 
 async fn read(path: &PathBuf) -> Result<Vec<u8>, Error> {
     tokio::fs::read(path).await.map_err(|source| Error::Read { path: path.clone(), source })
-}
-
-async fn load_bundle(path: &PathBuf) -> Result<TrustBundle, Error> {
-    TrustBundle::from_pem(&read(path).await?).map_err(|source| Error::Bundle { path: path.clone(), source })
 }
 
 /// One certificate from the CA.
@@ -140,7 +138,10 @@ pub async fn run(
         // The bundle: reloaded when its bytes change; a bad one keeps the running one.
         match read(&settings.trust_bundle_file).await {
             Ok(bytes) if bundle_seen.as_ref() != Some(&bytes) => {
-                match load_bundle(&settings.trust_bundle_file).await {
+                let path = &settings.trust_bundle_file;
+                match TrustBundle::from_pem(&bytes)
+                    .map_err(|source| Error::Bundle { path: path.clone(), source })
+                {
                     Ok(bundle) => {
                         bundle_seen = Some(bytes);
                         tracing::info!(roots = bundle.roots.len(), "trust bundle loaded");
@@ -170,18 +171,19 @@ pub async fn run(
         if now >= renew
             && let Some(bundle) = store.bundle()
         {
-            match certify(&settings, &bundle).await {
-                Ok(creds) => match MeshTls::new(&creds, &bundle) {
-                    Ok(tls) => {
-                        renew = renew_at(SystemTime::now(), creds.not_after, fastrand::f64());
-                        attempt = 0;
-                        tracing::info!(identity = %creds.id, not_after = unix(creds.not_after), renew_at = unix(renew), "certificate issued by the CA");
-                        metrics.identity_expiry.set(unix(creds.not_after));
-                        metrics.identity_reloads.get_or_create(&ResultLabels { result: "ok" }).inc();
-                        store.set(tls);
-                    }
-                    Err(error) => tracing::warn!(%error, "the issued certificate does not load"),
-                },
+            let issued = match certify(&settings, &bundle).await {
+                Ok(creds) => MeshTls::new(&creds, &bundle).map_err(Error::from),
+                Err(error) => Err(error),
+            };
+            match issued {
+                Ok(tls) => {
+                    renew = renew_at(SystemTime::now(), tls.not_after, fastrand::f64());
+                    attempt = 0;
+                    tracing::info!(identity = %tls.id, not_after = unix(tls.not_after), renew_at = unix(renew), "certificate issued by the CA");
+                    metrics.identity_expiry.set(unix(tls.not_after));
+                    metrics.identity_reloads.get_or_create(&ResultLabels { result: "ok" }).inc();
+                    store.set(tls);
+                }
                 Err(error) => {
                     let current = store.current();
                     let delay = retry_in(
