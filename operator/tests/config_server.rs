@@ -60,7 +60,14 @@ fn snapshot(generation: u64, a_port: u32, d_port: u32) -> Option<Arc<Snapshot>> 
         services: BTreeMap::from([
             (A.into(), svc(A, a_port, Some(B))),
             (B.into(), svc(B, 80, None)),
-            (D.into(), svc(D, d_port, None)),
+            // D has a virtual address, as a Service's ClusterIP.
+            (
+                D.into(),
+                Arc::new(pb::Service {
+                    addresses: vec!["10.0.0.4".into()],
+                    ..(*svc(D, d_port, None)).clone()
+                }),
+            ),
         ]),
         by_address: BTreeMap::from([("10.0.0.4".to_owned(), D.to_owned())]),
         ..Resolution::default()
@@ -329,6 +336,17 @@ async fn a_real_proxy_installs_updates_subscribes_lazily_and_keeps_its_config_on
     wait(&mut status, 4).await;
     assert_ne!(proxy.store.current().unwrap().version, version);
     assert!(proxy.store.status().last_error.is_none());
+
+    // Before passing an unknown destination through, a proxy with an identity waits for the
+    // control plane's answer: yes for an address the config has, a prompt no for one the
+    // operator does not know (so it is not the timeout that answered).
+    let known: std::net::SocketAddr = "10.0.0.4:80".parse().unwrap();
+    assert!(control_plane.await_answer(known, &proxy.store, BOUND).await);
+    let unknown: std::net::SocketAddr = "10.9.9.9:80".parse().unwrap();
+    assert!(control_plane.subscribe_lazily(unknown.ip()));
+    let asked = tokio::time::Instant::now();
+    assert!(!control_plane.await_answer(unknown, &proxy.store, BOUND).await);
+    assert!(asked.elapsed() < BOUND / 2, "the operator answered; it did not time out");
     proxy.shutdown();
     server.stop.cancel();
 }

@@ -6,6 +6,7 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{Arc, RwLock},
+    time::Duration,
 };
 
 use tokio::{
@@ -92,7 +93,24 @@ impl Shared {
             tracing::debug!(%destination, "subscribing to an unknown destination");
         }
     }
+
+    /// Asks about an unknown `destination` and, when this proxy has an identity (so the
+    /// destination may be a meshed Service it has not heard of, which must not get plain text),
+    /// waits up to [`LAZY_ANSWER_WAIT`] for the answer. True when the config now has it.
+    pub async fn resolve_lazily(&self, destination: SocketAddr) -> bool {
+        self.subscribe_lazily(destination);
+        match &self.control_plane {
+            Some(control_plane) if self.settings.identity.is_some() => {
+                control_plane.await_answer(destination, &self.store, LAZY_ANSWER_WAIT).await
+            }
+            _ => false,
+        }
+    }
 }
+
+/// How long a connection to an unknown destination waits for the control plane's answer
+/// before passing through (the control plane answers in milliseconds; it is away otherwise).
+pub const LAZY_ANSWER_WAIT: Duration = Duration::from_secs(1);
 
 /// Endpoints for destinations the config does not know (original destinations passed through),
 /// kept so their connections are pooled too. Bounded: cleared when full. Every inbound request
@@ -584,6 +602,11 @@ async fn dispatch<I>(
             server::serve(PrefixedIo::new(prefix, stream), info(Proto::Http2, tunnel), shared.clone()).await
         }
         Detected::Opaque | Detected::Tls => {
+            if let (Kind::Outbound, Some(d)) = (&kind, dst)
+                && shared.store.current().is_some_and(|s| s.service_by_addr(d).is_none())
+            {
+                shared.resolve_lazily(d).await;
+            }
             let Some((endpoint, service)) = tcp_destination(shared, &kind, dst, target.as_ref()) else {
                 tracing::debug!(%peer, "no TCP destination; closing");
                 return;

@@ -87,6 +87,8 @@ pub struct Subscriptions {
     inbound: watch::Receiver<Option<pb::InboundPolicy>>,
     /// Addresses already asked for by [`Subscriptions::subscribe_lazily`].
     lazy: Arc<Mutex<HashSet<IpAddr>>>,
+    /// What the control plane does not know, as of its last update (ticks on every update).
+    unresolved: watch::Receiver<Arc<HashSet<String>>>,
 }
 
 #[derive(Debug)]
@@ -115,6 +117,35 @@ impl Subscriptions {
         true
     }
 
+    /// Waits until the control plane has answered for `destination`: true once the config
+    /// holds a service with that address and port, false when the control plane says it knows
+    /// none, or when no answer came within `timeout` (the control plane is away). A proxy with an
+    /// identity waits here before passing an unknown destination through, so a meshed Service
+    /// it has not heard of yet is not reached in plain text.
+    pub async fn await_answer(
+        &self,
+        destination: std::net::SocketAddr,
+        store: &Store,
+        timeout: Duration,
+    ) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut unresolved = self.unresolved.clone();
+        let ip = destination.ip().to_string();
+        loop {
+            let not_known = unresolved.borrow_and_update().contains(&ip);
+            if store.current().is_some_and(|s| s.service_by_addr(destination).is_some()) {
+                return true;
+            }
+            if not_known {
+                return false;
+            }
+            match tokio::time::timeout_at(deadline, unresolved.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return false,
+            }
+        }
+    }
+
     pub fn unsubscribe(&self, name: impl Into<String>) {
         let _ = self.tx.send(Command::Unsubscribe(name.into()));
     }
@@ -140,6 +171,7 @@ pub fn spawn(
     let (tx, rx) = mpsc::unbounded_channel();
     let (connected_tx, connected) = watch::channel(false);
     let (inbound_tx, inbound) = watch::channel(None);
+    let (unresolved_tx, unresolved) = watch::channel(Arc::default());
     let client = Client {
         wanted: settings.destinations.iter().cloned().collect(),
         settings,
@@ -148,6 +180,7 @@ pub fn spawn(
         commands: rx,
         connected: connected_tx,
         inbound: inbound_tx,
+        unresolved: unresolved_tx,
     };
     tokio::spawn(async move {
         tokio::select! {
@@ -155,7 +188,7 @@ pub fn spawn(
             _ = client.run() => {}
         }
     });
-    Subscriptions { tx, connected, inbound, lazy: Arc::default() }
+    Subscriptions { tx, connected, inbound, lazy: Arc::default(), unresolved }
 }
 
 struct Client {
@@ -166,6 +199,7 @@ struct Client {
     commands: mpsc::UnboundedReceiver<Command>,
     connected: watch::Sender<bool>,
     inbound: watch::Sender<Option<pb::InboundPolicy>>,
+    unresolved: watch::Sender<Arc<HashSet<String>>>,
 }
 
 impl Client {
@@ -254,9 +288,13 @@ impl Client {
             tracing::debug!(unresolved = ?update.unresolved, "subscriptions not known to the control plane yet");
         }
         self.inbound.send_replace(update.inbound);
+        let unresolved: HashSet<String> = update.unresolved.into_iter().collect();
         let mut config = update.config.unwrap_or_default();
         config.version = version.clone();
-        match self.store.apply(config) {
+        let applied = self.store.apply(config);
+        // After the store: a waiter woken by this sees the config that came with it.
+        self.unresolved.send_replace(Arc::new(unresolved));
+        match applied {
             Ok(snapshot) => {
                 tracing::info!(version = %snapshot.version, services = snapshot.services.len(), "config from the control plane");
                 Ok(())

@@ -185,19 +185,22 @@ impl Router {
             query: req.uri().query(),
             headers: req.headers(),
         };
-        let decision = decide(
-            &snapshot,
-            &self.conn,
-            &view,
-            authority.as_ref().and_then(|a| a.port_u16()),
-            self.shared.settings.inbound_forward_ip,
-        );
+        let port = authority.as_ref().and_then(|a| a.port_u16());
+        let forward_ip = self.shared.settings.inbound_forward_ip;
+        let fresh: Arc<Snapshot>;
+        let mut decision = decide(&snapshot, &self.conn, &view, port, forward_ip);
+        // An unknown outbound destination: ask the control plane before passing it through.
+        if let Decision::Passthrough(addr) = decision
+            && self.conn.direction == Direction::Outbound
+            && self.shared.resolve_lazily(addr).await
+            && let Some(current) = self.shared.store.current()
+        {
+            fresh = current;
+            decision = decide(&fresh, &self.conn, &view, port, forward_ip);
+        }
         match decision {
             Decision::NoRoute => reply(StatusCode::NOT_FOUND, "NR", "no route\n", Default::default()),
             Decision::Passthrough(addr) => {
-                if self.conn.direction == Direction::Outbound {
-                    self.shared.subscribe_lazily(addr);
-                }
                 let endpoint = self.shared.passthrough.endpoint(&snapshot, addr);
                 let info = ResponseInfo { service: Some(super::PASSTHROUGH.clone()), ..Default::default() };
                 let plan = Plan {
