@@ -1,5 +1,5 @@
 //! The admin server: `/live` (the process runs), `/ready` (config is being served: every kind
-//! has listed once, and the CA is loaded, so the gRPC port has its certificate), `/metrics`
+//! has listed once, and the gRPC port serves a certificate from the CA), `/metrics`
 //! (Prometheus text).
 
 use std::sync::Arc;
@@ -14,32 +14,32 @@ use axum::{
 use tokio::{net::TcpListener, sync::watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::{ca::Authority, controllers::Snapshot, metrics::Metrics};
+use crate::{ca::serving::ServingTls, controllers::Snapshot, metrics::Metrics};
 
 #[derive(Clone, Debug)]
 struct AdminState {
     snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
-    authority: Arc<Authority>,
+    serving: Arc<ServingTls>,
     metrics: Arc<Metrics>,
 }
 
 pub fn router(
     snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
-    authority: Arc<Authority>,
+    serving: Arc<ServingTls>,
     metrics: Arc<Metrics>,
 ) -> Router {
     Router::new()
         .route("/live", get(|| async { "ok\n" }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics_text))
-        .with_state(AdminState { snapshots, authority, metrics })
+        .with_state(AdminState { snapshots, serving, metrics })
 }
 
 async fn ready(State(state): State<AdminState>) -> Response {
     if state.snapshots.borrow().is_none() {
         (StatusCode::SERVICE_UNAVAILABLE, "not synced yet\n").into_response()
-    } else if state.authority.current().is_none() {
-        (StatusCode::SERVICE_UNAVAILABLE, "the CA is not loaded yet\n").into_response()
+    } else if state.serving.current().is_none() {
+        (StatusCode::SERVICE_UNAVAILABLE, "no certificate from the CA on the gRPC port yet\n").into_response()
     } else {
         (StatusCode::OK, "ready\n").into_response()
     }
@@ -71,8 +71,8 @@ mod tests {
     async fn ready_only_once_a_snapshot_is_served_and_the_ca_loaded_and_metrics_are_text() {
         let (publish, snapshots) = watch::channel(None);
         let metrics = Arc::new(Metrics::default());
-        let authority = Arc::new(Authority::default());
-        let app = router(snapshots, authority.clone(), metrics.clone());
+        let serving = Arc::new(ServingTls::default());
+        let app = router(snapshots, serving.clone(), metrics.clone());
         assert_eq!(get(app.clone(), "/live").await.0, StatusCode::OK);
         assert_eq!(get(app.clone(), "/ready").await.0, StatusCode::SERVICE_UNAVAILABLE);
         publish.send_replace(Some(Arc::new(Snapshot {
@@ -81,13 +81,19 @@ mod tests {
             cluster_domain: "cluster.local".into(),
             changed_at: tokio::time::Instant::now(),
         })));
-        assert_eq!(
-            get(app.clone(), "/ready").await,
-            (StatusCode::SERVICE_UNAVAILABLE, "the CA is not loaded yet\n".into())
-        );
-        let config = crate::ca::CaConfig::new("mesh", "cluster.local");
-        let secret = crate::ca::authority::new_root_secret(&config, std::time::SystemTime::now()).unwrap();
-        authority.set(crate::ca::authority::signer_from("weft-ca", &secret.data.unwrap(), "1").unwrap());
+        let (status, body) = get(app.clone(), "/ready").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body.contains("no certificate"), "{body}");
+        let now = std::time::SystemTime::now();
+        let day = std::time::Duration::from_secs(86_400);
+        let ca = weft_identity::ca::Issuer::new_root("cluster.local", now, day).unwrap();
+        let id = weft_identity::SpiffeId::new("cluster.local", "mesh", "weft-operator").unwrap();
+        let issued = ca.issue_with_dns(&id, &["weft-operator.mesh.svc".to_owned()], now, day).unwrap();
+        let creds =
+            weft_identity::Credentials::from_pem(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes())
+                .unwrap();
+        let bundle = weft_identity::TrustBundle::from_pem(ca.root_pem().as_bytes()).unwrap();
+        serving.set(weft_identity::tls::control_server_config(&creds, &bundle).unwrap());
         assert_eq!(get(app.clone(), "/ready").await.0, StatusCode::OK);
         metrics.record_error("watch");
         let (status, text) = get(app, "/metrics").await;

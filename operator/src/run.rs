@@ -85,6 +85,7 @@ pub struct Handle {
     pub metrics: Arc<Metrics>,
     /// The mesh CA's current signer and trust bundle.
     pub authority: Arc<Authority>,
+    serving: Arc<ServingTls>,
     snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
     leader: watch::Receiver<bool>,
     stop: CancellationToken,
@@ -92,11 +93,13 @@ pub struct Handle {
 }
 
 impl Handle {
-    /// Resolves once every kind has listed, the first snapshot is served and the CA is loaded.
+    /// Resolves once every kind has listed, the first snapshot is served, the CA is loaded
+    /// and the gRPC port serves its certificate.
     pub async fn ready(&self) {
         let mut rx = self.snapshots.clone();
         let _ = rx.wait_for(Option::is_some).await;
         self.authority.ready().await;
+        self.serving.ready().await;
     }
 
     pub fn snapshots(&self) -> watch::Receiver<Option<Arc<Snapshot>>> {
@@ -224,15 +227,20 @@ pub async fn start(client: Client, config: Config) -> Result<Handle, Error> {
         authority: authority.clone(),
         metrics: metrics.clone(),
     };
-    let server =
-        ConfigServer::new(snapshots.clone(), metrics.clone(), config.ca.namespace.clone(), stop.clone());
-    let incoming = ca::serving::incoming(grpc, serving, metrics.clone(), stop.clone());
+    let server = ConfigServer::new(
+        snapshots.clone(),
+        metrics.clone(),
+        config.ca.namespace.clone(),
+        config.ca.trust_domain.clone(),
+        stop.clone(),
+    );
+    let incoming = ca::serving::incoming(grpc, serving.clone(), metrics.clone(), stop.clone());
     tasks.spawn(async move {
         if let Err(error) = server.serve(incoming, Some(certify)).await {
             error!(%error, "gRPC server stopped");
         }
     });
-    let router = admin::router(snapshots.clone(), authority.clone(), metrics.clone());
+    let router = admin::router(snapshots.clone(), serving.clone(), metrics.clone());
     let admin_stop = stop.clone();
     tasks.spawn(async move {
         if let Err(error) = admin::serve(admin_listener, router, admin_stop).await {
@@ -240,5 +248,5 @@ pub async fn start(client: Client, config: Config) -> Result<Handle, Error> {
         }
     });
     info!(grpc = %grpc_addr, admin = %admin_addr, "weft-operator started");
-    Ok(Handle { grpc_addr, admin_addr, metrics, authority, snapshots, leader, stop, tasks })
+    Ok(Handle { grpc_addr, admin_addr, metrics, authority, serving, snapshots, leader, stop, tasks })
 }

@@ -50,6 +50,8 @@ pub struct ConfigServer {
     metrics: Arc<Metrics>,
     /// The mesh namespace: its identities may `Watch` everything.
     mesh_namespace: String,
+    /// Certificates of another trust domain (a plug-in root shared by meshes) are refused.
+    trust_domain: String,
     stop: CancellationToken,
 }
 
@@ -58,9 +60,10 @@ impl ConfigServer {
         snapshots: Snapshots,
         metrics: Arc<Metrics>,
         mesh_namespace: String,
+        trust_domain: String,
         stop: CancellationToken,
     ) -> Self {
-        ConfigServer { snapshots, metrics, mesh_namespace, stop }
+        ConfigServer { snapshots, metrics, mesh_namespace, trust_domain, stop }
     }
 
     /// Serves the config and CA services on `incoming` (TLS connections) until `stop`.
@@ -88,6 +91,10 @@ impl ConfigServer {
     ) -> Result<(Option<SocketAddr>, weft_identity::SpiffeId), Status> {
         let info = request.extensions().get::<PeerInfo>();
         match info.and_then(|i| i.identity.clone()) {
+            Some(id) if id.trust_domain() != self.trust_domain => {
+                self.metrics.record_error("grpc_forbidden");
+                Err(Status::permission_denied(format!("{id} is not of trust domain {}", self.trust_domain)))
+            }
             Some(id) => Ok((info.and_then(|i| i.remote), id)),
             None => {
                 self.metrics.record_error("grpc_unauthenticated");

@@ -106,7 +106,13 @@ async fn serve() -> Server {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let incoming = serving::incoming(listener, serving, metrics.clone(), stop.clone());
-    let server = ConfigServer::new(snapshots, metrics.clone(), "weft-system".into(), stop.clone());
+    let server = ConfigServer::new(
+        snapshots,
+        metrics.clone(),
+        "weft-system".into(),
+        "cluster.local".into(),
+        stop.clone(),
+    );
     tokio::spawn(server.serve(incoming, None));
     Server { addr, ca, publish, metrics, stop }
 }
@@ -271,6 +277,26 @@ async fn streams_are_authorized_by_the_callers_certificate() {
     let text = server.metrics.encode();
     assert!(text.contains(r#"weft_operator_errors_total{reason="grpc_forbidden"} 2"#), "{text}");
     assert!(text.contains(r#"weft_operator_errors_total{reason="grpc_unauthenticated"} 1"#), "{text}");
+
+    // Another trust domain, even signed by this CA (a root shared by meshes), is refused.
+    let stranger = SpiffeId::new("other.example", "shop", "web").unwrap();
+    let issued = server.ca.issue(&stranger, SystemTime::now(), DAY).unwrap();
+    let creds = Credentials::from_pem(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes()).unwrap();
+    let tls = mesh::control_client_config(&bundle(&server.ca), Some(&creds)).unwrap();
+    let channel = weft_proxy::grpc::connect(&server.addr.to_string(), OPERATOR, tls).await.unwrap();
+    let denied = subscribe(channel).await.unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+
+    // A client certificate from another CA fails the handshake: no call reaches the server.
+    let foreign = Issuer::new_root("cluster.local", SystemTime::now(), DAY).unwrap();
+    let issued = foreign.issue(&id("shop", "web"), SystemTime::now(), DAY).unwrap();
+    let creds = Credentials::from_pem(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes()).unwrap();
+    let tls = mesh::control_client_config(&bundle(&server.ca), Some(&creds)).unwrap();
+    let refused = match weft_proxy::grpc::connect(&server.addr.to_string(), OPERATOR, tls).await {
+        Err(_) => true,
+        Ok(channel) => subscribe(channel).await.is_err(),
+    };
+    assert!(refused, "a client certificate from a foreign CA was accepted");
 
     // A client that does not trust the CA never gets as far as a call.
     let foreign = Issuer::new_root("cluster.local", SystemTime::now(), DAY).unwrap();

@@ -200,7 +200,11 @@ pub async fn run(
                 }
             }
         }
-        let until_renew = renew.duration_since(SystemTime::now()).unwrap_or_default();
+        // Without a bundle nothing can be asked: look at the file again after `poll`.
+        let until_renew = match store.bundle() {
+            Some(_) => renew.duration_since(SystemTime::now()).unwrap_or_default(),
+            None => settings.poll,
+        };
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(until_renew.min(settings.poll)) => {}

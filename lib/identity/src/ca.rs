@@ -245,7 +245,11 @@ impl Issuer {
     ) -> Result<Signed, Error> {
         let request = CertificateSigningRequestParams::from_der(&request_der.into())
             .map_err(|e| Error::Request(e.to_string()))?;
-        if request.public_key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 {
+        // rcgen names the algorithm from the request's signature, which says nothing of the
+        // curve; an uncompressed P-256 point is 65 bytes (P-384: 97).
+        let key = rcgen::PublicKeyData::der_bytes(&request.public_key);
+        if request.public_key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 || key.len() != 65 || key[0] != 4
+        {
             return Err(Error::Request("the key is not ECDSA P-256".into()));
         }
         let wanted = id.to_string();

@@ -28,6 +28,9 @@ pub const CERT: &str = "ca.crt";
 pub const KEY: &str = "ca.key";
 pub const CHAIN: &str = "cert-chain.pem";
 pub const ROOTS: &str = "root-cert.pem";
+/// The label marking a CA the operator made (and may rotate).
+pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+pub const OPERATOR: &str = "weft-operator";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -136,10 +139,7 @@ pub fn new_root_secret(config: &CaConfig, now: SystemTime) -> Result<Secret, Err
         metadata: ObjectMeta {
             name: Some(config.secret.clone()),
             namespace: Some(config.namespace.clone()),
-            labels: Some(BTreeMap::from([(
-                "app.kubernetes.io/managed-by".to_owned(),
-                "weft-operator".to_owned(),
-            )])),
+            labels: Some(BTreeMap::from([(MANAGED_BY.to_owned(), OPERATOR.to_owned())])),
             ..ObjectMeta::default()
         },
         data: Some(BTreeMap::from([

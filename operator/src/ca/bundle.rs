@@ -13,7 +13,7 @@ use kube::{
     Api, Client,
     api::{ListParams, ObjectMeta, Patch, PatchParams},
 };
-use kube_runtime::watcher;
+use kube_runtime::{WatchStreamExt as _, watcher};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -111,7 +111,7 @@ pub async fn run(
     let watch_stop = stop.clone();
     let watch_api = namespaces.clone();
     tokio::spawn(async move {
-        let mut events = watcher(watch_api, watch_config).boxed();
+        let mut events = watcher(watch_api, watch_config).default_backoff().boxed();
         loop {
             tokio::select! {
                 _ = watch_stop.cancelled() => return,
@@ -125,6 +125,8 @@ pub async fn run(
     });
     let mut changes = authority.changes();
     loop {
+        // Marked seen before reading the CA, so a change while writing wakes the next pass.
+        changes.borrow_and_update();
         let mut next = RESYNC;
         if *leader.borrow_and_update()
             && let Some(signer) = authority.current()
@@ -149,7 +151,6 @@ pub async fn run(
                 }
             }
         }
-        changes.borrow_and_update();
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(next) => {}

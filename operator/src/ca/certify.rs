@@ -190,13 +190,21 @@ impl Certificates for CertifyService {
         }
         let csr = request.into_inner().csr;
         let now = SystemTime::now();
-        let signed =
-            signer.issuer.sign_request(&csr, &caller.id, now, self.config.workload_ttl).map_err(|e| {
-                self.refuse(match e {
-                    weft_identity::ca::Error::RequestNames { .. } => Refusal::IdentityMismatch(e.to_string()),
-                    other => Refusal::BadRequest(other.to_string()),
-                })
-            })?;
+        let signed = match signer.issuer.sign_request(&csr, &caller.id, now, self.config.workload_ttl) {
+            Ok(signed) => signed,
+            Err(e @ weft_identity::ca::Error::RequestNames { .. }) => {
+                return Err(self.refuse(Refusal::IdentityMismatch(e.to_string())));
+            }
+            Err(e @ weft_identity::ca::Error::Request(_)) => {
+                return Err(self.refuse(Refusal::BadRequest(e.to_string())));
+            }
+            // The CA's own fault (expired, could not sign): not the caller's.
+            Err(error) => {
+                self.metrics.record_ca_request("error", "signing_failed");
+                warn!(%error, "the CA could not sign");
+                return Err(Status::unavailable("the CA could not sign; retry"));
+            }
+        };
         let not_after = signed.not_after.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         self.metrics.record_ca_request("issued", "");
         info!(identity = %caller.id, pod = %caller.pod, not_after, "certificate issued");

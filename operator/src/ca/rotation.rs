@@ -1,24 +1,26 @@
 //! Root rotation without a failed request. Started by annotating the CA Secret:
 //!
 //! ```sh
-//! kubectl -n weft-system annotate secret weft-ca weft.dev/root-rotation=requested
+//! kubectl -n weft-system annotate --overwrite secret weft-ca weft.dev/root-rotation=requested
 //! ```
 //!
-//! The leader then walks the phases, recorded in the Secret's annotations so any replica (or a
-//! restarted one) carries on where the last left off:
+//! The leader then walks the phases, recorded in the Secret (its content first, then its
+//! annotations), so any replica (or a restarted one) carries on where the last left off and a
+//! request annotated again mid-rotation changes nothing:
 //!
 //! 1. `requested` -> `distributing`: a new root is made (`next-ca.crt`, `next-ca.key`) and added
 //!    to `root-cert.pem`, so the trust bundle holds the old and the new root. Signing stays with
 //!    the old one.
-//! 2. `distributing` -> `switched`, once every injected namespace's bundle ConfigMap carries the
-//!    new root and the propagation time (the kubelet's refresh of mounted ConfigMaps) has passed:
-//!    the new root signs from now on. Proxies trust both, so old-root and new-root workloads
+//! 2. `distributing` -> `switched`: once every injected namespace's bundle ConfigMap carries the
+//!    new root, that moment is recorded (`weft.dev/root-rotation-bundled-at`); the propagation
+//!    time (the kubelet's refresh of mounted ConfigMaps) after it, the new root signs. Proxies trust both, so old-root and new-root workloads
 //!    keep talking.
 //! 3. `switched` -> `done`, once the last certificate the old root signed has expired (the
 //!    workload lifetime, plus the replicas' reload interval twice over for one that signed a
 //!    little late): the old root leaves the bundle.
 //!
-//! What to do next is a pure function of the annotations and the time ([`plan`]).
+//! Only a CA the operator made is rotated; a plug-in CA's request is refused. Where a rotation
+//! stands ([`phase_of`]) and what to do next ([`plan`]) are pure functions.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -46,6 +48,7 @@ use crate::metrics::Metrics;
 pub const PHASE: &str = "weft.dev/root-rotation";
 pub const PHASE_SINCE: &str = "weft.dev/root-rotation-since";
 pub const RETIRE_AT: &str = "weft.dev/root-rotation-retire-at";
+pub const BUNDLED_AT: &str = "weft.dev/root-rotation-bundled-at";
 pub const NEXT_CERT: &str = "next-ca.crt";
 pub const NEXT_KEY: &str = "next-ca.key";
 
@@ -66,6 +69,8 @@ pub enum Step {
     Idle,
     /// Make the new root and add it to the bundle.
     Distribute,
+    /// Every bundle ConfigMap holds the new root: record when, so propagation counts from then.
+    MarkBundled,
     /// Sign with the new root.
     Switch,
     /// Drop the old root from the bundle.
@@ -74,34 +79,53 @@ pub enum Step {
     Wait(Duration),
 }
 
-/// What a rotation in `phase` (begun `since`, Unix seconds) does at `now` (pure).
-/// `bundles_current`: every injected namespace's ConfigMap carries the new root.
-pub fn plan(
-    phase: Option<&str>,
-    since: u64,
-    retire_at: Option<u64>,
-    now: u64,
-    propagation: Duration,
-    bundles_current: bool,
-) -> Step {
+/// Where a rotation stands, read from the Secret's content first (a `next-ca.crt` means the
+/// new root is being distributed, a retire time means signing has switched), so that a request
+/// annotated again in the middle of a rotation does not restart or wedge it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Idle,
+    Requested,
+    /// Distributing; `bundled_at` once every bundle ConfigMap held the new root.
+    Distributing {
+        bundled_at: Option<u64>,
+    },
+    Switched {
+        retire_at: u64,
+    },
+}
+
+/// The rotation's phase from the Secret (pure).
+pub fn phase_of(secret: &Secret) -> Phase {
+    let annotations = secret.metadata.annotations.clone().unwrap_or_default();
+    let number = |key: &str| annotations.get(key).and_then(|v| v.parse::<u64>().ok());
+    if !text(secret, NEXT_CERT).is_empty() {
+        return Phase::Distributing { bundled_at: number(BUNDLED_AT) };
+    }
+    if let Some(retire_at) = number(RETIRE_AT) {
+        return Phase::Switched { retire_at };
+    }
+    match annotations.get(PHASE).map(String::as_str) {
+        Some("requested") => Phase::Requested,
+        _ => Phase::Idle,
+    }
+}
+
+/// What a rotation in `phase` does at `now` (pure). `bundles_current`: every injected
+/// namespace's ConfigMap carries the new root.
+pub fn plan(phase: Phase, now: u64, propagation: Duration, bundles_current: bool) -> Step {
     let wait_until = |t: u64| Step::Wait(Duration::from_secs(t.saturating_sub(now).max(1)));
     match phase {
-        Some("requested") => Step::Distribute,
-        Some("distributing") => {
-            let ready_at = since + propagation.as_secs();
-            if now < ready_at {
-                wait_until(ready_at)
-            } else if !bundles_current {
-                Step::Wait(Duration::from_secs(1))
-            } else {
-                Step::Switch
-            }
+        Phase::Idle => Step::Idle,
+        Phase::Requested => Step::Distribute,
+        Phase::Distributing { bundled_at: None } if bundles_current => Step::MarkBundled,
+        Phase::Distributing { bundled_at: None } => Step::Wait(Duration::from_secs(1)),
+        Phase::Distributing { bundled_at: Some(t) } => {
+            let ready_at = t + propagation.as_secs();
+            if now < ready_at { wait_until(ready_at) } else { Step::Switch }
         }
-        Some("switched") => match retire_at {
-            Some(t) if now < t => wait_until(t),
-            _ => Step::Retire,
-        },
-        _ => Step::Idle,
+        Phase::Switched { retire_at } if now < retire_at => wait_until(retire_at),
+        Phase::Switched { .. } => Step::Retire,
     }
 }
 
@@ -150,6 +174,13 @@ pub fn apply(secret: &mut Secret, step: Step, config: &CaConfig, now: u64) -> Re
             set(secret, ROOTS, &bundle);
             annotate(secret, "distributing", now);
         }
+        Step::MarkBundled => {
+            secret
+                .metadata
+                .annotations
+                .get_or_insert_with(BTreeMap::new)
+                .insert(BUNDLED_AT.to_owned(), now.to_string());
+        }
         Step::Switch => {
             let (cert, key) = (text(secret, NEXT_CERT), text(secret, NEXT_KEY));
             if cert.is_empty() || key.is_empty() {
@@ -183,22 +214,11 @@ pub fn apply(secret: &mut Secret, step: Step, config: &CaConfig, now: u64) -> Re
     Ok(())
 }
 
-/// A CA the user brought: intermediates, or roots other than the signing certificate.
+/// A CA the user brought: anything the operator did not make (its Secret has no
+/// `app.kubernetes.io/managed-by: weft-operator` label).
 pub fn is_plug_in(secret: &Secret) -> bool {
-    let roots = text(secret, ROOTS);
-    !text(secret, super::authority::CHAIN).trim().is_empty()
-        || (!roots.trim().is_empty()
-            && roots.trim() != text(secret, CERT).trim()
-            && !secret_is_rotating(secret))
-}
-
-fn secret_is_rotating(secret: &Secret) -> bool {
-    secret
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(PHASE))
-        .is_some_and(|p| p != "requested" && p != "done" && p != "refused")
+    secret.metadata.labels.as_ref().and_then(|l| l.get(super::authority::MANAGED_BY)).map(String::as_str)
+        != Some(super::authority::OPERATOR)
 }
 
 /// Whether every injected namespace's bundle ConfigMap holds `root_pem` (trivially true when
@@ -260,15 +280,9 @@ async fn step_once(client: &Client, secrets: &Api<Secret>, config: &CaConfig) ->
     else {
         return Ok(Step::Idle);
     };
-    let annotations = secret.metadata.annotations.clone().unwrap_or_default();
-    let number = |key: &str| annotations.get(key).and_then(|v| v.parse::<u64>().ok());
-    let phase = annotations.get(PHASE).map(String::as_str);
+    let phase = phase_of(&secret);
     let now = unix_now();
-    let bundles_current = match phase {
-        Some("distributing") => bundles_hold(client, config, &text(&secret, NEXT_CERT)).await?,
-        _ => true,
-    };
-    if phase == Some("requested") && is_plug_in(&secret) {
+    if phase == Phase::Requested && is_plug_in(&secret) {
         // A root made here would replace the user's intermediate: their CA, their rotation.
         annotate(&mut secret, "refused", now);
         secrets
@@ -278,9 +292,14 @@ async fn step_once(client: &Client, secrets: &Api<Secret>, config: &CaConfig) ->
         warn!(secret = %config.secret, "root rotation refused: the Secret holds a plug-in CA; rotate it by replacing its material (docs/security.md)");
         return Ok(Step::Idle);
     }
-    let since = number(PHASE_SINCE).unwrap_or(0);
-    let step = plan(phase, since, number(RETIRE_AT), now, config.rotation_propagation, bundles_current);
-    if matches!(step, Step::Distribute | Step::Switch | Step::Retire) {
+    let bundles_current = match phase {
+        Phase::Distributing { bundled_at: None } => {
+            bundles_hold(client, config, &text(&secret, NEXT_CERT)).await?
+        }
+        _ => true,
+    };
+    let step = plan(phase, now, config.rotation_propagation, bundles_current);
+    if matches!(step, Step::Distribute | Step::MarkBundled | Step::Switch | Step::Retire) {
         apply(&mut secret, step, config, now)?;
         // Replace with the read resourceVersion: a concurrent writer makes this fail and retry.
         secrets
@@ -300,23 +319,39 @@ mod tests {
 
     #[test]
     fn the_phases_advance_in_order_and_wait_for_their_conditions() {
-        assert_eq!(plan(None, 0, None, 1_000, P, true), Step::Idle);
-        assert_eq!(plan(Some("done"), 0, None, 1_000, P, true), Step::Idle);
-        assert_eq!(plan(Some("requested"), 0, None, 1_000, P, true), Step::Distribute);
+        let distributing = |bundled_at| Phase::Distributing { bundled_at };
+        assert_eq!(plan(Phase::Idle, 1_000, P, true), Step::Idle);
+        assert_eq!(plan(Phase::Requested, 1_000, P, true), Step::Distribute);
+        assert_eq!(plan(distributing(None), 1_030, P, false), Step::Wait(Duration::from_secs(1)));
+        assert_eq!(plan(distributing(None), 1_030, P, true), Step::MarkBundled);
+        // Propagation counts from when the ConfigMaps held the root, not from distribution.
+        assert_eq!(plan(distributing(Some(1_030)), 1_060, P, true), Step::Wait(Duration::from_secs(90)));
+        assert_eq!(plan(distributing(Some(1_030)), 1_150, P, true), Step::Switch);
         assert_eq!(
-            plan(Some("distributing"), 1_000, None, 1_030, P, true),
-            Step::Wait(Duration::from_secs(90))
-        );
-        assert_eq!(
-            plan(Some("distributing"), 1_000, None, 1_120, P, false),
-            Step::Wait(Duration::from_secs(1))
-        );
-        assert_eq!(plan(Some("distributing"), 1_000, None, 1_120, P, true), Step::Switch);
-        assert_eq!(
-            plan(Some("switched"), 1_120, Some(2_000), 1_500, P, true),
+            plan(Phase::Switched { retire_at: 2_000 }, 1_500, P, true),
             Step::Wait(Duration::from_secs(500))
         );
-        assert_eq!(plan(Some("switched"), 1_120, Some(2_000), 2_000, P, true), Step::Retire);
+        assert_eq!(plan(Phase::Switched { retire_at: 2_000 }, 2_000, P, true), Step::Retire);
+    }
+
+    #[test]
+    fn a_request_annotated_again_mid_rotation_does_not_restart_it() {
+        let config = CaConfig::new("mesh", "cluster.local");
+        let mut secret =
+            super::super::authority::new_root_secret(&config, std::time::SystemTime::now()).unwrap();
+        secret.metadata.annotations = Some(BTreeMap::from([(PHASE.to_owned(), "requested".to_owned())]));
+        assert_eq!(phase_of(&secret), Phase::Requested);
+        apply(&mut secret, Step::Distribute, &config, 1_000).unwrap();
+        apply(&mut secret, Step::MarkBundled, &config, 1_010).unwrap();
+        let again = |secret: &mut Secret| {
+            secret.metadata.annotations.as_mut().unwrap().insert(PHASE.to_owned(), "requested".to_owned());
+        };
+        again(&mut secret);
+        assert_eq!(phase_of(&secret), Phase::Distributing { bundled_at: Some(1_010) });
+        apply(&mut secret, Step::Switch, &config, 2_000).unwrap();
+        again(&mut secret);
+        assert!(matches!(phase_of(&secret), Phase::Switched { .. }));
+        assert!(!is_plug_in(&secret), "the operator's own root, mid-rotation");
     }
 
     #[test]

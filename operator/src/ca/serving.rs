@@ -53,9 +53,16 @@ pub struct PeerInfo {
 }
 
 /// The serving configuration, swapped whole on renewal.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ServingTls {
     config: ArcSwapOption<ServerConfig>,
+    ready: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for ServingTls {
+    fn default() -> Self {
+        ServingTls { config: ArcSwapOption::empty(), ready: tokio::sync::watch::channel(false).0 }
+    }
 }
 
 impl ServingTls {
@@ -65,6 +72,12 @@ impl ServingTls {
 
     pub fn set(&self, config: Arc<ServerConfig>) {
         self.config.store(Some(config));
+        self.ready.send_replace(true);
+    }
+
+    /// Resolves once a certificate is being served.
+    pub async fn ready(&self) {
+        let _ = self.ready.subscribe().wait_for(|ready| *ready).await;
     }
 }
 
@@ -85,6 +98,8 @@ pub async fn keep_certificate(
 ) {
     let mut changes = authority.changes();
     loop {
+        // Marked seen before reading the CA, so a change while issuing wakes the next pass.
+        changes.borrow_and_update();
         let wait = match authority.current() {
             None => Duration::MAX,
             Some(signer) => match issue(&config, &cluster_domain, &signer) {
@@ -103,7 +118,6 @@ pub async fn keep_certificate(
                 }
             },
         };
-        changes.borrow_and_update();
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(wait.min(Duration::from_secs(86_400))) => {}
