@@ -1,6 +1,7 @@
 //! Shared pieces of Weft's benchmarks.
 
 pub mod handshake;
+pub mod operator_process;
 pub mod procfs;
 
 /// Nearest-rank percentiles of a sample.

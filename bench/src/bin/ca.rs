@@ -12,12 +12,11 @@
 use std::{
     net::SocketAddr,
     path::PathBuf,
-    process::Stdio,
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::Parser;
 use futures::{StreamExt as _, stream};
 use k8s_openapi::api::{
@@ -26,7 +25,7 @@ use k8s_openapi::api::{
 };
 use kube::{Api, api::PostParams};
 use serde_json::json;
-use weft_bench::{Percentiles, procfs};
+use weft_bench::{Percentiles, operator_process, procfs};
 use weft_e2e::TestCluster;
 use weft_identity::TrustBundle;
 use weft_proxy::certify::{self, CaClient};
@@ -53,27 +52,10 @@ fn main() -> Result<()> {
     let args = Args::parse();
     if let (Some(grpc), Some(admin), Some(ns)) = (args.serve, args.serve_admin, args.serve_namespace.clone())
     {
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-        return runtime.block_on(serve(grpc, admin, ns));
+        return operator_process::serve(grpc, admin, ns);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(bench(args))
-}
-
-async fn serve(grpc: SocketAddr, admin: SocketAddr, ns: String) -> Result<()> {
-    let cluster = TestCluster::try_shared().await?;
-    let mut config = weft_operator::Config::for_tests(&ns);
-    config.watch_namespace = Some(ns);
-    config.grpc_addr = grpc;
-    config.admin_addr = admin;
-    let handle = weft_operator::start(cluster.client(), config).await?;
-    std::future::pending::<()>().await;
-    drop(handle);
-    Ok(())
-}
-
-fn free_port() -> Result<SocketAddr> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
 async fn bench(args: Args) -> Result<()> {
@@ -134,25 +116,8 @@ async fn bench(args: Args) -> Result<()> {
     );
 
     // The operator, in a process of its own.
-    let (grpc, admin) = (free_port()?, free_port()?);
-    let mut child = tokio::process::Command::new(std::env::current_exe()?)
-        .args(["--serve", &grpc.to_string(), "--serve-admin", &admin.to_string(), "--serve-namespace", &ns])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting the operator")?;
-    let pid = child.id().context("the operator has no pid")?;
-    let ready_by = Instant::now() + Duration::from_secs(120);
-    while !weft_e2e::http::get(admin, "localhost", "/ready").await.is_ok_and(|(s, _)| s == 200) {
-        if let Some(status) = child.try_wait()? {
-            bail!("the operator exited: {status}");
-        }
-        if Instant::now() > ready_by {
-            bail!("the operator was not ready within 120 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let mut operator = operator_process::start(&ns).await?;
+    let (pid, grpc) = (operator.pid, operator.grpc);
     let secrets = Api::namespaced(client.clone(), &ns);
     let signer = weft_operator::ca::authority::read(&secrets, "weft-ca").await?.context("no CA Secret")?;
     let bundle_file = dir.join("ca.crt");
@@ -227,6 +192,6 @@ async fn bench(args: Args) -> Result<()> {
             &json!({"proxies": args.proxies, "rss_before_mib": rss0 as f64 / 1024.0, "rounds": rounds}),
         )?,
     )?;
-    child.kill().await?;
+    operator.child.kill().await?;
     Ok(())
 }

@@ -14,7 +14,6 @@ use std::{
     collections::BTreeSet,
     net::SocketAddr,
     path::PathBuf,
-    process::Stdio,
     time::{Duration, Instant},
 };
 
@@ -30,7 +29,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use weft_api::VirtualService;
-use weft_bench::Percentiles;
+use weft_bench::{Percentiles, operator_process};
 use weft_e2e::TestCluster;
 use weft_proto::v1::{self as pb, config_discovery_client::ConfigDiscoveryClient};
 
@@ -67,28 +66,12 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    if let (Some(grpc), Some(admin)) = (args.serve, args.serve_admin) {
-        // The operator gets the runtime a deployment would give it (2 workers here).
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-        return runtime.block_on(serve(grpc, admin, args.serve_namespace));
+    if let (Some(grpc), Some(admin), Some(ns)) = (args.serve, args.serve_admin, args.serve_namespace.clone())
+    {
+        return operator_process::serve(grpc, admin, ns);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(bench(args))
-}
-
-async fn serve(grpc: SocketAddr, admin: SocketAddr, namespace: Option<String>) -> Result<()> {
-    let cluster = TestCluster::try_shared().await?;
-    let namespace_or_default = namespace.clone().unwrap_or_else(|| "default".to_owned());
-    let mut config = weft_operator::Config::for_tests(&namespace_or_default);
-    // Only the benchmark's namespace: other users of the shared cluster are left alone.
-    config.watch_namespace = namespace;
-    config.grpc_addr = grpc;
-    config.admin_addr = admin;
-    let handle = weft_operator::start(cluster.client(), config).await?;
-    // Runs until the parent kills it.
-    std::future::pending::<()>().await;
-    drop(handle);
-    Ok(())
 }
 
 fn svc_name(i: usize) -> String {
@@ -111,10 +94,6 @@ where
 {
     let results: Vec<Result<()>> = stream::iter(items).map(f).buffer_unordered(n).collect().await;
     results.into_iter().collect()
-}
-
-fn free_port() -> Result<SocketAddr> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
 /// `GET path` on the operator's admin server: `(status, body)`.
@@ -200,28 +179,8 @@ async fn bench(args: Args) -> Result<()> {
     );
 
     // The operator, in a process of its own.
-    let (grpc, admin) = (free_port()?, free_port()?);
-    let mut child = tokio::process::Command::new(std::env::current_exe()?)
-        .args(["--serve", &grpc.to_string(), "--serve-admin", &admin.to_string(), "--serve-namespace", &ns])
-        .env("WEFT_LOG", "warn")
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting the operator")?;
-    let pid = child.id().context("the operator has no pid")?;
-    let started = Instant::now();
-    let ready = loop {
-        if let Some(status) = child.try_wait()? {
-            bail!("the operator exited: {status}");
-        }
-        if started.elapsed() > Duration::from_secs(120) {
-            bail!("the operator was not ready within 120 s");
-        }
-        if http_get(admin, "/ready").await.is_ok_and(|(status, _)| status == 200) {
-            break started.elapsed();
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let mut operator = operator_process::start(&ns).await?;
+    let (pid, grpc, admin, ready) = (operator.pid, operator.grpc, operator.admin, operator.ready_after);
     let (rss_ready, _, cpu_ready) = usage(pid)?;
     eprintln!("operator ready (synced) in {:.2}s, RSS {rss_ready:.1} MiB", ready.as_secs_f64());
 
@@ -323,7 +282,7 @@ async fn bench(args: Args) -> Result<()> {
     let resolves = metric("weft_operator_resolve_duration_seconds_count");
     let resolve_mean = metric("weft_operator_resolve_duration_seconds_sum") / resolves;
     let cpu_share = (cpu_after - cpu_before) / measured;
-    child.kill().await.ok();
+    operator.child.kill().await.ok();
 
     let each_p = Percentiles::of(&per_subscriber).context("no samples")?;
     let all_p = Percentiles::of(&convergence).context("no samples")?;
