@@ -158,9 +158,16 @@ impl Issuer {
             .to_owned();
         let not_after =
             UNIX_EPOCH + Duration::from_secs(parsed.validity().not_after.timestamp().max(0).unsigned_abs());
-        if CertificateDer::pem_slice_iter(roots_pem.as_bytes()).next().is_none() {
+        let ders = |pem: &str| {
+            CertificateDer::pem_slice_iter(pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| Error::Certificate(e.to_string()))
+        };
+        let roots = ders(roots_pem)?;
+        if roots.is_empty() {
             return Err(Error::Certificate("no root certificate".into()));
         }
+        chains_to_a_root(&cert, &ders(intermediates_pem)?, &roots)?;
         let issuer = RcgenIssuer::from_ca_cert_der(&cert, key)?;
         let chain_pem = [cert_pem, intermediates_pem]
             .iter()
@@ -317,4 +324,42 @@ impl Issuer {
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }
+}
+
+/// Whether `cert`, through `intermediates`, is signed by one of `roots` (or is one of them): a
+/// plug-in CA whose roots do not match would publish a bundle that verifies nothing.
+fn chains_to_a_root(
+    cert: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'static>],
+    roots: &[CertificateDer<'static>],
+) -> Result<(), Error> {
+    fn parse<'a>(
+        der: &'a CertificateDer<'_>,
+    ) -> Result<x509_parser::certificate::X509Certificate<'a>, Error> {
+        x509_parser::parse_x509_certificate(der.as_ref())
+            .map(|(_, c)| c)
+            .map_err(|e| Error::Certificate(e.to_string()))
+    }
+    let roots: Vec<_> = roots.iter().map(parse).collect::<Result<_, _>>()?;
+    let intermediates: Vec<_> = intermediates.iter().map(parse).collect::<Result<_, _>>()?;
+    let mut current = parse(cert)?;
+    // Each step climbs one issuer; a chain longer than the intermediates given cannot exist.
+    for _ in 0..=intermediates.len() {
+        if roots.iter().any(|r| r.tbs_certificate.subject_pki == current.tbs_certificate.subject_pki) {
+            return Ok(());
+        }
+        let signed_by = |c: &&x509_parser::certificate::X509Certificate<'_>| {
+            c.subject() == current.issuer() && current.verify_signature(Some(c.public_key())).is_ok()
+        };
+        if roots.iter().any(|r| signed_by(&r)) {
+            return Ok(());
+        }
+        match intermediates.iter().find(signed_by) {
+            Some(next) => current = next.clone(),
+            None => break,
+        }
+    }
+    Err(Error::Certificate(
+        "it does not chain to the roots given (root-cert.pem): proxies would trust nothing it signs".into(),
+    ))
 }

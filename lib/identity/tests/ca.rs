@@ -149,6 +149,11 @@ fn a_plug_in_intermediate_signs_leaves_that_chain_to_the_users_root() {
     assert!(err.to_string().contains("does not belong"), "{err}");
     let err = Issuer::from_pem(&root.pem(), "not a key", "", &root.pem()).unwrap_err();
     assert!(matches!(err, Error::Key));
+    // Roots that did not sign the intermediate: refused, not published as a bundle.
+    let stranger = Issuer::new_root("cluster.local", now, DAY).unwrap();
+    let err = Issuer::from_pem(&intermediate.pem(), &mesh_key.serialize_pem(), "", stranger.root_pem())
+        .unwrap_err();
+    assert!(err.to_string().contains("does not chain"), "{err}");
     let leaf_pem = chain.split_inclusive("-----END CERTIFICATE-----\n").next().unwrap();
     let err = Issuer::from_pem(leaf_pem, &asked.key_pem, "", &root.pem()).unwrap_err();
     assert!(err.to_string().contains("not a CA"), "{err}");
