@@ -1,6 +1,6 @@
 //! The operator as a child process of a benchmark, so its CPU and RSS are its alone: the
 //! benchmark binary runs itself with `--serve ADDR --serve-admin ADDR --serve-namespace NS`
-//! (hidden flags every operator benchmark has), which calls [`serve`].
+//! (hidden flags every operator benchmark has: [`ServeArgs`]).
 
 use std::{
     net::SocketAddr,
@@ -10,6 +10,29 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use weft_e2e::TestCluster;
+
+/// The hidden flags that make a benchmark binary the operator child (`#[command(flatten)]`).
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Internal: run the operator (the child process).
+    #[arg(long, hide = true)]
+    serve: Option<SocketAddr>,
+    #[arg(long, hide = true)]
+    serve_admin: Option<SocketAddr>,
+    #[arg(long, hide = true)]
+    serve_namespace: Option<String>,
+}
+
+impl ServeArgs {
+    /// When these flags are given, runs the operator until killed and returns its outcome;
+    /// `None`: this process is the benchmark.
+    pub fn serve_if_asked(&self) -> Option<Result<()>> {
+        match (self.serve, self.serve_admin, self.serve_namespace.clone()) {
+            (Some(grpc), Some(admin), Some(ns)) => Some(serve(grpc, admin, ns)),
+            _ => None,
+        }
+    }
+}
 
 /// A running operator child.
 #[derive(Debug)]
@@ -54,7 +77,7 @@ pub async fn start(ns: &str) -> Result<OperatorProcess> {
 
 /// The child's side: the operator for `namespace` (its CA Secret there, watching only it) on a
 /// runtime of 2 workers, as a deployment would give it, until killed.
-pub fn serve(grpc: SocketAddr, admin: SocketAddr, namespace: String) -> Result<()> {
+fn serve(grpc: SocketAddr, admin: SocketAddr, namespace: String) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
         let cluster = TestCluster::try_shared().await?;

@@ -72,11 +72,11 @@ fn handle<B>(
             } else if shared.is_ready() {
                 match shared.identity.current() {
                     Some(tls) => {
-                        let expiry = tls.not_after.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                        let expiry = tls.expiry_unix();
                         let roots = tls.bundle.roots.len();
                         let body = format!(
                             "ready\nidentity: {}\nnotAfterUnixSeconds: {expiry}\ntrustBundleRoots: {roots}\n",
-                            tls.id
+                            tls.creds.id
                         );
                         text(StatusCode::OK, body)
                     }

@@ -326,14 +326,13 @@ fn report(metrics: &Metrics, outcome: Option<Result<Arc<Snapshot>, crate::config
 async fn load_identity(shared: &Shared, files: &IdentityFiles) {
     let result = match MeshTls::load(files, std::time::SystemTime::now()).await {
         Ok(tls) => {
-            tracing::info!(identity = %tls.id, not_after = ?tls.not_after, "identity loaded");
-            let expiry = tls.not_after.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-            shared.metrics.identity_expiry.set(i64::try_from(expiry).unwrap_or(i64::MAX));
+            tracing::info!(identity = %tls.creds.id, not_after = ?tls.creds.not_after, "identity loaded");
+            shared.metrics.identity_expiry.set(tls.expiry_unix());
             shared.identity.set(tls);
             "ok"
         }
         Err(error) => {
-            let keeping = shared.identity.current().map(|t| t.id.to_string());
+            let keeping = shared.identity.current().map(|t| t.creds.id.to_string());
             tracing::warn!(%error, ?keeping, "identity rejected; keeping the running one");
             "error"
         }
@@ -602,12 +601,15 @@ async fn dispatch<I>(
             server::serve(PrefixedIo::new(prefix, stream), info(Proto::Http2, tunnel), shared.clone()).await
         }
         Detected::Opaque | Detected::Tls => {
-            if let (Kind::Outbound, Some(d)) = (&kind, dst)
-                && shared.store.current().is_some_and(|s| s.service_by_addr(d).is_none())
+            let mut destination = tcp_destination(shared, &kind, dst, target.as_ref());
+            // An unknown outbound destination: ask the control plane before passing it through.
+            if let (Kind::Outbound, Some(d), Some((_, service))) = (&kind, dst, &destination)
+                && Arc::ptr_eq(service, &*PASSTHROUGH)
+                && shared.resolve_lazily(d).await
             {
-                shared.resolve_lazily(d).await;
+                destination = tcp_destination(shared, &kind, dst, target.as_ref());
             }
-            let Some((endpoint, service)) = tcp_destination(shared, &kind, dst, target.as_ref()) else {
+            let Some((endpoint, service)) = destination else {
                 tracing::debug!(%peer, "no TCP destination; closing");
                 return;
             };

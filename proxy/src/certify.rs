@@ -11,7 +11,7 @@
 use std::{
     path::PathBuf,
     sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime},
 };
 
 use tokio_util::sync::CancellationToken;
@@ -20,7 +20,7 @@ use weft_proto::identity::v1::{self as pb, certificates_client::CertificatesClie
 
 use crate::{
     metrics::{Metrics, ResultLabels},
-    tls::{IdentityStore, MeshTls},
+    tls::{IdentityStore, MeshTls, unix_seconds},
 };
 
 /// Where the CA is and how this proxy proves who it is.
@@ -119,10 +119,6 @@ pub async fn certify(settings: &CaClient, bundle: &TrustBundle) -> Result<Creden
     Ok(creds)
 }
 
-fn unix(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
-
 /// Keeps this proxy's certificate from the CA in `store` until `stop`.
 pub async fn run(
     settings: CaClient,
@@ -162,9 +158,9 @@ pub async fn run(
         }
         // Never present an expired certificate.
         if let Some(tls) = store.current()
-            && tls.not_after <= now
+            && tls.creds.not_after <= now
         {
-            tracing::warn!(identity = %tls.id, not_after = ?tls.not_after, "certificate expired; presenting none until the CA answers");
+            tracing::warn!(identity = %tls.creds.id, not_after = ?tls.creds.not_after, "certificate expired; presenting none until the CA answers");
             store.clear();
             metrics.identity_expiry.set(0);
         }
@@ -177,10 +173,10 @@ pub async fn run(
             };
             match issued {
                 Ok(tls) => {
-                    renew = renew_at(SystemTime::now(), tls.not_after, fastrand::f64());
+                    renew = renew_at(SystemTime::now(), tls.creds.not_after, fastrand::f64());
                     attempt = 0;
-                    tracing::info!(identity = %tls.id, not_after = unix(tls.not_after), renew_at = unix(renew), "certificate issued by the CA");
-                    metrics.identity_expiry.set(unix(tls.not_after));
+                    tracing::info!(identity = %tls.creds.id, not_after = tls.expiry_unix(), renew_at = unix_seconds(renew), "certificate issued by the CA");
+                    metrics.identity_expiry.set(tls.expiry_unix());
                     metrics.identity_reloads.get_or_create(&ResultLabels { result: "ok" }).inc();
                     store.set(tls);
                 }
@@ -191,12 +187,12 @@ pub async fn run(
                         settings.backoff_min,
                         settings.backoff_max,
                         now,
-                        current.as_ref().map(|t| t.not_after),
+                        current.as_ref().map(|t| t.creds.not_after),
                     );
                     attempt = attempt.saturating_add(1);
                     renew = now + delay;
                     metrics.identity_reloads.get_or_create(&ResultLabels { result: "error" }).inc();
-                    tracing::warn!(%error, retry_in = ?delay, keeping = ?current.map(|t| unix(t.not_after)), "no certificate from the CA; keeping the valid one");
+                    tracing::warn!(%error, retry_in = ?delay, keeping = ?current.map(|t| t.expiry_unix()), "no certificate from the CA; keeping the valid one");
                 }
             }
         }
@@ -216,7 +212,7 @@ pub async fn run(
 mod tests {
     use super::*;
 
-    const T0: SystemTime = UNIX_EPOCH;
+    const T0: SystemTime = SystemTime::UNIX_EPOCH;
 
     #[test]
     fn renewal_is_at_half_life_less_up_to_a_tenth() {

@@ -89,13 +89,12 @@ pub enum IdentitySource {
 
 /// One loaded identity, ready to accept and connect.
 pub struct MeshTls {
-    pub id: SpiffeId,
+    /// The certificate chain and key (its identity and validity are read from here).
     pub creds: Credentials,
     pub bundle: TrustBundle,
     /// This proxy as a peer (identity, principal, namespace), built once per load; the workload
     /// is filled in by `Shared::local_peer`.
     pub peer: Peer,
-    pub not_after: SystemTime,
     acceptor: TlsAcceptor,
     connectors: [(Tunnel, TlsConnector); 3],
 }
@@ -104,7 +103,7 @@ impl std::fmt::Debug for MeshTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MeshTls")
             .field("id", &self.peer.principal)
-            .field("not_after", &self.not_after)
+            .field("not_after", &self.creds.not_after)
             .finish()
     }
 }
@@ -113,14 +112,17 @@ impl MeshTls {
     pub fn new(creds: &Credentials, bundle: &TrustBundle) -> Result<MeshTls, Error> {
         let connector = |t| Ok::<_, Error>((t, TlsConnector::from(mesh::client_config(creds, bundle, t)?)));
         Ok(MeshTls {
-            id: creds.id.clone(),
             creds: creds.clone(),
             bundle: bundle.clone(),
             peer: Peer::new(Some(creds.id.clone()), ""),
-            not_after: creds.not_after,
             acceptor: TlsAcceptor::from(mesh::server_config(creds, bundle)?),
             connectors: [connector(Tunnel::Http2)?, connector(Tunnel::Http1)?, connector(Tunnel::Tcp)?],
         })
+    }
+
+    /// When the certificate expires, Unix seconds (metrics, `/ready`, logs).
+    pub fn expiry_unix(&self) -> i64 {
+        unix_seconds(self.creds.not_after)
     }
 
     /// Reads and checks the three files.
@@ -145,6 +147,11 @@ impl MeshTls {
         // The array holds every tunnel kind.
         &self.connectors.iter().find(|(t, _)| *t == tunnel).unwrap_or(&self.connectors[0]).1
     }
+}
+
+/// `t` as Unix seconds (0 before the epoch).
+pub fn unix_seconds(t: SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// The current identity, swapped whole on reload; `None` until one loads, without a source, or

@@ -10,7 +10,6 @@
 //! RSS are its alone; both are read after every round, so growth per issued certificate shows.
 
 use std::{
-    net::SocketAddr,
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
@@ -39,20 +38,14 @@ struct Args {
     rounds: usize,
     #[arg(long, default_value = "bench/results/ca.json")]
     out: PathBuf,
-    /// Internal: run the operator (the child process).
-    #[arg(long, hide = true)]
-    serve: Option<SocketAddr>,
-    #[arg(long, hide = true)]
-    serve_admin: Option<SocketAddr>,
-    #[arg(long, hide = true)]
-    serve_namespace: Option<String>,
+    #[command(flatten)]
+    serve: operator_process::ServeArgs,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    if let (Some(grpc), Some(admin), Some(ns)) = (args.serve, args.serve_admin, args.serve_namespace.clone())
-    {
-        return operator_process::serve(grpc, admin, ns);
+    if let Some(served) = args.serve.serve_if_asked() {
+        return served;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(bench(args))

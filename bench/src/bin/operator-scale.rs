@@ -55,20 +55,14 @@ struct Args {
     changes: usize,
     #[arg(long, default_value = "bench/results/operator-scale.json")]
     out: PathBuf,
-    /// Internal: run the operator (the child process).
-    #[arg(long, hide = true)]
-    serve: Option<SocketAddr>,
-    #[arg(long, hide = true)]
-    serve_admin: Option<SocketAddr>,
-    #[arg(long, hide = true)]
-    serve_namespace: Option<String>,
+    #[command(flatten)]
+    serve: operator_process::ServeArgs,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    if let (Some(grpc), Some(admin), Some(ns)) = (args.serve, args.serve_admin, args.serve_namespace.clone())
-    {
-        return operator_process::serve(grpc, admin, ns);
+    if let Some(served) = args.serve.serve_if_asked() {
+        return served;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(bench(args))
