@@ -624,13 +624,16 @@ fn traffic_policy(t: &net::TrafficPolicy) -> pb::TrafficPolicy {
                 net::SimpleLb::RoundRobin => pb::load_balancer::Policy::RoundRobin,
                 net::SimpleLb::LeastRequest => pb::load_balancer::Policy::LeastRequest,
             } as i32,
+            ..Default::default()
         }),
         connection_pool: t.connection_pool.as_ref().map(|_| pb::ConnectionPool {
             connect_timeout_ms: ms(tcp.and_then(|t| t.connect_timeout.as_ref())),
             idle_timeout_ms: ms(http
                 .and_then(|h| h.idle_timeout.as_ref())
                 .or(tcp.and_then(|t| t.idle_timeout.as_ref()))),
+            ..Default::default()
         }),
+        ..Default::default()
     }
 }
 

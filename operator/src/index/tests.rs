@@ -381,7 +381,7 @@ fn conflicting_destination_rules_oldest_wins_and_policies_translate() {
     assert_eq!(tp.load_balancer.unwrap().policy(), pb::load_balancer::Policy::RoundRobin);
     assert_eq!(
         tp.connection_pool.unwrap(),
-        pb::ConnectionPool { connect_timeout_ms: 250, idle_timeout_ms: 60_000 }
+        pb::ConnectionPool { connect_timeout_ms: 250, idle_timeout_ms: 60_000, ..Default::default() }
     );
     assert_eq!(svc.subsets.len(), 1);
     assert_eq!(

@@ -158,7 +158,7 @@ pub fn compile(config: pb::ProxyConfig, previous: Option<&Snapshot>) -> Result<S
             name: Arc::from(name.as_str()),
             ports,
             subsets,
-            policy: svc.traffic_policy,
+            policy: svc.traffic_policy.clone(),
         });
     }
 
@@ -233,7 +233,7 @@ impl Clusters<'_, '_> {
                     host: shape.name.to_string(),
                     subset: s.to_owned(),
                 })?;
-                (Some(&sub.labels), sub.traffic_policy)
+                (Some(&sub.labels), sub.traffic_policy.clone())
             }
         };
         let port_shape = shape.ports.iter().find(|p| p.number == port).ok_or_else(|| Error::UnknownPort {
@@ -241,7 +241,7 @@ impl Clusters<'_, '_> {
             host: shape.name.to_string(),
             port: port.into(),
         })?;
-        let policy = subset_policy.or(shape.policy).unwrap_or_default();
+        let policy = subset_policy.or_else(|| shape.policy.clone()).unwrap_or_default();
         let pool = policy.connection_pool.unwrap_or_default();
         let ms = |v: u32| (v > 0).then(|| Duration::from_millis(v.into()));
         let cluster = Arc::new(Cluster {
