@@ -378,14 +378,14 @@ fn conflicting_destination_rules_oldest_wins_and_policies_translate() {
     let r = index.resolve();
     let svc = &r.services[REVIEWS];
     let tp = svc.traffic_policy.as_ref().unwrap();
-    assert_eq!(tp.load_balancer.unwrap().policy(), pb::load_balancer::Policy::RoundRobin);
+    assert_eq!(tp.load_balancer.as_ref().unwrap().policy(), pb::load_balancer::Policy::RoundRobin);
     assert_eq!(
         tp.connection_pool.unwrap(),
         pb::ConnectionPool { connect_timeout_ms: 250, idle_timeout_ms: 60_000, ..Default::default() }
     );
     assert_eq!(svc.subsets.len(), 1);
     assert_eq!(
-        svc.subsets[0].traffic_policy.as_ref().unwrap().load_balancer.unwrap().policy(),
+        svc.subsets[0].traffic_policy.as_ref().unwrap().load_balancer.as_ref().unwrap().policy(),
         pb::load_balancer::Policy::Random
     );
     let first = status(&r, Kind::DestinationRule, NS, "first");
