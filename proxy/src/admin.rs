@@ -145,6 +145,7 @@ mod tests {
             identity: Default::default(),
             drain: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            mirrors: Arc::new(tokio::sync::Semaphore::new(1)),
         };
         let shutdown = CancellationToken::new();
         let post = Request::post("/shutdown").body(()).unwrap();

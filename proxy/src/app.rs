@@ -19,12 +19,7 @@ use crate::{
     admin,
     config::{Protocol, Snapshot, Store, control_plane, file::FileSource},
     detect::{self, Detected},
-    http::{
-        Direction, INBOUND, PASSTHROUGH,
-        observe::AccessLog,
-        router::{ConnInfo, pick_endpoint, pick_target},
-        server,
-    },
+    http::{Direction, INBOUND, PASSTHROUGH, observe::AccessLog, router::ConnInfo, server},
     io::PrefixedIo,
     metrics::{HandshakeLabels, ListenerLabels, Metrics, PeerLabels, ResultLabels, TcpLabels},
     settings::{ExplicitListener, Settings},
@@ -57,6 +52,8 @@ pub struct Shared {
     pub drain: CancellationToken,
     /// Every connection task, so drain can wait for them.
     pub tracker: TaskTracker,
+    /// Mirrored copies in flight (`http::mirror::MAX_IN_FLIGHT` at most).
+    pub mirrors: Arc<Semaphore>,
 }
 
 impl Shared {
@@ -229,6 +226,7 @@ pub async fn start_with(
         identity,
         drain: CancellationToken::new(),
         tracker: TaskTracker::new(),
+        mirrors: Arc::new(Semaphore::new(crate::http::mirror::MAX_IN_FLIGHT)),
     });
 
     match settings.identity.clone() {
@@ -689,11 +687,11 @@ fn tcp_destination(
     };
     match service {
         Some((svc, port)) => {
-            let cluster = match svc.tcp_routes.first().and_then(|split| pick_target(&split.targets)) {
+            let cluster = match svc.tcp_routes.first().and_then(|split| split.pick()) {
                 Some(target) => target.cluster(Some(port)),
                 None => &svc.port_or_only(Some(port))?.cluster,
             };
-            let endpoint = pick_endpoint(cluster)?.clone();
+            let endpoint = cluster.pick(None, &[])?.clone();
             Some((endpoint, svc.name.clone()))
         }
         None => dst.map(|d| {

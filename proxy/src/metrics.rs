@@ -9,7 +9,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{http::Direction, upstream::Peer};
+use crate::{
+    http::{Direction, error::Flags},
+    upstream::Peer,
+};
 
 /// Request latency buckets, in seconds (0.5 ms to 30 s).
 const BUCKETS: [f64; 15] =
@@ -24,6 +27,21 @@ pub struct RequestLabels {
     pub response_code: u16,
     pub grpc_status: String,
     pub tls: bool,
+    /// Envoy's flags for what the proxy did (`UF`, `UO`, `FI`, ...); empty for a plain answer.
+    pub response_flags: Flags,
+}
+
+/// One destination (`service|subset|port`) and what happened: a bounded set, as clusters come
+/// from the config.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabels {
+    pub cluster: Arc<str>,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterOnlyLabels {
+    pub cluster: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -105,6 +123,14 @@ pub struct Metrics {
     /// When this proxy's certificate expires (Unix seconds; 0 without one).
     pub identity_expiry: Gauge,
     pub tls_handshakes: Family<HandshakeLabels, Counter>,
+    /// Retries by result: `sent`, `budget_exhausted`, `overflow`, `not_replayable`.
+    pub retries: Family<ClusterLabels, Counter>,
+    /// Mirrored copies by result: `sent`, `dropped` (too many in flight), `failed`.
+    pub mirrors: Family<ClusterLabels, Counter>,
+    /// Requests answered at once because a connection-pool limit was reached.
+    pub overflows: Family<ClusterLabels, Counter>,
+    pub ejections: Family<ClusterOnlyLabels, Counter>,
+    pub ejected: Family<ClusterOnlyLabels, Gauge>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -130,6 +156,11 @@ impl Default for Metrics {
         let identity_reloads = Family::default();
         let identity_expiry = Gauge::default();
         let tls_handshakes = Family::default();
+        let retries = Family::default();
+        let mirrors = Family::default();
+        let overflows = Family::default();
+        let ejections = Family::default();
+        let ejected = Family::default();
         registry.register(
             "weft_requests",
             "HTTP and gRPC requests, counted when the response ends",
@@ -183,6 +214,27 @@ impl Default for Metrics {
             "Mesh mTLS handshakes by side and result",
             tls_handshakes.clone(),
         );
+        registry.register("weft_retries", "Retries by destination and result", retries.clone());
+        registry.register(
+            "weft_mirror_requests",
+            "Mirrored copies by destination and result",
+            mirrors.clone(),
+        );
+        registry.register(
+            "weft_pool_overflows",
+            "Requests answered 503 UO at once because a connection-pool limit was reached",
+            overflows.clone(),
+        );
+        registry.register(
+            "weft_outlier_ejections",
+            "Endpoints ejected by outlier detection",
+            ejections.clone(),
+        );
+        registry.register(
+            "weft_outlier_ejected_endpoints",
+            "Endpoints out of balancing now",
+            ejected.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -198,6 +250,11 @@ impl Default for Metrics {
             identity_reloads,
             identity_expiry,
             tls_handshakes,
+            retries,
+            mirrors,
+            overflows,
+            ejections,
+            ejected,
         }
     }
 }
@@ -232,6 +289,7 @@ mod tests {
             response_code: 200,
             grpc_status: String::new(),
             tls: true,
+            response_flags: Flags::UF | Flags::URX,
         };
         m.requests.get_or_create(&labels).inc();
         m.request_duration.get_or_create(&labels).observe(0.003);
@@ -244,7 +302,7 @@ mod tests {
         m.tcp_sent_bytes.get_or_create(&tcp).inc_by(10);
         let text = m.encode();
         for want in [
-            "weft_requests_total{direction=\"outbound\",source_workload=\"productpage\",source_namespace=\"prod\",source_principal=\"\",destination_workload=\"reviews-v1\",destination_namespace=\"prod\",destination_principal=\"spiffe://td/ns/prod/sa/reviews\",destination_service=\"reviews\",response_code=\"200\",grpc_status=\"\",tls=\"true\"} 1",
+            "weft_requests_total{direction=\"outbound\",source_workload=\"productpage\",source_namespace=\"prod\",source_principal=\"\",destination_workload=\"reviews-v1\",destination_namespace=\"prod\",destination_principal=\"spiffe://td/ns/prod/sa/reviews\",destination_service=\"reviews\",response_code=\"200\",grpc_status=\"\",tls=\"true\",response_flags=\"UF,URX\"} 1",
             "weft_request_duration_seconds_bucket{",
             "weft_tcp_sent_bytes_total{direction=\"inbound\",source_workload=\"reviews-v1\",source_namespace=\"prod\",source_principal=\"spiffe://td/ns/prod/sa/reviews\",destination_workload=\"productpage\",destination_namespace=\"prod\",destination_principal=\"\",destination_service=\"db\",tls=\"false\"} 10",
             "# TYPE weft_tcp_sent_bytes counter",

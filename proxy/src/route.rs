@@ -212,6 +212,9 @@ mod tests {
             request_headers: HeaderOps::default(),
             response_headers: HeaderOps::default(),
             timeout: None,
+            fault: None,
+            retry: Default::default(),
+            mirror: None,
         }
     }
 

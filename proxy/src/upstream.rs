@@ -25,7 +25,7 @@ use tokio::{net::TcpStream, time::Instant};
 use tokio_util::either::Either;
 use weft_identity::{SpiffeId, Tunnel};
 
-use crate::{balance::Load, http::Body, tls::MeshTls};
+use crate::{balance::Load, http::Body, resilience::outlier::Health, tls::MeshTls};
 
 /// A connection to an endpoint: plain, or a mesh tunnel (boxed, so plain connections do not
 /// carry the TLS state's size).
@@ -56,6 +56,8 @@ pub struct ConnectOpts {
     /// The proxy has an identity source: without a certificate at hand (not issued yet, or
     /// expired), a meshed endpoint is refused rather than reached in plain text.
     pub require_mesh: bool,
+    /// A connection is closed after carrying this many requests; 0: never.
+    pub max_requests_per_connection: u32,
 }
 
 impl ConnectOpts {
@@ -71,6 +73,7 @@ impl ConnectOpts {
             idle_timeout: cluster.and_then(|c| c.idle_timeout).unwrap_or(timeouts.upstream_idle),
             mesh,
             require_mesh,
+            max_requests_per_connection: cluster.map_or(0, |c| c.limits.max_requests_per_connection),
         }
     }
 }
@@ -115,6 +118,21 @@ pub enum Error {
 }
 
 impl Error {
+    /// The HTTP/2 server refused the stream (REFUSED_STREAM): it did not process the request.
+    pub fn is_refused_stream(&self) -> bool {
+        let Error::Request { source, .. } = self else { return false };
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(source);
+        while let Some(e) = cause {
+            if let Some(h2) = e.downcast_ref::<h2::Error>() {
+                return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+            }
+            cause = e.source();
+        }
+        false
+    }
+}
+
+impl Error {
     /// Failed before any byte of the request could reach the endpoint.
     pub fn is_connect(&self) -> bool {
         matches!(
@@ -134,8 +152,11 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     pub peer: Peer,
     pub load: Arc<Load>,
+    /// Outlier detection's failure counts and ejection.
+    pub health: Health,
     h1: Mutex<H1Pool>,
-    h2: Mutex<Option<http2::SendRequest<Body>>>,
+    /// The multiplexed connection, with the number of requests it has carried.
+    h2: Mutex<Option<(http2::SendRequest<Body>, u32)>>,
     /// Held while an HTTP/2 connection is being established, so concurrent requests share it.
     h2_connecting: tokio::sync::Mutex<()>,
 }
@@ -153,6 +174,8 @@ struct H1Pool {
 struct H1Conn {
     sender: http1::SendRequest<Body>,
     used: Instant,
+    /// Requests carried so far.
+    requests: u32,
 }
 
 /// How often a checkout walks the whole pool to drop closed and expired connections; in
@@ -170,6 +193,7 @@ impl Endpoint {
             addr,
             peer,
             load: Arc::new(Load::new(Instant::now())),
+            health: Health::new(Instant::now()),
             h1: Mutex::new(H1Pool::default()),
             h2: Mutex::new(None),
             h2_connecting: tokio::sync::Mutex::new(()),
@@ -193,10 +217,10 @@ impl Endpoint {
     async fn send_h1(&self, mut req: Request<Body>, opts: &ConnectOpts) -> Result<Response<Incoming>, Error> {
         // A pooled connection can be closed by the server at any moment; hyper hands the request
         // back when it was not sent, and then a fresh connection takes it.
-        if let Some(mut sender) = self.checkout_h1(opts.idle_timeout) {
+        if let Some((mut sender, requests)) = self.checkout_h1(opts.idle_timeout) {
             match sender.try_send_request(req).await {
                 Ok(res) => {
-                    self.checkin_h1(sender);
+                    self.checkin_h1(sender, requests + 1, opts);
                     return Ok(res);
                 }
                 Err(mut e) => match e.take_message() {
@@ -208,11 +232,11 @@ impl Endpoint {
         let mut sender = self.connect_h1(opts).await?;
         let res =
             sender.send_request(req).await.map_err(|source| Error::Request { addr: self.addr, source })?;
-        self.checkin_h1(sender);
+        self.checkin_h1(sender, 1, opts);
         Ok(res)
     }
 
-    fn checkout_h1(&self, idle_timeout: Duration) -> Option<http1::SendRequest<Body>> {
+    fn checkout_h1(&self, idle_timeout: Duration) -> Option<(http1::SendRequest<Body>, u32)> {
         let now = Instant::now();
         let mut pool = self.h1.lock().unwrap_or_else(|e| e.into_inner());
         let fresh = |c: &H1Conn| now.saturating_duration_since(c.used) < idle_timeout;
@@ -225,15 +249,21 @@ impl Endpoint {
             pool.pruned = Some(now);
         }
         let i = pool.conns.iter().rposition(|c| c.sender.is_ready() && fresh(c))?;
-        Some(pool.conns.swap_remove(i).sender)
+        let conn = pool.conns.swap_remove(i);
+        Some((conn.sender, conn.requests))
     }
 
     /// Returns a connection with a request in flight; it is handed out again once the response
-    /// body is done and hyper reports it ready.
-    fn checkin_h1(&self, sender: http1::SendRequest<Body>) {
+    /// body is done and hyper reports it ready. One that carried its last request is dropped
+    /// instead, which closes it once that response is done.
+    fn checkin_h1(&self, sender: http1::SendRequest<Body>, requests: u32, opts: &ConnectOpts) {
+        let max = opts.max_requests_per_connection;
+        if max > 0 && requests >= max {
+            return;
+        }
         let mut pool = self.h1.lock().unwrap_or_else(|e| e.into_inner());
         if pool.conns.len() < MAX_H1_CONNS {
-            pool.conns.push(H1Conn { sender, used: Instant::now() });
+            pool.conns.push(H1Conn { sender, used: Instant::now(), requests });
         }
     }
 
@@ -253,7 +283,19 @@ impl Endpoint {
     }
 
     async fn send_h2(&self, req: Request<Body>, opts: &ConnectOpts) -> Result<Response<Incoming>, Error> {
-        let cached = || self.h2.lock().unwrap_or_else(|e| e.into_inner()).clone().filter(|s| !s.is_closed());
+        let max = opts.max_requests_per_connection;
+        // The cached connection, counting this request, unless it is closed or used up (then a
+        // new one replaces it; the old one finishes its streams and closes).
+        let cached = || {
+            let mut h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+            match h2.as_mut() {
+                Some((s, n)) if !s.is_closed() && (max == 0 || *n < max) => {
+                    *n += 1;
+                    Some(s.clone())
+                }
+                _ => None,
+            }
+        };
         let mut sender = match cached() {
             Some(s) => s,
             None => {
@@ -263,7 +305,7 @@ impl Endpoint {
                     Some(s) => s,
                     None => {
                         let s = self.connect_h2(opts).await?;
-                        *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(s.clone());
+                        *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some((s.clone(), 1));
                         s
                     }
                 }

@@ -11,14 +11,16 @@ use std::{
 };
 
 use http::{HeaderName, HeaderValue, StatusCode};
-use weft_proto::v1::{self as pb, load_balancer, string_match::Kind};
+use weft_proto::v1::{self as pb, consistent_hash, load_balancer, string_match::Kind};
 
 use super::{
     Action, Cluster, HeaderOps, HttpRoute, Port, Protocol, Redirect, Rewrite, Service, Snapshot, Split,
     Target,
+    policy::{self, Abort, Fault, HashOn, Mirror, RetryOn, RetryPolicy, Share},
 };
 use crate::{
     balance::Policy,
+    resilience::{budget::BudgetPolicy, limits::PoolLimits, outlier::OutlierPolicy},
     route::{Match, StrMatch},
     upstream::{Endpoint, Peer},
 };
@@ -62,8 +64,8 @@ pub enum Error {
     BadScheme { at: String, scheme: String },
     #[error("{at}: {why}")]
     BadIdentity { at: String, why: String },
-    #[error("{at}: {field} is not supported by this proxy yet")]
-    Unsupported { at: String, field: &'static str },
+    #[error("{at}: {why}")]
+    BadPolicy { at: String, why: String },
 }
 
 /// Compiles `config`, reusing the endpoints of `previous` that it keeps.
@@ -163,7 +165,7 @@ pub fn compile(config: pb::ProxyConfig, previous: Option<&Snapshot>) -> Result<S
     }
 
     // Pass 2: routes, resolving destinations to clusters.
-    let mut clusters = Clusters { shapes: &shapes, by_host: &by_host, cache: HashMap::new() };
+    let mut clusters = Clusters { shapes: &shapes, by_host: &by_host, cache: HashMap::new(), previous };
     let mut services = Vec::with_capacity(shapes.len());
     for (i, (svc, shape)) in config.services.iter().zip(&shapes).enumerate() {
         let at = format!("services[{i}]");
@@ -193,7 +195,16 @@ pub fn compile(config: pb::ProxyConfig, previous: Option<&Snapshot>) -> Result<S
         services.push(Arc::new(Service { name: shape.name.clone(), ports, http_routes, tcp_routes }));
     }
 
-    Ok(Snapshot { version: config.version.clone(), source: config, services, by_host, by_addr, endpoints })
+    let cluster_states = clusters.cache.values().map(|c| (c.name.clone(), c.state.clone())).collect();
+    Ok(Snapshot {
+        version: config.version.clone(),
+        source: config,
+        services,
+        by_host,
+        by_addr,
+        endpoints,
+        cluster_states,
+    })
 }
 
 struct ServiceShape<'a> {
@@ -216,6 +227,7 @@ struct Clusters<'a, 's> {
     shapes: &'a [ServiceShape<'s>],
     by_host: &'a HashMap<String, usize>,
     cache: HashMap<(usize, String, u16), Arc<Cluster>>,
+    previous: Option<&'a Snapshot>,
 }
 
 impl Clusters<'_, '_> {
@@ -242,12 +254,18 @@ impl Clusters<'_, '_> {
             port: port.into(),
         })?;
         let policy = subset_policy.or_else(|| shape.policy.clone()).unwrap_or_default();
-        let pool = policy.connection_pool.unwrap_or_default();
-        let ms = |v: u32| (v > 0).then(|| Duration::from_millis(v.into()));
+        let at_policy = if subset.is_empty() {
+            format!("{at} (service {} trafficPolicy)", shape.name)
+        } else {
+            format!("{at} (subset {subset} trafficPolicy)")
+        };
+        let resolved = resolve_policy(&policy, port, &at_policy)?;
+        let name: Arc<str> = Arc::from(format!("{}|{subset}|{port}", shape.name));
+        let state = self.previous.and_then(|p| p.cluster_state(&name)).cloned().unwrap_or_default();
         let cluster = Arc::new(Cluster {
-            name: Arc::from(format!("{}|{subset}|{port}", shape.name)),
+            name,
             protocol: port_shape.protocol,
-            policy: lb_policy(policy.load_balancer.map(|l| l.policy()).unwrap_or_default()),
+            policy: resolved.balance,
             endpoints: port_shape
                 .endpoints
                 .iter()
@@ -255,8 +273,13 @@ impl Clusters<'_, '_> {
                 .map(|(e, _)| e.clone())
                 .collect(),
             rr: AtomicUsize::new(0),
-            connect_timeout: ms(pool.connect_timeout_ms),
-            idle_timeout: ms(pool.idle_timeout_ms),
+            connect_timeout: resolved.connect_timeout,
+            idle_timeout: resolved.idle_timeout,
+            hash: resolved.hash,
+            limits: resolved.limits,
+            outlier: resolved.outlier,
+            budget: resolved.budget,
+            state,
         });
         self.cache.insert(key, cluster.clone());
         Ok(cluster)
@@ -288,6 +311,101 @@ impl Clusters<'_, '_> {
     }
 }
 
+/// A destination's policy for one port, validated.
+struct ResolvedPolicy {
+    balance: Policy,
+    hash: Option<HashOn>,
+    connect_timeout: Option<Duration>,
+    idle_timeout: Option<Duration>,
+    limits: PoolLimits,
+    outlier: Option<OutlierPolicy>,
+    budget: BudgetPolicy,
+}
+
+fn ms(v: u32) -> Option<Duration> {
+    (v > 0).then(|| Duration::from_millis(v.into()))
+}
+
+fn percent(value: f64, at: &str) -> Result<f64, Error> {
+    if (0.0..=100.0).contains(&value) {
+        Ok(value)
+    } else {
+        Err(Error::BadPolicy { at: at.to_owned(), why: format!("{value} is not a percentage (0 to 100)") })
+    }
+}
+
+/// The policy for `port`: the port's own settings replace the policy's parts of the same kind.
+fn resolve_policy(policy: &pb::TrafficPolicy, port: u16, at: &str) -> Result<ResolvedPolicy, Error> {
+    let port_level = policy.port_level_settings.iter().find(|p| p.port == u32::from(port));
+    let lb = port_level.and_then(|p| p.load_balancer.as_ref()).or(policy.load_balancer.as_ref());
+    let pool = port_level.and_then(|p| p.connection_pool.as_ref()).or(policy.connection_pool.as_ref());
+    let outlier = port_level.and_then(|p| p.outlier_detection.as_ref()).or(policy.outlier_detection.as_ref());
+    let pool = pool.cloned().unwrap_or_default();
+    let hash = match lb.and_then(|l| l.consistent_hash.as_ref()).and_then(|h| h.key.as_ref()) {
+        None => None,
+        Some(consistent_hash::Key::HttpHeaderName(name)) => Some(HashOn::Header(
+            HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()).map_err(|_| {
+                Error::BadHeaderName { at: format!("{at}.loadBalancer.consistentHash"), name: name.clone() }
+            })?,
+        )),
+        Some(consistent_hash::Key::HttpCookie(c)) if !c.name.is_empty() => Some(HashOn::Cookie {
+            name: c.name.clone(),
+            path: (!c.path.is_empty()).then(|| c.path.clone()),
+            ttl: ms(c.ttl_ms),
+        }),
+        Some(consistent_hash::Key::UseSourceIp(true)) => Some(HashOn::SourceIp),
+        Some(consistent_hash::Key::HttpQueryParameterName(q)) if !q.is_empty() => {
+            Some(HashOn::QueryParameter(q.clone()))
+        }
+        Some(_) => {
+            return Err(Error::BadPolicy {
+                at: format!("{at}.loadBalancer.consistentHash"),
+                why: "a hash key needs a header name, a cookie name, useSourceIp: true or a query parameter name"
+                    .into(),
+            });
+        }
+    };
+    let outlier = match outlier {
+        Some(o) if o.consecutive_5xx_errors > 0 || o.consecutive_gateway_errors > 0 => {
+            let at = format!("{at}.outlierDetection");
+            percent(f64::from(o.max_ejection_percent), &format!("{at}.maxEjectionPercent"))?;
+            percent(f64::from(o.min_health_percent), &format!("{at}.minHealthPercent"))?;
+            Some(OutlierPolicy {
+                consecutive_5xx: o.consecutive_5xx_errors,
+                consecutive_gateway: o.consecutive_gateway_errors,
+                base_ejection: ms(o.base_ejection_time_ms).unwrap_or(Duration::from_secs(30)),
+                max_ejection_percent: o.max_ejection_percent,
+                min_health_percent: o.min_health_percent,
+                interval: ms(o.interval_ms).unwrap_or(Duration::from_secs(10)),
+            })
+        }
+        _ => None,
+    };
+    let budget = match &policy.retry_budget {
+        None => BudgetPolicy::default(),
+        Some(b) => BudgetPolicy {
+            percent: percent(b.percent, &format!("{at}.retryBudget.percent"))?,
+            min_per_second: b.min_retries_per_second,
+            window: ms(b.window_ms).unwrap_or(BudgetPolicy::default().window),
+        },
+    };
+    Ok(ResolvedPolicy {
+        balance: lb_policy(lb.map(|l| l.policy()).unwrap_or_default()),
+        hash,
+        connect_timeout: ms(pool.connect_timeout_ms),
+        idle_timeout: ms(pool.idle_timeout_ms),
+        limits: PoolLimits {
+            max_connections: pool.max_connections,
+            max_pending: pool.max_pending_requests,
+            max_requests: pool.max_requests,
+            max_requests_per_connection: pool.max_requests_per_connection,
+            max_retries: pool.max_retries,
+        },
+        outlier,
+        budget,
+    })
+}
+
 fn protocol(p: pb::Protocol) -> Protocol {
     match p {
         pb::Protocol::Unspecified => Protocol::Detect,
@@ -307,12 +425,6 @@ fn lb_policy(p: load_balancer::Policy) -> Policy {
 }
 
 fn http_route(r: &pb::HttpRoute, at: &str, clusters: &mut Clusters<'_, '_>) -> Result<HttpRoute, Error> {
-    if r.retries.as_ref().is_some_and(|x| *x != pb::Retry::default()) {
-        return Err(Error::Unsupported { at: format!("{at}.retries"), field: "retries" });
-    }
-    if r.fault.as_ref().is_some_and(|x| *x != pb::Fault::default()) {
-        return Err(Error::Unsupported { at: format!("{at}.fault"), field: "fault" });
-    }
     let matches = r
         .matches
         .iter()
@@ -350,7 +462,64 @@ fn http_route(r: &pb::HttpRoute, at: &str, clusters: &mut Clusters<'_, '_>) -> R
         rewrite,
         request_headers: header_ops(r.request_headers.as_ref(), &format!("{at}.requestHeaders"))?,
         response_headers: header_ops(r.response_headers.as_ref(), &format!("{at}.responseHeaders"))?,
-        timeout: (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms.into())),
+        timeout: ms(r.timeout_ms),
+        fault: r.fault.as_ref().map(|f| fault(f, &format!("{at}.fault"))).transpose()?.flatten(),
+        retry: r
+            .retries
+            .as_ref()
+            .map(|x| retry(x, &format!("{at}.retries")))
+            .transpose()?
+            .unwrap_or_default(),
+        mirror: match &r.mirror {
+            None => None,
+            Some(dest) => {
+                let (service, cl) = clusters.destination(dest, &format!("{at}.mirror"))?;
+                let share = Share::percent(percent(r.mirror_percent, &format!("{at}.mirrorPercent"))?);
+                (!share.is_zero()).then_some(Mirror { service, clusters: cl, share })
+            }
+        },
+    })
+}
+
+/// A fault that can never fire compiles to none.
+fn fault(f: &pb::Fault, at: &str) -> Result<Option<Fault>, Error> {
+    let delay = match ms(f.delay_ms) {
+        Some(d) => Some((d, Share::percent(percent(f.delay_percent, &format!("{at}.delayPercent"))?))),
+        None => None,
+    };
+    let abort = match (f.abort_http_status, f.abort_grpc_status) {
+        (0, 0) => None,
+        (_, g @ 1..=16) => Some(Abort::Grpc(g)),
+        (0, g) => {
+            return Err(Error::BadPolicy {
+                at: format!("{at}.abortGrpcStatus"),
+                why: format!("{g} is not a gRPC status code (1 to 16)"),
+            });
+        }
+        (code, _) => match StatusCode::from_u16(u16::try_from(code).unwrap_or(0)) {
+            Ok(s) if (200..600).contains(&code) => Some(Abort::Http(s)),
+            _ => return Err(Error::BadStatus { at: format!("{at}.abortHttpStatus"), code }),
+        },
+    };
+    let abort = match abort {
+        Some(a) => Some((a, Share::percent(percent(f.abort_percent, &format!("{at}.abortPercent"))?))),
+        None => None,
+    };
+    let fault =
+        Fault { delay: delay.filter(|(_, s)| !s.is_zero()), abort: abort.filter(|(_, s)| !s.is_zero()) };
+    Ok((fault.delay.is_some() || fault.abort.is_some()).then_some(fault))
+}
+
+fn retry(r: &pb::Retry, at: &str) -> Result<RetryPolicy, Error> {
+    let on = match r.retry_on.trim() {
+        "" => RetryOn::default_conditions(),
+        list => RetryOn::parse(list).map_err(|why| Error::BadPolicy { at: format!("{at}.retryOn"), why })?,
+    };
+    Ok(RetryPolicy {
+        attempts: r.attempts,
+        per_try_timeout: ms(r.per_try_timeout_ms),
+        on,
+        backoff: ms(r.backoff_ms).unwrap_or(policy::DEFAULT_BACKOFF),
     })
 }
 
@@ -584,8 +753,33 @@ services:
                 "services[0].httpRoutes[0].route: at least one destination",
             ),
             (
-                BASE.replace("name: moved", "name: moved\n        retries: {attempts: 3}"),
-                "services[0].httpRoutes[1].retries: retries is not supported",
+                BASE.replace(
+                    "name: split",
+                    "name: split\n        retries: {attempts: 3, retryOn: \"5xx,teapot\"}",
+                ),
+                "services[0].httpRoutes[0].retries.retryOn: unknown retry condition \"teapot\"",
+            ),
+            (
+                BASE.replace(
+                    "name: split",
+                    "name: split\n        fault: {abortHttpStatus: 700, abortPercent: 5}",
+                ),
+                "services[0].httpRoutes[0].fault.abortHttpStatus: invalid status code 700",
+            ),
+            (
+                BASE.replace("name: split", "name: split\n        fault: {delayMs: 10, delayPercent: 101}"),
+                "services[0].httpRoutes[0].fault.delayPercent: 101 is not a percentage",
+            ),
+            (
+                BASE.replace("name: split", "name: split\n        mirror: {host: nope}"),
+                "services[0].httpRoutes[0].mirror: no service named \"nope\"",
+            ),
+            (
+                BASE.replace(
+                    "trafficPolicy: {loadBalancer: {policy: ROUND_ROBIN}}",
+                    "trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: \"bad header\"}}}",
+                ),
+                "services[0].httpRoutes[0].route[1].destination (subset v2 trafficPolicy).loadBalancer.consistentHash: invalid header name",
             ),
             (
                 BASE.replace("aliases: [reviews]", "aliases: [reviews, REVIEWS]"),

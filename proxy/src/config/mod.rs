@@ -5,6 +5,7 @@
 mod compile;
 pub mod control_plane;
 pub mod file;
+pub mod policy;
 
 use std::{
     collections::HashMap,
@@ -21,7 +22,18 @@ use weft_proto::v1::ProxyConfig;
 
 pub use compile::{Error, compile};
 
-use crate::{balance::Policy, route::Match, upstream::Endpoint};
+use crate::{
+    balance::Policy,
+    resilience::{
+        ClusterState,
+        budget::BudgetPolicy,
+        limits::PoolLimits,
+        outlier::{OutlierPolicy, honour_ejections},
+    },
+    route::Match,
+    upstream::Endpoint,
+};
+use policy::{Fault, HashOn, Mirror, RetryPolicy};
 
 /// How a port's traffic is handled (the proto `Protocol`, compiled).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,6 +55,8 @@ pub struct Snapshot {
     by_addr: HashMap<SocketAddr, usize>,
     /// Every endpoint by address, so the next snapshot can reuse their state.
     endpoints: HashMap<SocketAddr, Arc<Endpoint>>,
+    /// Every cluster's counters by name, so the next snapshot can reuse them.
+    cluster_states: HashMap<Arc<str>, Arc<ClusterState>>,
 }
 
 #[derive(Debug)]
@@ -72,6 +86,13 @@ pub struct Cluster {
     pub rr: AtomicUsize,
     pub connect_timeout: Option<Duration>,
     pub idle_timeout: Option<Duration>,
+    /// Sticky sessions: requests with the same key go to the same endpoint.
+    pub hash: Option<HashOn>,
+    pub limits: PoolLimits,
+    pub outlier: Option<OutlierPolicy>,
+    pub budget: BudgetPolicy,
+    /// Budget and pool counters, carried over from the previous snapshot's cluster of this name.
+    pub state: Arc<ClusterState>,
 }
 
 #[derive(Debug)]
@@ -83,7 +104,11 @@ pub struct HttpRoute {
     pub rewrite: Option<Rewrite>,
     pub request_headers: HeaderOps,
     pub response_headers: HeaderOps,
+    /// Bounds all tries together, response body included.
     pub timeout: Option<Duration>,
+    pub fault: Option<Fault>,
+    pub retry: RetryPolicy,
+    pub mirror: Option<Mirror>,
 }
 
 #[derive(Debug)]
@@ -107,6 +132,86 @@ pub struct Target {
     pub clusters: Vec<(u16, Arc<Cluster>)>,
     pub request_headers: HeaderOps,
     pub response_headers: HeaderOps,
+}
+
+impl Split {
+    /// Picks a target, uniformly at random by weight (per request, or per TCP connection).
+    pub fn pick(&self) -> Option<&Target> {
+        let total: u64 = self.targets.iter().map(|t| u64::from(t.weight)).sum();
+        if self.targets.is_empty() {
+            return None;
+        }
+        let i =
+            crate::route::pick_weighted(self.targets.iter().map(|t| t.weight), fastrand::u64(..total.max(1)));
+        self.targets.get(i)
+    }
+}
+
+impl Cluster {
+    /// Picks an endpoint for a request: by `key` when the cluster hashes (rendezvous hashing, so
+    /// a key keeps its endpoint while that endpoint stays), else by the balancing policy. Skips
+    /// endpoints already `tried` by this request while others remain, and, with outlier
+    /// detection, ejected ones while enough stay in.
+    pub fn pick(&self, key: Option<u64>, tried: &[SocketAddr]) -> Option<&Arc<Endpoint>> {
+        let now = tokio::time::Instant::now();
+        let eps = &self.endpoints;
+        if self.outlier.is_none() && tried.is_empty() && key.is_none() {
+            let i = crate::balance::choose(
+                self.policy,
+                eps.len(),
+                |i| eps[i].load.cost(self.policy, now),
+                &self.rr,
+                |n| fastrand::usize(..n),
+            )?;
+            return eps.get(i);
+        }
+        let mut candidates: Vec<&Arc<Endpoint>> = eps.iter().collect();
+        if let Some(outlier) = &self.outlier {
+            let healthy: Vec<_> = eps.iter().filter(|e| !e.health.is_ejected(now)).collect();
+            if honour_ejections(healthy.len(), eps.len(), outlier.min_health_percent) {
+                candidates = healthy;
+            }
+        }
+        if candidates.iter().any(|e| !tried.contains(&e.addr)) {
+            candidates.retain(|e| !tried.contains(&e.addr));
+        }
+        if let Some(key) = key {
+            return candidates.into_iter().max_by_key(|e| rendezvous(key, e.addr));
+        }
+        let i = crate::balance::choose(
+            self.policy,
+            candidates.len(),
+            |i| candidates[i].load.cost(self.policy, now),
+            &self.rr,
+            |n| fastrand::usize(..n),
+        )?;
+        candidates.get(i).copied()
+    }
+
+    /// The HTTP version to speak to this cluster's endpoints: the port's declared protocol, else
+    /// the downstream's.
+    pub fn upstream_proto(&self, downstream: crate::upstream::Proto) -> crate::upstream::Proto {
+        match self.protocol {
+            Protocol::Http1 => crate::upstream::Proto::Http1,
+            Protocol::Http2 => crate::upstream::Proto::Http2,
+            Protocol::Detect | Protocol::Tcp => downstream,
+        }
+    }
+
+    /// Endpoints out of balancing now (for the ejection share check).
+    pub fn ejected(&self) -> usize {
+        let now = tokio::time::Instant::now();
+        self.endpoints.iter().filter(|e| e.health.is_ejected(now)).count()
+    }
+}
+
+/// The weight of `addr` for `key` in rendezvous (highest random weight) hashing.
+fn rendezvous(key: u64, addr: SocketAddr) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    key.hash(&mut h);
+    addr.hash(&mut h);
+    h.finish()
 }
 
 impl Target {
@@ -169,6 +274,10 @@ impl Snapshot {
 
     pub(crate) fn endpoint(&self, addr: &SocketAddr) -> Option<&Arc<Endpoint>> {
         self.endpoints.get(addr)
+    }
+
+    pub(crate) fn cluster_state(&self, name: &str) -> Option<&Arc<ClusterState>> {
+        self.cluster_states.get(name)
     }
 }
 

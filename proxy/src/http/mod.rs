@@ -2,13 +2,21 @@
 //! (`headers::RequestIdLayer`, `observe` for metrics and access logs, then `router`), and header
 //! rules (`headers`).
 //!
-//! Later policies (retries, timeouts, faults, authorization) are layers between `observe` and
-//! `router`, or around the upstream call inside `router`.
+//! Inside `router`, a routed request passes the route's policies in order: `fault`, `retry`
+//! (replaying bodies with `replay`), `mirror`; each try is `forward`; `sticky` finds
+//! consistent-hash keys; `error` turns every failure into the response.
 
+pub mod error;
+pub mod fault;
+pub mod forward;
 pub mod headers;
+pub mod mirror;
 pub mod observe;
+pub mod replay;
+pub mod retry;
 pub mod router;
 pub mod server;
+pub mod sticky;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};

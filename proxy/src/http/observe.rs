@@ -16,7 +16,7 @@ use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
 use tokio::{io::AsyncWriteExt, sync::mpsc, time::Instant};
 use tower::{Layer, Service};
 
-use super::{Body, BoxError, Direction, headers::REQUEST_ID};
+use super::{Body, BoxError, Direction, error::Flags, headers::REQUEST_ID};
 use crate::{
     io::Activity,
     metrics::{Metrics, PeerLabels, RequestLabels},
@@ -33,10 +33,12 @@ pub struct ResponseInfo {
     pub upstream: Option<Arc<Endpoint>>,
     /// The request went upstream through a mesh tunnel.
     pub upstream_tls: bool,
-    /// Envoy-style response flags: `NR` no route, `UH` no healthy upstream, `UF` upstream connect
-    /// failure, `UT` upstream timeout, `UC` upstream connection error, `DC` downstream closed
-    /// early, `BR` bad request.
-    pub flags: &'static str,
+    /// Envoy's response flags (see `error::Flags`).
+    pub flags: Flags,
+    /// Retries sent for this request.
+    pub retries: u32,
+    /// Something the access log should say (e.g. why a request was not retried).
+    pub note: Option<&'static str>,
 }
 
 /// One JSON access log line per request, written by a background task; lines are dropped (and
@@ -215,7 +217,7 @@ struct Done {
 impl Done {
     fn finish(self, complete: bool) {
         let elapsed = self.start.elapsed();
-        let flags = if !complete && self.info.flags.is_empty() { "DC" } else { self.info.flags };
+        let flags = if !complete && self.info.flags.is_empty() { Flags::DC } else { self.info.flags };
         let conn = &self.layer.conn;
         let tls = conn.downstream.is_some() || self.info.upstream_tls;
         let labels = RequestLabels {
@@ -230,6 +232,7 @@ impl Done {
             response_code: self.status,
             grpc_status: self.grpc_status.clone().unwrap_or_default(),
             tls,
+            response_flags: flags,
         };
         conn.record(&self.layer.metrics, labels, elapsed.as_secs_f64());
         if let (Some(log), Some(req)) = (&self.layer.access_log, &self.summary) {
@@ -250,7 +253,9 @@ impl Done {
                 "tls": tls,
                 "peer_identity": conn.downstream.as_ref().map(|p| &*p.principal),
                 "upstream_identity": self.info.upstream.as_ref().map(|e| &e.peer).filter(|p| p.identity.is_some()).map(|p| &*p.principal),
-                "response_flags": flags,
+                "response_flags": flags.names(),
+                "retries": self.info.retries,
+                "note": self.info.note,
                 "duration_ms": elapsed.as_secs_f64() * 1000.0,
                 "request_id": req.request_id.as_ref().and_then(|v| v.to_str().ok()),
             })

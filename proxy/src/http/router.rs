@@ -1,36 +1,47 @@
-//! The innermost request service: decide (pure, `decide`), then act: answer directly, redirect,
-//! or forward to an endpoint picked by the cluster's balancer.
+//! The innermost request service. First the route: decide (pure, `decide`), and answer
+//! redirects and direct responses. Then the route's policies, in order: fault injection
+//! (`fault`), retries with per-try timeouts and the destination's budget (`retry`), mirroring
+//! (`mirror`), with the route timeout bounding all tries together. Each try is `forward`: pool
+//! limits, an endpoint (skipping ejected ones), send. Failures stay typed until
+//! `error::respond` turns them into the answer.
 
 use std::{
     convert::Infallible,
     future::Future,
     net::{IpAddr, SocketAddr},
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, LazyLock},
     task::{Context, Poll},
-    time::Duration,
 };
 
 use http::{
-    HeaderValue, Request, Response, StatusCode, Uri, Version,
-    header::{CONTENT_TYPE, HOST, LOCATION},
+    HeaderValue, Request, Response, StatusCode, Version,
+    header::{CONTENT_TYPE, HOST, LOCATION, SET_COOKIE},
     uri::{Authority, PathAndQuery},
 };
+use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
 use super::{
-    Body, Direction, UpstreamBody, boxed, empty, full,
+    Body, Direction, UpstreamBody, boxed, empty,
+    error::{Failure, Flags, is_grpc, respond},
+    fault,
+    forward::{Destination, Head, Try, forward},
+    full,
     headers::{ambiguous_framing, is_upgrade, strip_hop_by_hop},
+    mirror,
     observe::ResponseInfo,
+    replay::{MAX_REPLAY, Replay},
+    retry::{self, Finished, Tries},
+    sticky,
 };
 use crate::{
     app::Shared,
-    balance,
-    config::{Action, Cluster, HttpRoute, Service, Snapshot, Target},
-    route::{Match, RequestView, pick_weighted, redirect_location, rewrite_path, select},
-    upstream::{ConnectOpts, Endpoint, Peer, Proto},
+    config::{Action, HttpRoute, Service, Snapshot, Target, policy::RetryPolicy},
+    route::{Match, RequestView, redirect_location, rewrite_path, select},
+    upstream::{Peer, Proto},
 };
 
 /// What the proxy knows about a downstream connection.
@@ -97,28 +108,8 @@ pub fn decide<'s>(
     }
 }
 
-/// Picks an endpoint with the cluster's policy.
-pub fn pick_endpoint(cluster: &Cluster) -> Option<&Arc<Endpoint>> {
-    let now = Instant::now();
-    let eps = &cluster.endpoints;
-    let i = balance::choose(
-        cluster.policy,
-        eps.len(),
-        |i| eps[i].load.cost(cluster.policy, now),
-        &cluster.rr,
-        |n| fastrand::usize(..n),
-    )?;
-    eps.get(i)
-}
-
-/// Picks a weighted target (per request, uniformly at random by weight).
-pub fn pick_target(targets: &[Target]) -> Option<&Target> {
-    let total: u64 = targets.iter().map(|t| u64::from(t.weight)).sum();
-    if targets.is_empty() {
-        return None;
-    }
-    targets.get(pick_weighted(targets.iter().map(|t| t.weight), fastrand::u64(..total.max(1))))
-}
+/// The retry policy of requests that no VirtualService rule describes.
+static DEFAULT_RETRY: LazyLock<RetryPolicy> = LazyLock::new(RetryPolicy::default);
 
 /// The tower service at the end of the request path.
 #[derive(Clone, Debug)]
@@ -148,33 +139,34 @@ impl tower::Service<Request<Incoming>> for Router {
     }
 }
 
-/// A local reply with what the access log needs to know.
-fn reply(status: StatusCode, flags: &'static str, msg: &'static str, info: ResponseInfo) -> Response<Body> {
-    let mut res = Response::new(full(msg));
-    *res.status_mut() = status;
-    res.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    res.extensions_mut().insert(ResponseInfo { flags, ..info });
-    res
-}
-
 /// The request's authority (`:authority` or `Host`).
 fn authority_of<B>(req: &Request<B>) -> Option<Authority> {
     req.uri().authority().cloned().or_else(|| req.headers().get(HOST)?.to_str().ok()?.parse().ok())
 }
 
+/// Where a request goes once routed, and the route's policies for it.
+struct Plan<'a> {
+    destination: Destination<'a>,
+    /// The port the request arrived for (mirrors pick their port the same way).
+    port: Option<u16>,
+    route: Option<&'a HttpRoute>,
+    matched: Option<&'a Match>,
+    target: Option<&'a Target>,
+    retry: Option<&'a RetryPolicy>,
+    info: ResponseInfo,
+}
+
 impl Router {
     async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let grpc = is_grpc(req.headers());
         if req.version() <= Version::HTTP_11
             && let Some(why) = ambiguous_framing(req.headers())
         {
             tracing::debug!(peer = %self.conn.peer, why, "rejecting request with ambiguous framing");
-            let mut res =
-                reply(StatusCode::BAD_REQUEST, "BR", "ambiguous message framing\n", Default::default());
-            res.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-            return res;
+            return respond(Failure::AmbiguousFraming, false, ResponseInfo::default());
         }
         let Some(snapshot) = self.shared.store.current() else {
-            return reply(StatusCode::SERVICE_UNAVAILABLE, "NC", "no config loaded\n", Default::default());
+            return respond(Failure::NoConfig, grpc, ResponseInfo::default());
         };
         let authority = authority_of(&req);
         let host = authority.as_ref().map(|a| a.host().to_ascii_lowercase()).unwrap_or_default();
@@ -199,27 +191,36 @@ impl Router {
             decision = decide(&fresh, &self.conn, &view, port, forward_ip);
         }
         match decision {
-            Decision::NoRoute => reply(StatusCode::NOT_FOUND, "NR", "no route\n", Default::default()),
+            Decision::NoRoute => respond(Failure::NoRoute, grpc, ResponseInfo::default()),
             Decision::Passthrough(addr) => {
                 let endpoint = self.shared.passthrough.endpoint(&snapshot, addr);
                 let info = ResponseInfo { service: Some(super::PASSTHROUGH.clone()), ..Default::default() };
                 let plan = Plan {
-                    endpoint,
-                    proto: self.conn.downstream,
+                    destination: Destination::Endpoint(&endpoint),
+                    port: None,
                     route: None,
                     matched: None,
                     target: None,
+                    retry: None,
                     info,
                 };
-                let opts = self.shared.connect_opts(None);
-                self.send(req, plan, opts).await
+                self.send(req, plan, grpc).await
             }
             Decision::Route { service, route: None, port } => {
                 let info = ResponseInfo { service: Some(service.name.clone()), ..Default::default() };
                 let Some(port) = service.port_or_only(port) else {
-                    return reply(StatusCode::NOT_FOUND, "NR", "no route\n", info);
+                    return respond(Failure::NoRoute, grpc, info);
                 };
-                self.to_cluster(req, &port.cluster, None, None, None, info).await
+                let plan = Plan {
+                    destination: Destination::Cluster(&port.cluster),
+                    port: Some(port.number),
+                    route: None,
+                    matched: None,
+                    target: None,
+                    retry: Some(&DEFAULT_RETRY),
+                    info: ResponseInfo { cluster: Some(port.cluster.name.clone()), ..info },
+                };
+                self.send(req, plan, grpc).await
             }
             Decision::Route { service, route: Some((route, matched)), port } => {
                 let info = ResponseInfo {
@@ -248,71 +249,68 @@ impl Router {
                             authority.as_ref().and_then(|a| a.port_u16()),
                             pq,
                         );
+                        let Ok(location) = HeaderValue::from_str(&location) else {
+                            return respond(Failure::BadRedirect, grpc, info);
+                        };
                         let mut res = Response::new(empty());
                         *res.status_mut() = redirect.code;
-                        match HeaderValue::from_str(&location) {
-                            Ok(v) => {
-                                res.headers_mut().insert(LOCATION, v);
-                            }
-                            Err(_) => return reply(StatusCode::BAD_REQUEST, "BR", "bad redirect\n", info),
-                        }
+                        res.headers_mut().insert(LOCATION, location);
                         route.response_headers.apply(res.headers_mut());
                         res.extensions_mut().insert(info);
                         res
                     }
                     Action::Forward(split) => {
-                        let Some(target) = pick_target(&split.targets) else {
-                            return reply(StatusCode::SERVICE_UNAVAILABLE, "UH", "no destination\n", info);
+                        let Some(target) = split.pick() else {
+                            return respond(Failure::NoHealthyUpstream, grpc, info);
                         };
-                        let cluster = target.cluster(port).clone();
-                        let info = ResponseInfo { service: Some(target.service.clone()), ..info };
-                        self.to_cluster(req, &cluster, Some(route), matched, Some(target), info).await
+                        let cluster = target.cluster(port);
+                        let mut info = ResponseInfo {
+                            service: Some(target.service.clone()),
+                            cluster: Some(cluster.name.clone()),
+                            ..info
+                        };
+                        if let Some(f) = &route.fault {
+                            let (delayed, abort) = fault::inject(f).await;
+                            if delayed {
+                                info.flags |= Flags::DI;
+                            }
+                            if let Some(abort) = abort {
+                                return respond(abort, grpc, info);
+                            }
+                        }
+                        let plan = Plan {
+                            destination: Destination::Cluster(cluster),
+                            port,
+                            route: Some(route),
+                            matched,
+                            target: Some(target),
+                            retry: Some(&route.retry),
+                            info,
+                        };
+                        self.send(req, plan, grpc).await
                     }
                 }
             }
         }
     }
 
-    async fn to_cluster(
-        &self,
-        req: Request<Incoming>,
-        cluster: &Arc<Cluster>,
-        route: Option<&HttpRoute>,
-        matched: Option<&Match>,
-        target: Option<&Target>,
-        info: ResponseInfo,
-    ) -> Response<Body> {
-        let info = ResponseInfo { cluster: Some(cluster.name.clone()), ..info };
-        let Some(endpoint) = pick_endpoint(cluster).cloned() else {
-            return reply(StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream\n", info);
+    /// Rewrites the request once, then sends it: through the retry policy when it has one, else
+    /// in a single try; then mirrors it, and turns the outcome into the downstream's response.
+    async fn send(&self, mut req: Request<Incoming>, plan: Plan<'_>, grpc: bool) -> Response<Body> {
+        let Plan { destination, port, route, matched, target, retry, mut info } = plan;
+        let cluster = match destination {
+            Destination::Cluster(c) => Some(c),
+            Destination::Endpoint(_) => None,
         };
-        let proto = match cluster.protocol {
-            crate::config::Protocol::Http1 => Proto::Http1,
-            crate::config::Protocol::Http2 => Proto::Http2,
-            _ => self.conn.downstream,
-        };
-        let opts = self.shared.connect_opts(Some(cluster));
-        self.send(req, Plan { endpoint, proto, route, matched, target, info }, opts).await
-    }
-}
-
-/// Everything needed to send one request upstream.
-struct Plan<'a> {
-    endpoint: Arc<Endpoint>,
-    proto: Proto,
-    route: Option<&'a HttpRoute>,
-    matched: Option<&'a Match>,
-    target: Option<&'a Target>,
-    info: ResponseInfo,
-}
-
-impl Router {
-    async fn send(&self, mut req: Request<Incoming>, plan: Plan<'_>, opts: ConnectOpts) -> Response<Body> {
-        let Plan { endpoint, route, matched, target, mut info, .. } = plan;
-        info.upstream_tls = endpoint.is_tunneled(opts.mesh.as_deref());
-        info.upstream = Some(endpoint.clone());
         let upgrade = self.conn.downstream == Proto::Http1 && is_upgrade(req.headers());
-        let proto = if upgrade { Proto::Http1 } else { plan.proto };
+        let proto = match (upgrade, cluster) {
+            (true, _) => Proto::Http1,
+            (false, Some(c)) => c.upstream_proto(self.conn.downstream),
+            (false, None) => self.conn.downstream,
+        };
+        let key = cluster
+            .and_then(|c| c.hash.as_ref())
+            .and_then(|on| sticky::key(on, req.headers(), req.uri().query(), self.conn.peer.ip()));
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
         let (mut parts, body) = req.into_parts();
@@ -334,56 +332,92 @@ impl Router {
                 authority = a.to_str().unwrap_or_default().to_owned();
             }
         }
-        let uri = match proto {
-            Proto::Http1 => {
-                if let Ok(v) = HeaderValue::from_str(&authority) {
-                    parts.headers.insert(HOST, v);
-                }
-                parts.version = Version::HTTP_11;
-                pq.parse::<Uri>()
-            }
-            Proto::Http2 => {
-                parts.headers.remove(HOST);
-                parts.version = Version::HTTP_2;
-                format!("http://{authority}{pq}").parse::<Uri>()
-            }
+        let mirror = route
+            .and_then(|r| r.mirror.as_ref())
+            .filter(|m| !upgrade && m.share.holds(fastrand::u32(..)))
+            .map(|m| (m, parts.headers.clone()));
+        let method = parts.method.clone();
+        let Some(head) = Head::new(proto, parts.method, &authority, &pq, parts.headers) else {
+            return respond(Failure::BadRequestTarget, grpc, info);
         };
-        let Ok(uri) = uri else {
-            return reply(StatusCode::BAD_REQUEST, "BR", "bad request target\n", info);
-        };
-        parts.uri = uri;
-        let upstream_req = Request::from_parts(parts, boxed(body));
 
-        let pending = endpoint.load.start();
-        let started = Instant::now();
-        // The route timeout covers the whole response: headers here, the body in `UpstreamBody`.
-        let timeout = route.and_then(|r| r.timeout);
-        let deadline = timeout.map(|t| started + t);
-        let connect_timeout = opts.connect_timeout;
-        let sent = endpoint.send(upstream_req, proto, opts);
-        let result = match (timeout, deadline) {
-            (Some(t), Some(d)) => tokio::time::timeout_at(d, sent).await.map_err(|_| t),
-            _ => Ok(sent.await),
-        };
-        let mut res = match result {
-            Err(t) => {
-                tracing::debug!(upstream = %endpoint.addr, timeout = ?t, "upstream timed out");
-                endpoint.load.observe(t, Instant::now());
-                return reply(StatusCode::GATEWAY_TIMEOUT, "UT", "upstream request timeout\n", info);
+        let opts = self.shared.connect_opts(cluster.map(|c| &**c));
+        // The route timeout covers every try and the whole response: the head here, the body in
+        // `UpstreamBody`.
+        let deadline = route.and_then(|r| r.timeout).map(|t| Instant::now() + t);
+        let body = boxed(body);
+        let retry = retry.filter(|p| p.attempts > 0 && !upgrade);
+        let fits = body.size_hint().upper().is_none_or(|n| n <= MAX_REPLAY as u64);
+        if retry.is_some() && !fits {
+            info.note = Some("request body over 64 KiB: not retried");
+        }
+        let key_hash = key.as_ref().map(|k| k.hash);
+        let (finished, replay) = match (cluster, retry) {
+            (Some(cluster), Some(policy)) if fits => {
+                let (replay, first) = Replay::new(body);
+                let tries = Tries {
+                    cluster,
+                    proto,
+                    opts: &opts,
+                    key: key_hash,
+                    deadline,
+                    metrics: &self.shared.metrics,
+                };
+                (retry::run(&head, &replay, first, policy, tries).await, Some(replay))
             }
-            Ok(Err(error)) => {
-                tracing::debug!(%error, "upstream request failed");
-                if error.is_connect() {
-                    // A failed endpoint looks slow, so the balancer steers away from it.
-                    endpoint.load.observe(connect_timeout.max(Duration::from_secs(1)), Instant::now());
-                    return reply(StatusCode::SERVICE_UNAVAILABLE, "UF", "upstream connect error\n", info);
+            _ => {
+                // A mirrored request's body is kept (within the cap) for the copy.
+                let (body, replay) = match mirror.is_some() && fits {
+                    true => {
+                        let (replay, first) = Replay::new(body);
+                        (Body::new(first), Some(replay))
+                    }
+                    false => (body, None),
+                };
+                let t = Try {
+                    destination,
+                    proto,
+                    opts: &opts,
+                    key: key_hash,
+                    tried: &[],
+                    deadline,
+                    metrics: &self.shared.metrics,
+                };
+                let result = forward(head.into_request(body), t).await;
+                (Finished { result, retries: 0, exhausted: false }, replay)
+            }
+        };
+        if let (Some((mirror, headers)), Some(body)) = (mirror, replay.as_ref().and_then(Replay::complete)) {
+            let copy = mirror::Copy {
+                method,
+                authority: &authority,
+                path_and_query: &pq,
+                headers,
+                body,
+                port,
+                downstream: self.conn.downstream,
+            };
+            let opts = self.shared.connect_opts(None);
+            mirror::spawn(mirror, copy, opts, &self.shared.mirrors, &self.shared.metrics);
+        }
+
+        info.retries = finished.retries;
+        if finished.exhausted && finished.retries > 0 {
+            info.flags |= Flags::URX;
+        }
+        let answer = match finished.result {
+            Ok(answer) => answer,
+            Err(failed) => {
+                if let Some(endpoint) = &failed.endpoint {
+                    info.upstream_tls = endpoint.is_tunneled(opts.mesh.as_deref());
                 }
-                return reply(StatusCode::BAD_GATEWAY, "UC", "upstream connection error\n", info);
+                info.upstream = failed.endpoint;
+                return respond(failed.failure, grpc, info);
             }
-            Ok(Ok(res)) => res,
         };
-        let now = Instant::now();
-        endpoint.load.observe(now - started, now);
+        info.upstream_tls = answer.endpoint.is_tunneled(opts.mesh.as_deref());
+        info.upstream = Some(answer.endpoint);
+        let mut res = answer.response;
 
         if res.status() == StatusCode::SWITCHING_PROTOCOLS
             && let Some(downstream) = downstream_upgrade
@@ -412,13 +446,16 @@ impl Router {
         if let Some(route) = route {
             route.response_headers.apply(res.headers_mut());
         }
+        if let Some(cookie) = key.and_then(|k| k.set_cookie) {
+            res.headers_mut().append(SET_COOKIE, cookie);
+        }
         let (mut parts, body) = res.into_parts();
         parts.version = match self.conn.downstream {
             Proto::Http1 => Version::HTTP_11,
             Proto::Http2 => Version::HTTP_2,
         };
         parts.extensions.insert(info);
-        Response::from_parts(parts, Body::new(UpstreamBody::new(boxed(body), pending, deadline)))
+        Response::from_parts(parts, Body::new(UpstreamBody::new(boxed(body), answer.in_flight, deadline)))
     }
 }
 

@@ -45,7 +45,7 @@ async fn metrics_are_prometheus_text_with_bounded_labels() {
     let m = admin(&proxy, Method::GET, "/metrics").await;
     assert!(m.headers["content-type"].to_str().unwrap().starts_with("application/openmetrics-text"));
     let text = String::from_utf8_lossy(&m.body);
-    let ok = r#"weft_requests_total{direction="explicit",source_workload="",source_namespace="",source_principal="",destination_workload="",destination_namespace="",destination_principal="",destination_service="svc",response_code="200",grpc_status="",tls="false"} 3"#;
+    let ok = r#"weft_requests_total{direction="explicit",source_workload="",source_namespace="",source_principal="",destination_workload="",destination_namespace="",destination_principal="",destination_service="svc",response_code="200",grpc_status="",tls="false",response_flags=""} 3"#;
     assert!(text.contains(ok), "{text}");
     assert!(text.contains(r#"destination_service="unknown",response_code="404""#), "{text}");
     assert!(text.contains("weft_request_duration_seconds_bucket{le=\"0.0005\""), "{text}");

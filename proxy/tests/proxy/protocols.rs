@@ -292,8 +292,8 @@ async fn grpc_unary_and_streaming_keep_trailers() {
     // The metrics see grpc-status from the trailers.
     let metrics = admin(&proxy, http::Method::GET, "/metrics").await;
     let text = String::from_utf8_lossy(&metrics.body);
-    assert!(text.contains(r#"weft_requests_total{direction="explicit",source_workload="",source_namespace="",source_principal="",destination_workload="",destination_namespace="",destination_principal="",destination_service="echo",response_code="200",grpc_status="13",tls="false"} 1"#), "{text}");
-    assert!(text.contains(r#"grpc_status="0",tls="false"} 2"#), "{text}");
+    assert!(text.contains(r#"weft_requests_total{direction="explicit",source_workload="",source_namespace="",source_principal="",destination_workload="",destination_namespace="",destination_principal="",destination_service="echo",response_code="200",grpc_status="13",tls="false",response_flags=""} 1"#), "{text}");
+    assert!(text.contains(r#"grpc_status="0",tls="false",response_flags=""} 2"#), "{text}");
 
     // One access log line per request, with the gRPC status.
     let mut log = proxy.access_log.take().expect("access log");

@@ -1,0 +1,261 @@
+//! Why the proxy answered a request itself, and the one place that turns it into a response: the
+//! status, an `x-weft-error` reason, Envoy's response flags (for the access log and the bounded
+//! `response_flags` metric label), and for gRPC requests a trailers-only gRPC status instead of a
+//! text body.
+
+use http::{HeaderValue, Response, StatusCode, header::CONTENT_TYPE};
+use prometheus_client::encoding::{EncodeLabelValue, LabelValueEncoder};
+
+use super::{Body, empty, full, observe::ResponseInfo};
+
+/// Envoy's response flags that Weft sets, as a bit set (a bounded label: at most one value per
+/// combination of these twelve).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Flags(u16);
+
+impl Flags {
+    /// No route.
+    pub const NR: Flags = Flags(1);
+    /// No healthy upstream.
+    pub const UH: Flags = Flags(1 << 1);
+    /// Upstream connect failure.
+    pub const UF: Flags = Flags(1 << 2);
+    /// Upstream overflow (a connection-pool limit).
+    pub const UO: Flags = Flags(1 << 3);
+    /// Upstream request timeout.
+    pub const UT: Flags = Flags(1 << 4);
+    /// Upstream retry limit exceeded (the answer after the last allowed try).
+    pub const URX: Flags = Flags(1 << 5);
+    /// Upstream connection termination (reset, closed, protocol error).
+    pub const UC: Flags = Flags(1 << 6);
+    /// Fault injection: abort.
+    pub const FI: Flags = Flags(1 << 7);
+    /// Fault injection: delay.
+    pub const DI: Flags = Flags(1 << 8);
+    /// Downstream connection termination.
+    pub const DC: Flags = Flags(1 << 9);
+    /// Local rate limited / overload (reserved for rate limits).
+    pub const LR: Flags = Flags(1 << 10);
+    /// Bad request (Weft's own: refused framing, bad rewrite).
+    pub const BR: Flags = Flags(1 << 11);
+    /// No config loaded yet (Weft's own).
+    pub const NC: Flags = Flags(1 << 12);
+
+    const NAMES: [(Flags, &'static str); 13] = [
+        (Flags::NR, "NR"),
+        (Flags::UH, "UH"),
+        (Flags::UF, "UF"),
+        (Flags::UO, "UO"),
+        (Flags::UT, "UT"),
+        (Flags::URX, "URX"),
+        (Flags::UC, "UC"),
+        (Flags::FI, "FI"),
+        (Flags::DI, "DI"),
+        (Flags::DC, "DC"),
+        (Flags::LR, "LR"),
+        (Flags::BR, "BR"),
+        (Flags::NC, "NC"),
+    ];
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    pub fn contains(self, other: Flags) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// `UF,URX` style, `-` when empty (Envoy's access log form).
+    pub fn names(self) -> String {
+        if self.is_empty() {
+            return "-".into();
+        }
+        let names: Vec<&str> =
+            Self::NAMES.iter().filter(|(f, _)| self.contains(*f)).map(|(_, n)| *n).collect();
+        names.join(",")
+    }
+}
+
+impl std::ops::BitOr for Flags {
+    type Output = Flags;
+    fn bitor(self, rhs: Flags) -> Flags {
+        Flags(self.0 | rhs.0)
+    }
+}
+
+impl std::ops::BitOrAssign for Flags {
+    fn bitor_assign(&mut self, rhs: Flags) {
+        self.0 |= rhs.0;
+    }
+}
+
+impl EncodeLabelValue for Flags {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        if self.is_empty() {
+            return Ok(());
+        }
+        for (i, (_, name)) in Self::NAMES.iter().filter(|(f, _)| self.contains(*f)).enumerate() {
+            if i > 0 {
+                encoder.write_char(',')?;
+            }
+            encoder.write_str(name)?;
+        }
+        Ok(())
+    }
+}
+
+/// Why the proxy answers a request itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    NoConfig,
+    NoRoute,
+    NoHealthyUpstream,
+    /// A connection-pool limit was reached.
+    Overflow,
+    ConnectFailed,
+    Timeout,
+    /// The upstream connection broke before an answer.
+    UpstreamReset,
+    /// An injected abort with an HTTP status.
+    AbortHttp(StatusCode),
+    /// An injected abort with a gRPC status.
+    AbortGrpc(u32),
+    AmbiguousFraming,
+    BadRedirect,
+    BadRequestTarget,
+}
+
+impl Failure {
+    pub fn flags(self) -> Flags {
+        match self {
+            Failure::NoConfig => Flags::NC,
+            Failure::NoRoute => Flags::NR,
+            Failure::NoHealthyUpstream => Flags::UH,
+            Failure::Overflow => Flags::UO,
+            Failure::ConnectFailed => Flags::UF,
+            Failure::Timeout => Flags::UT,
+            Failure::UpstreamReset => Flags::UC,
+            Failure::AbortHttp(_) | Failure::AbortGrpc(_) => Flags::FI,
+            Failure::AmbiguousFraming | Failure::BadRedirect | Failure::BadRequestTarget => Flags::BR,
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            Failure::NoConfig | Failure::NoHealthyUpstream | Failure::Overflow | Failure::ConnectFailed => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Failure::NoRoute => StatusCode::NOT_FOUND,
+            Failure::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Failure::UpstreamReset => StatusCode::BAD_GATEWAY,
+            Failure::AbortHttp(s) => s,
+            // Trailers-only gRPC answers are 200; the status is in `grpc-status`.
+            Failure::AbortGrpc(_) => StatusCode::OK,
+            Failure::AmbiguousFraming | Failure::BadRedirect | Failure::BadRequestTarget => {
+                StatusCode::BAD_REQUEST
+            }
+        }
+    }
+
+    /// The `x-weft-error` value and the text body.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Failure::NoConfig => "no config loaded",
+            Failure::NoRoute => "no route",
+            Failure::NoHealthyUpstream => "no healthy upstream",
+            Failure::Overflow => "upstream overflow: a connection-pool limit was reached",
+            Failure::ConnectFailed => "upstream connect error",
+            Failure::Timeout => "upstream request timeout",
+            Failure::UpstreamReset => "upstream connection error",
+            Failure::AbortHttp(_) | Failure::AbortGrpc(_) => "fault injected",
+            Failure::AmbiguousFraming => "ambiguous message framing",
+            Failure::BadRedirect => "bad redirect",
+            Failure::BadRequestTarget => "bad request target",
+        }
+    }
+
+    /// The gRPC status a gRPC client gets (the usual HTTP-to-gRPC mapping; a timeout is a
+    /// deadline).
+    pub fn grpc_status(self) -> u32 {
+        match self {
+            Failure::AbortGrpc(code) => code,
+            Failure::Timeout => 4,
+            Failure::NoRoute => 12,
+            Failure::AbortHttp(s) => match s.as_u16() {
+                400 => 13,
+                401 => 16,
+                403 => 7,
+                404 => 12,
+                429 | 502..=504 => 14,
+                _ => 2,
+            },
+            Failure::AmbiguousFraming | Failure::BadRedirect | Failure::BadRequestTarget => 13,
+            Failure::NoConfig
+            | Failure::NoHealthyUpstream
+            | Failure::Overflow
+            | Failure::ConnectFailed
+            | Failure::UpstreamReset => 14,
+        }
+    }
+}
+
+static X_WEFT_ERROR: http::HeaderName = http::HeaderName::from_static("x-weft-error");
+
+/// The proxy's own answer for `failure`, carrying `info` (with the failure's flags added) for the
+/// access log and metrics.
+pub fn respond(failure: Failure, grpc: bool, mut info: ResponseInfo) -> Response<Body> {
+    info.flags |= failure.flags();
+    let reason = failure.reason();
+    let mut res = if grpc {
+        let mut res = Response::new(empty());
+        let h = res.headers_mut();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        h.insert("grpc-status", HeaderValue::from(failure.grpc_status()));
+        h.insert("grpc-message", HeaderValue::from_static(reason));
+        res
+    } else {
+        let mut res = Response::new(full(format!("{reason}\n")));
+        *res.status_mut() = failure.status();
+        res.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        res
+    };
+    res.headers_mut().insert(X_WEFT_ERROR.clone(), HeaderValue::from_static(reason));
+    if failure == Failure::AmbiguousFraming {
+        res.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    res.extensions_mut().insert(info);
+    res
+}
+
+/// Whether a request is gRPC (its errors are then gRPC statuses).
+pub fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_name_every_member_in_a_fixed_order() {
+        assert_eq!(Flags::default().names(), "-");
+        assert_eq!((Flags::URX | Flags::UF).names(), "UF,URX");
+        assert_eq!((Flags::DI | Flags::FI).names(), "FI,DI");
+    }
+
+    #[test]
+    fn grpc_requests_get_a_trailers_only_status() {
+        let res = respond(Failure::Overflow, true, ResponseInfo::default());
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(res.headers()["grpc-status"], "14");
+        assert_eq!(res.headers()["x-weft-error"], Failure::Overflow.reason());
+        assert!(res.extensions().get::<ResponseInfo>().unwrap().flags.contains(Flags::UO));
+        let res = respond(Failure::AbortHttp(StatusCode::IM_A_TEAPOT), false, ResponseInfo::default());
+        assert_eq!(res.status(), StatusCode::IM_A_TEAPOT);
+        assert_eq!(
+            respond(Failure::AbortGrpc(8), true, ResponseInfo::default()).headers()["grpc-status"],
+            "8"
+        );
+    }
+}

@@ -1,0 +1,266 @@
+//! One try: take the destination's pool limits, pick an endpoint (skipping ejected ones and those
+//! this request already tried), send, and tell outlier detection how it went. Failures stay typed
+//! (`Failure` plus the `TryOutcome` retries look at) until `error::respond`.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version, header::HOST};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use super::{Body, error::Failure};
+use crate::{
+    balance::PendingGuard,
+    config::{Cluster, policy::TryOutcome},
+    metrics::{ClusterLabels, ClusterOnlyLabels, Metrics},
+    resilience::{
+        limits::Taken,
+        outlier::{Outcome, may_eject},
+    },
+    upstream::{ConnectOpts, Endpoint, Proto},
+};
+
+/// The request as it goes upstream (after rewrites), in the form the destination's HTTP version
+/// wants, kept to build each try's request.
+#[derive(Debug)]
+pub struct Head {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+}
+
+impl Head {
+    /// HTTP/1.1 in origin form with `Host`, HTTP/2 in absolute form (`:authority`) without it.
+    /// `None` when the target is not a valid URI.
+    pub fn new(
+        proto: Proto,
+        method: Method,
+        authority: &str,
+        path_and_query: &str,
+        mut headers: HeaderMap,
+    ) -> Option<Head> {
+        let (uri, version) = match proto {
+            Proto::Http1 => {
+                if let Ok(v) = HeaderValue::from_str(authority) {
+                    headers.insert(HOST, v);
+                }
+                (path_and_query.parse::<Uri>(), Version::HTTP_11)
+            }
+            Proto::Http2 => {
+                headers.remove(HOST);
+                (format!("http://{authority}{path_and_query}").parse::<Uri>(), Version::HTTP_2)
+            }
+        };
+        Some(Head { method, uri: uri.ok()?, version, headers })
+    }
+
+    pub fn headers(&self) -> &HeaderMap {
+        &self.headers
+    }
+
+    pub fn method(&self) -> &Method {
+        &self.method
+    }
+
+    /// A request for one try (the head is copied; the first try may take it with `into_request`).
+    pub fn request(&self, body: Body) -> Request<Body> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+
+    /// The request for the only try, without copying.
+    pub fn into_request(self, body: Body) -> Request<Body> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers;
+        req
+    }
+}
+
+/// Where a try goes: a cluster's endpoints, or one fixed endpoint (passthrough, the local app).
+#[derive(Clone, Copy, Debug)]
+pub enum Destination<'a> {
+    Cluster(&'a Arc<Cluster>),
+    Endpoint(&'a Arc<Endpoint>),
+}
+
+/// Held until the response body ends: the endpoint's pending count and the pool's units.
+#[derive(Debug)]
+pub struct InFlight {
+    _pending: PendingGuard,
+    _request: Option<Taken>,
+    _connection: Option<Taken>,
+}
+
+/// A try that got an answer.
+#[derive(Debug)]
+pub struct Answer {
+    pub response: Response<Incoming>,
+    pub outcome: TryOutcome,
+    pub endpoint: Arc<Endpoint>,
+    pub in_flight: InFlight,
+}
+
+/// A try that did not.
+#[derive(Debug)]
+pub struct Failed {
+    pub failure: Failure,
+    pub outcome: TryOutcome,
+    /// The endpoint tried, if one was picked.
+    pub endpoint: Option<Arc<Endpoint>>,
+}
+
+/// What one try needs besides the request.
+#[derive(Debug)]
+pub struct Try<'a> {
+    pub destination: Destination<'a>,
+    pub proto: Proto,
+    pub opts: &'a ConnectOpts,
+    /// The consistent-hash key, when the cluster hashes.
+    pub key: Option<u64>,
+    /// Endpoints this request already tried.
+    pub tried: &'a [SocketAddr],
+    /// When this try gives up waiting for the answer's head (the route's or the per-try
+    /// deadline, whichever is first).
+    pub deadline: Option<Instant>,
+    pub metrics: &'a Metrics,
+}
+
+impl Failed {
+    fn before_sending(failure: Failure) -> Failed {
+        let outcome = match failure {
+            Failure::ConnectFailed => TryOutcome::ConnectFailed,
+            _ => TryOutcome::NoAnswer,
+        };
+        Failed { failure, outcome, endpoint: None }
+    }
+}
+
+/// Sends `req` once.
+pub async fn forward(req: Request<Body>, t: Try<'_>) -> Result<Answer, Failed> {
+    let (endpoint, request, connection) = match t.destination {
+        Destination::Endpoint(e) => (e.clone(), None, None),
+        Destination::Cluster(cluster) => {
+            let limits = &cluster.limits;
+            let pool = &cluster.state.pool;
+            let overflow = |what| {
+                t.metrics
+                    .overflows
+                    .get_or_create(&ClusterLabels { cluster: cluster.name.clone(), result: what })
+                    .inc();
+                Failed::before_sending(Failure::Overflow)
+            };
+            let Some(request) = pool.requests.try_take(limits.max_requests) else {
+                return Err(overflow("max_requests"));
+            };
+            let Some(endpoint) = cluster.pick(t.key, t.tried).cloned() else {
+                return Err(Failed::before_sending(Failure::NoHealthyUpstream));
+            };
+            // HTTP/1.1 carries one request per connection: the connection limit caps requests
+            // in flight to the destination, and the rest wait, up to `max_pending` of them.
+            let connection = if t.proto == Proto::Http1 && limits.max_connections > 0 {
+                match pool.connections.try_take(limits.max_connections) {
+                    Some(c) => Some(c),
+                    None => {
+                        let Some(_pending) = pool.pending.try_take(limits.max_pending) else {
+                            return Err(overflow("max_pending_requests"));
+                        };
+                        let wait = pool.connections.take(limits.max_connections);
+                        match t.deadline {
+                            Some(d) => match tokio::time::timeout_at(d, wait).await {
+                                Ok(c) => Some(c),
+                                Err(_) => return Err(Failed::before_sending(Failure::Timeout)),
+                            },
+                            None => Some(wait.await),
+                        }
+                    }
+                }
+            } else {
+                None
+            };
+            (endpoint, Some(request), connection)
+        }
+    };
+
+    let pending = endpoint.load.start();
+    let started = Instant::now();
+    let sent = endpoint.send(req, t.proto, t.opts.clone());
+    let result = match t.deadline {
+        Some(d) => tokio::time::timeout_at(d, sent).await.map_err(|_| d),
+        None => Ok(sent.await),
+    };
+    let (outcome, result) = match result {
+        Err(deadline) => {
+            tracing::debug!(upstream = %endpoint.addr, "upstream timed out");
+            endpoint.load.observe(deadline.saturating_duration_since(started), Instant::now());
+            (TryOutcome::NoAnswer, Err(Failure::Timeout))
+        }
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "upstream request failed");
+            if error.is_connect() {
+                // A failed endpoint looks slow, so the balancer steers away from it.
+                endpoint.load.observe(t.opts.connect_timeout.max(Duration::from_secs(1)), Instant::now());
+                (TryOutcome::ConnectFailed, Err(Failure::ConnectFailed))
+            } else if error.is_refused_stream() {
+                (TryOutcome::RefusedStream, Err(Failure::UpstreamReset))
+            } else {
+                (TryOutcome::NoAnswer, Err(Failure::UpstreamReset))
+            }
+        }
+        Ok(Ok(res)) => {
+            let now = Instant::now();
+            endpoint.load.observe(now - started, now);
+            let grpc_status =
+                res.headers().get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+            (TryOutcome::Answered { status: res.status().as_u16(), grpc_status }, Ok(res))
+        }
+    };
+    if let Destination::Cluster(cluster) = t.destination {
+        observe_health(cluster, &endpoint, outcome, t.metrics);
+    }
+    match result {
+        Ok(response) => Ok(Answer {
+            response,
+            outcome,
+            endpoint,
+            in_flight: InFlight { _pending: pending, _request: request, _connection: connection },
+        }),
+        Err(failure) => Err(Failed { failure, outcome, endpoint: Some(endpoint) }),
+    }
+}
+
+/// Outlier detection: counts the outcome against the endpoint and ejects it when it crossed a
+/// threshold and the cluster's share allows.
+fn observe_health(cluster: &Cluster, endpoint: &Arc<Endpoint>, outcome: TryOutcome, metrics: &Metrics) {
+    let Some(policy) = &cluster.outlier else { return };
+    let outcome = match outcome {
+        TryOutcome::Answered { status, .. } => Outcome::Status(status),
+        // A refused stream was not processed: not the endpoint's failure.
+        TryOutcome::RefusedStream => return,
+        TryOutcome::ConnectFailed | TryOutcome::NoAnswer => Outcome::LocalFailure,
+    };
+    if !endpoint.health.observe(policy, outcome) {
+        return;
+    }
+    let now = Instant::now();
+    if !may_eject(cluster.ejected(), cluster.endpoints.len(), policy.max_ejection_percent) {
+        return;
+    }
+    let Some(time) = endpoint.health.eject(policy, now) else { return };
+    tracing::info!(cluster = %cluster.name, endpoint = %endpoint.addr, ?time, "endpoint ejected by outlier detection");
+    let labels = ClusterOnlyLabels { cluster: cluster.name.clone() };
+    metrics.ejections.get_or_create(&labels).inc();
+    let gauge = metrics.ejected.get_or_create(&labels).clone();
+    gauge.inc();
+    tokio::spawn(async move {
+        tokio::time::sleep(time).await;
+        gauge.dec();
+    });
+}
