@@ -19,6 +19,7 @@ pub mod networking;
 mod schema;
 pub mod security;
 pub mod status;
+pub mod unsupported;
 pub mod workload;
 
 pub use crds::{CrdManifest, crd_manifests, crds};

@@ -51,8 +51,10 @@ impl Resolution {
     pub fn dependencies(service: &pb::Service) -> BTreeSet<String> {
         let http = service.http_routes.iter().flat_map(|r| r.route.iter());
         let tcp = service.tcp_routes.iter().flat_map(|r| r.route.iter());
+        let mirrors = service.http_routes.iter().filter_map(|r| r.mirror.as_ref());
         http.chain(tcp)
             .filter_map(|w| w.destination.as_ref())
+            .chain(mirrors)
             .map(|d| d.host.clone())
             .filter(|h| *h != service.name)
             .collect()
@@ -173,11 +175,14 @@ impl Index {
                     .conflicts
                     .push(format!("host {host} is already configured by DestinationRule {}", winner.key));
             } else {
-                if dr.spec.traffic_policy.as_ref().is_some_and(|t| t.outlier_detection.is_some()) {
-                    problems.not_enforced.insert("trafficPolicy.outlierDetection");
+                let top = dr.spec.traffic_policy.as_ref();
+                for policy in
+                    top.into_iter().chain(dr.spec.subsets.iter().filter_map(|s| s.traffic_policy.as_ref()))
+                {
+                    not_enforced_in_policy(policy, &mut problems);
                 }
                 let svc = services.get_mut(&host).expect("resolved hosts are services");
-                svc.traffic_policy = dr.spec.traffic_policy.as_ref().map(traffic_policy);
+                svc.traffic_policy = top.map(traffic_policy);
                 svc.subsets = dr
                     .spec
                     .subsets
@@ -185,7 +190,8 @@ impl Index {
                     .map(|s| pb::Subset {
                         name: s.name.clone(),
                         labels: s.labels.clone(),
-                        traffic_policy: s.traffic_policy.as_ref().map(traffic_policy),
+                        // Merged over the service's policy here, so the proxy never merges.
+                        traffic_policy: s.traffic_policy.as_ref().map(|p| traffic_policy(&merge(top, p))),
                     })
                     .collect();
                 rules.insert(host, RuleRef { key, spec: &dr.spec });
@@ -350,15 +356,6 @@ impl Index {
                     ignore_uri_case: m.ignore_uri_case.unwrap_or(false),
                 });
             }
-            if rule.retries.is_some() {
-                problems.not_enforced.insert("http.retries");
-            }
-            if rule.fault.is_some() {
-                problems.not_enforced.insert("http.fault");
-            }
-            if rule.mirror.is_some() || rule.mirror_percentage.is_some() {
-                problems.not_enforced.insert("http.mirror");
-            }
             let headers = rule.headers.as_ref();
             let mut out = pb::HttpRoute {
                 name: rule.name.clone().unwrap_or_else(|| format!("{}.{i}", key.name)),
@@ -373,8 +370,28 @@ impl Index {
                     uri: r.uri.clone().unwrap_or_default(),
                     authority: r.authority.clone().unwrap_or_default(),
                 }),
+                retries: rule.retries.as_ref().map(|r| retry(r, &format!("{at}.retries"), problems)),
+                fault: rule.fault.as_ref().map(|f| fault(f, &format!("{at}.fault"), problems)),
                 ..pb::HttpRoute::default()
             };
+            // `mirror` (with `mirrorPercentage` or the older `mirrorPercent`), or a single entry
+            // of `mirrors`; the schema refuses more than one.
+            let mirror = match (&rule.mirror, rule.mirrors.first()) {
+                (Some(dest), _) => Some((
+                    dest,
+                    rule.mirror_percentage.as_ref().map(|p| p.value).or(rule.mirror_percent.map(f64::from)),
+                )),
+                (None, Some(m)) => Some((&m.destination, m.percentage.as_ref().map(|p| p.value))),
+                (None, None) => None,
+            };
+            if let Some((dest, percent)) = mirror {
+                // An unresolved mirror is reported in ResolvedRefs and left out; the route
+                // itself still works.
+                if let Some(destination) = self.destination(key, dest, services, rules, problems) {
+                    out.mirror = Some(destination);
+                    out.mirror_percent = percent.unwrap_or(100.0);
+                }
+            }
             if let Some(r) = &rule.redirect {
                 out.redirect = Some(pb::Redirect {
                     uri: r.uri.clone().unwrap_or_default(),
@@ -610,30 +627,235 @@ fn header_ops(h: &net::HeaderOperations) -> pb::HeaderOperations {
     pb::HeaderOperations { set: h.set.clone(), add: h.add.clone(), remove: h.remove.clone() }
 }
 
-fn traffic_policy(t: &net::TrafficPolicy) -> pb::TrafficPolicy {
-    let ms = |d: Option<&weft_api::Duration>| {
-        d.and_then(|d| d.parse().ok()).map_or(0, |d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX))
+/// Milliseconds of a duration the schema has already checked; `None` when absent.
+fn ms(d: Option<&weft_api::Duration>) -> Option<u32> {
+    d.and_then(|d| d.parse().ok()).map(|d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX))
+}
+
+/// The retry conditions Istio uses when `retries` says none.
+const ISTIO_DEFAULT_RETRY_ON: &str =
+    "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes,503";
+
+/// The `retryOn` conditions the proxies implement (and HTTP status codes).
+const RETRY_CONDITIONS: [&str; 12] = [
+    "5xx",
+    "gateway-error",
+    "reset",
+    "connect-failure",
+    "refused-stream",
+    "retriable-4xx",
+    "retriable-status-codes",
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+];
+
+fn retry(r: &net::HttpRetry, at: &str, problems: &mut Problems) -> pb::Retry {
+    let retry_on = match r.retry_on.as_deref() {
+        None => ISTIO_DEFAULT_RETRY_ON.to_owned(),
+        Some(list) => {
+            let mut conditions: Vec<&str> = Vec::new();
+            for c in list.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+                let code = c.len() == 3 && c.parse::<u16>().is_ok_and(|n| (100..600).contains(&n));
+                if !code && !RETRY_CONDITIONS.contains(&c) {
+                    problems.invalid.push(format!("{at}.retryOn: condition {c:?} is not supported"));
+                } else if !conditions.contains(&c) {
+                    conditions.push(c);
+                }
+            }
+            // As in Istio, a status code in the list retries that code without also naming
+            // `retriable-status-codes`.
+            let has_code = conditions.iter().any(|c| c.parse::<u16>().is_ok());
+            if has_code && !conditions.contains(&"retriable-status-codes") {
+                conditions.push("retriable-status-codes");
+            }
+            conditions.join(",")
+        }
     };
-    let tcp = t.connection_pool.as_ref().and_then(|c| c.tcp.as_ref());
-    let http = t.connection_pool.as_ref().and_then(|c| c.http.as_ref());
-    pb::TrafficPolicy {
-        load_balancer: t.load_balancer.as_ref().and_then(|l| l.simple).map(|s| pb::LoadBalancer {
-            policy: match s {
-                net::SimpleLb::Unspecified => pb::load_balancer::Policy::PeakEwma,
-                net::SimpleLb::Random => pb::load_balancer::Policy::Random,
-                net::SimpleLb::RoundRobin => pb::load_balancer::Policy::RoundRobin,
-                net::SimpleLb::LeastRequest => pb::load_balancer::Policy::LeastRequest,
-            } as i32,
-            ..Default::default()
-        }),
-        connection_pool: t.connection_pool.as_ref().map(|_| pb::ConnectionPool {
-            connect_timeout_ms: ms(tcp.and_then(|t| t.connect_timeout.as_ref())),
-            idle_timeout_ms: ms(http
-                .and_then(|h| h.idle_timeout.as_ref())
-                .or(tcp.and_then(|t| t.idle_timeout.as_ref()))),
-            ..Default::default()
-        }),
+    pb::Retry {
+        attempts: u32::try_from(r.attempts).unwrap_or(0),
+        per_try_timeout_ms: ms(r.per_try_timeout.as_ref()).unwrap_or(0),
+        retry_on,
+        backoff_ms: ms(r.backoff.as_ref()).filter(|b| *b > 0).unwrap_or(25),
+    }
+}
+
+fn fault(f: &net::HttpFaultInjection, at: &str, problems: &mut Problems) -> pb::Fault {
+    let mut out = pb::Fault::default();
+    if let Some(d) = &f.delay {
+        out.delay_ms = ms(d.fixed_delay.as_ref()).unwrap_or(0);
+        out.delay_percent =
+            d.percentage.as_ref().map(|p| p.value).or(d.percent.map(f64::from)).unwrap_or(100.0);
+    }
+    if let Some(a) = &f.abort {
+        match (a.http_status, a.grpc_status) {
+            (Some(status), _) if !(200..=599).contains(&status) => problems
+                .invalid
+                .push(format!("{at}.abort.httpStatus: {status} is not an HTTP status (200-599)")),
+            (Some(status), _) => out.abort_http_status = status.unsigned_abs(),
+            (None, Some(status)) => out.abort_grpc_status = grpc_code(status),
+            (None, None) => problems.invalid.push(format!("{at}.abort: needs httpStatus or grpcStatus")),
+        }
+        out.abort_percent = a.percentage.as_ref().map_or(100.0, |p| p.value);
+    }
+    out
+}
+
+/// The numeric code of a gRPC status.
+fn grpc_code(s: net::GrpcStatus) -> u32 {
+    use net::GrpcStatus as G;
+    match s {
+        G::Cancelled => 1,
+        G::Unknown => 2,
+        G::InvalidArgument => 3,
+        G::DeadlineExceeded => 4,
+        G::NotFound => 5,
+        G::AlreadyExists => 6,
+        G::PermissionDenied => 7,
+        G::ResourceExhausted => 8,
+        G::FailedPrecondition => 9,
+        G::Aborted => 10,
+        G::OutOfRange => 11,
+        G::Unimplemented => 12,
+        G::Internal => 13,
+        G::Unavailable => 14,
+        G::DataLoss => 15,
+        G::Unauthenticated => 16,
+    }
+}
+
+/// Fields of a DestinationRule policy that are accepted but not carried to the proxies.
+fn not_enforced_in_policy(t: &net::TrafficPolicy, problems: &mut Problems) {
+    let pools = t
+        .connection_pool
+        .iter()
+        .chain(t.port_level_settings.iter().filter_map(|p| p.connection_pool.as_ref()));
+    if pools.filter_map(|c| c.http.as_ref()).any(|h| h.h2_upgrade_policy.is_some()) {
+        problems.not_enforced.insert("connectionPool.http.h2UpgradePolicy");
+    }
+    let tls = t.tls.iter().chain(t.port_level_settings.iter().filter_map(|p| p.tls.as_ref()));
+    if tls.into_iter().any(|t| t.mode == net::TlsMode::Disable) {
+        problems.not_enforced.insert("trafficPolicy.tls.mode: DISABLE");
+    }
+}
+
+/// A subset's policy over its service's, as Istio merges them: each part the subset sets
+/// replaces the service's part of the same kind. For a port with settings, the subset's entry for
+/// that port replaces everything; without one, the service's entry for the port is taken with the
+/// subset's parts over it.
+fn merge(service: Option<&net::TrafficPolicy>, subset: &net::TrafficPolicy) -> net::TrafficPolicy {
+    let base = service.cloned().unwrap_or_default();
+    let mut ports: BTreeMap<u32, net::PortTrafficPolicy> = BTreeMap::new();
+    for p in &base.port_level_settings {
+        ports.insert(
+            p.port.number,
+            net::PortTrafficPolicy {
+                port: p.port.clone(),
+                load_balancer: subset.load_balancer.clone().or_else(|| p.load_balancer.clone()),
+                connection_pool: subset.connection_pool.clone().or_else(|| p.connection_pool.clone()),
+                outlier_detection: subset.outlier_detection.clone().or_else(|| p.outlier_detection.clone()),
+                tls: subset.tls.clone().or_else(|| p.tls.clone()),
+            },
+        );
+    }
+    for p in &subset.port_level_settings {
+        ports.insert(p.port.number, p.clone());
+    }
+    net::TrafficPolicy {
+        load_balancer: subset.load_balancer.clone().or(base.load_balancer),
+        connection_pool: subset.connection_pool.clone().or(base.connection_pool),
+        outlier_detection: subset.outlier_detection.clone().or(base.outlier_detection),
+        tls: subset.tls.clone().or(base.tls),
+        port_level_settings: ports.into_values().collect(),
+        retry_budget: subset.retry_budget.clone().or(base.retry_budget),
         ..Default::default()
+    }
+}
+
+fn traffic_policy(t: &net::TrafficPolicy) -> pb::TrafficPolicy {
+    pb::TrafficPolicy {
+        load_balancer: t.load_balancer.as_ref().map(load_balancer),
+        connection_pool: t.connection_pool.as_ref().map(connection_pool),
+        outlier_detection: t.outlier_detection.as_ref().map(outlier_detection),
+        // A port's entry replaces the whole policy for that port, and what it leaves out takes
+        // the defaults (Istio's rule): every part is written, so none is inherited.
+        port_level_settings: t
+            .port_level_settings
+            .iter()
+            .map(|p| pb::PortTrafficPolicy {
+                port: p.port.number,
+                load_balancer: Some(p.load_balancer.as_ref().map(load_balancer).unwrap_or_default()),
+                connection_pool: Some(p.connection_pool.as_ref().map(connection_pool).unwrap_or_default()),
+                outlier_detection: Some(
+                    p.outlier_detection.as_ref().map(outlier_detection).unwrap_or_default(),
+                ),
+            })
+            .collect(),
+        retry_budget: t.retry_budget.as_ref().map(|b| pb::RetryBudget {
+            percent: b.percent.unwrap_or(20.0),
+            min_retries_per_second: b.min_retries_per_second.unwrap_or(3),
+            window_ms: ms(b.budget_interval.as_ref()).filter(|w| *w > 0).unwrap_or(10_000),
+        }),
+    }
+}
+
+fn load_balancer(l: &net::LoadBalancerSettings) -> pb::LoadBalancer {
+    use pb::consistent_hash::Key;
+    let policy = match l.simple {
+        None | Some(net::SimpleLb::Unspecified) => pb::load_balancer::Policy::PeakEwma,
+        Some(net::SimpleLb::Random) => pb::load_balancer::Policy::Random,
+        Some(net::SimpleLb::RoundRobin) => pb::load_balancer::Policy::RoundRobin,
+        Some(net::SimpleLb::LeastRequest) => pb::load_balancer::Policy::LeastRequest,
+    };
+    let consistent_hash = l.consistent_hash.as_ref().and_then(|c| {
+        let key = if let Some(h) = &c.http_header_name {
+            Key::HttpHeaderName(h.to_ascii_lowercase())
+        } else if let Some(cookie) = &c.http_cookie {
+            Key::HttpCookie(pb::HttpCookie {
+                name: cookie.name.clone(),
+                path: cookie.path.clone().unwrap_or_default(),
+                ttl_ms: ms(cookie.ttl.as_ref()).unwrap_or(0),
+            })
+        } else if c.use_source_ip == Some(true) {
+            Key::UseSourceIp(true)
+        } else {
+            Key::HttpQueryParameterName(c.http_query_parameter_name.clone()?)
+        };
+        Some(pb::ConsistentHash { key: Some(key) })
+    });
+    pb::LoadBalancer { policy: policy as i32, consistent_hash }
+}
+
+fn connection_pool(c: &net::ConnectionPoolSettings) -> pb::ConnectionPool {
+    let (tcp, http) = (c.tcp.as_ref(), c.http.as_ref());
+    let limit = |v: Option<i32>| v.and_then(|v| u32::try_from(v).ok()).unwrap_or(0);
+    pb::ConnectionPool {
+        connect_timeout_ms: ms(tcp.and_then(|t| t.connect_timeout.as_ref())).unwrap_or(0),
+        idle_timeout_ms: ms(http
+            .and_then(|h| h.idle_timeout.as_ref())
+            .or(tcp.and_then(|t| t.idle_timeout.as_ref())))
+        .unwrap_or(0),
+        max_connections: limit(tcp.and_then(|t| t.max_connections)),
+        max_pending_requests: limit(http.and_then(|h| h.http1_max_pending_requests)),
+        max_requests: limit(http.and_then(|h| h.http2_max_requests)),
+        max_requests_per_connection: limit(http.and_then(|h| h.max_requests_per_connection)),
+        max_retries: limit(http.and_then(|h| h.max_retries)),
+    }
+}
+
+/// Istio's defaults for what the block leaves out: 5 consecutive 5xx (0 disables), gateway
+/// errors off, 10s interval, 30s base ejection, at most 10% ejected, no health floor.
+fn outlier_detection(o: &net::OutlierDetection) -> pb::OutlierDetection {
+    let percent = |v: Option<i32>, default: u32| v.and_then(|v| u32::try_from(v).ok()).unwrap_or(default);
+    pb::OutlierDetection {
+        consecutive_5xx_errors: o.consecutive_5xx_errors.unwrap_or(5),
+        consecutive_gateway_errors: o.consecutive_gateway_errors.unwrap_or(0),
+        base_ejection_time_ms: ms(o.base_ejection_time.as_ref()).unwrap_or(30_000).max(1),
+        max_ejection_percent: percent(o.max_ejection_percent, 10),
+        min_health_percent: percent(o.min_health_percent, 0),
+        interval_ms: ms(o.interval.as_ref()).unwrap_or(10_000).max(1),
     }
 }
 

@@ -2,11 +2,12 @@
 
 use std::collections::BTreeMap;
 
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::{Duration, status::Status};
+use super::common::PortSelector;
+use crate::{Duration, status::Status, unsupported::Unsupported};
 
 /// Policy applied after routing has chosen `host`: load balancing, connection limits, outlier
 /// ejection, and named subsets of its endpoints.
@@ -60,7 +61,7 @@ pub struct Subset {
     pub traffic_policy: Option<TrafficPolicy>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TrafficPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -71,12 +72,68 @@ pub struct TrafficPolicy {
     pub outlier_detection: Option<OutlierDetection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ClientTlsSettings>,
+    /// Overrides for single ports of the host. An entry replaces the whole policy for its port:
+    /// what it leaves out takes the defaults, not the values above (as in Istio).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    #[x_kube(validation = Rule::new("self.all(p, self.exists_one(q, q.port.number == p.port.number))").message("portLevelSettings must name each port once"))]
+    pub port_level_settings: Vec<PortTrafficPolicy>,
+    /// Caps the retries sent to the host. Unset: retries may add 20% to the requests of the last
+    /// 10s, plus 3 per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_budget: Option<RetryBudget>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("false").message("tunnel is not supported by Weft"))]
+    pub tunnel: Option<Unsupported>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("false").message("proxyProtocol is not supported by Weft"))]
+    pub proxy_protocol: Option<Unsupported>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+/// The policy for one port of the host.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PortTrafficPolicy {
+    /// The service port this applies to.
+    pub port: PortSelector,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<LoadBalancerSettings>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_pool: Option<ConnectionPoolSettings>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ClientTlsSettings>,
+}
+
+/// How requests are spread over the host's endpoints: one algorithm (`simple`) or sticky
+/// sessions (`consistentHash`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.simple) || !has(self.consistentHash)").message("loadBalancer takes simple or consistentHash, not both"))]
 pub struct LoadBalancerSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub simple: Option<SimpleLb>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistent_hash: Option<ConsistentHashLb>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("false").message("localityLbSetting is not supported by Weft: endpoints are balanced without regard to locality"))]
+    pub locality_lb_setting: Option<Unsupported>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("false").message("zoneAwareLbSetting is not supported by Weft: endpoints are balanced without regard to locality"))]
+    pub zone_aware_lb_setting: Option<Unsupported>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("false").message("warmupDurationSecs is not supported by Weft: new endpoints get their share of requests at once"))]
+    pub warmup_duration_secs: Option<Duration>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("false").message("warmup is not supported by Weft: new endpoints get their share of requests at once"))]
+    pub warmup: Option<Unsupported>,
 }
 
 /// Load-balancing algorithms. `UNSPECIFIED` is Weft's default: power of two choices over
@@ -90,6 +147,60 @@ pub enum SimpleLb {
     LeastRequest,
 }
 
+/// Sticky sessions: requests with the same key go to the same endpoint while the endpoints stay
+/// the same. Exactly one key: a header, a cookie, the source IP or a query parameter.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("[has(self.httpHeaderName), has(self.httpCookie), has(self.useSourceIp) && self.useSourceIp, has(self.httpQueryParameterName)].filter(x, x).size() == 1").message("consistentHash needs exactly one of httpHeaderName, httpCookie, useSourceIp: true or httpQueryParameterName"))]
+pub struct ConsistentHashLb {
+    /// Hash the value of this request header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256), regex(pattern = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"))]
+    pub http_header_name: Option<String>,
+    /// Hash the value of this cookie; with a `ttl`, the proxy sets the cookie when a request lacks
+    /// it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_cookie: Option<HttpCookie>,
+    /// Hash the client's IP address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_source_ip: Option<bool>,
+    /// Hash the value of this query parameter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub http_query_parameter_name: Option<String>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("false").message("ringHash is not supported by Weft: the hash ring is not tunable"))]
+    pub ring_hash: Option<Unsupported>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("false").message("maglev is not supported by Weft: the hash ring is not tunable"))]
+    pub maglev: Option<Unsupported>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("false").message("minimumRingSize is not supported by Weft: the hash ring is not tunable"))]
+    pub minimum_ring_size: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+pub struct HttpCookie {
+    #[schemars(length(min = 1, max = 256), regex(pattern = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"))]
+    pub name: String,
+    /// The cookie's `Path` when the proxy sets it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub path: Option<String>,
+    /// Lifetime of a cookie the proxy sets. Unset or `0s`: the proxy never sets one, and requests
+    /// without the cookie are balanced by the default algorithm.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<Duration>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    #[x_kube(validation = Rule::new("false").message("httpCookie.attributes is not supported by Weft"))]
+    pub attributes: Vec<Unsupported>,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ConnectionPoolSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -98,10 +209,11 @@ pub struct ConnectionPoolSettings {
     pub http: Option<HttpSettings>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TcpSettings {
-    /// Connections to each endpoint; unlimited when unset.
+    /// Connections open at once to the whole host (all endpoints together); unlimited when
+    /// unset. A request that would need one more is answered 503 at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_connections: Option<i32>,
@@ -111,19 +223,25 @@ pub struct TcpSettings {
     /// Close connections idle this long; 1h when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout: Option<Duration>,
-    /// Close connections after this long, idle or not.
+    /// Not supported by Weft (refused).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("false").message("maxConnectionDuration is not supported by Weft: connections are closed when idle (idleTimeout), never by age"))]
     pub max_connection_duration: Option<Duration>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("false").message("tcpKeepalive is not supported by Weft"))]
+    pub tcp_keepalive: Option<Unsupported>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpSettings {
-    /// Requests waiting for an HTTP/1.1 connection.
+    /// Requests waiting for a connection to the host; unlimited when unset. One more is answered
+    /// 503 at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub http1_max_pending_requests: Option<i32>,
-    /// Requests in flight to the host.
+    /// Requests in flight to the host; unlimited when unset. One more is answered 503 at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub http2_max_requests: Option<i32>,
@@ -131,7 +249,7 @@ pub struct HttpSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub max_requests_per_connection: Option<i32>,
-    /// Retries in flight to the host.
+    /// Retries in flight to the host; 0 or unset means unlimited (the retry budget still applies).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub max_retries: Option<i32>,
@@ -140,9 +258,18 @@ pub struct HttpSettings {
     pub idle_timeout: Option<Duration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub h2_upgrade_policy: Option<H2UpgradePolicy>,
+    /// Not supported by Weft when true (refused): the proxy picks the upstream protocol itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[x_kube(validation = Rule::new("!self").message("useClientProtocol: true is not supported by Weft"))]
+    pub use_client_protocol: Option<bool>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("false").message("maxConcurrentStreams is not supported by Weft: use http2MaxRequests to limit requests in flight"))]
     pub max_concurrent_streams: Option<i32>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("false").message("http2KeepAlive is not supported by Weft"))]
+    pub http2_keep_alive: Option<Unsupported>,
 }
 
 /// Whether HTTP/1.1 requests travel as HTTP/2 between proxies. `DEFAULT` upgrades: both ends
@@ -155,8 +282,9 @@ pub enum H2UpgradePolicy {
     Upgrade,
 }
 
-/// Passive health checking: endpoints that keep failing are ejected for a while.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+/// Passive health checking: endpoints that keep failing are ejected for a while. Ejection is per
+/// endpoint (pod address), whichever subset or route the failures came through.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OutlierDetection {
     /// Consecutive 5xx responses (or connection failures) that eject an endpoint; 5 when unset,
@@ -182,6 +310,47 @@ pub struct OutlierDetection {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 100))]
     pub min_health_percent: Option<i32>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("false").message("consecutiveErrors is not supported by Weft (deprecated in Istio): use consecutive5xxErrors or consecutiveGatewayErrors"))]
+    pub consecutive_errors: Option<i32>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("false").message("consecutiveLocalOriginFailures is not supported by Weft: connection failures count as 5xx errors"))]
+    pub consecutive_local_origin_failures: Option<u32>,
+    /// Not supported by Weft when true (refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("!self").message("splitExternalLocalOriginErrors: true is not supported by Weft: connection failures count as 5xx errors"))]
+    pub split_external_local_origin_errors: Option<bool>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    #[x_kube(validation = Rule::new("false").message("outlierDetectionHttpErrorCodes is not supported by Weft: use consecutive5xxErrors or consecutiveGatewayErrors"))]
+    pub outlier_detection_http_error_codes: Vec<u32>,
+}
+
+/// Caps retries to the host as a share of its requests, so that retries cannot multiply an
+/// outage. Weft budgets by rate over a window (like Linkerd), not by concurrency (like Envoy).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryBudget {
+    /// Retries may add at most this share (0-100) of the requests sent over `budgetInterval`;
+    /// 20 when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 100.0))]
+    pub percent: Option<f64>,
+    /// Retries always allowed per second, whatever the share (Weft's own field); 3 when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100000))]
+    pub min_retries_per_second: Option<u32>,
+    /// The window over which requests and retries are counted; 10s when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('[1-9]')").message("budgetInterval must be longer than 0s"))]
+    pub budget_interval: Option<Duration>,
+    /// Not supported by Weft (refused): Istio's minimum number of concurrent retries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("false").message("minRetryConcurrency is not supported by Weft, which budgets retries by rate, not concurrency: use minRetriesPerSecond"))]
+    pub min_retry_concurrency: Option<u32>,
 }
 
 /// TLS towards the host. Traffic between meshed pods uses mesh mTLS automatically; this exists

@@ -52,6 +52,8 @@ pub struct VirtualServiceSpec {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("[has(self.route), has(self.redirect), has(self.directResponse)].filter(x, x).size() == 1").message("exactly one of route, redirect or directResponse must be set"))]
 #[x_kube(validation = Rule::new("!has(self.rewrite) || !has(self.redirect)").message("rewrite cannot be combined with redirect"))]
+#[x_kube(validation = Rule::new("!has(self.mirrors) || !(has(self.mirror) || has(self.mirrorPercentage) || has(self.mirrorPercent))").message("mirrors cannot be combined with mirror, mirrorPercentage or mirrorPercent"))]
+#[x_kube(validation = Rule::new("!has(self.mirrorPercentage) || !has(self.mirrorPercent)").message("mirrorPercentage and mirrorPercent cannot both be set"))]
 pub struct HttpRoute {
     /// A name for logs and metrics.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -85,6 +87,16 @@ pub struct HttpRoute {
     /// The share of requests mirrored; absent means 100.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror_percentage: Option<Percent>,
+    /// The share of requests mirrored as a whole number (deprecated in Istio; use
+    /// `mirrorPercentage`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub mirror_percent: Option<u32>,
+    /// Istio's list of mirrors: Weft takes at most one entry, the same as `mirror`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    #[x_kube(validation = Rule::new("self.size() <= 1").message("mirrors with more than one entry is not supported by Weft: a route mirrors to one destination"))]
+    pub mirrors: Vec<HttpMirrorPolicy>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub headers: Option<Headers>,
 }
@@ -195,8 +207,20 @@ pub struct HttpRewrite {
     pub authority: Option<String>,
 }
 
+/// One entry of `mirrors`: where copies go and the share of requests copied.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct HttpMirrorPolicy {
+    pub destination: Destination,
+    /// Absent means 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percentage: Option<Percent>,
+}
+
+/// The conditions `retryOn` accepts.
+pub const RETRY_ON_PATTERN: &str = "^(5xx|gateway-error|reset|connect-failure|refused-stream|retriable-4xx|retriable-status-codes|cancelled|deadline-exceeded|internal|resource-exhausted|unavailable|[1-5][0-9][0-9])(,(5xx|gateway-error|reset|connect-failure|refused-stream|retriable-4xx|retriable-status-codes|cancelled|deadline-exceeded|internal|resource-exhausted|unavailable|[1-5][0-9][0-9]))*$";
+
 /// Retries for failed requests.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpRetry {
     /// Retries after the first try; 0 disables retries.
@@ -205,14 +229,25 @@ pub struct HttpRetry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub per_try_timeout: Option<Duration>,
     /// Comma-separated conditions: `5xx`, `gateway-error`, `reset`, `connect-failure`,
-    /// `refused-stream`, `retriable-4xx`, gRPC status names (`cancelled`, `unavailable`, ...)
-    /// or HTTP status codes.
+    /// `refused-stream`, `retriable-4xx`, `retriable-status-codes`, the gRPC statuses
+    /// `cancelled`, `deadline-exceeded`, `internal`, `resource-exhausted`, `unavailable`, and HTTP
+    /// status codes. Unset: Istio's default, `connect-failure,refused-stream,unavailable,
+    /// cancelled` and 503.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 512), regex(pattern = r"^[a-z0-9-]+(,[a-z0-9-]+)*$"))]
+    #[schemars(length(max = 512))]
+    #[x_kube(validation = Rule::new(format!("self.matches('{RETRY_ON_PATTERN}')")).message("retryOn must be a comma-separated list of 5xx, gateway-error, reset, connect-failure, refused-stream, retriable-4xx, retriable-status-codes, cancelled, deadline-exceeded, internal, resource-exhausted, unavailable or HTTP status codes; other conditions are not supported by Weft"))]
     pub retry_on: Option<String>,
     /// Base of the exponential backoff between tries; 25ms when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backoff: Option<Duration>,
+    /// Not supported by Weft when true (refused): Weft has no localities.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("!self").message("retryRemoteLocalities: true is not supported by Weft"))]
+    pub retry_remote_localities: Option<bool>,
+    /// A retry goes to another endpoint when one exists; `false` is not supported (refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self").message("retryIgnorePreviousHosts: false is not supported by Weft: a retry always goes to another endpoint when one exists"))]
+    pub retry_ignore_previous_hosts: Option<bool>,
 }
 
 /// Faults injected on the client side, for testing resilience.
@@ -227,18 +262,27 @@ pub struct HttpFaultInjection {
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("has(self.fixedDelay)").message("delay requires fixedDelay"))]
+#[x_kube(validation = Rule::new("has(self.fixedDelay) || has(self.exponentialDelay)").message("delay requires fixedDelay"))]
+#[x_kube(validation = Rule::new("!has(self.percentage) || !has(self.percent)").message("percentage and percent cannot both be set"))]
 pub struct FaultDelay {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fixed_delay: Option<Duration>,
     /// Share of requests delayed; absent means 100.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub percentage: Option<Percent>,
+    /// Share of requests delayed as a whole number (deprecated in Istio; use `percentage`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub percent: Option<i32>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("false").message("exponentialDelay is not supported by Weft: use fixedDelay"))]
+    pub exponential_delay: Option<Duration>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("has(self.httpStatus) != has(self.grpcStatus)").message("abort requires exactly one of httpStatus or grpcStatus"))]
+#[x_kube(validation = Rule::new("[has(self.httpStatus), has(self.grpcStatus), has(self.http2Error)].filter(x, x).size() == 1").message("abort requires exactly one of httpStatus or grpcStatus"))]
 pub struct FaultAbort {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 200, max = 599))]
@@ -249,6 +293,10 @@ pub struct FaultAbort {
     /// Share of requests aborted; absent means 100.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub percentage: Option<Percent>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("false").message("http2Error is not supported by Weft: use httpStatus or grpcStatus"))]
+    pub http2_error: Option<String>,
 }
 
 /// gRPC status codes by their canonical names.
