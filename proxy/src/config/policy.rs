@@ -94,6 +94,8 @@ pub enum TryOutcome {
     RefusedStream,
     /// Reset, closed, or no answer before the per-try timeout.
     NoAnswer,
+    /// Never sent: a pool limit, no endpoint. Never retried (another try would meet the same).
+    NotSent,
 }
 
 impl RetryOn {
@@ -137,6 +139,7 @@ impl RetryOn {
             }
             TryOutcome::RefusedStream => self.refused_stream || self.server_error || self.reset,
             TryOutcome::NoAnswer => self.reset || self.server_error || self.gateway_error,
+            TryOutcome::NotSent => false,
             TryOutcome::Answered { status, grpc_status } => {
                 (self.server_error && status >= 500)
                     || (self.gateway_error && (502..=504).contains(&status))

@@ -135,11 +135,7 @@ pub struct Try<'a> {
 
 impl Failed {
     fn before_sending(failure: Failure) -> Failed {
-        let outcome = match failure {
-            Failure::ConnectFailed => TryOutcome::ConnectFailed,
-            _ => TryOutcome::NoAnswer,
-        };
-        Failed { failure, outcome, endpoint: None }
+        Failed { failure, outcome: TryOutcome::NotSent, endpoint: None }
     }
 }
 
@@ -243,7 +239,7 @@ fn observe_health(cluster: &Cluster, endpoint: &Arc<Endpoint>, outcome: TryOutco
     let outcome = match outcome {
         TryOutcome::Answered { status, .. } => Outcome::Status(status),
         // A refused stream was not processed: not the endpoint's failure.
-        TryOutcome::RefusedStream => return,
+        TryOutcome::RefusedStream | TryOutcome::NotSent => return,
         TryOutcome::ConnectFailed | TryOutcome::NoAnswer => Outcome::LocalFailure,
     };
     if !endpoint.health.observe(policy, outcome) {

@@ -130,7 +130,14 @@ impl http_body::Body for ReplayBody {
             return Poll::Ready(Some(Err("request body is held by an earlier try".into())));
         };
         // Polled with the lock held: nothing else touches the state while a try reads.
-        match Pin::new(rest).poll_frame(cx) {
+        let polled = Pin::new(&mut *rest).poll_frame(cx);
+        // A body of known length ends with its last byte; nobody may poll it again.
+        let at_end = matches!(polled, Poll::Ready(Some(Ok(_)))) && rest.is_end_stream();
+        if at_end {
+            state.ended = true;
+            this.rest = None;
+        }
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     state.bytes += data.len();

@@ -8,4 +8,5 @@ mod hardening;
 mod lifecycle;
 mod mtls;
 mod protocols;
+mod resilience;
 mod routing;

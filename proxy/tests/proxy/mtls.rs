@@ -105,18 +105,6 @@ async fn outbound(
     .await
 }
 
-async fn metrics(proxy: &TestProxy) -> String {
-    String::from_utf8(admin(proxy, Method::GET, "/metrics").await.body.to_vec()).unwrap()
-}
-
-/// The value of the first sample whose line contains every one of `parts`.
-fn sample(text: &str, parts: &[&str]) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| parts.iter().all(|p| l.contains(p)))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-}
-
 #[tokio::test]
 async fn http_crosses_the_tunnel_and_both_sides_name_each_other() {
     let issuer = Issuer::new_root("cluster.local", SystemTime::now(), DAY).unwrap();

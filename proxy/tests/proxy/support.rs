@@ -335,3 +335,87 @@ pub async fn admin(proxy: &TestProxy, method: http::Method, path: &str) -> Reply
     c.send(Request::builder().method(method).uri(path).header("host", "admin").body(Full::default()).unwrap())
         .await
 }
+
+/// What a scripted backend does with one request.
+#[derive(Clone, Copy, Debug)]
+pub enum Act {
+    /// Answer with this status after reading the request body.
+    Status(u16),
+    /// Wait, then answer with the status.
+    Delay(Duration, u16),
+    /// Close the connection (HTTP/1.1) or reset the stream (HTTP/2) without an answer.
+    Reset,
+}
+
+/// A backend whose answers `script` decides from the hit number (0-based, across connections);
+/// it records each request's `Host` (or `:authority`) and body.
+pub struct Scripted {
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicUsize>,
+    pub connections: Arc<AtomicUsize>,
+    /// `(authority, body)` of each request, in arrival order.
+    pub seen: Arc<std::sync::Mutex<Vec<(String, Bytes)>>>,
+}
+
+pub async fn scripted(script: impl Fn(usize) -> Act + Send + Sync + 'static) -> Scripted {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let connections = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let script = Arc::new(script);
+    let (h, c, s) = (hits.clone(), connections.clone(), seen.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            c.fetch_add(1, Ordering::Relaxed);
+            let (h, s, script) = (h.clone(), s.clone(), script.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let n = h.fetch_add(1, Ordering::Relaxed);
+                    let (s, act) = (s.clone(), script(n));
+                    async move {
+                        let authority = req
+                            .uri()
+                            .authority()
+                            .map(|a| a.to_string())
+                            .or_else(|| {
+                                req.headers().get("host").and_then(|v| v.to_str().ok()).map(str::to_owned)
+                            })
+                            .unwrap_or_default();
+                        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                        s.lock().unwrap().push((authority, body));
+                        let status = match act {
+                            Act::Status(code) => code,
+                            Act::Delay(d, code) => {
+                                tokio::time::sleep(d).await;
+                                code
+                            }
+                            Act::Reset => return Err("scripted reset"),
+                        };
+                        let mut res = Response::new(Full::new(Bytes::from(format!("hit {n}"))));
+                        *res.status_mut() = StatusCode::from_u16(status).unwrap();
+                        Ok(res)
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Scripted { addr, hits, connections, seen }
+}
+
+/// The proxy's `/metrics` text.
+pub async fn metrics(proxy: &TestProxy) -> String {
+    String::from_utf8(admin(proxy, http::Method::GET, "/metrics").await.body.to_vec()).unwrap()
+}
+
+/// The value of the first sample whose line contains every one of `parts`.
+pub fn sample(text: &str, parts: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| parts.iter().all(|p| l.contains(p)))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
