@@ -27,7 +27,7 @@ use weft_operator::Config;
 use weft_proxy::{
     certify::{self, CaClient},
     settings::ExplicitListener,
-    tls::IdentitySource,
+    settings::IdentitySource,
 };
 
 const DEADLINE: Duration = Duration::from_secs(60);

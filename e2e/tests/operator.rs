@@ -32,7 +32,7 @@ use weft_e2e::TestCluster;
 use weft_operator::{Config, lease::Elector};
 use weft_proxy::{
     config::control_plane::ControlPlane,
-    tls::{IdentityFiles, IdentitySource},
+    settings::{IdentityFiles, IdentitySource},
 };
 
 /// Every wait in this file is bounded by this.

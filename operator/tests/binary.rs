@@ -170,9 +170,13 @@ async fn a_killed_operator_leaves_proxies_serving_and_the_next_one_resyncs_them(
     let id = weft_identity::SpiffeId::new("cluster.local", ns.name(), "test-proxy")?;
     let issued = signer.issuer.issue(&id, std::time::SystemTime::now(), Duration::from_secs(3600))?;
     let dir = std::env::temp_dir().join(format!("weft-binary-test-{}", ns.name()));
-    let files =
-        weft_proxy::tls::IdentityFiles::write(&dir, &issued.cert_pem, &issued.key_pem, &signer.bundle_pem)?;
-    settings.identity = Some(weft_proxy::tls::IdentitySource::Files(files));
+    let files = weft_proxy::settings::IdentityFiles::write(
+        &dir,
+        &issued.cert_pem,
+        &issued.key_pem,
+        &signer.bundle_pem,
+    )?;
+    settings.identity = Some(weft_proxy::settings::IdentitySource::Files(files));
     let proxy = weft_proxy::start(settings).await?;
     let listener = proxy.explicit_addrs[0];
     let mut status = proxy.store.subscribe();

@@ -321,10 +321,14 @@ async fn a_real_proxy_installs_updates_subscribes_lazily_and_keeps_its_config_on
     settings.control_plane = Some(cp);
     let issued = server.ca.issue(&id("shop", "web"), SystemTime::now(), DAY).unwrap();
     let dir = std::env::temp_dir().join(format!("weft-config-server-{}", std::process::id()));
-    let files =
-        weft_proxy::tls::IdentityFiles::write(&dir, &issued.cert_pem, &issued.key_pem, server.ca.root_pem())
-            .unwrap();
-    settings.identity = Some(weft_proxy::tls::IdentitySource::Files(files));
+    let files = weft_proxy::settings::IdentityFiles::write(
+        &dir,
+        &issued.cert_pem,
+        &issued.key_pem,
+        server.ca.root_pem(),
+    )
+    .unwrap();
+    settings.identity = Some(weft_proxy::settings::IdentitySource::Files(files));
     let proxy = weft_proxy::start(settings).await.unwrap();
     let mut status = proxy.store.subscribe();
     let wait = |status: &mut watch::Receiver<weft_proxy::config::Status>, attempts: u64| {

@@ -22,10 +22,11 @@ use crate::{
     http::{Direction, INBOUND, PASSTHROUGH, observe::AccessLog, router::ConnInfo, server},
     io::PrefixedIo,
     metrics::{HandshakeLabels, ListenerLabels, Metrics, PeerLabels, ResultLabels, TcpLabels},
-    settings::{ExplicitListener, Settings},
+    peer::Peer,
+    settings::{ExplicitListener, IdentityFiles, IdentitySource, Settings},
     sys, tcp,
-    tls::{self as mesh, Accepted, IdentityFiles, IdentitySource, IdentityStore, MeshTls},
-    upstream::{ConnectOpts, Endpoint, Peer, Proto},
+    tls::{self as mesh, Accepted, IdentityStore, MeshTls},
+    upstream::{ConnectOpts, Endpoint, Proto},
 };
 use weft_identity::Tunnel;
 
@@ -66,14 +67,10 @@ impl Shared {
         }
     }
 
-    /// How to reach endpoints: the identity to present, and whether one is required.
-    pub fn connect_opts(&self, cluster: Option<&crate::config::Cluster>) -> ConnectOpts {
-        ConnectOpts::new(
-            &self.settings.timeouts,
-            cluster,
-            self.identity.current(),
-            self.settings.identity.is_some(),
-        )
+    /// How to reach endpoints: the identity to present, and whether one is required (a
+    /// destination's pool settings are added by `Cluster::connect_opts`).
+    pub fn connect_opts(&self) -> ConnectOpts {
+        ConnectOpts::new(&self.settings.timeouts, self.identity.current(), self.settings.identity.is_some())
     }
 
     /// Ready to serve: a config is loaded, and the identity too when one is configured.
@@ -612,7 +609,7 @@ async fn dispatch<I>(
                 return;
             };
             let t = &shared.settings.timeouts;
-            let opts = shared.connect_opts(None);
+            let opts = shared.connect_opts();
             let upstream_tls = endpoint.is_tunneled(opts.mesh.as_deref());
             let upstream = match endpoint.connect(&opts, Tunnel::Tcp).await {
                 Ok(u) => u,

@@ -19,6 +19,7 @@ pub mod http;
 pub mod io;
 pub mod iptables;
 pub mod metrics;
+pub mod peer;
 pub mod resilience;
 pub mod route;
 pub mod settings;

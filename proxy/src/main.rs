@@ -4,12 +4,14 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use weft_proxy::settings::{ExplicitListener, Limits, Settings, Timeouts, parse_duration, parse_listener};
 use weft_proxy::{
     certify::CaClient,
     config::control_plane::ControlPlane,
     grpc::host_of,
-    tls::{IdentityFiles, IdentitySource},
+    settings::{
+        ExplicitListener, IdentityFiles, IdentitySource, Limits, Settings, Timeouts, parse_duration,
+        parse_listener,
+    },
 };
 
 /// Weft's sidecar proxy: forwards HTTP/1.1, HTTP/2, gRPC and opaque TCP with routing, weighted

@@ -10,8 +10,8 @@ use prometheus_client::{
 };
 
 use crate::{
-    http::{Direction, error::Flags},
-    upstream::Peer,
+    http::{Direction, flags::Flags},
+    peer::Peer,
 };
 
 /// Request latency buckets, in seconds (0.5 ms to 30 s).

@@ -1,10 +1,8 @@
 //! Routing decisions as pure functions: which rule a request matches, which weighted destination
 //! it takes, and how its path or location is rewritten. No I/O and no `.await` here.
 
-use http::{HeaderMap, HeaderName};
+use http::{HeaderMap, HeaderName, StatusCode};
 use regex::Regex;
-
-use crate::config::{HttpRoute, Redirect};
 
 /// A compiled string condition.
 #[derive(Clone, Debug)]
@@ -90,17 +88,19 @@ impl Match {
     }
 }
 
-/// The first rule whose matches hold, with the match block that held (`None` for a rule with no
-/// matches, which takes every request).
-pub fn select<'r>(
-    routes: &'r [HttpRoute],
+/// The first rule whose matches (`matches_of(rule)`) hold, with the match block that held
+/// (`None` for a rule with no matches, which takes every request).
+pub fn select<'r, R>(
+    rules: &'r [R],
+    matches_of: impl Fn(&'r R) -> &'r [Match],
     req: &RequestView<'_>,
-) -> Option<(&'r HttpRoute, Option<&'r Match>)> {
-    routes.iter().find_map(|route| {
-        if route.matches.is_empty() {
-            return Some((route, None));
+) -> Option<(&'r R, Option<&'r Match>)> {
+    rules.iter().find_map(|rule| {
+        let matches = matches_of(rule);
+        if matches.is_empty() {
+            return Some((rule, None));
         }
-        route.matches.iter().find(|m| m.matches(req)).map(|m| (route, Some(m)))
+        matches.iter().find(|m| m.matches(req)).map(|m| (rule, Some(m)))
     })
 }
 
@@ -171,6 +171,16 @@ pub fn rewrite_path(path_and_query: &str, matched_prefix: Option<&str>, replacem
     out
 }
 
+/// Where a redirect rule points: each part it sets replaces the request's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Redirect {
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+    pub port: Option<u16>,
+    pub scheme: Option<String>,
+    pub code: StatusCode,
+}
+
 /// The `Location` of a redirect: each part the rule sets replaces the request's.
 pub fn redirect_location(
     redirect: &Redirect,
@@ -196,26 +206,12 @@ pub fn redirect_location(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
-    use http::{HeaderValue, StatusCode};
+    use http::HeaderValue;
 
     use super::*;
-    use crate::config::{Action, HeaderOps};
 
-    fn route(name: &str, matches: Vec<Match>) -> HttpRoute {
-        HttpRoute {
-            name: Arc::from(name),
-            matches,
-            action: Action::Direct { status: StatusCode::OK, body: Default::default() },
-            rewrite: None,
-            request_headers: HeaderOps::default(),
-            response_headers: HeaderOps::default(),
-            timeout: None,
-            fault: None,
-            retry: Default::default(),
-            mirror: None,
-        }
+    fn route(name: &'static str, matches: Vec<Match>) -> (&'static str, Vec<Match>) {
+        (name, matches)
     }
 
     fn view<'a>(
@@ -254,12 +250,12 @@ mod tests {
             ),
             route("catch-all", vec![]),
         ];
-        let name = |m, p| select(&routes, &view(m, p, None, &headers)).map(|(r, _)| r.name.to_string());
+        let name = |m, p| select(&routes, |r| &r.1, &view(m, p, None, &headers)).map(|(r, _)| r.0.to_owned());
         assert_eq!(name("GET", "/exact").as_deref(), Some("exact"));
         assert_eq!(name("POST", "/api/x").as_deref(), Some("prefix"), "earlier rule wins over later");
         assert_eq!(name("POST", "/other").as_deref(), Some("api-post"));
         assert_eq!(name("GET", "/other").as_deref(), Some("catch-all"));
-        assert!(select(&routes[..2], &view("GET", "/none", None, &headers)).is_none());
+        assert!(select(&routes[..2], |r| &r.1, &view("GET", "/none", None, &headers)).is_none());
     }
 
     #[test]

@@ -31,7 +31,7 @@ pub struct Settings {
     pub access_log: bool,
     /// Where this proxy's mesh identity comes from; without one, no mTLS is accepted or
     /// originated (and the control plane cannot be reached: it requires TLS).
-    pub identity: Option<crate::tls::IdentitySource>,
+    pub identity: Option<IdentitySource>,
     /// Who this proxy runs beside, for metric labels (`source_*` outbound, `destination_*`
     /// inbound).
     pub workload: Arc<str>,
@@ -207,5 +207,54 @@ mod tests {
         for bad in ["nope", "127.0.0.1:1=echo", "127.0.0.1:1=:80", "127.0.0.1:1=echo:x"] {
             assert!(parse_listener(bad).is_err(), "{bad:?}");
         }
+    }
+}
+
+/// Where the proxy's identity comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IdentitySource {
+    /// Files someone else writes (tests, benchmarks, an external issuer).
+    Files(IdentityFiles),
+    /// The mesh CA on the control plane (in-cluster proxies).
+    Ca(crate::certify::CaClient),
+}
+
+/// Where the proxy's credentials live (PEM): written by whatever issues them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdentityFiles {
+    /// Certificate chain, leaf first.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The roots peers' certificates must chain to.
+    pub trust_bundle: PathBuf,
+}
+
+impl IdentityFiles {
+    /// Writes `cert.pem`, `key.pem` (owner-only) and `ca.crt` into `dir`, each replaced
+    /// atomically, as any writer of a running proxy's credentials must (tests, benchmarks, the
+    /// demo).
+    pub fn write(
+        dir: &std::path::Path,
+        cert_pem: &str,
+        key_pem: &str,
+        bundle_pem: &str,
+    ) -> std::io::Result<IdentityFiles> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::create_dir_all(dir)?;
+        let files = IdentityFiles {
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+            trust_bundle: dir.join("ca.crt"),
+        };
+        for (path, content) in
+            [(&files.key, key_pem), (&files.cert, cert_pem), (&files.trust_bundle, bundle_pem)]
+        {
+            let tmp = path.with_extension("tmp");
+            let mut file =
+                std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+            std::io::Write::write_all(&mut file, content.as_bytes())?;
+            std::fs::rename(&tmp, path)?;
+        }
+        Ok(files)
     }
 }

@@ -24,47 +24,7 @@ use tokio::{
 use tokio_rustls::{StartHandshake, TlsAcceptor, TlsConnector, client, server};
 use weft_identity::{Credentials, SpiffeId, TrustBundle, Tunnel, tls as mesh};
 
-use crate::{io::PrefixedIo, upstream::Peer};
-
-/// Where the proxy's credentials live (PEM): written by whatever issues them.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct IdentityFiles {
-    /// Certificate chain, leaf first.
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    /// The roots peers' certificates must chain to.
-    pub trust_bundle: PathBuf,
-}
-
-impl IdentityFiles {
-    /// Writes `cert.pem`, `key.pem` (owner-only) and `ca.crt` into `dir`, each replaced
-    /// atomically, as any writer of a running proxy's credentials must (tests, benchmarks, the
-    /// demo).
-    pub fn write(
-        dir: &std::path::Path,
-        cert_pem: &str,
-        key_pem: &str,
-        bundle_pem: &str,
-    ) -> std::io::Result<IdentityFiles> {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        std::fs::create_dir_all(dir)?;
-        let files = IdentityFiles {
-            cert: dir.join("cert.pem"),
-            key: dir.join("key.pem"),
-            trust_bundle: dir.join("ca.crt"),
-        };
-        for (path, content) in
-            [(&files.key, key_pem), (&files.cert, cert_pem), (&files.trust_bundle, bundle_pem)]
-        {
-            let tmp = path.with_extension("tmp");
-            let mut file =
-                std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-            std::io::Write::write_all(&mut file, content.as_bytes())?;
-            std::fs::rename(&tmp, path)?;
-        }
-        Ok(files)
-    }
-}
+use crate::{io::PrefixedIo, peer::Peer, settings::IdentityFiles};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -76,15 +36,6 @@ pub enum Error {
     Config(#[from] mesh::Error),
     #[error("the certificate expired at {0:?}")]
     Expired(SystemTime),
-}
-
-/// Where the proxy's identity comes from.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum IdentitySource {
-    /// Files someone else writes (tests, benchmarks, an external issuer).
-    Files(IdentityFiles),
-    /// The mesh CA on the control plane (in-cluster proxies).
-    Ca(crate::certify::CaClient),
 }
 
 /// One loaded identity, ready to accept and connect.

@@ -25,7 +25,7 @@ use tokio::{net::TcpStream, time::Instant};
 use tokio_util::either::Either;
 use weft_identity::{SpiffeId, Tunnel};
 
-use crate::{balance::Load, http::Body, resilience::outlier::Health, tls::MeshTls};
+use crate::{balance::Load, http::Body, peer::Peer, resilience::outlier::Health, tls::MeshTls};
 
 /// A connection to an endpoint: plain, or a mesh tunnel (boxed, so plain connections do not
 /// carry the TLS state's size).
@@ -61,42 +61,15 @@ pub struct ConnectOpts {
 }
 
 impl ConnectOpts {
-    /// The proxy's defaults, overridden by a cluster's connection pool when there is one.
-    pub fn new(
-        timeouts: &crate::settings::Timeouts,
-        cluster: Option<&crate::config::Cluster>,
-        mesh: Option<Arc<MeshTls>>,
-        require_mesh: bool,
-    ) -> Self {
+    /// The proxy's defaults; a destination's connection pool may override them
+    /// (`Cluster::connect_opts`).
+    pub fn new(timeouts: &crate::settings::Timeouts, mesh: Option<Arc<MeshTls>>, require_mesh: bool) -> Self {
         ConnectOpts {
-            connect_timeout: cluster.and_then(|c| c.connect_timeout).unwrap_or(timeouts.connect),
-            idle_timeout: cluster.and_then(|c| c.idle_timeout).unwrap_or(timeouts.upstream_idle),
+            connect_timeout: timeouts.connect,
+            idle_timeout: timeouts.upstream_idle,
             mesh,
             require_mesh,
-            max_requests_per_connection: cluster.map_or(0, |c| c.limits.max_requests_per_connection),
-        }
-    }
-}
-
-/// Who runs at an endpoint, from the config.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Peer {
-    /// Set when a Weft proxy runs beside the endpoint: connections to it are mesh tunnels.
-    /// Behind an `Arc`: a `Peer` is cloned into per-connection and per-request state.
-    pub identity: Option<Arc<SpiffeId>>,
-    /// Metric labels: the identity, its namespace, the workload name (empty when unknown).
-    pub principal: Arc<str>,
-    pub namespace: Arc<str>,
-    pub workload: Arc<str>,
-}
-
-impl Peer {
-    pub fn new(identity: Option<SpiffeId>, workload: impl Into<Arc<str>>) -> Peer {
-        Peer {
-            principal: identity.as_ref().map_or_else(Arc::default, |id| Arc::from(id.to_string())),
-            namespace: Arc::from(identity.as_ref().map_or("", SpiffeId::namespace)),
-            identity: identity.map(Arc::new),
-            workload: workload.into(),
+            max_requests_per_connection: 0,
         }
     }
 }

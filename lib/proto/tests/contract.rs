@@ -44,7 +44,7 @@ fn yaml_json_and_protobuf_agree() {
     let svc = &from_yaml.services[0];
     assert_eq!(svc.ports[0].protocol(), Protocol::Http1);
     assert_eq!(
-        svc.traffic_policy.as_ref().and_then(|t| t.load_balancer).map(|l| l.policy()),
+        svc.traffic_policy.as_ref().and_then(|t| t.load_balancer.as_ref()).map(|l| l.policy()),
         Some(Policy::RoundRobin)
     );
     let m = &svc.http_routes[0].matches[0];

@@ -14,15 +14,15 @@ use http::{HeaderName, HeaderValue, StatusCode};
 use weft_proto::v1::{self as pb, consistent_hash, load_balancer, string_match::Kind};
 
 use super::{
-    Action, Cluster, HeaderOps, HttpRoute, Port, Protocol, Redirect, Rewrite, Service, Snapshot, Split,
-    Target,
+    Action, Cluster, HeaderOps, HttpRoute, Port, Protocol, Rewrite, Service, Snapshot, Split, Target,
     policy::{self, Abort, Fault, HashOn, Mirror, RetryOn, RetryPolicy, Share},
 };
 use crate::{
     balance::Policy,
+    peer::Peer,
     resilience::{budget::BudgetPolicy, limits::PoolLimits, outlier::OutlierPolicy},
-    route::{Match, StrMatch},
-    upstream::{Endpoint, Peer},
+    route::{Match, Redirect, StrMatch},
+    upstream::Endpoint,
 };
 
 /// Why a config was rejected. `at` is the field path, e.g. `services[0].httpRoutes[2].route[1]`.

@@ -30,8 +30,8 @@ use crate::{
         limits::PoolLimits,
         outlier::{OutlierPolicy, honour_ejections},
     },
-    route::Match,
-    upstream::Endpoint,
+    route::{Match, Redirect},
+    upstream::{ConnectOpts, Endpoint},
 };
 use policy::{Fault, HashOn, Mirror, RetryPolicy};
 
@@ -198,6 +198,16 @@ impl Cluster {
         }
     }
 
+    /// `base` with this destination's connection-pool overrides.
+    pub fn connect_opts(&self, base: ConnectOpts) -> ConnectOpts {
+        ConnectOpts {
+            connect_timeout: self.connect_timeout.unwrap_or(base.connect_timeout),
+            idle_timeout: self.idle_timeout.unwrap_or(base.idle_timeout),
+            max_requests_per_connection: self.limits.max_requests_per_connection,
+            ..base
+        }
+    }
+
     /// Endpoints out of balancing now (for the ejection share check).
     pub fn ejected(&self) -> usize {
         let now = tokio::time::Instant::now();
@@ -248,15 +258,6 @@ impl HeaderOps {
 pub struct Rewrite {
     pub uri: Option<String>,
     pub authority: Option<HeaderValue>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Redirect {
-    pub uri: Option<String>,
-    pub authority: Option<String>,
-    pub port: Option<u16>,
-    pub scheme: Option<String>,
-    pub code: StatusCode,
 }
 
 impl Snapshot {

@@ -72,6 +72,7 @@ pub fn spawn(
         return;
     };
     let proto = cluster.upstream_proto(copy.downstream);
+    let opts = cluster.connect_opts(opts);
     let authority = shadow_authority(copy.authority);
     let Some(head) = Head::new(proto, copy.method, &authority, copy.path_and_query, copy.headers) else {
         return;

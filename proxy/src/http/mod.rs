@@ -4,10 +4,11 @@
 //!
 //! Inside `router`, a routed request passes the route's policies in order: `fault`, `retry`
 //! (replaying bodies with `replay`), `mirror`; each try is `forward`; `sticky` finds
-//! consistent-hash keys; `error` turns every failure into the response.
+//! consistent-hash keys; `error` turns every failure into the response, with `flags`.
 
 pub mod error;
 pub mod fault;
+pub mod flags;
 pub mod forward;
 pub mod headers;
 pub mod mirror;

@@ -16,11 +16,12 @@ use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
 use tokio::{io::AsyncWriteExt, sync::mpsc, time::Instant};
 use tower::{Layer, Service};
 
-use super::{Body, BoxError, Direction, error::Flags, headers::REQUEST_ID};
+use super::{Body, BoxError, Direction, flags::Flags, headers::REQUEST_ID};
 use crate::{
     io::Activity,
     metrics::{Metrics, PeerLabels, RequestLabels},
-    upstream::{Endpoint, Peer},
+    peer::Peer,
+    upstream::Endpoint,
 };
 
 /// What the router did, attached to the response for this layer.

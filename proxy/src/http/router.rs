@@ -26,8 +26,9 @@ use tokio::time::Instant;
 
 use super::{
     Body, Direction, UpstreamBody, boxed, empty,
-    error::{Failure, Flags, is_grpc, respond},
+    error::{Failure, is_grpc, respond},
     fault,
+    flags::Flags,
     forward::{Destination, Head, Try, forward},
     full,
     headers::{ambiguous_framing, is_upgrade, strip_hop_by_hop},
@@ -40,8 +41,9 @@ use super::{
 use crate::{
     app::Shared,
     config::{Action, HttpRoute, Service, Snapshot, Target, policy::RetryPolicy},
+    peer::Peer,
     route::{Match, RequestView, redirect_location, rewrite_path, select},
-    upstream::{Peer, Proto},
+    upstream::Proto,
 };
 
 /// What the proxy knows about a downstream connection.
@@ -100,7 +102,7 @@ pub fn decide<'s>(
         Some((service, port)) if service.http_routes.is_empty() => {
             Decision::Route { service, route: None, port }
         }
-        Some((service, port)) => match select(&service.http_routes, req) {
+        Some((service, port)) => match select(&service.http_routes, |r| &r.matches, req) {
             Some(route) => Decision::Route { service, route: Some(route), port },
             None => Decision::NoRoute,
         },
@@ -341,7 +343,11 @@ impl Router {
             return respond(Failure::BadRequestTarget, grpc, info);
         };
 
-        let opts = self.shared.connect_opts(cluster.map(|c| &**c));
+        let base = self.shared.connect_opts();
+        let opts = match cluster {
+            Some(c) => c.connect_opts(base),
+            None => base,
+        };
         // The route timeout covers every try and the whole response: the head here, the body in
         // `UpstreamBody`.
         let deadline = route.and_then(|r| r.timeout).map(|t| Instant::now() + t);
@@ -397,7 +403,7 @@ impl Router {
                 port,
                 downstream: self.conn.downstream,
             };
-            let opts = self.shared.connect_opts(None);
+            let opts = self.shared.connect_opts();
             mirror::spawn(mirror, copy, opts, &self.shared.mirrors, &self.shared.metrics);
         }
 

@@ -19,7 +19,7 @@ use tokio::{
 use weft_identity::{SpiffeId, ca::Issuer};
 use weft_proxy::{
     settings::ExplicitListener,
-    tls::{IdentityFiles, IdentitySource},
+    settings::{IdentityFiles, IdentitySource},
 };
 
 use crate::support::*;

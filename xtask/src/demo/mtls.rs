@@ -14,7 +14,7 @@ use weft_identity::{SpiffeId, ca::Issuer};
 use weft_proxy::{
     Settings,
     settings::ExplicitListener,
-    tls::{IdentityFiles, IdentitySource},
+    settings::{IdentityFiles, IdentitySource},
 };
 
 const TRUST_DOMAIN: &str = "cluster.local";
