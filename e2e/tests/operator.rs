@@ -402,6 +402,52 @@ async fn a_connected_proxy_follows_weight_changes_and_deletion() -> Result<()> {
     Ok(())
 }
 
+/// A VirtualService with an abort fault, server-side applied as `kubectl apply --server-side`
+/// does: the subscribed proxy answers with the injected status, and follows a change of it.
+/// (The endpoints are addresses nothing listens on: only the fault can answer.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fault_applied_as_a_virtual_service_changes_what_the_proxy_answers() -> Result<()> {
+    let cluster = TestCluster::shared().await;
+    let client = cluster.client();
+    let ns = cluster.namespace("op-fault").await?;
+    bookinfo(&client, ns.name()).await?;
+    let operator = start_operator(&client, ns.name(), None).await?;
+    let proxy = start_proxy(&operator, ns.name()).await?;
+    let api = Api::<VirtualService>::namespaced(client.clone(), ns.name());
+    let apply = PatchParams::apply("weft-e2e").force();
+    let fault_vs = |status: u16| {
+        json!({"apiVersion": "networking.weft.dev/v1alpha1", "kind": "VirtualService",
+               "metadata": {"name": "reviews"},
+               "spec": {"hosts": ["reviews"], "http": [{
+                   "fault": {"abort": {"httpStatus": status, "percentage": {"value": 100.0}}},
+                   "route": [{"destination": {"host": "reviews", "subset": "v1"}}]}]}})
+    };
+    let listener = proxy.explicit_addrs[0];
+    for status in [418, 429] {
+        api.patch("reviews", &apply, &Patch::Apply(fault_vs(status))).await?;
+        wait_proxy(&proxy, "the fault", |c| {
+            let services = c["config"]["services"].as_array()?;
+            let svc =
+                services.iter().find(|s| s["name"].as_str().is_some_and(|n| n.starts_with("reviews.")))?;
+            (svc["httpRoutes"][0]["fault"]["abortHttpStatus"] == status).then_some(())
+        })
+        .await?;
+        let (got, body) = http_get(listener, "/", "reviews").await?;
+        assert_eq!(got, status, "{body}");
+        assert_eq!(body, "fault injected\n");
+    }
+    let vs = wait_vs(&api, "reviews", "Accepted for generation 2", |vs| {
+        condition(vs, "Accepted").is_some_and(|c| c.0 == "True" && c.3 == Some(2))
+    })
+    .await?;
+    let accepted = condition(&vs, "Accepted").context("no Accepted condition")?;
+    assert_eq!(accepted.2, "accepted", "faults are enforced, not merely accepted");
+
+    proxy.shutdown();
+    operator.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxies_keep_serving_while_the_operator_is_down_and_resync_after_restart() -> Result<()> {
     let cluster = TestCluster::shared().await;

@@ -762,6 +762,7 @@ fn reviews_rule(index: &mut Index, rule: Value) -> (pb::HttpRoute, DesiredStatus
     rule["route"] = json!([{"destination": {"host": "reviews"}}]);
     index.apply(mk_vs(NS, "r", 0, json!({"hosts": ["reviews"], "http": [rule]})));
     let r = index.resolve();
+    proxy_accepts(&r);
     let first = r.services[REVIEWS].http_routes.first().cloned().unwrap_or_default();
     (first, status(&r, Kind::VirtualService, NS, "r"))
 }
@@ -920,6 +921,7 @@ fn an_unresolved_mirror_is_reported_and_left_out_while_the_route_works() {
 fn reviews_policy(index: &mut Index, spec: Value) -> (pb::Service, DesiredStatus) {
     index.apply(mk_dr(NS, "d", 0, spec));
     let r = index.resolve();
+    proxy_accepts(&r);
     ((*r.services[REVIEWS]).clone(), status(&r, Kind::DestinationRule, NS, "d"))
 }
 
