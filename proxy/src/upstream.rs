@@ -105,6 +105,13 @@ impl Error {
     }
 }
 
+/// A failed send, with the request when it never left.
+#[derive(Debug)]
+pub struct SendError {
+    pub error: Error,
+    pub unsent: Option<Request<Body>>,
+}
+
 impl Error {
     /// Failed before any byte of the request could reach the endpoint.
     pub fn is_connect(&self) -> bool {
@@ -173,21 +180,29 @@ impl Endpoint {
         })
     }
 
-    /// Sends one request, reusing a pooled connection when one is free.
+    /// Sends one request, reusing a pooled connection when one is free. A request that never
+    /// left (no connection could be had) comes back with the error, body unread.
     pub async fn send(
         &self,
         req: Request<Body>,
         proto: Proto,
-        opts: ConnectOpts,
-    ) -> Result<Response<Incoming>, Error> {
-        self.check_identity(&opts)?;
+        opts: &ConnectOpts,
+    ) -> Result<Response<Incoming>, SendError> {
+        if let Err(error) = self.check_identity(opts) {
+            return Err(SendError { error, unsent: Some(req) });
+        }
         match proto {
-            Proto::Http1 => self.send_h1(req, &opts).await,
-            Proto::Http2 => self.send_h2(req, &opts).await,
+            Proto::Http1 => self.send_h1(req, opts).await,
+            Proto::Http2 => self.send_h2(req, opts).await,
         }
     }
 
-    async fn send_h1(&self, mut req: Request<Body>, opts: &ConnectOpts) -> Result<Response<Incoming>, Error> {
+    async fn send_h1(
+        &self,
+        mut req: Request<Body>,
+        opts: &ConnectOpts,
+    ) -> Result<Response<Incoming>, SendError> {
+        let sent = |source| SendError { error: Error::Request { addr: self.addr, source }, unsent: None };
         // A pooled connection can be closed by the server at any moment; hyper hands the request
         // back when it was not sent, and then a fresh connection takes it.
         if let Some((mut sender, requests)) = self.checkout_h1(opts.idle_timeout) {
@@ -198,13 +213,15 @@ impl Endpoint {
                 }
                 Err(mut e) => match e.take_message() {
                     Some(back) => req = back,
-                    None => return Err(Error::Request { addr: self.addr, source: e.into_error() }),
+                    None => return Err(sent(e.into_error())),
                 },
             }
         }
-        let mut sender = self.connect_h1(opts).await?;
-        let res =
-            sender.send_request(req).await.map_err(|source| Error::Request { addr: self.addr, source })?;
+        let mut sender = match self.connect_h1(opts).await {
+            Ok(s) => s,
+            Err(error) => return Err(SendError { error, unsent: Some(req) }),
+        };
+        let res = sender.send_request(req).await.map_err(sent)?;
         self.checkin_h1(sender, 1, opts);
         Ok(res)
     }
@@ -255,7 +272,7 @@ impl Endpoint {
         Ok(sender)
     }
 
-    async fn send_h2(&self, req: Request<Body>, opts: &ConnectOpts) -> Result<Response<Incoming>, Error> {
+    async fn send_h2(&self, req: Request<Body>, opts: &ConnectOpts) -> Result<Response<Incoming>, SendError> {
         let max = opts.max_requests_per_connection;
         // The cached connection, counting this request, unless it is closed or used up (then a
         // new one replaces it; the old one finishes its streams and closes).
@@ -276,16 +293,21 @@ impl Endpoint {
                 let _connecting = self.h2_connecting.lock().await;
                 match cached() {
                     Some(s) => s,
-                    None => {
-                        let s = self.connect_h2(opts).await?;
-                        *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some((s.clone(), 1));
-                        s
-                    }
+                    None => match self.connect_h2(opts).await {
+                        Ok(s) => {
+                            *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some((s.clone(), 1));
+                            s
+                        }
+                        Err(error) => return Err(SendError { error, unsent: Some(req) }),
+                    },
                 }
             }
         };
-        sender.ready().await.map_err(|source| Error::Request { addr: self.addr, source })?;
-        sender.send_request(req).await.map_err(|source| Error::Request { addr: self.addr, source })
+        let error = |source| Error::Request { addr: self.addr, source };
+        if let Err(source) = sender.ready().await {
+            return Err(SendError { error: error(source), unsent: Some(req) });
+        }
+        sender.send_request(req).await.map_err(|source| SendError { error: error(source), unsent: None })
     }
 
     async fn connect_h2(&self, opts: &ConnectOpts) -> Result<http2::SendRequest<Body>, Error> {

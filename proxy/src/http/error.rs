@@ -130,9 +130,15 @@ pub fn respond(failure: Failure, grpc: bool, mut info: ResponseInfo) -> Response
     res
 }
 
-/// Whether a request is gRPC (its errors are then gRPC statuses).
-pub fn is_grpc(headers: &http::HeaderMap) -> bool {
-    headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/grpc"))
+/// Whether a request is gRPC (its errors are then gRPC statuses). gRPC runs on HTTP/2 only,
+/// so HTTP/1.1 requests skip the header lookup.
+pub fn is_grpc<B>(req: &http::Request<B>) -> bool {
+    req.version() == http::Version::HTTP_2
+        && req
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
 #[cfg(test)]

@@ -4,7 +4,11 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version, header::HOST};
+use http::{
+    HeaderMap, HeaderValue, Method, Request, Response, Uri, Version,
+    header::HOST,
+    uri::{Authority, PathAndQuery, Scheme},
+};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
@@ -17,7 +21,7 @@ use crate::{
         limits::Taken,
         outlier::{Outcome, may_eject},
     },
-    upstream::{ConnectOpts, Endpoint, Proto},
+    upstream::{ConnectOpts, Endpoint, Proto, SendError},
 };
 
 /// The request as it goes upstream (after rewrites), in the form the destination's HTTP version
@@ -31,28 +35,57 @@ pub struct Head {
 }
 
 impl Head {
-    /// HTTP/1.1 in origin form with `Host`, HTTP/2 in absolute form (`:authority`) without it.
-    /// `None` when the target is not a valid URI.
+    /// The request for `proto`: HTTP/1.1 in origin form with `Host`, HTTP/2 in absolute form
+    /// (`:authority`) without it. `path_and_query` and `authority` replace the request's when the
+    /// route rewrites them. The request's own URI and `Host` are kept as they are when they
+    /// already fit (the common case costs no parsing). `None` when the target is not valid.
     pub fn new(
         proto: Proto,
         method: Method,
-        authority: &str,
-        path_and_query: &str,
+        uri: Uri,
         mut headers: HeaderMap,
+        path_and_query: Option<&str>,
+        authority: Option<&HeaderValue>,
     ) -> Option<Head> {
+        let pq = match path_and_query {
+            Some(p) => p.parse::<PathAndQuery>().ok()?,
+            None => uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")),
+        };
         let (uri, version) = match proto {
             Proto::Http1 => {
-                if let Ok(v) = HeaderValue::from_str(authority) {
-                    headers.insert(HOST, v);
+                // An absolute-form target's authority wins over `Host` (RFC 9112 §3.2.2).
+                match (authority, uri.authority()) {
+                    (Some(a), _) => {
+                        headers.insert(HOST, a.clone());
+                    }
+                    (None, Some(a)) => {
+                        headers.insert(HOST, HeaderValue::from_str(a.as_str()).ok()?);
+                    }
+                    (None, None) => {}
                 }
-                (path_and_query.parse::<Uri>(), Version::HTTP_11)
+                let origin_form = uri.scheme().is_none() && uri.authority().is_none();
+                let uri = if origin_form && path_and_query.is_none() { uri } else { Uri::from(pq) };
+                (uri, Version::HTTP_11)
             }
             Proto::Http2 => {
+                let authority: Authority = match authority {
+                    Some(a) => a.to_str().ok()?.parse().ok()?,
+                    None => match uri.authority() {
+                        Some(a) => a.clone(),
+                        None => headers.get(HOST)?.to_str().ok()?.parse().ok()?,
+                    },
+                };
                 headers.remove(HOST);
-                (format!("http://{authority}{path_and_query}").parse::<Uri>(), Version::HTTP_2)
+                let uri = Uri::builder()
+                    .scheme(Scheme::HTTP)
+                    .authority(authority)
+                    .path_and_query(pq)
+                    .build()
+                    .ok()?;
+                (uri, Version::HTTP_2)
             }
         };
-        Some(Head { method, uri: uri.ok()?, version, headers })
+        Some(Head { method, uri, version, headers })
     }
 
     pub fn headers(&self) -> &HeaderMap {
@@ -61,6 +94,18 @@ impl Head {
 
     pub fn method(&self) -> &Method {
         &self.method
+    }
+
+    /// The authority the request goes to (`:authority` or `Host`).
+    pub fn authority(&self) -> Option<&str> {
+        match self.uri.authority() {
+            Some(a) => Some(a.as_str()),
+            None => self.headers.get(HOST)?.to_str().ok(),
+        }
+    }
+
+    pub fn path_and_query(&self) -> &str {
+        self.uri.path_and_query().map_or("/", PathAndQuery::as_str)
     }
 
     /// A request for one try (the head is copied; the first try may take it with `into_request`).
@@ -115,6 +160,8 @@ pub struct Failed {
     pub outcome: TryOutcome,
     /// The endpoint tried, if one was picked.
     pub endpoint: Option<Arc<Endpoint>>,
+    /// The request, when it never left (its body unread): another try can take it as it is.
+    pub unsent: Option<Request<Body>>,
 }
 
 /// What one try needs besides the request.
@@ -130,14 +177,18 @@ pub struct Try<'a> {
     /// When this try gives up waiting for the answer's head (the route's or the per-try
     /// deadline, whichever is first).
     pub deadline: Option<Instant>,
+    /// The request is gRPC: its answer's `grpc-status` counts for retries.
+    pub grpc: bool,
     pub metrics: &'a Metrics,
 }
 
 impl Failed {
     fn before_sending(failure: Failure) -> Failed {
-        Failed { failure, outcome: TryOutcome::NotSent, endpoint: None }
+        Failed { failure, outcome: TryOutcome::NotSent, endpoint: None, unsent: None }
     }
 }
+
+static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
 
 /// Sends `req` once.
 pub async fn forward(req: Request<Body>, t: Try<'_>) -> Result<Answer, Failed> {
@@ -153,8 +204,13 @@ pub async fn forward(req: Request<Body>, t: Try<'_>) -> Result<Answer, Failed> {
                     .inc();
                 Failed::before_sending(Failure::Overflow)
             };
-            let Some(request) = pool.requests.try_take(limits.max_requests) else {
-                return Err(overflow("max_requests"));
+            // Counted only under a limit: no shared counter is touched on the common path.
+            let request = match limits.max_requests {
+                0 => None,
+                max => match pool.requests.try_take(max) {
+                    Some(unit) => Some(unit),
+                    None => return Err(overflow("max_requests")),
+                },
             };
             let Some(endpoint) = cluster.pick(t.key, t.tried).cloned() else {
                 return Err(Failed::before_sending(Failure::NoHealthyUpstream));
@@ -181,30 +237,36 @@ pub async fn forward(req: Request<Body>, t: Try<'_>) -> Result<Answer, Failed> {
             } else {
                 None
             };
-            (endpoint, Some(request), connection)
+            (endpoint, request, connection)
         }
     };
 
     let pending = endpoint.load.start();
     let started = Instant::now();
-    let sent = endpoint.send(req, t.proto, t.opts.clone());
+    let sent = endpoint.send(req, t.proto, t.opts);
     let result = match t.deadline {
         Some(d) => tokio::time::timeout_at(d, sent).await.map_err(|_| d),
         None => Ok(sent.await),
     };
+    let mut unsent = None;
     let (outcome, result) = match result {
         Err(deadline) => {
             tracing::debug!(upstream = %endpoint.addr, "upstream timed out");
             endpoint.load.observe(deadline.saturating_duration_since(started), Instant::now());
             (TryOutcome::NoAnswer, Err(Failure::Timeout))
         }
-        Ok(Err(error)) => {
+        Ok(Err(SendError { error, unsent: back })) => {
             tracing::debug!(%error, "upstream request failed");
+            let refused = error.is_refused_stream();
+            unsent = back;
             if error.is_connect() {
                 // A failed endpoint looks slow, so the balancer steers away from it.
                 endpoint.load.observe(t.opts.connect_timeout.max(Duration::from_secs(1)), Instant::now());
                 (TryOutcome::ConnectFailed, Err(Failure::ConnectFailed))
-            } else if error.is_refused_stream() {
+            } else if unsent.is_some() {
+                // The connection broke before the request left: as safe to retry as a refusal.
+                (TryOutcome::ConnectFailed, Err(Failure::UpstreamReset))
+            } else if refused {
                 (TryOutcome::RefusedStream, Err(Failure::UpstreamReset))
             } else {
                 (TryOutcome::NoAnswer, Err(Failure::UpstreamReset))
@@ -213,8 +275,12 @@ pub async fn forward(req: Request<Body>, t: Try<'_>) -> Result<Answer, Failed> {
         Ok(Ok(res)) => {
             let now = Instant::now();
             endpoint.load.observe(now - started, now);
-            let grpc_status =
-                res.headers().get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+            let grpc_status = match t.grpc {
+                true => {
+                    res.headers().get(&GRPC_STATUS).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
+                }
+                false => None,
+            };
             (TryOutcome::Answered { status: res.status().as_u16(), grpc_status }, Ok(res))
         }
     };
@@ -228,7 +294,7 @@ pub async fn forward(req: Request<Body>, t: Try<'_>) -> Result<Answer, Failed> {
             endpoint,
             in_flight: InFlight { _pending: pending, _request: request, _connection: connection },
         }),
-        Err(failure) => Err(Failed { failure, outcome, endpoint: Some(endpoint) }),
+        Err(failure) => Err(Failed { failure, outcome, endpoint: Some(endpoint), unsent }),
     }
 }
 

@@ -7,7 +7,7 @@
 use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use http::{HeaderMap, Method};
+use http::{HeaderMap, HeaderValue, Method, Uri};
 use tokio::{sync::Semaphore, time::Instant};
 
 use super::{
@@ -73,8 +73,10 @@ pub fn spawn(
     };
     let proto = cluster.upstream_proto(copy.downstream);
     let opts = cluster.connect_opts(opts);
-    let authority = shadow_authority(copy.authority);
-    let Some(head) = Head::new(proto, copy.method, &authority, copy.path_and_query, copy.headers) else {
+    let Ok(shadow) = HeaderValue::from_str(&shadow_authority(copy.authority)) else { return };
+    let target = Some(copy.path_and_query);
+    let Some(head) = Head::new(proto, copy.method, Uri::default(), copy.headers, target, Some(&shadow))
+    else {
         return;
     };
     let metrics = metrics.clone();
@@ -90,6 +92,7 @@ pub fn spawn(
                 key: None,
                 tried: &[],
                 deadline: Some(Instant::now() + TIMEOUT),
+                grpc: false,
                 metrics: &metrics,
             },
         )

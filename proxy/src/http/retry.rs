@@ -7,16 +7,17 @@ use std::net::SocketAddr;
 
 use tokio::time::Instant;
 
+use http::Request;
+
 use super::{
     Body,
-    error::Failure,
     forward::{Answer, Destination, Failed, Head, Try, forward},
-    replay::{Replay, ReplayBody},
+    replay::Replay,
 };
 use crate::{
     config::{
         Cluster,
-        policy::{RetryPolicy, TryOutcome, backoff},
+        policy::{RetryPolicy, backoff},
     },
     metrics::{ClusterLabels, Metrics},
     upstream::{ConnectOpts, Proto},
@@ -41,6 +42,7 @@ pub struct Tries<'a> {
     pub key: Option<u64>,
     /// The route's deadline, over all tries.
     pub deadline: Option<Instant>,
+    pub grpc: bool,
     pub metrics: &'a Metrics,
 }
 
@@ -51,46 +53,57 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     }
 }
 
-/// Sends `head` with `first` until `policy` says stop; retries read replays from `body`, the
-/// handle `ReplayBody::new` returned with `first`.
-pub async fn run(
-    head: &Head,
-    body: &Replay,
-    first: ReplayBody,
-    policy: &RetryPolicy,
-    t: Tries<'_>,
-) -> Finished {
+/// What later tries are made of.
+#[derive(Debug)]
+pub enum Again {
+    /// A copy of the head and a replay of the body (`Replay::new`'s handle) for every try.
+    Copies { head: Head, body: Replay },
+    /// Only a request that never left (a connect failure hands it back) is tried again: enough
+    /// for conditions that mean "not sent", and it costs no copy at all.
+    Unsent,
+}
+
+impl Again {
+    /// Whether `policy` can retry something other than a request that never left on `proto`
+    /// (then tries need copies).
+    pub fn needs_copies(policy: &RetryPolicy, proto: Proto) -> bool {
+        let on = &policy.on;
+        on.server_error
+            || on.gateway_error
+            || on.reset
+            || on.retriable_4xx
+            || !on.statuses.is_empty()
+            || !on.grpc.is_empty()
+            // Only HTTP/2 refuses streams.
+            || (on.refused_stream && proto == Proto::Http2)
+    }
+}
+
+/// Sends `first` until `policy` says stop; later tries are made as `again` says.
+pub async fn run(first: Request<Body>, again: &Again, policy: &RetryPolicy, t: Tries<'_>) -> Finished {
     let cluster = t.cluster;
     let count = |result: &'static str| {
         t.metrics.retries.get_or_create(&ClusterLabels { cluster: cluster.name.clone(), result }).inc();
     };
     cluster.state.budget.record_request(&cluster.budget, Instant::now());
-    let mut next = Some(first);
+    let mut next = first;
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut retries = 0;
     // Held while a retry is in flight (the destination's `max_retries`).
     let mut _retry_unit = None;
     loop {
         let deadline = earliest(t.deadline, policy.per_try_timeout.map(|p| Instant::now() + p));
-        let Some(this_body) = next.take() else {
-            // Not reached: a fresh body is free, and a retry is sent only with a replay.
-            let failed =
-                Failed { failure: Failure::UpstreamReset, outcome: TryOutcome::NoAnswer, endpoint: None };
-            return Finished { result: Err(failed), retries, exhausted: true };
+        let try_ = Try {
+            destination: Destination::Cluster(cluster),
+            proto: t.proto,
+            opts: t.opts,
+            key: t.key,
+            tried: &tried,
+            deadline,
+            grpc: t.grpc,
+            metrics: t.metrics,
         };
-        let result = forward(
-            head.request(Body::new(this_body)),
-            Try {
-                destination: Destination::Cluster(cluster),
-                proto: t.proto,
-                opts: t.opts,
-                key: t.key,
-                tried: &tried,
-                deadline,
-                metrics: t.metrics,
-            },
-        )
-        .await;
+        let mut result = forward(next, try_).await;
         let (outcome, endpoint) = match &result {
             Ok(a) => (a.outcome, Some(a.endpoint.addr)),
             Err(f) => (f.outcome, f.endpoint.as_ref().map(|e| e.addr)),
@@ -100,33 +113,34 @@ pub async fn run(
         }
         let now = Instant::now();
         let wait = backoff(policy.backoff, retries + 1, fastrand::u32(..));
-        // Why no retry follows: `Some(None)` when the policy's own bounds say so, `Some(reason)`
-        // when a safeguard did (counted).
-        let refusal = if retries >= policy.attempts || t.deadline.is_some_and(|d| now + wait >= d) {
-            Some(None)
-        } else if let Some(replay) = body.try_replay() {
-            next = Some(replay);
-            if !cluster.state.budget.try_retry(&cluster.budget, now) {
-                Some(Some("budget_exhausted"))
-            } else {
-                match cluster.state.pool.retries.try_take(cluster.limits.max_retries) {
-                    Some(unit) => {
-                        _retry_unit = Some(unit);
-                        None
-                    }
-                    None => Some(Some("overflow")),
-                }
-            }
-        } else {
-            Some(Some("not_replayable"))
-        };
-        if let Some(reason) = refusal {
-            if let Some(reason) = reason {
-                count(reason);
-            }
+        if retries >= policy.attempts || t.deadline.is_some_and(|d| now + wait >= d) {
             return Finished { result, retries, exhausted: true };
         }
+        let unsent = result.as_mut().err().and_then(|f| f.unsent.take());
+        let request = match (unsent, again) {
+            (Some(request), _) => request,
+            (None, Again::Copies { head, body }) => match body.try_replay() {
+                Some(replay) => head.request(Body::new(replay)),
+                None => {
+                    count("not_replayable");
+                    return Finished { result, retries, exhausted: true };
+                }
+            },
+            (None, Again::Unsent) => return Finished { result, retries, exhausted: true },
+        };
+        if !cluster.state.budget.try_retry(&cluster.budget, now) {
+            count("budget_exhausted");
+            return Finished { result, retries, exhausted: true };
+        }
+        match cluster.state.pool.retries.try_take(cluster.limits.max_retries) {
+            Some(unit) => _retry_unit = Some(unit),
+            None => {
+                count("overflow");
+                return Finished { result, retries, exhausted: true };
+            }
+        }
         drop(result);
+        next = request;
         tried.extend(endpoint);
         retries += 1;
         count("sent");

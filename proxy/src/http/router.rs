@@ -35,7 +35,7 @@ use super::{
     mirror,
     observe::ResponseInfo,
     replay::{MAX_REPLAY, Replay},
-    retry::{self, Finished, Tries},
+    retry::{self, Again, Finished, Tries},
     sticky,
 };
 use crate::{
@@ -160,7 +160,7 @@ struct Plan<'a> {
 
 impl Router {
     async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
-        let grpc = is_grpc(req.headers());
+        let grpc = is_grpc(&req);
         if req.version() <= Version::HTTP_11
             && let Some(why) = ambiguous_framing(req.headers())
         {
@@ -316,7 +316,6 @@ impl Router {
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
         let (mut parts, body) = req.into_parts();
-        let authority = authority_of_parts(&parts);
         strip_hop_by_hop(&mut parts.headers, upgrade);
         if let Some(route) = route {
             route.request_headers.apply(&mut parts.headers);
@@ -324,22 +323,19 @@ impl Router {
         if let Some(target) = target {
             target.request_headers.apply(&mut parts.headers);
         }
-        let mut authority = authority.unwrap_or_default();
-        let mut pq = parts.uri.path_and_query().map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
-        if let Some(rewrite) = route.and_then(|r| r.rewrite.as_ref()) {
-            if let Some(uri) = &rewrite.uri {
-                pq = rewrite_path(&pq, matched.and_then(Match::uri_prefix), uri);
-            }
-            if let Some(a) = &rewrite.authority {
-                authority = a.to_str().unwrap_or_default().to_owned();
-            }
-        }
+        let rewrite = route.and_then(|r| r.rewrite.as_ref());
+        let new_path = rewrite.and_then(|r| r.uri.as_deref()).map(|replacement| {
+            let pq = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
+            rewrite_path(pq, matched.and_then(Match::uri_prefix), replacement)
+        });
+        let new_authority = rewrite.and_then(|r| r.authority.as_ref());
         let mirror = route
             .and_then(|r| r.mirror.as_ref())
             .filter(|m| !upgrade && m.share.holds(fastrand::u32(..)))
             .map(|m| (m, parts.headers.clone()));
-        let method = parts.method.clone();
-        let Some(head) = Head::new(proto, parts.method, &authority, &pq, parts.headers) else {
+        let Some(head) =
+            Head::new(proto, parts.method, parts.uri, parts.headers, new_path.as_deref(), new_authority)
+        else {
             return respond(Failure::BadRequestTarget, grpc, info);
         };
 
@@ -353,33 +349,35 @@ impl Router {
         let deadline = route.and_then(|r| r.timeout).map(|t| Instant::now() + t);
         let body = boxed(body);
         let retry = retry.filter(|p| p.attempts > 0 && !upgrade);
+        // Copies of the head and body only when a later try or the mirror needs them, and only
+        // of bodies within the replay cap.
         let fits = body.size_hint().upper().is_none_or(|n| n <= MAX_REPLAY as u64);
-        if retry.is_some() && !fits {
+        let retry_needs_copies = retry.is_some_and(|p| cluster.is_some() && Again::needs_copies(p, proto));
+        if retry_needs_copies && !fits {
             info.note = Some("request body over 64 KiB: not retried");
         }
         let key_hash = key.as_ref().map(|k| k.hash);
-        let (finished, replay) = match (cluster, retry) {
-            (Some(cluster), Some(policy)) if fits => {
-                let (replay, first) = Replay::new(body);
+        let copies = fits && (mirror.is_some() || retry_needs_copies);
+        let (first, again) = if copies {
+            let (replay, first) = Replay::new(body);
+            (head.request(Body::new(first)), Again::Copies { head, body: replay })
+        } else {
+            (head.into_request(body), Again::Unsent)
+        };
+        let finished = match (cluster, retry) {
+            (Some(cluster), Some(policy)) => {
                 let tries = Tries {
                     cluster,
                     proto,
                     opts: &opts,
                     key: key_hash,
                     deadline,
+                    grpc,
                     metrics: &self.shared.metrics,
                 };
-                (retry::run(&head, &replay, first, policy, tries).await, Some(replay))
+                retry::run(first, &again, policy, tries).await
             }
             _ => {
-                // A mirrored request's body is kept (within the cap) for the copy.
-                let (body, replay) = match mirror.is_some() && fits {
-                    true => {
-                        let (replay, first) = Replay::new(body);
-                        (Body::new(first), Some(replay))
-                    }
-                    false => (body, None),
-                };
                 let t = Try {
                     destination,
                     proto,
@@ -387,24 +385,35 @@ impl Router {
                     key: key_hash,
                     tried: &[],
                     deadline,
+                    grpc,
                     metrics: &self.shared.metrics,
                 };
-                let result = forward(head.into_request(body), t).await;
-                (Finished { result, retries: 0, exhausted: false }, replay)
+                Finished { result: forward(first, t).await, retries: 0, exhausted: false }
             }
         };
-        if let (Some((mirror, headers)), Some(body)) = (mirror, replay.as_ref().and_then(Replay::complete)) {
+        let replay = match &again {
+            Again::Copies { body, .. } => Some(body),
+            Again::Unsent => None,
+        };
+        if let (Some((mirror, headers)), Some(body), Again::Copies { head, .. }) =
+            (mirror, replay.and_then(Replay::complete), &again)
+        {
             let copy = mirror::Copy {
-                method,
-                authority: &authority,
-                path_and_query: &pq,
+                method: head.method().clone(),
+                authority: head.authority().unwrap_or_default(),
+                path_and_query: head.path_and_query(),
                 headers,
                 body,
                 port,
                 downstream: self.conn.downstream,
             };
-            let opts = self.shared.connect_opts();
-            mirror::spawn(mirror, copy, opts, &self.shared.mirrors, &self.shared.metrics);
+            mirror::spawn(
+                mirror,
+                copy,
+                self.shared.connect_opts(),
+                &self.shared.mirrors,
+                &self.shared.metrics,
+            );
         }
 
         info.retries = finished.retries;
@@ -463,14 +472,6 @@ impl Router {
         parts.extensions.insert(info);
         Response::from_parts(parts, Body::new(UpstreamBody::new(boxed(body), answer.in_flight, deadline)))
     }
-}
-
-fn authority_of_parts(parts: &http::request::Parts) -> Option<String> {
-    parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| parts.headers.get(HOST)?.to_str().ok().map(str::to_owned))
 }
 
 #[cfg(test)]

@@ -4,9 +4,13 @@
 //! concurrency instead, see docs/traffic.md).
 //!
 //! The window is ten buckets; a bucket is reused once it falls out of the window. The arithmetic
-//! is in pure functions of the counts; `Budget` only adds a short lock and the clock.
+//! is a pure function of the counts (`BudgetPolicy::allows`); `Budget` only adds atomic counters
+//! and the clock.
 
-use std::{sync::Mutex, time::Duration};
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
 
 use tokio::time::Instant;
 
@@ -36,95 +40,73 @@ impl BudgetPolicy {
 
 const BUCKETS: usize = 10;
 
-#[derive(Clone, Copy, Debug, Default)]
+/// One tenth of the window: the counts of one slice of time.
+#[derive(Debug, Default)]
 struct Bucket {
-    /// Which slice of time (since `Window::epoch`, in bucket lengths) the counts belong to.
-    slice: u64,
-    requests: u64,
-    retries: u64,
+    /// Which slice (time since `Budget::epoch`, in bucket lengths) the counts belong to.
+    slice: AtomicU64,
+    requests: AtomicU64,
+    retries: AtomicU64,
 }
 
-#[derive(Debug)]
-struct Window {
-    epoch: Instant,
-    bucket_len: Duration,
-    buckets: [Bucket; BUCKETS],
-}
-
-impl Window {
-    fn new(now: Instant, window: Duration) -> Window {
-        Window {
-            epoch: now,
-            bucket_len: (window / BUCKETS as u32).max(Duration::from_millis(1)),
-            buckets: [Bucket::default(); BUCKETS],
-        }
-    }
-
-    fn slice(&self, now: Instant) -> u64 {
-        let elapsed = now.saturating_duration_since(self.epoch).as_nanos();
-        u64::try_from(elapsed / self.bucket_len.as_nanos()).unwrap_or(u64::MAX)
-    }
-
-    /// The bucket for `now`, emptied first when it last counted an older slice.
-    fn current(&mut self, now: Instant) -> &mut Bucket {
-        let slice = self.slice(now);
-        let bucket = &mut self.buckets[(slice % BUCKETS as u64) as usize];
-        if bucket.slice != slice {
-            *bucket = Bucket { slice, ..Bucket::default() };
-        }
-        bucket
-    }
-
-    /// Requests and retries counted in the window that ends at `now`.
-    fn totals(&self, now: Instant) -> (u64, u64) {
-        let slice = self.slice(now);
-        self.buckets
-            .iter()
-            .filter(|b| slice.saturating_sub(b.slice) < BUCKETS as u64 && b.slice <= slice)
-            .fold((0, 0), |(req, ret), b| (req + b.requests, ret + b.retries))
-    }
-}
-
-/// One destination's budget; kept across config pushes (see `ClusterState`).
+/// One destination's budget; kept across config pushes (see `ClusterState`). Lock-free: every
+/// request counts itself here, so a lock would be taken on every request. Under contention a
+/// count may land in a bucket just being recycled and be lost; a budget needs no more precision.
 #[derive(Debug)]
 pub struct Budget {
-    window: Mutex<Option<Window>>,
+    epoch: Instant,
+    buckets: [Bucket; BUCKETS],
 }
 
 impl Default for Budget {
     fn default() -> Self {
-        Budget { window: Mutex::new(None) }
+        Budget { epoch: Instant::now(), buckets: Default::default() }
     }
 }
 
 impl Budget {
-    fn with_window<T>(&self, policy: &BudgetPolicy, now: Instant, f: impl FnOnce(&mut Window) -> T) -> T {
-        let mut guard = self.window.lock().unwrap_or_else(|e| e.into_inner());
-        let fresh =
-            |w: &Window| w.bucket_len == (policy.window / BUCKETS as u32).max(Duration::from_millis(1));
-        // A new window length starts counting afresh.
-        let window = match guard.as_mut() {
-            Some(w) if fresh(w) => w,
-            _ => guard.insert(Window::new(now, policy.window)),
-        };
-        f(window)
+    fn slice(&self, policy: &BudgetPolicy, now: Instant) -> u64 {
+        let len = (policy.window / BUCKETS as u32).max(Duration::from_millis(1));
+        let elapsed = now.saturating_duration_since(self.epoch).as_nanos();
+        u64::try_from(elapsed / len.as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// The bucket for `slice`, emptied first when it last counted an older slice.
+    fn current(&self, slice: u64) -> &Bucket {
+        let bucket = &self.buckets[(slice % BUCKETS as u64) as usize];
+        let seen = bucket.slice.load(Ordering::Acquire);
+        if seen != slice
+            && bucket.slice.compare_exchange(seen, slice, Ordering::AcqRel, Ordering::Acquire).is_ok()
+        {
+            bucket.requests.store(0, Ordering::Release);
+            bucket.retries.store(0, Ordering::Release);
+        }
+        bucket
     }
 
     /// Counts a first attempt (retries are counted by `try_retry`).
     pub fn record_request(&self, policy: &BudgetPolicy, now: Instant) {
-        self.with_window(policy, now, |w| w.current(now).requests += 1);
+        self.current(self.slice(policy, now)).requests.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Takes one retry from the budget, or says there is none left.
     pub fn try_retry(&self, policy: &BudgetPolicy, now: Instant) -> bool {
-        self.with_window(policy, now, |w| {
-            let (requests, retries) = w.totals(now);
-            let allowed = policy.allows(requests, retries);
-            if allowed {
-                w.current(now).retries += 1;
-            }
-            allowed
-        })
+        let slice = self.slice(policy, now);
+        let (requests, retries) = self
+            .buckets
+            .iter()
+            .filter(|b| {
+                let s = b.slice.load(Ordering::Acquire);
+                s <= slice && slice - s < BUCKETS as u64
+            })
+            .fold((0, 0), |(req, ret), b| {
+                (req + b.requests.load(Ordering::Relaxed), ret + b.retries.load(Ordering::Relaxed))
+            });
+        let allowed = policy.allows(requests, retries);
+        if allowed {
+            self.current(slice).retries.fetch_add(1, Ordering::Relaxed);
+        }
+        allowed
     }
 }
 
