@@ -56,11 +56,19 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
 /// What later tries are made of.
 #[derive(Debug)]
 pub enum Again {
-    /// A copy of the head and a replay of the body (`Replay::new`'s handle) for every try.
-    Copies { head: Head, body: Replay },
+    /// A copy of the head and a replay of the body for every try (boxed: most requests go
+    /// without).
+    Copies(Box<Copies>),
     /// Only a request that never left (a connect failure hands it back) is tried again: enough
     /// for conditions that mean "not sent", and it costs no copy at all.
     Unsent,
+}
+
+/// The head, and the handle `Replay::new` returned with the first try's body.
+#[derive(Debug)]
+pub struct Copies {
+    pub head: Head,
+    pub body: Replay,
 }
 
 impl Again {
@@ -119,8 +127,8 @@ pub async fn run(first: Request<Body>, again: &Again, policy: &RetryPolicy, t: T
         let unsent = result.as_mut().err().and_then(|f| f.unsent.take());
         let request = match (unsent, again) {
             (Some(request), _) => request,
-            (None, Again::Copies { head, body }) => match body.try_replay() {
-                Some(replay) => head.request(Body::new(replay)),
+            (None, Again::Copies(copies)) => match copies.body.try_replay() {
+                Some(replay) => copies.head.request(Body::new(replay)),
                 None => {
                     count("not_replayable");
                     return Finished { result, retries, exhausted: true };

@@ -35,7 +35,7 @@ use super::{
     mirror,
     observe::ResponseInfo,
     replay::{MAX_REPLAY, Replay},
-    retry::{self, Again, Finished, Tries},
+    retry::{self, Again, Copies, Finished, Tries},
     sticky,
 };
 use crate::{
@@ -360,7 +360,7 @@ impl Router {
         let copies = fits && (mirror.is_some() || retry_needs_copies);
         let (first, again) = if copies {
             let (replay, first) = Replay::new(body);
-            (head.request(Body::new(first)), Again::Copies { head, body: replay })
+            (head.request(Body::new(first)), Again::Copies(Box::new(Copies { head, body: replay })))
         } else {
             (head.into_request(body), Again::Unsent)
         };
@@ -391,12 +391,12 @@ impl Router {
                 Finished { result: forward(first, t).await, retries: 0, exhausted: false }
             }
         };
-        let replay = match &again {
-            Again::Copies { body, .. } => Some(body),
+        let copies = match &again {
+            Again::Copies(copies) => Some(copies),
             Again::Unsent => None,
         };
-        if let (Some((mirror, headers)), Some(body), Again::Copies { head, .. }) =
-            (mirror, replay.and_then(Replay::complete), &again)
+        if let (Some((mirror, headers)), Some(Copies { head, body: replay })) = (mirror, copies.map(|c| &**c))
+            && let Some(body) = replay.complete()
         {
             let copy = mirror::Copy {
                 method: head.method().clone(),
