@@ -2,8 +2,11 @@
 # Instructions per proxied request through weft-proxy (one hop, HTTP/1.1, 1 KB body, keep-alive),
 # counted by valgrind's callgrind, and the functions that spend them.
 #
-# Usage: bench/profile-proxy.sh [REQUESTS] [CONNECTIONS] [h1|h2]    (defaults 2000, 16, h1)
+# Usage: bench/profile-proxy.sh [REQUESTS] [CONNECTIONS] [h1|h2] [none|retry]
+#        (defaults 2000, 16, h1, none)
 # h2 sends HTTP/2 (h2c, 10 streams per connection); the proxy's upstream stays HTTP/1.1.
+# `retry` gives the route a retry policy that needs copies of each request (5xx and resets, 2
+# attempts, the default budget): what such a policy costs when nothing fails.
 #
 # The proxy runs under callgrind with one worker; an nginx origin answers 1 KB. After 300
 # warm-up requests the counters are zeroed, REQUESTS requests are sent (h2load --h1, bounded in
@@ -16,6 +19,12 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 requests=${1:-2000}
 conns=${2:-16}
 proto=${3:-h1}
+policy=${4:-none}
+case "$policy" in
+  none) route="" ;;
+  retry) route='    httpRoutes: [{route: [{destination: {host: origin}}], retries: {attempts: 2, retryOn: "5xx,reset"}}]' ;;
+  *) echo "policy must be none or retry" >&2; exit 2 ;;
+esac
 case "$proto" in
   h1) load=(--h1) ;;
   h2) load=(-m 10) ;;
@@ -54,6 +63,7 @@ services:
   - name: origin
     aliases: ["127.0.0.1"]
     ports: [{number: $port_origin, protocol: HTTP1, endpoints: [{address: "127.0.0.1:$port_origin"}]}]
+$route
 EOF
 taskset -c 1 nginx -e stderr -c "$dir/nginx.conf" &
 origin_pid=$!
@@ -77,7 +87,7 @@ dump=$(ls -t "$dir"/callgrind.out.* | head -1)
 # callgrind_annotate exits non-zero when it cannot find source files to annotate; that is fine.
 (callgrind_annotate --inclusive=no --threshold=100 "$dump" 2> /dev/null || true) | head -200 > "$out"
 total=$(awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}' "$out")
-echo "requests: $requests over $conns connections ($proto downstream, HTTP/1.1 upstream, 1 KB)"
+echo "requests: $requests over $conns connections ($proto downstream, HTTP/1.1 upstream, 1 KB, route policy: $policy)"
 echo "instructions in weft-proxy: $total, per request: $((total / requests))"
 echo "functions by instructions (the first lines are the runtime's inclusive frames): $out"
 grep -E '^ *[0-9,]+ \(' "$out" | grep -v -E 'PROGRAM TOTALS|clone|start_thread|thread_start|call_once|rust_begin|blocking::pool|harness::Harness<T,S>::poll \[|core::Core|BlockingTask|raw::poll|Scoped|worker::run' | head -30 | cut -c1-160 || true

@@ -11,13 +11,24 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    app::Shared,
+    destinations::Destinations,
     http::{Body, full},
+    metrics::Metrics,
 };
+
+/// What the admin server reports on.
+#[derive(Debug)]
+pub struct Admin {
+    /// The config, the identity and readiness.
+    pub destinations: Arc<Destinations>,
+    pub metrics: Arc<Metrics>,
+    /// Cancelled when draining starts (`/ready` then fails).
+    pub drain: CancellationToken,
+}
 
 pub async fn serve(
     listener: TcpListener,
-    shared: Arc<Shared>,
+    admin: Arc<Admin>,
     shutdown: CancellationToken,
     done: CancellationToken,
 ) {
@@ -33,11 +44,11 @@ pub async fn serve(
                 }
             },
         };
-        let shared = shared.clone();
+        let admin = admin.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                let res = handle(&req, peer, &shared, &shutdown);
+                let res = handle(&req, peer, &admin, &shutdown);
                 async move { Ok::<_, Infallible>(res) }
             });
             let conn = http1::Builder::new()
@@ -61,16 +72,17 @@ fn text(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<Body> {
 fn handle<B>(
     req: &Request<B>,
     peer: SocketAddr,
-    shared: &Shared,
+    admin: &Admin,
     shutdown: &CancellationToken,
 ) -> Response<Body> {
+    let destinations = &admin.destinations;
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
         (&Method::GET, "/ready") => {
-            if shared.drain.is_cancelled() {
+            if admin.drain.is_cancelled() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-            } else if shared.is_ready() {
-                match shared.identity.current() {
+            } else if destinations.is_ready() {
+                match destinations.identity.current() {
                     Some(tls) => {
                         let expiry = tls.expiry_unix();
                         let roots = tls.bundle.roots.len();
@@ -82,15 +94,15 @@ fn handle<B>(
                     }
                     None => text(StatusCode::OK, "ready\n"),
                 }
-            } else if shared.store.is_ready() {
+            } else if destinations.store.is_ready() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "no identity loaded\n")
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "no config loaded\n")
             }
         }
         (&Method::GET, "/config") => {
-            let status = shared.store.status();
-            let snapshot = shared.store.current();
+            let status = destinations.store.status();
+            let snapshot = destinations.store.current();
             let body = serde_json::json!({
                 "version": snapshot.as_ref().map(|s| s.version.clone()),
                 "loadedAtUnixSeconds": status.loaded_at.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs()),
@@ -103,7 +115,7 @@ fn handle<B>(
             res
         }
         (&Method::GET, "/metrics") => {
-            let mut res = text(StatusCode::OK, shared.metrics.encode());
+            let mut res = text(StatusCode::OK, admin.metrics.encode());
             res.headers_mut().insert(
                 CONTENT_TYPE,
                 http::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
@@ -128,34 +140,32 @@ fn handle<B>(
 
 #[cfg(test)]
 mod tests {
-    use tokio_util::task::TaskTracker;
-
     use super::*;
-    use crate::{app::Passthrough, config::Store, metrics::Metrics, settings::Settings};
+    use crate::{config::Store, settings::Settings};
 
     #[tokio::test]
     async fn shutdown_is_refused_from_non_loopback_peers() {
-        let shared = Shared {
-            settings: Settings::loopback("unused".into()),
-            store: Store::default(),
+        let timeouts = Settings::loopback("unused".into()).timeouts;
+        let admin = Admin {
+            destinations: Arc::new(Destinations::new(
+                Store::default(),
+                None,
+                Default::default(),
+                false,
+                timeouts,
+            )),
             metrics: Metrics::new(),
-            access_log: None,
-            passthrough: Passthrough::default(),
-            control_plane: None,
-            identity: Default::default(),
             drain: CancellationToken::new(),
-            tracker: TaskTracker::new(),
-            mirrors: Arc::new(tokio::sync::Semaphore::new(1)),
         };
         let shutdown = CancellationToken::new();
         let post = Request::post("/shutdown").body(()).unwrap();
         let remote: SocketAddr = "10.1.2.3:5555".parse().unwrap();
-        assert_eq!(handle(&post, remote, &shared, &shutdown).status(), StatusCode::FORBIDDEN);
+        assert_eq!(handle(&post, remote, &admin, &shutdown).status(), StatusCode::FORBIDDEN);
         assert!(!shutdown.is_cancelled());
         let v6_remote: SocketAddr = "[fd00::1]:5555".parse().unwrap();
-        assert_eq!(handle(&post, v6_remote, &shared, &shutdown).status(), StatusCode::FORBIDDEN);
+        assert_eq!(handle(&post, v6_remote, &admin, &shutdown).status(), StatusCode::FORBIDDEN);
         let local: SocketAddr = "[::1]:5555".parse().unwrap();
-        assert_eq!(handle(&post, local, &shared, &shutdown).status(), StatusCode::OK);
+        assert_eq!(handle(&post, local, &admin, &shutdown).status(), StatusCode::OK);
         assert!(shutdown.is_cancelled());
     }
 }

@@ -2,12 +2,7 @@
 //! accepted connection to protocol detection and then to the HTTP server or the TCP splice, and
 //! drains on shutdown.
 
-use std::{
-    collections::HashMap,
-    net::SocketAddr,
-    sync::{Arc, RwLock},
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::Arc};
 
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -18,15 +13,21 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     admin,
     config::{Protocol, Snapshot, Store, control_plane, file::FileSource},
+    destinations::Destinations,
     detect::{self, Detected},
-    http::{Direction, INBOUND, PASSTHROUGH, observe::AccessLog, router::ConnInfo, server},
+    http::{
+        Direction, INBOUND, PASSTHROUGH,
+        observe::AccessLog,
+        router::{ConnInfo, Routing},
+        server::{self, Serving},
+    },
     io::PrefixedIo,
     metrics::{HandshakeLabels, ListenerLabels, Metrics, PeerLabels, ResultLabels, TcpLabels},
     peer::Peer,
     settings::{ExplicitListener, IdentityFiles, IdentitySource, Settings},
     sys, tcp,
     tls::{self as mesh, Accepted, IdentityStore, MeshTls},
-    upstream::{ConnectOpts, Endpoint, Proto},
+    upstream::{Endpoint, Proto},
 };
 use weft_identity::Tunnel;
 
@@ -36,99 +37,27 @@ pub enum Error {
     Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
 }
 
-/// State shared by every connection.
+/// What the connection tasks share: the HTTP server's context (which holds the router's), and
+/// what the TCP path and drain need.
 #[derive(Debug)]
-pub struct Shared {
-    pub settings: Settings,
-    pub store: Store,
-    pub metrics: Arc<Metrics>,
-    pub access_log: Option<AccessLog>,
-    pub passthrough: Passthrough,
-    /// The operator's stream, when the config comes from it: routing misses subscribe lazily.
-    pub control_plane: Option<control_plane::Subscriptions>,
-    /// This proxy's mesh identity (empty without a source, until it first loads, or once it
-    /// expired).
-    pub identity: Arc<IdentityStore>,
-    /// Cancelled when draining starts: listeners stop, connections close gracefully.
-    pub drain: CancellationToken,
+struct Shared {
+    settings: Settings,
+    serving: Arc<Serving>,
     /// Every connection task, so drain can wait for them.
-    pub tracker: TaskTracker,
-    /// Mirrored copies in flight (`http::mirror::MAX_IN_FLIGHT` at most).
-    pub mirrors: Arc<Semaphore>,
+    tracker: TaskTracker,
 }
 
 impl Shared {
-    /// This proxy's side of a connection, for metric labels.
-    pub fn local_peer(&self) -> Peer {
-        let workload = self.settings.workload.clone();
-        match self.identity.current() {
-            Some(tls) => Peer { workload, ..tls.peer.clone() },
-            None => Peer { namespace: self.settings.namespace.clone(), workload, ..Peer::default() },
-        }
+    fn destinations(&self) -> &Destinations {
+        &self.serving.routing.destinations
     }
 
-    /// How to reach endpoints: the identity to present, and whether one is required (a
-    /// destination's pool settings are added by `Cluster::connect_opts`).
-    pub fn connect_opts(&self) -> ConnectOpts {
-        ConnectOpts::new(&self.settings.timeouts, self.identity.current(), self.settings.identity.is_some())
+    fn metrics(&self) -> &Arc<Metrics> {
+        &self.serving.routing.metrics
     }
 
-    /// Ready to serve: a config is loaded, and the identity too when one is configured.
-    pub fn is_ready(&self) -> bool {
-        self.store.is_ready() && (self.settings.identity.is_none() || self.identity.current().is_some())
-    }
-
-    /// An outbound connection to `destination` matched no service: with a control plane, ask it
-    /// about that virtual address (see `Subscriptions::subscribe_lazily`).
-    pub fn subscribe_lazily(&self, destination: SocketAddr) {
-        if let Some(control_plane) = &self.control_plane
-            && control_plane.subscribe_lazily(destination.ip())
-        {
-            tracing::debug!(%destination, "subscribing to an unknown destination");
-        }
-    }
-
-    /// Asks about an unknown `destination` and, when this proxy has an identity (so the
-    /// destination may be a meshed Service it has not heard of, which must not get plain text),
-    /// waits up to [`LAZY_ANSWER_WAIT`] for the answer. True when the config now has it.
-    pub async fn resolve_lazily(&self, destination: SocketAddr) -> bool {
-        self.subscribe_lazily(destination);
-        match &self.control_plane {
-            Some(control_plane) if self.settings.identity.is_some() => {
-                control_plane.await_answer(destination, &self.store, LAZY_ANSWER_WAIT).await
-            }
-            _ => false,
-        }
-    }
-}
-
-/// How long a connection to an unknown destination waits for the control plane's answer
-/// before passing through (the control plane answers in milliseconds; it is away otherwise).
-pub const LAZY_ANSWER_WAIT: Duration = Duration::from_secs(1);
-
-/// Endpoints for destinations the config does not know (original destinations passed through),
-/// kept so their connections are pooled too. Bounded: cleared when full. Every inbound request
-/// looks here, so lookups share a read lock; only a new address takes the write lock.
-#[derive(Debug, Default)]
-pub struct Passthrough {
-    endpoints: RwLock<HashMap<SocketAddr, Arc<Endpoint>>>,
-}
-
-const MAX_PASSTHROUGH: usize = 1024;
-
-impl Passthrough {
-    pub fn endpoint(&self, snapshot: &Snapshot, addr: SocketAddr) -> Arc<Endpoint> {
-        if let Some(e) = snapshot.endpoint(&addr) {
-            return e.clone();
-        }
-        if let Some(e) = self.endpoints.read().unwrap_or_else(|e| e.into_inner()).get(&addr) {
-            return e.clone();
-        }
-        let mut map = self.endpoints.write().unwrap_or_else(|e| e.into_inner());
-        if map.len() >= MAX_PASSTHROUGH && !map.contains_key(&addr) {
-            map.clear();
-        }
-        map.entry(addr).or_insert_with(|| Endpoint::new(addr)).clone()
+    fn drain(&self) -> &CancellationToken {
+        &self.serving.drain
     }
 }
 
@@ -165,7 +94,7 @@ impl Handle {
 
     /// Whether draining has started.
     pub fn is_draining(&self) -> bool {
-        self.shared.drain.is_cancelled()
+        self.shared.drain().is_cancelled()
     }
 
     /// Resolves when a shutdown was asked for and drain has finished (or hit its deadline).
@@ -213,18 +142,36 @@ pub async fn start_with(
             None
         }
     };
-    let shared = Arc::new(Shared {
-        settings: settings.clone(),
-        store: store.clone(),
-        metrics: metrics.clone(),
-        access_log,
-        passthrough: Passthrough::default(),
-        control_plane: control_plane.clone(),
+    let destinations = Arc::new(Destinations::new(
+        store.clone(),
+        control_plane.clone(),
         identity,
-        drain: CancellationToken::new(),
-        tracker: TaskTracker::new(),
+        settings.identity.is_some(),
+        settings.timeouts.clone(),
+    ));
+    let tracker = TaskTracker::new();
+    let routing = Arc::new(Routing {
+        destinations: destinations.clone(),
+        inbound_forward_ip: settings.inbound_forward_ip,
+        metrics: metrics.clone(),
+        upgrades: tracker.clone(),
         mirrors: Arc::new(Semaphore::new(crate::http::mirror::MAX_IN_FLIGHT)),
     });
+    let serving = Arc::new(Serving {
+        routing,
+        limits: settings.limits.clone(),
+        timeouts: settings.timeouts.clone(),
+        access_log,
+        drain: CancellationToken::new(),
+        workload: settings.workload.clone(),
+        namespace: settings.namespace.clone(),
+    });
+    let admin = Arc::new(admin::Admin {
+        destinations: destinations.clone(),
+        metrics: metrics.clone(),
+        drain: serving.drain.clone(),
+    });
+    let shared = Arc::new(Shared { settings: settings.clone(), serving, tracker });
 
     match settings.identity.clone() {
         Some(IdentitySource::Files(files)) => {
@@ -236,7 +183,12 @@ pub async fn start_with(
         }
         // Not ready (and meshed endpoints refused) until the CA's first certificate arrives.
         Some(IdentitySource::Ca(ca)) => {
-            tokio::spawn(crate::certify::run(ca, shared.identity.clone(), metrics.clone(), done.clone()));
+            tokio::spawn(crate::certify::run(
+                ca,
+                destinations.identity.clone(),
+                metrics.clone(),
+                done.clone(),
+            ));
         }
         None => {}
     }
@@ -296,7 +248,7 @@ pub async fn start_with(
         shutdown: shutdown.clone(),
         done: done.clone(),
     };
-    tokio::spawn(admin::serve(admin_listener, shared.clone(), shutdown.clone(), done.clone()));
+    tokio::spawn(admin::serve(admin_listener, admin, shutdown.clone(), done.clone()));
     tokio::spawn(drain(shared, shutdown, done));
     Ok(handle)
 }
@@ -322,17 +274,17 @@ async fn load_identity(shared: &Shared, files: &IdentityFiles) {
     let result = match MeshTls::load(files, std::time::SystemTime::now()).await {
         Ok(tls) => {
             tracing::info!(identity = %tls.creds.id, not_after = ?tls.creds.not_after, "identity loaded");
-            shared.metrics.identity_expiry.set(tls.expiry_unix());
-            shared.identity.set(tls);
+            shared.metrics().identity_expiry.set(tls.expiry_unix());
+            shared.destinations().identity.set(tls);
             "ok"
         }
         Err(error) => {
-            let keeping = shared.identity.current().map(|t| t.creds.id.to_string());
+            let keeping = shared.destinations().identity.current().map(|t| t.creds.id.to_string());
             tracing::warn!(%error, ?keeping, "identity rejected; keeping the running one");
             "error"
         }
     };
-    shared.metrics.identity_reloads.get_or_create(&ResultLabels { result }).inc();
+    shared.metrics().identity_reloads.get_or_create(&ResultLabels { result }).inc();
 }
 
 /// Reloads the identity when its files change (polled like the config file), until `stop`.
@@ -386,7 +338,7 @@ async fn drain(shared: Arc<Shared>, shutdown: CancellationToken, done: Cancellat
     shutdown.cancelled().await;
     let deadline = shared.settings.timeouts.drain;
     tracing::info!(?deadline, in_flight = shared.tracker.len(), "draining");
-    shared.drain.cancel();
+    shared.drain().cancel();
     shared.tracker.close();
     if tokio::time::timeout(deadline, shared.tracker.wait()).await.is_err() {
         tracing::warn!(
@@ -428,7 +380,7 @@ async fn accept_loop(listener: TcpListener, kind: Kind, shared: Arc<Shared>, lim
     let labels = ListenerLabels { listener: kind.name() };
     loop {
         let accepted = tokio::select! {
-            _ = shared.drain.cancelled() => break,
+            _ = shared.drain().cancelled() => break,
             a = listener.accept() => a,
         };
         let (stream, peer) = match accepted {
@@ -441,7 +393,7 @@ async fn accept_loop(listener: TcpListener, kind: Kind, shared: Arc<Shared>, lim
             }
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
-            shared.metrics.connections_rejected.get_or_create(&labels).inc();
+            shared.metrics().connections_rejected.get_or_create(&labels).inc();
             tracing::debug!(%peer, listener = kind.name(), "connection limit reached; closing");
             drop(stream);
             continue;
@@ -451,7 +403,7 @@ async fn accept_loop(listener: TcpListener, kind: Kind, shared: Arc<Shared>, lim
         let kind = kind.clone();
         shared.tracker.spawn(async move {
             let gauge = shared2
-                .metrics
+                .metrics()
                 .connections_active
                 .get_or_create(&ListenerLabels { listener: kind.name() })
                 .clone();
@@ -497,7 +449,8 @@ async fn handle_connection(
     // are never read.
     let port = dst.map(|d| d.port()).or(target.as_ref().map(|t| t.1));
     let opaque_port = port.is_some_and(|p| shared.settings.opaque_ports.contains(&p));
-    let mesh = shared.identity.current().filter(|_| !matches!(kind, Kind::Outbound) && !opaque_port);
+    let mesh =
+        shared.destinations().identity.current().filter(|_| !matches!(kind, Kind::Outbound) && !opaque_port);
     let as_declared = |d: Detected| match declared {
         Protocol::Tcp => Detected::Opaque,
         Protocol::Http1 => Detected::Http1,
@@ -539,7 +492,7 @@ async fn serve_tunnel(
     drop(tls); // a renewed identity must not wait for this connection to end
     match accepted {
         Ok(Accepted::Mesh(tunneled)) => {
-            shared.metrics.tls_handshakes.get_or_create(&labels("ok")).inc();
+            shared.metrics().tls_handshakes.get_or_create(&labels("ok")).inc();
             let mesh::Tunneled { io, peer: client, tunnel } = *tunneled;
             tracing::trace!(peer = %conn.peer, client = %client, ?tunnel, "mesh tunnel accepted");
             let detected = match tunnel {
@@ -554,7 +507,7 @@ async fn serve_tunnel(
             dispatch(io, prefix, Detected::Opaque, conn, None, shared).await
         }
         Err(error) => {
-            shared.metrics.tls_handshakes.get_or_create(&labels("error")).inc();
+            shared.metrics().tls_handshakes.get_or_create(&labels("error")).inc();
             tracing::debug!(peer = %conn.peer, %error, "mesh TLS handshake failed");
         }
     }
@@ -590,17 +543,19 @@ async fn dispatch<I>(
     };
     match detected {
         Detected::Http1 => {
-            server::serve(PrefixedIo::new(prefix, stream), info(Proto::Http1, tunnel), shared.clone()).await
+            server::serve(PrefixedIo::new(prefix, stream), info(Proto::Http1, tunnel), shared.serving.clone())
+                .await
         }
         Detected::Http2 => {
-            server::serve(PrefixedIo::new(prefix, stream), info(Proto::Http2, tunnel), shared.clone()).await
+            server::serve(PrefixedIo::new(prefix, stream), info(Proto::Http2, tunnel), shared.serving.clone())
+                .await
         }
         Detected::Opaque | Detected::Tls => {
             let mut destination = tcp_destination(shared, &kind, dst, target.as_ref());
             // An unknown outbound destination: ask the control plane before passing it through.
             if let (Kind::Outbound, Some(d), Some((_, service))) = (&kind, dst, &destination)
                 && Arc::ptr_eq(service, &*PASSTHROUGH)
-                && shared.resolve_lazily(d).await
+                && shared.destinations().resolve_lazily(d).await
             {
                 destination = tcp_destination(shared, &kind, dst, target.as_ref());
             }
@@ -609,7 +564,7 @@ async fn dispatch<I>(
                 return;
             };
             let t = &shared.settings.timeouts;
-            let opts = shared.connect_opts();
+            let opts = shared.destinations().connect_opts();
             let upstream_tls = endpoint.is_tunneled(opts.mesh.as_deref());
             let upstream = match endpoint.connect(&opts, Tunnel::Tcp).await {
                 Ok(u) => u,
@@ -624,14 +579,14 @@ async fn dispatch<I>(
                 direction: direction.as_str(),
                 peers: PeerLabels::new(
                     direction,
-                    &shared.local_peer(),
+                    &shared.serving.local_peer(),
                     tunnel.as_ref(),
                     Some(&endpoint.peer),
                 ),
                 destination_service: service,
                 tls: tunnel.is_some() || upstream_tls,
             };
-            match tcp::splice(stream, prefix, upstream, t.tcp_idle, &shared.metrics, labels).await {
+            match tcp::splice(stream, prefix, upstream, t.tcp_idle, shared.metrics(), labels).await {
                 Ok(t) => {
                     tracing::debug!(%peer, upstream = %endpoint.addr, received = t.received, sent = t.sent, "TCP connection closed")
                 }
@@ -652,7 +607,7 @@ fn declared_protocol(
     if port.is_some_and(|p| shared.settings.opaque_ports.contains(&p)) {
         return Protocol::Tcp;
     }
-    let Some(snapshot) = shared.store.current() else { return Protocol::Detect };
+    let Some(snapshot) = shared.destinations().store.current() else { return Protocol::Detect };
     let declared = match (kind, dst, target) {
         (Kind::Outbound, Some(dst), _) => snapshot.service_by_addr(dst).map(|(_, p)| p.protocol),
         (Kind::Explicit(_), _, Some((host, port))) => {
@@ -672,10 +627,11 @@ fn tcp_destination(
     dst: Option<SocketAddr>,
     target: Option<&(String, u16)>,
 ) -> Option<(Arc<Endpoint>, Arc<str>)> {
-    let snapshot = shared.store.current()?;
+    let destinations = shared.destinations();
+    let snapshot = destinations.store.current()?;
     if let (Kind::Inbound, Some(dst)) = (kind, dst) {
         let addr = SocketAddr::new(shared.settings.inbound_forward_ip, dst.port());
-        return Some((shared.passthrough.endpoint(&snapshot, addr), INBOUND.clone()));
+        return Some((destinations.passthrough(&snapshot, addr), INBOUND.clone()));
     }
     let service = match (dst, target) {
         (Some(dst), _) => snapshot.service_by_addr(dst).map(|(s, p)| (s.clone(), p.number)),
@@ -692,8 +648,8 @@ fn tcp_destination(
             Some((endpoint, svc.name.clone()))
         }
         None => dst.map(|d| {
-            shared.subscribe_lazily(d);
-            (shared.passthrough.endpoint(&snapshot, d), PASSTHROUGH.clone())
+            destinations.subscribe_lazily(d);
+            (destinations.passthrough(&snapshot, d), PASSTHROUGH.clone())
         }),
     }
 }

@@ -22,7 +22,8 @@ use http::{
 use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio::time::Instant;
+use tokio::{sync::Semaphore, time::Instant};
+use tokio_util::task::TaskTracker;
 
 use super::{
     Body, Direction, UpstreamBody, boxed, empty,
@@ -39,8 +40,9 @@ use super::{
     sticky,
 };
 use crate::{
-    app::Shared,
     config::{Action, HttpRoute, Service, Snapshot, Target, policy::RetryPolicy},
+    destinations::Destinations,
+    metrics::Metrics,
     peer::Peer,
     route::{Match, RequestView, redirect_location, rewrite_path, select},
     upstream::Proto,
@@ -113,16 +115,29 @@ pub fn decide<'s>(
 /// The retry policy of requests that no VirtualService rule describes.
 static DEFAULT_RETRY: LazyLock<RetryPolicy> = LazyLock::new(RetryPolicy::default);
 
+/// What the router uses besides the request and its connection, handed over once by `app`.
+#[derive(Debug)]
+pub struct Routing {
+    pub destinations: Arc<Destinations>,
+    /// Where inbound requests go: the app, on this IP.
+    pub inbound_forward_ip: IpAddr,
+    pub metrics: Arc<Metrics>,
+    /// Upgraded connections (WebSocket) run here, so drain waits for them too.
+    pub upgrades: TaskTracker,
+    /// Mirrored copies in flight (`mirror::MAX_IN_FLIGHT` at most).
+    pub mirrors: Arc<Semaphore>,
+}
+
 /// The tower service at the end of the request path.
 #[derive(Clone, Debug)]
 pub struct Router {
-    shared: Arc<Shared>,
+    routing: Arc<Routing>,
     conn: Arc<ConnInfo>,
 }
 
 impl Router {
-    pub fn new(shared: Arc<Shared>, conn: Arc<ConnInfo>) -> Router {
-        Router { shared, conn }
+    pub fn new(routing: Arc<Routing>, conn: Arc<ConnInfo>) -> Router {
+        Router { routing, conn }
     }
 }
 
@@ -167,7 +182,7 @@ impl Router {
             tracing::debug!(peer = %self.conn.peer, why, "rejecting request with ambiguous framing");
             return respond(Failure::AmbiguousFraming, false, ResponseInfo::default());
         }
-        let Some(snapshot) = self.shared.store.current() else {
+        let Some(snapshot) = self.routing.destinations.store.current() else {
             return respond(Failure::NoConfig, grpc, ResponseInfo::default());
         };
         let authority = authority_of(&req);
@@ -180,14 +195,14 @@ impl Router {
             headers: req.headers(),
         };
         let port = authority.as_ref().and_then(|a| a.port_u16());
-        let forward_ip = self.shared.settings.inbound_forward_ip;
+        let forward_ip = self.routing.inbound_forward_ip;
         let fresh: Arc<Snapshot>;
         let mut decision = decide(&snapshot, &self.conn, &view, port, forward_ip);
         // An unknown outbound destination: ask the control plane before passing it through.
         if let Decision::Passthrough(addr) = decision
             && self.conn.direction == Direction::Outbound
-            && self.shared.resolve_lazily(addr).await
-            && let Some(current) = self.shared.store.current()
+            && self.routing.destinations.resolve_lazily(addr).await
+            && let Some(current) = self.routing.destinations.store.current()
         {
             fresh = current;
             decision = decide(&fresh, &self.conn, &view, port, forward_ip);
@@ -195,7 +210,7 @@ impl Router {
         match decision {
             Decision::NoRoute => respond(Failure::NoRoute, grpc, ResponseInfo::default()),
             Decision::Passthrough(addr) => {
-                let endpoint = self.shared.passthrough.endpoint(&snapshot, addr);
+                let endpoint = self.routing.destinations.passthrough(&snapshot, addr);
                 let info = ResponseInfo { service: Some(super::PASSTHROUGH.clone()), ..Default::default() };
                 let plan = Plan {
                     destination: Destination::Endpoint(&endpoint),
@@ -339,7 +354,7 @@ impl Router {
             return respond(Failure::BadRequestTarget, grpc, info);
         };
 
-        let base = self.shared.connect_opts();
+        let base = self.routing.destinations.connect_opts();
         let opts = match cluster {
             Some(c) => c.connect_opts(base),
             None => base,
@@ -373,7 +388,7 @@ impl Router {
                     key: key_hash,
                     deadline,
                     grpc,
-                    metrics: &self.shared.metrics,
+                    metrics: &self.routing.metrics,
                 };
                 retry::run(first, &again, policy, tries).await
             }
@@ -386,7 +401,7 @@ impl Router {
                     tried: &[],
                     deadline,
                     grpc,
-                    metrics: &self.shared.metrics,
+                    metrics: &self.routing.metrics,
                 };
                 Finished { result: forward(first, t).await, retries: 0, exhausted: false }
             }
@@ -410,9 +425,9 @@ impl Router {
             mirror::spawn(
                 mirror,
                 copy,
-                self.shared.connect_opts(),
-                &self.shared.mirrors,
-                &self.shared.metrics,
+                self.routing.destinations.connect_opts(),
+                &self.routing.mirrors,
+                &self.routing.metrics,
             );
         }
 
@@ -438,7 +453,7 @@ impl Router {
             && let Some(downstream) = downstream_upgrade
         {
             let upstream = hyper::upgrade::on(&mut res);
-            self.shared.tracker.spawn(async move {
+            self.routing.upgrades.spawn(async move {
                 match tokio::try_join!(downstream, upstream) {
                     Ok((d, u)) => {
                         let (mut d, mut u) = (TokioIo::new(d), TokioIo::new(u));

@@ -13,19 +13,47 @@ use hyper_util::{
 use tokio::io::{AsyncRead, AsyncWrite};
 use tower::ServiceBuilder;
 
+use tokio_util::sync::CancellationToken;
+
 use super::{
     headers::RequestIdLayer,
-    observe::{ConnMetrics, ObserveLayer},
-    router::{ConnInfo, Router},
+    observe::{AccessLog, ConnMetrics, ObserveLayer},
+    router::{ConnInfo, Router, Routing},
 };
 use crate::{
-    app::Shared,
     io::{Activity, ActivityIo},
+    peer::Peer,
+    settings::{Limits, Timeouts},
     upstream::Proto,
 };
 
+/// What serving HTTP connections takes, handed over once by `app`.
+#[derive(Debug)]
+pub struct Serving {
+    pub routing: Arc<Routing>,
+    pub limits: Limits,
+    pub timeouts: Timeouts,
+    pub access_log: Option<AccessLog>,
+    /// Cancelled when draining starts: connections close gracefully.
+    pub drain: CancellationToken,
+    /// This proxy's workload and namespace, for metric labels.
+    pub workload: Arc<str>,
+    pub namespace: Arc<str>,
+}
+
+impl Serving {
+    /// This proxy's side of a connection, for metric labels.
+    pub fn local_peer(&self) -> Peer {
+        let workload = self.workload.clone();
+        match self.routing.destinations.identity.current() {
+            Some(tls) => Peer { workload, ..tls.peer.clone() },
+            None => Peer { namespace: self.namespace.clone(), workload, ..Peer::default() },
+        }
+    }
+}
+
 /// Serves HTTP on `io` until the client closes, the connection idles out, or drain completes.
-pub async fn serve<I>(io: I, conn: ConnInfo, shared: Arc<Shared>)
+pub async fn serve<I>(io: I, conn: ConnInfo, serving: Arc<Serving>)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -36,16 +64,16 @@ where
     let service = ServiceBuilder::new()
         .layer(RequestIdLayer)
         .layer(ObserveLayer {
-            metrics: shared.metrics.clone(),
-            access_log: shared.access_log.clone(),
+            metrics: serving.routing.metrics.clone(),
+            access_log: serving.access_log.clone(),
             direction: conn.direction,
             activity: activity.clone(),
-            conn: Arc::new(ConnMetrics::new(shared.local_peer(), conn.tunnel.clone())),
+            conn: Arc::new(ConnMetrics::new(serving.local_peer(), conn.tunnel.clone())),
         })
-        .service(Router::new(shared.clone(), Arc::new(conn)));
+        .service(Router::new(serving.routing.clone(), Arc::new(conn)));
     let service = TowerToHyperService::new(service);
-    let limits = &shared.settings.limits;
-    let timeouts = &shared.settings.timeouts;
+    let limits = &serving.limits;
+    let timeouts = &serving.timeouts;
     let result = match proto {
         Proto::Http1 => {
             let conn = http1::Builder::new()
@@ -59,7 +87,7 @@ where
                 .keep_alive(true)
                 .serve_connection(io, service)
                 .with_upgrades();
-            drive(conn, |c| c.graceful_shutdown(), &shared, &activity, Some(timeouts.header_read)).await
+            drive(conn, |c| c.graceful_shutdown(), &serving, &activity, Some(timeouts.header_read)).await
         }
         Proto::Http2 => {
             let conn = http2::Builder::new(TokioExecutor::new())
@@ -69,7 +97,7 @@ where
                 .max_pending_accept_reset_streams(limits.h2_max_pending_accept_reset_streams)
                 .max_local_error_reset_streams(limits.h2_max_local_error_reset_streams)
                 .serve_connection(io, service);
-            drive(conn, |c| c.graceful_shutdown(), &shared, &activity, None).await
+            drive(conn, |c| c.graceful_shutdown(), &serving, &activity, None).await
         }
     };
     if let Err(error) = result {
@@ -83,7 +111,7 @@ where
 async fn drive<C, F>(
     conn: C,
     shutdown: F,
-    shared: &Shared,
+    serving: &Serving,
     activity: &Activity,
     head_timeout: Option<std::time::Duration>,
 ) -> Result<(), hyper::Error>
@@ -92,7 +120,7 @@ where
     F: Fn(Pin<&mut C>),
 {
     let mut conn = std::pin::pin!(conn);
-    let idle = shared.settings.timeouts.http_idle;
+    let idle = serving.timeouts.http_idle;
     let mut closing = false;
     let head = async {
         match head_timeout {
@@ -104,7 +132,7 @@ where
     loop {
         tokio::select! {
             result = conn.as_mut() => return result,
-            _ = shared.drain.cancelled(), if !closing => {
+            _ = serving.drain.cancelled(), if !closing => {
                 closing = true;
                 shutdown(conn.as_mut());
             }
