@@ -13,6 +13,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     admin,
     config::{Protocol, Snapshot, Store, control_plane, file::FileSource},
+    conn::Conn,
     destinations::Destinations,
     detect::{self, Detected},
     http::{
@@ -24,10 +25,10 @@ use crate::{
     io::PrefixedIo,
     metrics::{HandshakeLabels, ListenerLabels, Metrics, PeerLabels, ResultLabels, TcpLabels},
     peer::Peer,
-    settings::{ExplicitListener, IdentityFiles, IdentitySource, Settings},
+    settings::{IdentityFiles, IdentitySource, Settings},
     sys, tcp,
     tls::{self as mesh, Accepted, IdentityStore, MeshTls},
-    upstream::{Endpoint, Proto},
+    upstream::Endpoint,
 };
 use weft_identity::Tunnel;
 
@@ -211,28 +212,27 @@ pub async fn start_with(
             addr: l.addr,
             source,
         })?);
-        listeners.push((listener, Kind::Explicit(l.clone())));
+        listeners.push((listener, Direction::Explicit, l.target.clone()));
     }
     let mut outbound_addr = None;
     let mut inbound_addr = None;
-    let redirect = [
-        ("outbound", settings.outbound_addr, Kind::Outbound),
-        ("inbound", settings.inbound_addr, Kind::Inbound),
-    ];
-    for (what, addr, kind) in redirect {
+    let redirect =
+        [(settings.outbound_addr, Direction::Outbound), (settings.inbound_addr, Direction::Inbound)];
+    for (addr, direction) in redirect {
         let Some(addr) = addr else { continue };
+        let what = direction.as_str();
         let listener = bind(what, addr).await?;
         let local = listener.local_addr().map_err(|source| Error::Bind { what, addr, source })?;
-        match kind {
-            Kind::Outbound => outbound_addr = Some(local),
+        match direction {
+            Direction::Outbound => outbound_addr = Some(local),
             _ => inbound_addr = Some(local),
         }
-        listeners.push((listener, kind));
+        listeners.push((listener, direction, None));
     }
 
-    for (listener, kind) in listeners {
+    for (listener, direction, target) in listeners {
         let limit = Arc::new(Semaphore::new(settings.limits.max_connections));
-        tokio::spawn(accept_loop(listener, kind, shared.clone(), limit));
+        tokio::spawn(accept_loop(listener, direction, target, shared.clone(), limit));
     }
 
     let handle = Handle {
@@ -351,33 +351,16 @@ async fn drain(shared: Arc<Shared>, shutdown: CancellationToken, done: Cancellat
     done.cancel();
 }
 
-#[derive(Clone, Debug)]
-enum Kind {
-    Outbound,
-    Inbound,
-    Explicit(ExplicitListener),
-}
-
-impl Kind {
-    fn name(&self) -> &'static str {
-        match self {
-            Kind::Outbound => "outbound",
-            Kind::Inbound => "inbound",
-            Kind::Explicit(_) => "explicit",
-        }
-    }
-
-    fn direction(&self) -> Direction {
-        match self {
-            Kind::Outbound => Direction::Outbound,
-            Kind::Inbound => Direction::Inbound,
-            Kind::Explicit(_) => Direction::Explicit,
-        }
-    }
-}
-
-async fn accept_loop(listener: TcpListener, kind: Kind, shared: Arc<Shared>, limit: Arc<Semaphore>) {
-    let labels = ListenerLabels { listener: kind.name() };
+/// Accepts connections for one listener: `direction` names it; an explicit listener may carry a
+/// fixed destination (`target`).
+async fn accept_loop(
+    listener: TcpListener,
+    direction: Direction,
+    target: Option<(String, u16)>,
+    shared: Arc<Shared>,
+    limit: Arc<Semaphore>,
+) {
+    let labels = ListenerLabels { listener: direction.as_str() };
     loop {
         let accepted = tokio::select! {
             _ = shared.drain().cancelled() => break,
@@ -387,90 +370,76 @@ async fn accept_loop(listener: TcpListener, kind: Kind, shared: Arc<Shared>, lim
             Ok(a) => a,
             Err(error) => {
                 // Out of file descriptors and the like: back off briefly rather than spin.
-                tracing::warn!(%error, listener = kind.name(), "accept failed");
+                tracing::warn!(%error, listener = direction.as_str(), "accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             }
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             shared.metrics().connections_rejected.get_or_create(&labels).inc();
-            tracing::debug!(%peer, listener = kind.name(), "connection limit reached; closing");
+            tracing::debug!(%peer, listener = direction.as_str(), "connection limit reached; closing");
             drop(stream);
             continue;
         };
         let _ = stream.set_nodelay(true);
         let shared2 = shared.clone();
-        let kind = kind.clone();
+        let target = target.clone();
+        let gauge = shared.metrics().connections_active.get_or_create(&labels).clone();
         shared.tracker.spawn(async move {
-            let gauge = shared2
-                .metrics()
-                .connections_active
-                .get_or_create(&ListenerLabels { listener: kind.name() })
-                .clone();
             gauge.inc();
-            handle_connection(stream, peer, kind, &shared2, permit).await;
+            handle_connection(stream, peer, direction, target, &shared2, permit).await;
             gauge.dec();
         });
     }
-    tracing::debug!(listener = kind.name(), "listener closed");
+    tracing::debug!(listener = direction.as_str(), "listener closed");
 }
 
 async fn handle_connection(
     stream: TcpStream,
     peer: SocketAddr,
-    kind: Kind,
+    direction: Direction,
+    target: Option<(String, u16)>,
     shared: &Arc<Shared>,
     _permit: OwnedSemaphorePermit,
 ) {
-    let dst = match kind {
-        Kind::Outbound | Kind::Inbound => match sys::original_dst(&stream) {
+    let dst = match direction {
+        Direction::Outbound | Direction::Inbound => match sys::original_dst(&stream) {
             // A connection made straight to the listener (not redirected) would loop back into
             // the proxy.
             Ok(dst) if stream.local_addr().is_ok_and(|local| local == dst) => {
-                tracing::warn!(%peer, listener = kind.name(), "connection was not redirected; closing");
+                tracing::warn!(%peer, listener = direction.as_str(), "connection was not redirected; closing");
                 return;
             }
             Ok(dst) => Some(dst),
             Err(error) => {
-                tracing::warn!(%peer, %error, listener = kind.name(), "no original destination; closing");
+                tracing::warn!(%peer, %error, listener = direction.as_str(), "no original destination; closing");
                 return;
             }
         },
-        Kind::Explicit(_) => None,
+        Direction::Explicit => None,
     };
-    let target = match &kind {
-        Kind::Explicit(l) => l.target.clone(),
-        _ => None,
-    };
-    let declared = declared_protocol(shared, &kind, dst, target.as_ref());
+    let conn = Conn { direction, peer, dst, target };
+    let declared = declared_protocol(shared, &conn);
     // Mesh tunnels end on the inbound and explicit listeners, whatever the port carries inside,
     // so there the first bytes are always read (a mesh client speaks first: its ClientHello).
     // On the outbound listener TLS is the app's own and goes out as it came. `--opaque-ports`
     // are never read.
-    let port = dst.map(|d| d.port()).or(target.as_ref().map(|t| t.1));
-    let opaque_port = port.is_some_and(|p| shared.settings.opaque_ports.contains(&p));
+    let opaque_port = conn.port().is_some_and(|p| shared.settings.opaque_ports.contains(&p));
     let mesh =
-        shared.destinations().identity.current().filter(|_| !matches!(kind, Kind::Outbound) && !opaque_port);
-    let as_declared = |d: Detected| match declared {
-        Protocol::Tcp => Detected::Opaque,
-        Protocol::Http1 => Detected::Http1,
-        Protocol::Http2 => Detected::Http2,
-        Protocol::Detect => d,
-    };
+        shared.destinations().identity.current().filter(|_| direction != Direction::Outbound && !opaque_port);
     let (detected, prefix, stream) = if declared == Protocol::Detect || mesh.is_some() {
         let mut stream = stream;
         match detect::detect(&mut stream, shared.settings.timeouts.detect).await {
             Ok((Detected::Tls, prefix)) if mesh.is_some() => (Detected::Tls, prefix, stream),
-            Ok((d, prefix)) => (as_declared(d), prefix, stream),
+            Ok((d, prefix)) => (d.as_declared(declared), prefix, stream),
             Err(error) => {
                 tracing::debug!(%peer, %error, "connection failed during detection");
                 return;
             }
         }
     } else {
-        (as_declared(Detected::Opaque), bytes::Bytes::new(), stream)
+        (Detected::Opaque.as_declared(declared), bytes::Bytes::new(), stream)
     };
-    let conn = Conn { kind, peer, dst, target };
     let (Detected::Tls, Some(tls)) = (detected, mesh) else {
         return dispatch(stream, prefix, detected, conn, None, shared).await;
     };
@@ -495,13 +464,8 @@ async fn serve_tunnel(
             shared.metrics().tls_handshakes.get_or_create(&labels("ok")).inc();
             let mesh::Tunneled { io, peer: client, tunnel } = *tunneled;
             tracing::trace!(peer = %conn.peer, client = %client, ?tunnel, "mesh tunnel accepted");
-            let detected = match tunnel {
-                Tunnel::Http1 => Detected::Http1,
-                Tunnel::Http2 => Detected::Http2,
-                Tunnel::Tcp => Detected::Opaque,
-            };
             let client = Peer::new(Some(client), "");
-            dispatch(io, bytes::Bytes::new(), detected, conn, Some(client), shared).await
+            dispatch(io, bytes::Bytes::new(), tunnel.into(), conn, Some(client), shared).await
         }
         Ok(Accepted::Other { prefix, io }) => {
             dispatch(io, prefix, Detected::Opaque, conn, None, shared).await
@@ -511,14 +475,6 @@ async fn serve_tunnel(
             tracing::debug!(peer = %conn.peer, %error, "mesh TLS handshake failed");
         }
     }
-}
-
-/// Where a downstream connection came in and was going.
-struct Conn {
-    kind: Kind,
-    peer: SocketAddr,
-    dst: Option<SocketAddr>,
-    target: Option<(String, u16)>,
 }
 
 /// Serves a connection (plain, or the inside of a mesh tunnel from `tunnel`) as `detected`.
@@ -532,32 +488,21 @@ async fn dispatch<I>(
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let Conn { kind, peer, dst, target } = conn;
-    let info = |downstream, tunnel| ConnInfo {
-        direction: kind.direction(),
-        peer,
-        dst,
-        target: target.clone(),
-        downstream,
-        tunnel,
-    };
-    match detected {
-        Detected::Http1 => {
-            server::serve(PrefixedIo::new(prefix, stream), info(Proto::Http1, tunnel), shared.serving.clone())
-                .await
+    let peer = conn.peer;
+    match detected.http() {
+        Some(downstream) => {
+            let info = ConnInfo { conn, downstream, tunnel };
+            server::serve(PrefixedIo::new(prefix, stream), info, shared.serving.clone()).await
         }
-        Detected::Http2 => {
-            server::serve(PrefixedIo::new(prefix, stream), info(Proto::Http2, tunnel), shared.serving.clone())
-                .await
-        }
-        Detected::Opaque | Detected::Tls => {
-            let mut destination = tcp_destination(shared, &kind, dst, target.as_ref());
+        None => {
+            let mut destination = tcp_destination(shared, &conn);
             // An unknown outbound destination: ask the control plane before passing it through.
-            if let (Kind::Outbound, Some(d), Some((_, service))) = (&kind, dst, &destination)
+            if let (Direction::Outbound, Some(d), Some((_, service))) =
+                (conn.direction, conn.dst, &destination)
                 && Arc::ptr_eq(service, &*PASSTHROUGH)
                 && shared.destinations().resolve_lazily(d).await
             {
-                destination = tcp_destination(shared, &kind, dst, target.as_ref());
+                destination = tcp_destination(shared, &conn);
             }
             let Some((endpoint, service)) = destination else {
                 tracing::debug!(%peer, "no TCP destination; closing");
@@ -574,7 +519,7 @@ async fn dispatch<I>(
                     return;
                 }
             };
-            let direction = kind.direction();
+            let direction = conn.direction;
             let labels = TcpLabels {
                 direction: direction.as_str(),
                 peers: PeerLabels::new(
@@ -597,20 +542,14 @@ async fn dispatch<I>(
 }
 
 /// The protocol a connection is declared to carry, when the port says so.
-fn declared_protocol(
-    shared: &Shared,
-    kind: &Kind,
-    dst: Option<SocketAddr>,
-    target: Option<&(String, u16)>,
-) -> Protocol {
-    let port = dst.map(|d| d.port()).or(target.map(|t| t.1));
-    if port.is_some_and(|p| shared.settings.opaque_ports.contains(&p)) {
+fn declared_protocol(shared: &Shared, conn: &Conn) -> Protocol {
+    if conn.port().is_some_and(|p| shared.settings.opaque_ports.contains(&p)) {
         return Protocol::Tcp;
     }
     let Some(snapshot) = shared.destinations().store.current() else { return Protocol::Detect };
-    let declared = match (kind, dst, target) {
-        (Kind::Outbound, Some(dst), _) => snapshot.service_by_addr(dst).map(|(_, p)| p.protocol),
-        (Kind::Explicit(_), _, Some((host, port))) => {
+    let declared = match (conn.direction, conn.dst, &conn.target) {
+        (Direction::Outbound, Some(dst), _) => snapshot.service_by_addr(dst).map(|(_, p)| p.protocol),
+        (Direction::Explicit, _, Some((host, port))) => {
             snapshot.service_by_host(host).and_then(|s| s.port(*port)).map(|p| p.protocol)
         }
         _ => None,
@@ -621,19 +560,15 @@ fn declared_protocol(
 /// Where an opaque TCP connection goes: the service's TCP route (or its port's endpoints) when
 /// the destination is a known service, the original destination otherwise (the local app for
 /// inbound).
-fn tcp_destination(
-    shared: &Shared,
-    kind: &Kind,
-    dst: Option<SocketAddr>,
-    target: Option<&(String, u16)>,
-) -> Option<(Arc<Endpoint>, Arc<str>)> {
+fn tcp_destination(shared: &Shared, conn: &Conn) -> Option<(Arc<Endpoint>, Arc<str>)> {
     let destinations = shared.destinations();
     let snapshot = destinations.store.current()?;
-    if let (Kind::Inbound, Some(dst)) = (kind, dst) {
+    let dst = conn.dst;
+    if let (Direction::Inbound, Some(dst)) = (conn.direction, dst) {
         let addr = SocketAddr::new(shared.settings.inbound_forward_ip, dst.port());
         return Some((destinations.passthrough(&snapshot, addr), INBOUND.clone()));
     }
-    let service = match (dst, target) {
+    let service = match (dst, &conn.target) {
         (Some(dst), _) => snapshot.service_by_addr(dst).map(|(s, p)| (s.clone(), p.number)),
         (None, Some((host, port))) => snapshot.service_by_host(host).map(|s| (s.clone(), *port)),
         _ => None,

@@ -7,6 +7,9 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
+use weft_identity::Tunnel;
+
+use crate::{config::Protocol, upstream::Proto};
 
 /// What the first bytes say.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -16,6 +19,38 @@ pub enum Detected {
     /// A TLS record (a ClientHello): a mesh tunnel when it asks for one, else opaque.
     Tls,
     Opaque,
+}
+
+impl Detected {
+    /// What a port's declared protocol makes of a connection, whatever its first bytes said.
+    pub fn as_declared(self, declared: Protocol) -> Detected {
+        match declared {
+            Protocol::Tcp => Detected::Opaque,
+            Protocol::Http1 => Detected::Http1,
+            Protocol::Http2 => Detected::Http2,
+            Protocol::Detect => self,
+        }
+    }
+
+    /// The HTTP version to serve, or `None` for opaque TCP.
+    pub fn http(self) -> Option<Proto> {
+        match self {
+            Detected::Http1 => Some(Proto::Http1),
+            Detected::Http2 => Some(Proto::Http2),
+            Detected::Tls | Detected::Opaque => None,
+        }
+    }
+}
+
+impl From<Tunnel> for Detected {
+    /// A mesh tunnel says what it carries in its ALPN: nothing is detected twice.
+    fn from(tunnel: Tunnel) -> Detected {
+        match tunnel {
+            Tunnel::Http1 => Detected::Http1,
+            Tunnel::Http2 => Detected::Http2,
+            Tunnel::Tcp => Detected::Opaque,
+        }
+    }
 }
 
 /// The HTTP/2 connection preface (RFC 9113 section 3.4).

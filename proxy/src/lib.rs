@@ -13,6 +13,7 @@ pub mod app;
 pub mod balance;
 pub mod certify;
 pub mod config;
+pub mod conn;
 pub mod destinations;
 pub mod detect;
 pub mod grpc;

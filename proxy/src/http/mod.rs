@@ -19,6 +19,8 @@ pub mod router;
 pub mod server;
 pub mod sticky;
 
+pub use crate::conn::Direction;
+
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 
@@ -52,24 +54,6 @@ pub static PASSTHROUGH: std::sync::LazyLock<std::sync::Arc<str>> =
     std::sync::LazyLock::new(|| "passthrough".into());
 pub static INBOUND: std::sync::LazyLock<std::sync::Arc<str>> = std::sync::LazyLock::new(|| "inbound".into());
 pub static UNKNOWN: std::sync::LazyLock<std::sync::Arc<str>> = std::sync::LazyLock::new(|| "unknown".into());
-
-/// Where a connection came from and where it was going.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Direction {
-    Outbound,
-    Inbound,
-    Explicit,
-}
-
-impl Direction {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Direction::Outbound => "outbound",
-            Direction::Inbound => "inbound",
-            Direction::Explicit => "explicit",
-        }
-    }
-}
 
 pin_project_lite::pin_project! {
     /// An upstream response body on its way down: keeps `guard` alive until it ends or is

@@ -41,6 +41,7 @@ use super::{
 };
 use crate::{
     config::{Action, HttpRoute, Service, Snapshot, Target, policy::RetryPolicy},
+    conn::Conn,
     destinations::Destinations,
     metrics::Metrics,
     peer::Peer,
@@ -48,15 +49,10 @@ use crate::{
     upstream::Proto,
 };
 
-/// What the proxy knows about a downstream connection.
+/// What the proxy knows about a downstream HTTP connection.
 #[derive(Clone, Debug)]
 pub struct ConnInfo {
-    pub direction: Direction,
-    pub peer: SocketAddr,
-    /// The original destination of a redirected connection.
-    pub dst: Option<SocketAddr>,
-    /// An explicit listener's fixed destination (`host`, `port`).
-    pub target: Option<(String, u16)>,
+    pub conn: Conn,
     pub downstream: Proto,
     /// The client proxy, when the connection is a mesh tunnel.
     pub tunnel: Option<Peer>,
@@ -80,7 +76,7 @@ pub enum Decision<'s> {
 /// Routing as a pure function of the snapshot, the connection and the request.
 pub fn decide<'s>(
     snapshot: &'s Snapshot,
-    conn: &ConnInfo,
+    conn: &Conn,
     req: &RequestView<'_>,
     authority_port: Option<u16>,
     inbound_ip: IpAddr,
@@ -91,7 +87,7 @@ pub fn decide<'s>(
             None => Decision::NoRoute,
         };
     }
-    let dst_port = conn.dst.map(|d| d.port()).or(conn.target.as_ref().map(|t| t.1));
+    let dst_port = conn.port();
     let found = snapshot
         .service_by_host(req.authority)
         .map(|s| (s, authority_port.or(dst_port)))
@@ -179,7 +175,7 @@ impl Router {
         if req.version() <= Version::HTTP_11
             && let Some(why) = ambiguous_framing(req.headers())
         {
-            tracing::debug!(peer = %self.conn.peer, why, "rejecting request with ambiguous framing");
+            tracing::debug!(peer = %self.conn.conn.peer, why, "rejecting request with ambiguous framing");
             return respond(Failure::AmbiguousFraming, false, ResponseInfo::default());
         }
         let Some(snapshot) = self.routing.destinations.store.current() else {
@@ -197,15 +193,15 @@ impl Router {
         let port = authority.as_ref().and_then(|a| a.port_u16());
         let forward_ip = self.routing.inbound_forward_ip;
         let fresh: Arc<Snapshot>;
-        let mut decision = decide(&snapshot, &self.conn, &view, port, forward_ip);
+        let mut decision = decide(&snapshot, &self.conn.conn, &view, port, forward_ip);
         // An unknown outbound destination: ask the control plane before passing it through.
         if let Decision::Passthrough(addr) = decision
-            && self.conn.direction == Direction::Outbound
+            && self.conn.conn.direction == Direction::Outbound
             && self.routing.destinations.resolve_lazily(addr).await
             && let Some(current) = self.routing.destinations.store.current()
         {
             fresh = current;
-            decision = decide(&fresh, &self.conn, &view, port, forward_ip);
+            decision = decide(&fresh, &self.conn.conn, &view, port, forward_ip);
         }
         match decision {
             Decision::NoRoute => respond(Failure::NoRoute, grpc, ResponseInfo::default()),
@@ -327,7 +323,7 @@ impl Router {
         };
         let key = cluster
             .and_then(|c| c.hash.as_ref())
-            .and_then(|on| sticky::key(on, req.headers(), req.uri().query(), self.conn.peer.ip()));
+            .and_then(|on| sticky::key(on, req.headers(), req.uri().query(), self.conn.conn.peer.ip()));
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
         let (mut parts, body) = req.into_parts();
@@ -509,18 +505,16 @@ services:
     ports: [{number: 80}, {number: 81}]
 "#;
 
-    fn conn(direction: Direction, dst: Option<&str>, target: Option<(&str, u16)>) -> ConnInfo {
-        ConnInfo {
+    fn conn(direction: Direction, dst: Option<&str>, target: Option<(&str, u16)>) -> Conn {
+        Conn {
             direction,
             peer: "127.0.0.1:5000".parse().unwrap(),
             dst: dst.map(|d| d.parse().unwrap()),
             target: target.map(|(h, p)| (h.to_owned(), p)),
-            downstream: Proto::Http1,
-            tunnel: None,
         }
     }
 
-    fn decide_for(c: &ConnInfo, host: &str, path: &str, port: Option<u16>) -> String {
+    fn decide_for(c: &Conn, host: &str, path: &str, port: Option<u16>) -> String {
         let snap = compile(serde_yaml::from_str(YAML).unwrap(), None).unwrap();
         let headers = HeaderMap::new();
         let view = RequestView { method: "GET", authority: host, path, query: None, headers: &headers };

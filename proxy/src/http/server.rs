@@ -60,13 +60,13 @@ where
     let activity = Activity::new();
     let io = TokioIo::new(ActivityIo::new(io, activity.clone()));
     let proto = conn.downstream;
-    let peer = conn.peer;
+    let peer = conn.conn.peer;
     let service = ServiceBuilder::new()
         .layer(RequestIdLayer)
         .layer(ObserveLayer {
             metrics: serving.routing.metrics.clone(),
             access_log: serving.access_log.clone(),
-            direction: conn.direction,
+            direction: conn.conn.direction,
             activity: activity.clone(),
             conn: Arc::new(ConnMetrics::new(serving.local_peer(), conn.tunnel.clone())),
         })
