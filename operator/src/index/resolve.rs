@@ -564,13 +564,20 @@ impl Index {
             .filter(|(k, ap)| {
                 (k.namespace == key.namespace || &k.namespace == root) && selects(&ap.spec.selector)
             })
-            .map(|(k, ap)| pb::Authorization {
-                name: k.to_string(),
-                action: match ap.spec.action.unwrap_or_default() {
+            .filter_map(|(k, ap)| {
+                let action = match ap.spec.action.unwrap_or_default() {
                     sec::Action::Allow => pb::authorization::Action::Allow,
                     sec::Action::Deny => pb::authorization::Action::Deny,
-                } as i32,
-                rules: ap.spec.rules.iter().map(authorization_rule).collect(),
+                    // The schema refuses both. Should one get through anyway: AUDIT never changes
+                    // a decision, and a CUSTOM policy's matches are denied (fail closed).
+                    sec::Action::Audit => return None,
+                    sec::Action::Custom => pb::authorization::Action::Deny,
+                };
+                Some(pb::Authorization {
+                    name: k.to_string(),
+                    action: action as i32,
+                    rules: ap.spec.rules.iter().map(authorization_rule).collect(),
+                })
             })
             .collect();
         pb::InboundPolicy {

@@ -11,7 +11,7 @@ use crate::{Duration, status::Status, unsupported::Unsupported};
 
 /// Policy applied after routing has chosen `host`: load balancing, connection limits, outlier
 /// ejection, and named subsets of its endpoints.
-#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[kube(
     group = "networking.weft.dev",
     version = "v1alpha1",
@@ -44,6 +44,16 @@ pub struct DestinationRuleSpec {
     #[schemars(length(max = 32))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub subsets: Vec<Subset>,
+    /// The namespaces that see this rule: only `*` (every namespace, which is what Weft does) is
+    /// accepted; narrower visibility is refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(min = 1, max = 253)))]
+    #[x_kube(validation = Rule::new("self.all(n, n == '*')").message("exportTo other than '*' is not supported by Weft: the rule applies in every namespace"))]
+    pub export_to: Vec<String>,
+    /// Not supported by Weft (refused): the rule applies to every client of the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("false").message("workloadSelector is not supported by Weft: the rule applies to every client of the host"))]
+    pub workload_selector: Option<Unsupported>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -355,9 +365,51 @@ pub struct RetryBudget {
 
 /// TLS towards the host. Traffic between meshed pods uses mesh mTLS automatically; this exists
 /// so that Istio manifests saying `ISTIO_MUTUAL` keep working, and to turn mTLS off for a host.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+/// TLS origination (`SIMPLE`, `MUTUAL`) and every setting that tunes it are refused.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.mode != 'SIMPLE' && self.mode != 'MUTUAL'").message(kube::core::Message::Expression("'tls.mode ' + self.mode + ' (TLS origination) is not supported by Weft: use ISTIO_MUTUAL (mesh mTLS) or DISABLE'".into())))]
 pub struct ClientTlsSettings {
     pub mode: TlsMode,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    #[x_kube(validation = Rule::new("false").message("tls.clientCertificate is not supported by Weft: mesh mTLS uses the workload's own certificate"))]
+    pub client_certificate: Option<String>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    #[x_kube(validation = Rule::new("false").message("tls.privateKey is not supported by Weft: mesh mTLS uses the workload's own key"))]
+    pub private_key: Option<String>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    #[x_kube(validation = Rule::new("false").message("tls.caCertificates is not supported by Weft: mesh mTLS trusts the mesh CA"))]
+    pub ca_certificates: Option<String>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    #[x_kube(validation = Rule::new("false").message("tls.credentialName is not supported by Weft: mesh mTLS uses the workload's own certificate"))]
+    pub credential_name: Option<String>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(max = 512)))]
+    #[x_kube(validation = Rule::new("false").message("tls.subjectAltNames is not supported by Weft: mesh mTLS checks the identity the control plane names for each endpoint"))]
+    pub subject_alt_names: Vec<String>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    #[x_kube(validation = Rule::new("false").message("tls.sni is not supported by Weft: mesh mTLS chooses the SNI itself"))]
+    pub sni: Option<String>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("false").message("tls.insecureSkipVerify is not supported by Weft: mesh mTLS always verifies the peer"))]
+    pub insecure_skip_verify: Option<bool>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    #[x_kube(validation = Rule::new("false").message("tls.caCrl is not supported by Weft"))]
+    pub ca_crl: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -365,6 +417,10 @@ pub struct ClientTlsSettings {
 pub enum TlsMode {
     /// Plain text to the host.
     Disable,
+    /// Not supported by Weft (refused): TLS origination with the CA certificates given.
+    Simple,
+    /// Not supported by Weft (refused): TLS origination with a client certificate.
+    Mutual,
     /// Mesh mTLS with workload certificates (the default between meshed pods).
     #[default]
     IstioMutual,

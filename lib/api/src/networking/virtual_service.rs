@@ -7,11 +7,15 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::common::{Destination, Headers, Percent, StringMatch};
-use crate::{Duration, status::Status};
+use crate::{Duration, status::Status, unsupported::Unsupported};
+
+/// The CEL rule and message for Istio's `gateways` lists: only `mesh` (the sidecars, which is all
+/// Weft has) is accepted.
+const MESH_ONLY: &str = "self.all(g, g == 'mesh')";
 
 /// Routing rules for requests addressed to `hosts`. The first `http` rule whose `match` accepts a
 /// request decides where it goes.
-#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[kube(
     group = "networking.weft.dev",
     version = "v1alpha1",
@@ -45,6 +49,24 @@ pub struct VirtualServiceSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub tcp: Vec<TcpRoute>,
+    /// Where the rules apply: only `mesh` (the proxies beside the workloads, Istio's meaning) is
+    /// accepted, which is also what an empty list means. Other names are refused: Weft has no
+    /// gateways yet.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(min = 1, max = 253)))]
+    #[x_kube(validation = Rule::new(MESH_ONLY).message("gateways naming anything but mesh is not supported by Weft, which has no gateways yet"))]
+    pub gateways: Vec<String>,
+    /// The namespaces that see these rules: only `*` (every namespace, which is what Weft does) is
+    /// accepted; narrower visibility is refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(min = 1, max = 253)))]
+    #[x_kube(validation = Rule::new("self.all(n, n == '*')").message("exportTo other than '*' is not supported by Weft: the rules apply in every namespace"))]
+    pub export_to: Vec<String>,
+    /// Not supported by Weft (refused): rules for TLS connections by SNI.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    #[x_kube(validation = Rule::new("false").message("tls (routes by SNI) is not supported by Weft: route TLS traffic with tcp rules by port"))]
+    pub tls: Vec<Unsupported>,
 }
 
 /// One HTTP rule: conditions, and exactly one action (route, redirect or direct response).
@@ -99,10 +121,18 @@ pub struct HttpRoute {
     pub mirrors: Vec<HttpMirrorPolicy>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub headers: Option<Headers>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("false").message("delegate is not supported by Weft: write the routes in this VirtualService"))]
+    pub delegate: Option<Unsupported>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("false").message("corsPolicy is not supported by Weft: answer CORS requests in the application"))]
+    pub cors_policy: Option<Unsupported>,
 }
 
 /// Conditions on one request; all that are set must hold.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpMatchRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -136,6 +166,25 @@ pub struct HttpMatchRequest {
     /// Match `uri` case-insensitively.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ignore_uri_case: Option<bool>,
+    /// Only `mesh` is accepted, as for the VirtualService's `gateways`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(min = 1, max = 253)))]
+    #[x_kube(validation = Rule::new(MESH_ONLY).message("gateways naming anything but mesh is not supported by Weft, which has no gateways yet"))]
+    pub gateways: Vec<String>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 16))]
+    #[x_kube(validation = Rule::new("false").message("sourceLabels is not supported by Weft: a route cannot depend on the calling workload"))]
+    pub source_labels: BTreeMap<String, String>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 63))]
+    #[x_kube(validation = Rule::new("false").message("sourceNamespace is not supported by Weft: a route cannot depend on the calling workload"))]
+    pub source_namespace: Option<String>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("false").message("statPrefix is not supported by Weft"))]
+    pub stat_prefix: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -150,7 +199,7 @@ pub struct HttpRouteDestination {
 }
 
 /// Answers with a redirect instead of forwarding.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpRedirect {
     /// Replaces the path.
@@ -170,6 +219,21 @@ pub struct HttpRedirect {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("enum" = [301, 302, 303, 307, 308]))]
     pub redirect_code: Option<u32>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("false").message("derivePort is not supported by Weft: set port, or leave it out to keep the request's port"))]
+    pub derive_port: Option<String>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    #[x_kube(validation = Rule::new("false").message("prefixRewrite is not supported by Weft: set uri to replace the whole path"))]
+    pub prefix_rewrite: Option<String>,
+    /// Istio's protobuf spelling of `prefixRewrite`, which Istio's own examples use; refused the
+    /// same way.
+    #[serde(default, rename = "prefix_rewrite", skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    #[x_kube(validation = Rule::new("false").message("prefix_rewrite (prefixRewrite) is not supported by Weft: set uri to replace the whole path"))]
+    pub prefix_rewrite_proto: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -188,14 +252,20 @@ pub struct HttpDirectResponse {
     pub body: Option<HttpBody>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 pub struct HttpBody {
     #[schemars(length(max = 4096))]
     pub string: String,
+    /// Not supported by Weft (refused): a binary body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 8192))]
+    #[x_kube(validation = Rule::new("false").message("body.bytes is not supported by Weft: use body.string"))]
+    pub bytes: Option<String>,
 }
 
 /// Changes the request before it is forwarded.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct HttpRewrite {
     /// Replaces the part of the path matched by a `prefix` match (or the whole path).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -205,6 +275,10 @@ pub struct HttpRewrite {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 253))]
     pub authority: Option<String>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("false").message("uriRegexRewrite is not supported by Weft: use uri"))]
+    pub uri_regex_rewrite: Option<Unsupported>,
 }
 
 /// One entry of `mirrors`: where copies go and the share of requests copied.
@@ -333,12 +407,33 @@ pub struct TcpRoute {
     pub route: Vec<RouteDestination>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct L4MatchAttributes {
     /// The destination port the client used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
     pub port: Option<u32>,
+    /// Only `mesh` is accepted, as for the VirtualService's `gateways`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(min = 1, max = 253)))]
+    #[x_kube(validation = Rule::new(MESH_ONLY).message("gateways naming anything but mesh is not supported by Weft, which has no gateways yet"))]
+    pub gateways: Vec<String>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(max = 64)))]
+    #[x_kube(validation = Rule::new("false").message("destinationSubnets is not supported by Weft: match by port"))]
+    pub destination_subnets: Vec<String>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 16))]
+    #[x_kube(validation = Rule::new("false").message("sourceLabels is not supported by Weft: a route cannot depend on the calling workload"))]
+    pub source_labels: BTreeMap<String, String>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 63))]
+    #[x_kube(validation = Rule::new("false").message("sourceNamespace is not supported by Weft: a route cannot depend on the calling workload"))]
+    pub source_namespace: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

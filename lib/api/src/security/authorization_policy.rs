@@ -5,12 +5,18 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::WorkloadSelector;
-use crate::status::Status;
+use crate::{status::Status, unsupported::Unsupported};
+
+/// The CEL rule for a `when` key: the keys Weft evaluates are request headers
+/// (`request.headers[<name>]`), the peer's address, namespace and principal, the destination's
+/// address and port, and the TLS SNI. Written without backslashes (the brackets are checked by
+/// `startsWith`/`endsWith`) so that it reads the same in CEL, RE2 and Rust's regex.
+pub const WHEN_KEY_RULE: &str = "self in ['source.ip', 'source.namespace', 'source.principal', 'destination.ip', 'destination.port', 'connection.sni'] || (self.startsWith('request.headers[') && self.endsWith(']') && self.matches('^request[.]headers.[-0-9A-Za-z_.!#$%&*+^|~]+.$'))";
 
 /// Allows or denies requests to the selected workloads. DENY policies are checked first; then,
 /// if any ALLOW policy selects the workload, a request must match one of its rules. An ALLOW
 /// policy without rules denies everything.
-#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[kube(
     group = "security.weft.dev",
     version = "v1alpha1",
@@ -35,13 +41,28 @@ use crate::status::Status;
 pub struct AuthorizationPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<WorkloadSelector>,
-    /// ALLOW when unset.
+    /// ALLOW when unset. `AUDIT` and `CUSTOM` are refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self != 'AUDIT' && self != 'CUSTOM'").message(kube::core::Message::Expression("'action ' + self + ' is not supported by Weft: use ALLOW or DENY'".into())))]
     pub action: Option<Action>,
     /// A request matches the policy when it matches any rule.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
-    pub rules: Vec<Rule>,
+    // `self::` because the schema derive has its own `Rule` (a CEL rule) in scope.
+    pub rules: Vec<self::Rule>,
+    /// Not supported by Weft (refused): the external authorizer of a `CUSTOM` policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("false").message("provider is not supported by Weft: Weft has no external authorization"))]
+    pub provider: Option<Unsupported>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("false").message("targetRef is not supported by Weft: select workloads with selector"))]
+    pub target_ref: Option<Unsupported>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    #[x_kube(validation = Rule::new("false").message("targetRefs is not supported by Weft: select workloads with selector"))]
+    pub target_refs: Vec<Unsupported>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -50,10 +71,14 @@ pub enum Action {
     #[default]
     Allow,
     Deny,
+    /// Not supported by Weft (refused by the schema).
+    Audit,
+    /// Not supported by Weft (refused by the schema).
+    Custom,
 }
 
-/// A request matches a rule when it matches one of `from` (or `from` is empty) and one of `to`
-/// (or `to` is empty).
+/// A request matches a rule when it matches one of `from` (or `from` is empty), one of `to` (or
+/// `to` is empty) and every `when` condition.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Rule {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -62,6 +87,30 @@ pub struct Rule {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub to: Vec<To>,
+    /// Conditions that must all hold.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub when: Vec<Condition>,
+}
+
+/// A condition on one attribute of the request or connection: it holds when the attribute matches
+/// one of `values` (if set) and none of `notValues`. The keys Weft evaluates are
+/// `request.headers[<name>]`, `source.ip`, `source.namespace`, `source.principal`,
+/// `destination.ip`, `destination.port` and `connection.sni`; any other key (`request.auth.*`
+/// among them) is refused.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.values) || has(self.notValues)").message("when needs values or notValues"))]
+pub struct Condition {
+    #[schemars(length(min = 1, max = 256))]
+    #[x_kube(validation = Rule::new(WHEN_KEY_RULE).message(kube::core::Message::Expression("'when key ' + self + ' is not supported by Weft: use request.headers[<name>], source.ip, source.namespace, source.principal, destination.ip, destination.port or connection.sni'".into())))]
+    pub key: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 1024)))]
+    pub values: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 1024)))]
+    pub not_values: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -79,7 +128,7 @@ pub struct To {
 /// stand at the start or end of a principal or namespace.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("[has(self.principals), has(self.notPrincipals), has(self.namespaces), has(self.notNamespaces), has(self.ipBlocks), has(self.notIpBlocks)].exists(x, x)").message("source needs at least one field"))]
+#[x_kube(validation = Rule::new("[has(self.principals), has(self.notPrincipals), has(self.namespaces), has(self.notNamespaces), has(self.ipBlocks), has(self.notIpBlocks), has(self.remoteIpBlocks), has(self.notRemoteIpBlocks), has(self.requestPrincipals), has(self.notRequestPrincipals), has(self.serviceAccounts), has(self.notServiceAccounts)].exists(x, x)").message("source needs at least one field"))]
 pub struct Source {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32), inner(length(min = 1, max = 512)))]
@@ -102,6 +151,36 @@ pub struct Source {
     #[schemars(length(max = 32), inner(length(min = 1, max = 64)))]
     #[x_kube(validation = Rule::new("self.all(b, isCIDR(b) || isIP(b))").message("notIpBlocks entries must be IP addresses or CIDRs"))]
     pub not_ip_blocks: Vec<String>,
+    /// The original client's addresses or CIDRs, as Istio reads them from `X-Forwarded-For`; for
+    /// a direct peer the same as `ipBlocks`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 64)))]
+    #[x_kube(validation = Rule::new("self.all(b, isCIDR(b) || isIP(b))").message("remoteIpBlocks entries must be IP addresses or CIDRs"))]
+    pub remote_ip_blocks: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 64)))]
+    #[x_kube(validation = Rule::new("self.all(b, isCIDR(b) || isIP(b))").message("notRemoteIpBlocks entries must be IP addresses or CIDRs"))]
+    pub not_remote_ip_blocks: Vec<String>,
+    /// Not supported by Weft (refused): Weft has no request (JWT) authentication.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 512)))]
+    #[x_kube(validation = Rule::new("false").message("requestPrincipals is not supported by Weft, which has no request authentication: use principals"))]
+    pub request_principals: Vec<String>,
+    /// Not supported by Weft (refused): Weft has no request (JWT) authentication.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 512)))]
+    #[x_kube(validation = Rule::new("false").message("notRequestPrincipals is not supported by Weft, which has no request authentication: use notPrincipals"))]
+    pub not_request_principals: Vec<String>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 320)))]
+    #[x_kube(validation = Rule::new("false").message("serviceAccounts is not supported by Weft: use principals"))]
+    pub service_accounts: Vec<String>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 320)))]
+    #[x_kube(validation = Rule::new("false").message("notServiceAccounts is not supported by Weft: use notPrincipals"))]
+    pub not_service_accounts: Vec<String>,
 }
 
 /// What is called. Within one operation all set fields must match; each list matches any of its

@@ -7,7 +7,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::WorkloadSelector;
-use crate::status::Status;
+use crate::{status::Status, unsupported::Unsupported};
 
 /// The mTLS mode for traffic arriving at the selected workloads. The most specific policy wins:
 /// workload over namespace over mesh-wide (the root namespace).
@@ -43,6 +43,15 @@ pub struct PeerAuthenticationSpec {
     #[schemars(extend("maxProperties" = 16))]
     #[x_kube(validation = Rule::new("self.all(port, port.matches('^[0-9]{1,5}$') && int(port) >= 1 && int(port) <= 65535)").message("portLevelMtls keys must be port numbers from 1 to 65535"))]
     pub port_level_mtls: BTreeMap<String, PeerMtls>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("false").message("targetRef is not supported by Weft: select workloads with selector"))]
+    pub target_ref: Option<Unsupported>,
+    /// Not supported by Weft (refused).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    #[x_kube(validation = Rule::new("false").message("targetRefs is not supported by Weft: select workloads with selector"))]
+    pub target_refs: Vec<Unsupported>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
