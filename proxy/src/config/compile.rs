@@ -710,12 +710,60 @@ services:
     }
 
     #[test]
-    fn endpoints_carry_over_between_snapshots() {
+    fn endpoints_and_cluster_state_carry_over_between_snapshots() {
         let first = compile(parse(BASE), None).unwrap();
         let addr = "10.1.0.5:9080".parse().unwrap();
         let a = first.endpoint(&addr).unwrap().clone();
         let second = compile(parse(BASE), Some(&first)).unwrap();
         assert!(Arc::ptr_eq(&a, second.endpoint(&addr).unwrap()), "same endpoint state");
+        let state = |s: &Snapshot| s.services[0].ports[0].cluster.state.clone();
+        assert!(Arc::ptr_eq(&state(&first), &state(&second)), "same budget and pool counters");
+        let renamed = compile(parse(&BASE.replace("number: 9080", "number: 9081")), Some(&second)).unwrap();
+        assert!(!Arc::ptr_eq(&state(&second), &state(&renamed)), "another cluster starts afresh");
+    }
+
+    #[test]
+    fn resilience_policies_compile_with_their_defaults() {
+        let yaml = BASE
+            .replace(
+                "name: split",
+                "name: split\n        timeoutMs: 3000\n        retries: {attempts: 2, perTryTimeoutMs: 500, retryOn: \"5xx,unavailable,418\"}\n        fault: {delayMs: 100, delayPercent: 12.5, abortGrpcStatus: 14, abortPercent: 1}\n        mirror: {host: reviews, subset: v2}\n        mirrorPercent: 10",
+            )
+            .replace(
+                "subsets:",
+                "trafficPolicy:\n      outlierDetection: {consecutive5xxErrors: 5}\n      connectionPool: {maxRequests: 10, maxRetries: 2}\n      retryBudget: {percent: 50}\n      portLevelSettings: [{port: 9080, loadBalancer: {consistentHash: {useSourceIp: true}}}]\n    subsets:",
+            );
+        let s = compile(parse(&yaml), None).expect("valid");
+        let route = &s.services[0].http_routes[0];
+        assert_eq!(route.timeout, Some(Duration::from_secs(3)));
+        assert_eq!(route.retry.attempts, 2);
+        assert_eq!(route.retry.per_try_timeout, Some(Duration::from_millis(500)));
+        assert_eq!(route.retry.on, RetryOn::parse("5xx,unavailable,418").unwrap());
+        assert_eq!(route.retry.backoff, policy::DEFAULT_BACKOFF);
+        let fault = route.fault.as_ref().unwrap();
+        assert_eq!(fault.delay, Some((Duration::from_millis(100), Share::percent(12.5))));
+        assert_eq!(fault.abort, Some((Abort::Grpc(14), Share::percent(1.0))));
+        assert_eq!(
+            &*route.mirror.as_ref().unwrap().clusters[0].1.name,
+            "reviews.default.svc.cluster.local|v2|9080"
+        );
+        assert_eq!(s.services[0].http_routes[1].retry, RetryPolicy::default(), "no retries: the default");
+        let cluster = &s.services[0].ports[0].cluster;
+        let outlier = cluster.outlier.unwrap();
+        assert_eq!((outlier.consecutive_5xx, outlier.base_ejection), (5, Duration::from_secs(30)));
+        assert_eq!((cluster.limits.max_requests, cluster.limits.max_retries), (10, 2));
+        // The operator writes every budget field; here an unset floor is no floor, an unset
+        // window the default one.
+        assert_eq!(
+            cluster.budget,
+            BudgetPolicy { percent: 50.0, min_per_second: 0, window: Duration::from_secs(10) }
+        );
+        assert_eq!(cluster.hash, Some(HashOn::SourceIp), "the port's own load balancer");
+        let Action::Forward(split) = &route.action else { panic!("forward") };
+        assert!(split.targets[0].cluster(None).outlier.is_some(), "v1 has no policy: the service's");
+        // v2 has its own: the operator merges a subset's parts over the service's before they
+        // reach the proxy, so here it replaces the whole policy.
+        assert!(split.targets[1].cluster(None).outlier.is_none());
     }
 
     #[test]
