@@ -28,7 +28,7 @@ use crate::{
     settings::{IdentityFiles, IdentitySource, Settings},
     sys, tcp,
     tls::{self as mesh, Accepted, IdentityStore, MeshTls},
-    upstream::Endpoint,
+    upstream::{ConnectOpts, Endpoint},
 };
 use weft_identity::Tunnel;
 
@@ -497,19 +497,18 @@ async fn dispatch<I>(
         None => {
             let mut destination = tcp_destination(shared, &conn);
             // An unknown outbound destination: ask the control plane before passing it through.
-            if let (Direction::Outbound, Some(d), Some((_, service))) =
+            if let (Direction::Outbound, Some(d), Some((_, service, _))) =
                 (conn.direction, conn.dst, &destination)
                 && Arc::ptr_eq(service, &*PASSTHROUGH)
                 && shared.destinations().resolve_lazily(d).await
             {
                 destination = tcp_destination(shared, &conn);
             }
-            let Some((endpoint, service)) = destination else {
+            let Some((endpoint, service, opts)) = destination else {
                 tracing::debug!(%peer, "no TCP destination; closing");
                 return;
             };
             let t = &shared.settings.timeouts;
-            let opts = shared.destinations().connect_opts();
             let upstream_tls = endpoint.is_tunneled(opts.mesh.as_deref());
             let upstream = match endpoint.connect(&opts, Tunnel::Tcp).await {
                 Ok(u) => u,
@@ -557,16 +556,17 @@ fn declared_protocol(shared: &Shared, conn: &Conn) -> Protocol {
     declared.unwrap_or(Protocol::Detect)
 }
 
-/// Where an opaque TCP connection goes: the service's TCP route (or its port's endpoints) when
-/// the destination is a known service, the original destination otherwise (the local app for
-/// inbound).
-fn tcp_destination(shared: &Shared, conn: &Conn) -> Option<(Arc<Endpoint>, Arc<str>)> {
+/// Where an opaque TCP connection goes, and how to connect: the service's TCP route (or its
+/// port's endpoints, with the destination's connect settings) when the destination is a known
+/// service, the original destination otherwise (the local app for inbound).
+fn tcp_destination(shared: &Shared, conn: &Conn) -> Option<(Arc<Endpoint>, Arc<str>, ConnectOpts)> {
     let destinations = shared.destinations();
     let snapshot = destinations.store.current()?;
     let dst = conn.dst;
+    let base = destinations.connect_opts();
     if let (Direction::Inbound, Some(dst)) = (conn.direction, dst) {
         let addr = SocketAddr::new(shared.settings.inbound_forward_ip, dst.port());
-        return Some((destinations.passthrough(&snapshot, addr), INBOUND.clone()));
+        return Some((destinations.passthrough(&snapshot, addr), INBOUND.clone(), base));
     }
     let service = match (dst, &conn.target) {
         (Some(dst), _) => snapshot.service_by_addr(dst).map(|(s, p)| (s.clone(), p.number)),
@@ -580,11 +580,11 @@ fn tcp_destination(shared: &Shared, conn: &Conn) -> Option<(Arc<Endpoint>, Arc<s
                 None => &svc.port_or_only(Some(port))?.cluster,
             };
             let endpoint = cluster.pick(None, &[])?.clone();
-            Some((endpoint, svc.name.clone()))
+            Some((endpoint, svc.name.clone(), cluster.connect_opts(base)))
         }
         None => dst.map(|d| {
             destinations.subscribe_lazily(d);
-            (destinations.passthrough(&snapshot, d), PASSTHROUGH.clone())
+            (destinations.passthrough(&snapshot, d), PASSTHROUGH.clone(), base)
         }),
     }
 }

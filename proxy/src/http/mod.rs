@@ -5,6 +5,7 @@
 //! Inside `router`, a routed request passes the route's policies in order: `fault`, `retry`
 //! (replaying bodies with `replay`), `mirror`; each try is `forward`; `sticky` finds
 //! consistent-hash keys; `error` turns every failure into the response, with `flags`.
+//! `normalize` is the path normalization authorization will match on (not applied yet).
 
 pub mod error;
 pub mod fault;
@@ -12,6 +13,7 @@ pub mod flags;
 pub mod forward;
 pub mod headers;
 pub mod mirror;
+pub mod normalize;
 pub mod observe;
 pub mod replay;
 pub mod retry;
