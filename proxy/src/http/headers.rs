@@ -1,5 +1,5 @@
 //! Header rules, as pure functions: hop-by-hop stripping, message framing checks, upgrade
-//! detection, request ids. Trace context (`traceparent`, `tracestate`, `b3`, `x-b3-*`) is
+//! detection, request ids, the client identity given to the application. Trace context (`traceparent`, `tracestate`, `b3`, `x-b3-*`) is
 //! end-to-end and passes through untouched.
 
 use http::{
@@ -10,6 +10,7 @@ use http::{
     },
 };
 use tower::{Layer, Service};
+use weft_identity::SpiffeId;
 
 /// Headers that describe one connection, never forwarded (RFC 9110 section 7.6.1). Typed names,
 /// not strings: removing by `&str` parses and hashes the name on every call, twice per request
@@ -26,6 +27,25 @@ static HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The verified identity of a request's client, handed to the application (Envoy's header).
+pub static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+
+/// Sets `x-forwarded-client-cert` on a request arriving for the local application:
+/// `By=<this proxy's SPIFFE ID>;URI=<the client's>` when the client proxy was verified by mTLS,
+/// nothing otherwise. A value the client sent is always removed first, over plain text and mTLS
+/// alike, so the application can trust the header it sees.
+pub fn set_client_identity(headers: &mut HeaderMap, client: Option<&SpiffeId>, local: Option<&SpiffeId>) {
+    headers.remove(&X_FORWARDED_CLIENT_CERT);
+    let Some(client) = client else { return };
+    let value = match local {
+        Some(local) => format!("By={local};URI={client}"),
+        None => format!("URI={client}"),
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(X_FORWARDED_CLIENT_CERT.clone(), v);
+    }
+}
 
 /// Whether a request asks to switch protocols (WebSocket and friends).
 pub fn is_upgrade(headers: &HeaderMap) -> bool {

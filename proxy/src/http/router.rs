@@ -32,7 +32,7 @@ use super::{
     flags::Flags,
     forward::{Destination, Head, Try, forward},
     full,
-    headers::{ambiguous_framing, is_upgrade, strip_hop_by_hop},
+    headers::{ambiguous_framing, is_upgrade, set_client_identity, strip_hop_by_hop},
     mirror,
     observe::ResponseInfo,
     replay::{MAX_REPLAY, Replay},
@@ -328,6 +328,13 @@ impl Router {
 
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers, upgrade);
+        // Requests for the local application (inbound, and explicit listeners that end mesh
+        // tunnels) carry the client's verified identity, and only that.
+        if self.conn.conn.direction != Direction::Outbound {
+            let client = self.conn.tunnel.as_ref().and_then(|p| p.identity.as_deref());
+            let local = client.and_then(|_| self.routing.destinations.identity.current());
+            set_client_identity(&mut parts.headers, client, local.as_ref().map(|t| &t.creds.id));
+        }
         if let Some(route) = route {
             route.request_headers.apply(&mut parts.headers);
         }

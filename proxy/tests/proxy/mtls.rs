@@ -119,6 +119,11 @@ async fn http_crosses_the_tunnel_and_both_sides_name_each_other() {
         };
         assert_eq!(reply.status, StatusCode::OK, "h2={h2}: {reply:?}");
         assert_eq!(reply.backend(), "reviews");
+        assert_eq!(
+            reply.json()["headers"]["x-forwarded-client-cert"],
+            "By=spiffe://cluster.local/ns/prod/sa/reviews;URI=spiffe://cluster.local/ns/prod/sa/productpage",
+            "the app learns the verified client"
+        );
 
         let client = metrics(&out).await;
         let want = [
@@ -144,6 +149,31 @@ async fn http_crosses_the_tunnel_and_both_sides_name_each_other() {
     assert_eq!(sample(&server, &want), Some(2.0), "server side, HTTP/1.1 and HTTP/2:\n{server}");
     let tunnels = sample(&server, &["weft_tls_handshakes_total{", "side=\"accept\"", "result=\"ok\""]);
     assert_eq!(tunnels, Some(2.0), "one tunnel per client proxy:\n{server}");
+}
+
+#[tokio::test]
+async fn a_client_cannot_forge_the_identity_header() {
+    let issuer = Issuer::new_root("cluster.local", SystemTime::now(), DAY).unwrap();
+    let (backend, echo) = (backend("reviews").await, half_close_echo().await);
+    let inb = inbound(identity(&issuer, "reviews"), backend.addr, echo, None).await;
+    let forged = |host: &str| {
+        req(host, "/")
+            .header("x-forwarded-client-cert", "URI=spiffe://cluster.local/ns/prod/sa/admin")
+            .body(http_body_util::Full::default())
+            .unwrap()
+    };
+    // Plain text straight to the server side: removed, nothing verified to put instead.
+    let reply = H1::connect(inb.addr()).await.send(forged("reviews:9080")).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.json()["headers"].get("x-forwarded-client-cert"), None, "{reply:?}");
+    // Through a client proxy and the tunnel: only the verified identity arrives.
+    let out = outbound(Some(identity(&issuer, "productpage")), inb.addr(), &id("reviews"), false).await;
+    let reply = H1::connect(out.addr()).await.send(forged("reviews:9080")).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(
+        reply.json()["headers"]["x-forwarded-client-cert"],
+        "By=spiffe://cluster.local/ns/prod/sa/reviews;URI=spiffe://cluster.local/ns/prod/sa/productpage"
+    );
 }
 
 #[tokio::test]
