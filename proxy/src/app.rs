@@ -7,12 +7,13 @@ use std::{net::SocketAddr, sync::Arc};
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::{Notify, OwnedSemaphorePermit, Semaphore},
+    time::Instant,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     admin,
-    config::{Protocol, Snapshot, Store, control_plane, file::FileSource},
+    config::{Cluster, Protocol, Snapshot, Store, control_plane, file::FileSource},
     conn::Conn,
     destinations::Destinations,
     detect::{self, Detected},
@@ -28,7 +29,7 @@ use crate::{
     settings::{IdentityFiles, IdentitySource, Settings},
     sys, tcp,
     tls::{self as mesh, Accepted, IdentityStore, MeshTls},
-    upstream::{ConnectOpts, Endpoint},
+    upstream::{ConnectOpts, Endpoint, UpstreamIo},
 };
 use weft_identity::Tunnel;
 
@@ -497,20 +498,18 @@ async fn dispatch<I>(
         None => {
             let mut destination = tcp_destination(shared, &conn);
             // An unknown outbound destination: ask the control plane before passing it through.
-            if let (Direction::Outbound, Some(d), Some((_, service, _))) =
-                (conn.direction, conn.dst, &destination)
-                && Arc::ptr_eq(service, &*PASSTHROUGH)
+            if let (Direction::Outbound, Some(d), Some(found)) = (conn.direction, conn.dst, &destination)
+                && Arc::ptr_eq(&found.service, &*PASSTHROUGH)
                 && shared.destinations().resolve_lazily(d).await
             {
                 destination = tcp_destination(shared, &conn);
             }
-            let Some((endpoint, service, opts)) = destination else {
+            let Some(mut destination) = destination else {
                 tracing::debug!(%peer, "no TCP destination; closing");
                 return;
             };
             let t = &shared.settings.timeouts;
-            let upstream_tls = endpoint.is_tunneled(opts.mesh.as_deref());
-            let upstream = match endpoint.connect(&opts, Tunnel::Tcp).await {
+            let upstream = match destination.connect().await {
                 Ok(u) => u,
                 Err(error) => {
                     tracing::debug!(%peer, %error, "TCP upstream connect failed");
@@ -518,6 +517,8 @@ async fn dispatch<I>(
                     return;
                 }
             };
+            let TcpDestination { endpoint, service, opts, .. } = destination;
+            let upstream_tls = endpoint.is_tunneled(opts.mesh.as_deref());
             let direction = conn.direction;
             let labels = TcpLabels {
                 direction: direction.as_str(),
@@ -556,17 +557,51 @@ fn declared_protocol(shared: &Shared, conn: &Conn) -> Protocol {
     declared.unwrap_or(Protocol::Detect)
 }
 
+/// Where an opaque TCP connection goes, and how to connect.
+struct TcpDestination {
+    endpoint: Arc<Endpoint>,
+    service: Arc<str>,
+    opts: ConnectOpts,
+    /// The destination's cluster, when it is a known service: a refused connect then tries
+    /// another of its endpoints once, under its retry budget (as HTTP's default retry does).
+    cluster: Option<Arc<Cluster>>,
+}
+
+impl TcpDestination {
+    async fn connect(&mut self) -> Result<UpstreamIo, crate::upstream::Error> {
+        let Some(cluster) = &self.cluster else {
+            return self.endpoint.connect(&self.opts, Tunnel::Tcp).await;
+        };
+        cluster.state.budget.record_request(&cluster.budget, Instant::now());
+        let error = match self.endpoint.connect(&self.opts, Tunnel::Tcp).await {
+            Ok(io) => return Ok(io),
+            Err(error) if error.is_connect() => error,
+            Err(error) => return Err(error),
+        };
+        let other = cluster.pick(None, &[self.endpoint.addr]).filter(|e| e.addr != self.endpoint.addr);
+        match other {
+            Some(other) if cluster.state.budget.try_retry(&cluster.budget, Instant::now()) => {
+                tracing::debug!(%error, retry = %other.addr, "TCP connect failed; trying another endpoint");
+                self.endpoint = other.clone();
+                self.endpoint.connect(&self.opts, Tunnel::Tcp).await
+            }
+            _ => Err(error),
+        }
+    }
+}
+
 /// Where an opaque TCP connection goes, and how to connect: the service's TCP route (or its
 /// port's endpoints, with the destination's connect settings) when the destination is a known
 /// service, the original destination otherwise (the local app for inbound).
-fn tcp_destination(shared: &Shared, conn: &Conn) -> Option<(Arc<Endpoint>, Arc<str>, ConnectOpts)> {
+fn tcp_destination(shared: &Shared, conn: &Conn) -> Option<TcpDestination> {
     let destinations = shared.destinations();
     let snapshot = destinations.store.current()?;
     let dst = conn.dst;
     let base = destinations.connect_opts();
+    let unknown = |endpoint, service| TcpDestination { endpoint, service, opts: base.clone(), cluster: None };
     if let (Direction::Inbound, Some(dst)) = (conn.direction, dst) {
         let addr = SocketAddr::new(shared.settings.inbound_forward_ip, dst.port());
-        return Some((destinations.passthrough(&snapshot, addr), INBOUND.clone(), base));
+        return Some(unknown(destinations.passthrough(&snapshot, addr), INBOUND.clone()));
     }
     let service = match (dst, &conn.target) {
         (Some(dst), _) => snapshot.service_by_addr(dst).map(|(s, p)| (s.clone(), p.number)),
@@ -580,11 +615,12 @@ fn tcp_destination(shared: &Shared, conn: &Conn) -> Option<(Arc<Endpoint>, Arc<s
                 None => &svc.port_or_only(Some(port))?.cluster,
             };
             let endpoint = cluster.pick(None, &[])?.clone();
-            Some((endpoint, svc.name.clone(), cluster.connect_opts(base)))
+            let opts = cluster.connect_opts(base.clone());
+            Some(TcpDestination { endpoint, service: svc.name.clone(), opts, cluster: Some(cluster.clone()) })
         }
         None => dst.map(|d| {
             destinations.subscribe_lazily(d);
-            (destinations.passthrough(&snapshot, d), PASSTHROUGH.clone(), base)
+            unknown(destinations.passthrough(&snapshot, d), PASSTHROUGH.clone())
         }),
     }
 }

@@ -419,3 +419,28 @@ async fn consistent_hashing_keeps_a_key_on_one_endpoint() {
     }
     assert_eq!(homes.len(), 3, "keys spread over the endpoints");
 }
+
+#[tokio::test]
+async fn opaque_tcp_tries_another_endpoint_when_a_connect_is_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let echo = half_close_echo().await;
+    let yaml = format!(
+        "services:\n  - name: db\n    ports: [{{number: 9000, protocol: TCP, endpoints: [{{address: \"{dead}\"}}, {{address: \"{echo}\"}}]}}]\n    trafficPolicy: {{loadBalancer: {{policy: ROUND_ROBIN}}}}\n"
+    );
+    let proxy = TestProxy::start_with(&yaml, |s| {
+        s.explicit = vec![weft_proxy::settings::ExplicitListener {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            target: Some(("db".into(), 9000)),
+        }];
+    })
+    .await;
+    for i in 0..6 {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+        s.write_all(format!("n{i}").as_bytes()).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        within("the echo answers", s.read_to_end(&mut got)).await.unwrap();
+        assert_eq!(got, format!("got:n{i}").as_bytes(), "connection {i}");
+    }
+}
