@@ -155,37 +155,41 @@ impl Cluster {
     pub fn pick(&self, key: Option<u64>, tried: &[SocketAddr]) -> Option<&Arc<Endpoint>> {
         let now = tokio::time::Instant::now();
         let eps = &self.endpoints;
-        if self.outlier.is_none() && tried.is_empty() && key.is_none() {
-            let i = crate::balance::choose(
-                self.policy,
-                eps.len(),
-                |i| eps[i].load.cost(self.policy, now),
-                &self.rr,
-                |n| fastrand::usize(..n),
-            )?;
-            return eps.get(i);
+        // Ejections count only with outlier detection, and only while enough endpoints stay in.
+        let skip_ejected = self.outlier.as_ref().is_some_and(|o| {
+            let ejected = eps.iter().filter(|e| e.health.is_ejected(now)).count();
+            ejected > 0 && honour_ejections(eps.len() - ejected, eps.len(), o.min_health_percent)
+        });
+        if !skip_ejected && tried.is_empty() && key.is_none() {
+            return self.choose(eps.len(), |i| &eps[i], now);
         }
-        let mut candidates: Vec<&Arc<Endpoint>> = eps.iter().collect();
-        if let Some(outlier) = &self.outlier {
-            let healthy: Vec<_> = eps.iter().filter(|e| !e.health.is_ejected(now)).collect();
-            if honour_ejections(healthy.len(), eps.len(), outlier.min_health_percent) {
-                candidates = healthy;
-            }
+        let usable = |e: &&Arc<Endpoint>| !(skip_ejected && e.health.is_ejected(now));
+        let mut candidates: Vec<&Arc<Endpoint>> =
+            eps.iter().filter(usable).filter(|e| !tried.contains(&e.addr)).collect();
+        if candidates.is_empty() {
+            candidates = eps.iter().filter(usable).collect();
         }
-        if candidates.iter().any(|e| !tried.contains(&e.addr)) {
-            candidates.retain(|e| !tried.contains(&e.addr));
+        match key {
+            Some(key) => candidates.into_iter().max_by_key(|e| rendezvous(key, e.addr)),
+            None => self.choose(candidates.len(), |i| candidates[i], now),
         }
-        if let Some(key) = key {
-            return candidates.into_iter().max_by_key(|e| rendezvous(key, e.addr));
-        }
+    }
+
+    /// The balancing policy's choice among `n` endpoints, the i-th being `at(i)`.
+    fn choose<'e>(
+        &self,
+        n: usize,
+        at: impl Fn(usize) -> &'e Arc<Endpoint>,
+        now: tokio::time::Instant,
+    ) -> Option<&'e Arc<Endpoint>> {
         let i = crate::balance::choose(
             self.policy,
-            candidates.len(),
-            |i| candidates[i].load.cost(self.policy, now),
+            n,
+            |i| at(i).load.cost(self.policy, now),
             &self.rr,
-            |n| fastrand::usize(..n),
+            |k| fastrand::usize(..k),
         )?;
-        candidates.get(i).copied()
+        Some(at(i))
     }
 
     /// The HTTP version to speak to this cluster's endpoints: the port's declared protocol, else

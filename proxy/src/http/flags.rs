@@ -60,14 +60,17 @@ impl Flags {
         self.0 & other.0 == other.0
     }
 
+    /// The names of the flags set, in a fixed order.
+    fn set(self) -> impl Iterator<Item = &'static str> {
+        Self::NAMES.iter().filter(move |(f, _)| self.contains(*f)).map(|(_, n)| *n)
+    }
+
     /// `UF,URX` style, `-` when empty (Envoy's access log form).
     pub fn names(self) -> String {
         if self.is_empty() {
             return "-".into();
         }
-        let names: Vec<&str> =
-            Self::NAMES.iter().filter(|(f, _)| self.contains(*f)).map(|(_, n)| *n).collect();
-        names.join(",")
+        self.set().collect::<Vec<_>>().join(",")
     }
 }
 
@@ -87,10 +90,7 @@ impl std::ops::BitOrAssign for Flags {
 impl EncodeLabelValue for Flags {
     fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
         use std::fmt::Write;
-        if self.is_empty() {
-            return Ok(());
-        }
-        for (i, (_, name)) in Self::NAMES.iter().filter(|(f, _)| self.contains(*f)).enumerate() {
+        for (i, name) in self.set().enumerate() {
             if i > 0 {
                 encoder.write_char(',')?;
             }

@@ -88,10 +88,6 @@ impl Head {
         Some(Head { method, uri, version, headers })
     }
 
-    pub fn headers(&self) -> &HeaderMap {
-        &self.headers
-    }
-
     pub fn method(&self) -> &Method {
         &self.method
     }
