@@ -2,11 +2,15 @@
 # Instructions per proxied request through weft-proxy (one hop, HTTP/1.1, 1 KB body, keep-alive),
 # counted by valgrind's callgrind, and the functions that spend them.
 #
-# Usage: bench/profile-proxy.sh [REQUESTS] [CONNECTIONS] [h1|h2] [none|retry]
+# Usage: bench/profile-proxy.sh [REQUESTS] [CONNECTIONS] [h1|h2] [none|retry|inbound|authz]
 #        (defaults 2000, 16, h1, none)
 # h2 sends HTTP/2 (h2c, 10 streams per connection); the proxy's upstream stays HTTP/1.1.
 # `retry` gives the route a retry policy that needs copies of each request (5xx and resets, 2
 # attempts, the default budget): what such a policy costs when nothing fails.
+# `inbound` sends the requests to an explicit inbound listener (`--listen-inbound`: the path to
+# the local app, with path normalization) and `authz` adds 10 authorization policies of 10 rules
+# each that the workload evaluates in full for every request (5 DENY that do not match, then 5
+# ALLOW of which only the last rule matches): authz minus inbound is what authorization costs.
 #
 # The proxy runs under callgrind with one worker; an nginx origin answers 1 KB. After 300
 # warm-up requests the counters are zeroed, REQUESTS requests are sent (h2load --h1, bounded in
@@ -20,10 +24,37 @@ requests=${1:-2000}
 conns=${2:-16}
 proto=${3:-h1}
 policy=${4:-none}
+inbound_policy=""
 case "$policy" in
-  none) route="" ;;
+  none|inbound) route="" ;;
   retry) route='    httpRoutes: [{route: [{destination: {host: origin}}], retries: {attempts: 2, retryOn: "5xx,reset"}}]' ;;
-  *) echo "policy must be none or retry" >&2; exit 2 ;;
+  authz)
+    route=""
+    inbound_policy="inbound:
+  authorizations:"
+    for p in 0 1 2 3 4 5 6 7 8 9; do
+      action=DENY; [ "$p" -ge 5 ] && action=ALLOW
+      inbound_policy+="
+    - name: bench/p$p
+      action: $action
+      rules:"
+      for r in 0 1 2 3 4 5 6 7 8 9; do
+        if [ "$p" = 9 ] && [ "$r" = 9 ]; then
+          inbound_policy+="
+        - to: [{methods: [GET], paths: [\"/*\"]}]"
+        else
+          inbound_policy+="
+        - from: [{principals: [\"cluster.local/ns/bench/sa/p$p-r$r\"]}]
+          to: [{methods: [DELETE], paths: [\"/admin/$p/$r*\"]}]"
+        fi
+      done
+    done
+    ;;
+  *) echo "policy must be none, retry, inbound or authz" >&2; exit 2 ;;
+esac
+listen=(--listen "127.0.0.1:$port_proxy")
+case "$policy" in
+  inbound|authz) listen=(--listen-inbound "127.0.0.1:$port_proxy=$port_origin") ;;
 esac
 case "$proto" in
   h1) load=(--h1) ;;
@@ -64,11 +95,12 @@ services:
     aliases: ["127.0.0.1"]
     ports: [{number: $port_origin, protocol: HTTP1, endpoints: [{address: "127.0.0.1:$port_origin"}]}]
 $route
+$inbound_policy
 EOF
 taskset -c 1 nginx -e stderr -c "$dir/nginx.conf" &
 origin_pid=$!
 valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.out" --dump-instr=no \
-  ./target/release/weft-proxy --config "$dir/weft.yaml" --no-redirect --listen "127.0.0.1:$port_proxy" \
+  ./target/release/weft-proxy --config "$dir/weft.yaml" --no-redirect "${listen[@]}" \
   --admin-addr "127.0.0.1:$port_admin" --workers 1 --log warn 2> "$dir/valgrind.log" &
 proxy_pid=$!
 for _ in $(seq 1 300); do

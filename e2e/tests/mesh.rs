@@ -104,6 +104,9 @@ async fn weft_installs_and_meshes_apps_on_the_real_node() -> Result<()> {
     let report = call(client_pod, &reviews_url, 10, 1).await?;
     ensure!(report.ok() == 10 && report.errors == 0, "unmeshed client -> meshed reviews: {report:?}");
 
+    step("STRICT mTLS on reviews refuses the unmeshed client and serves meshed ones; PERMISSIVE serves both");
+    strict_then_permissive(&client, meshed.name(), &reviews, frontend, client_pod, &reviews_url).await?;
+
     step("a Job in a meshed namespace completes: the native sidecar does not hold it");
     let ratings_url = format!("http://ratings.{}.svc.cluster.local/", meshed.name());
     run_job(&client, meshed.name(), &images, &ratings_url).await?;
@@ -329,6 +332,82 @@ async fn run_job(client: &Client, namespace: &str, images: &ImageSet, url: &str)
     let pod = listed.first().context("the Job's pod is gone")?;
     ensure!(is_injected(pod), "the Job's pod was not injected");
     Ok(())
+}
+
+/// Applies a PeerAuthentication selecting the reviews pods in `mode` and waits until each of
+/// their proxies runs it (their `/config` shows the mode).
+async fn peer_authentication(client: &Client, namespace: &str, reviews: &[&Pod], mode: &str) -> Result<()> {
+    let policy = json!({
+        "apiVersion": "security.weft.dev/v1alpha1",
+        "kind": "PeerAuthentication",
+        "metadata": {"name": "reviews-mtls"},
+        "spec": {"selector": {"matchLabels": {"app": "reviews"}}, "mtls": {"mode": mode}},
+    });
+    apply::apply_yaml(client, &policy.to_string(), Some(namespace)).await?;
+    // The proxy config omits the default (PERMISSIVE), as proto3 JSON does.
+    let want = if mode == "PERMISSIVE" { Value::Null } else { Value::from(format!("MTLS_{mode}")) };
+    let deadline = Instant::now() + START;
+    for pod in reviews {
+        loop {
+            let (_, config) = get(pod, ADMIN_PORT, "/config").await?;
+            let config: Value = serde_json::from_str(&config).context("the proxy's /config is not JSON")?;
+            let inbound = &config["config"]["inbound"];
+            if inbound.is_object() && inbound["mtlsMode"] == want {
+                break;
+            }
+            if Instant::now() >= deadline {
+                bail!("a reviews proxy did not get mTLS mode {mode}; its inbound policy: {inbound}");
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+    Ok(())
+}
+
+/// Under STRICT the reviews proxies refuse the unmeshed client's plain text (and count it) but
+/// serve the meshed frontend; back under PERMISSIVE the unmeshed client is served again.
+async fn strict_then_permissive(
+    client: &Client,
+    namespace: &str,
+    reviews: &[&Pod],
+    frontend: &Pod,
+    unmeshed: &Pod,
+    url: &str,
+) -> Result<()> {
+    peer_authentication(client, namespace, reviews, "STRICT").await?;
+    let refused_before = refused_plaintext(reviews).await?;
+    let report = call(unmeshed, url, 10, 1).await?;
+    ensure!(report.ok() == 0, "under STRICT the unmeshed client was served: {report:?}");
+    let refused = refused_plaintext(reviews).await? - refused_before;
+    ensure!(
+        refused >= 10.0,
+        "the reviews proxies counted {refused} refused plain-text connections, expected 10"
+    );
+    let report = call(frontend, url, 20, 2).await?;
+    ensure!(
+        report.ok() == 20 && report.errors == 0,
+        "under STRICT the meshed frontend lost requests: {report:?}"
+    );
+
+    peer_authentication(client, namespace, reviews, "PERMISSIVE").await?;
+    let report = call(unmeshed, url, 10, 1).await?;
+    ensure!(report.ok() == 10 && report.errors == 0, "under PERMISSIVE the unmeshed client: {report:?}");
+    eprintln!("[mesh]   STRICT: 10 plain-text requests refused, 20 mTLS served; PERMISSIVE: 10 plain served");
+    Ok(())
+}
+
+/// Plain-text connections the pods' proxies refused under STRICT.
+async fn refused_plaintext(pods: &[&Pod]) -> Result<f64> {
+    let mut total = 0.0;
+    for pod in pods {
+        let (_, metrics) = get(pod, ADMIN_PORT, "/metrics").await?;
+        total += metrics
+            .lines()
+            .filter(|l| l.starts_with("weft_inbound_refused_total{") && l.contains("reason=\"plaintext\""))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    Ok(total)
 }
 
 /// Runs batches of requests from `client_pod` to `url` while the operator's pod is deleted

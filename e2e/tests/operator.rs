@@ -32,7 +32,7 @@ use weft_e2e::TestCluster;
 use weft_operator::{Config, lease::Elector};
 use weft_proxy::{
     config::control_plane::ControlPlane,
-    settings::{IdentityFiles, IdentitySource},
+    settings::{IdentityFiles, IdentitySource, InboundListener},
 };
 
 /// Every wait in this file is bounded by this.
@@ -228,7 +228,17 @@ async fn start_operator(
 /// A proxy on loopback subscribed to `operator`, with a certificate from the operator's CA for
 /// its namespace (the config stream requires one).
 async fn start_proxy(operator: &weft_operator::Handle, ns: &str) -> Result<weft_proxy::Handle> {
+    start_proxy_with(operator, ns, |_| {}).await
+}
+
+/// [`start_proxy`] with its settings changed by `tweak`.
+async fn start_proxy_with(
+    operator: &weft_operator::Handle,
+    ns: &str,
+    tweak: impl FnOnce(&mut weft_proxy::Settings),
+) -> Result<weft_proxy::Handle> {
     let mut settings = weft_proxy::Settings::loopback("/nonexistent".into());
+    tweak(&mut settings);
     let mut cp =
         ControlPlane::new(operator.grpc_addr.to_string(), format!("test-proxy.{ns}"), vec!["reviews".into()]);
     cp.backoff_max = Duration::from_millis(500);
@@ -442,6 +452,61 @@ async fn a_fault_applied_as_a_virtual_service_changes_what_the_proxy_answers() -
     .await?;
     let accepted = condition(&vs, "Accepted").context("no Accepted condition")?;
     assert_eq!(accepted.2, "accepted", "faults are enforced, not merely accepted");
+
+    proxy.shutdown();
+    operator.shutdown().await;
+    Ok(())
+}
+
+/// An AuthorizationPolicy applied as `kubectl apply --server-side` does reaches the proxy of the
+/// pod it selects (as its inbound policy) and changes what it answers: the denied path gets 403,
+/// the rest still reaches the app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deny_policy_applied_server_side_changes_what_the_proxy_answers() -> Result<()> {
+    let cluster = TestCluster::shared().await;
+    let client = cluster.client();
+    let ns = cluster.namespace("op-authz").await?;
+    bookinfo(&client, ns.name()).await?;
+    // The proxy's own pod: the operator resolves inbound policies for the pods it knows.
+    create::<Pod>(
+        &client,
+        ns.name(),
+        json!({"metadata": {"name": "test-proxy", "labels": {"app": "ratings"}},
+               "spec": {"containers": [{"name": "app", "image": "example.invalid/app"}]}}),
+    )
+    .await?;
+    let app = weft_e2e::http::serve_ok("ratings").await?;
+    let operator = start_operator(&client, ns.name(), None).await?;
+    let proxy = start_proxy_with(&operator, ns.name(), |s| {
+        s.explicit = vec![];
+        s.inbound_explicit =
+            vec![InboundListener { addr: "127.0.0.1:0".parse().unwrap(), app_port: app.port() }];
+    })
+    .await?;
+    let workload = format!("test-proxy.{}", ns.name());
+    wait_proxy(&proxy, "its inbound policy", |c| {
+        (c["config"]["inbound"]["workload"] == *workload).then_some(())
+    })
+    .await?;
+    let listener = proxy.explicit_addrs[0];
+    assert_eq!(http_get(listener, "/admin/users", "ratings").await?, (200, "ratings".into()));
+
+    let policy = json!({"apiVersion": "security.weft.dev/v1alpha1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "deny-admin"},
+        "spec": {"selector": {"matchLabels": {"app": "ratings"}}, "action": "DENY",
+                 "rules": [{"to": [{"operation": {"paths": ["/admin", "/admin/*"]}}]}]}});
+    Api::<AuthorizationPolicy>::namespaced(client.clone(), ns.name())
+        .patch("deny-admin", &PatchParams::apply("weft-e2e").force(), &Patch::Apply(policy))
+        .await?;
+    let name = format!("{}/deny-admin", ns.name());
+    wait_proxy(&proxy, "the DENY policy", |c| {
+        (c["config"]["inbound"]["authorizations"][0]["name"] == *name).then_some(())
+    })
+    .await?;
+    let denied = http_get(listener, "/admin/users", "ratings").await?;
+    assert_eq!(denied, (403, "denied by authorization policy\n".into()));
+    assert_eq!(http_get(listener, "//admin", "ratings").await?.0, 403, "the path is normalized first");
+    assert_eq!(http_get(listener, "/reviews", "ratings").await?, (200, "ratings".into()));
 
     proxy.shutdown();
     operator.shutdown().await;

@@ -155,8 +155,13 @@ pub fn view(snapshot: &Snapshot, node: &str, subscribed: &BTreeSet<String>) -> p
         .collect();
     let mut update = pb::ConfigUpdate {
         version: String::new(),
-        config: Some(pb::ProxyConfig { version: String::new(), services: config_services }),
-        inbound: snapshot.resolution.workloads.get(node).map(|p| p.as_ref().clone()),
+        config: Some(pb::ProxyConfig {
+            version: String::new(),
+            services: config_services,
+            // Inside the config, so the proxy applies it atomically with the services; the
+            // version below hashes it too.
+            inbound: snapshot.resolution.workloads.get(node).map(|p| p.as_ref().clone()),
+        }),
         unresolved,
     };
     let version = format!("{:016x}", content_hash(&update));
@@ -172,6 +177,8 @@ pub fn full_config(snapshot: &Snapshot) -> pb::ProxyConfig {
     let mut config = pb::ProxyConfig {
         version: String::new(),
         services: snapshot.resolution.services.values().map(|s| s.as_ref().clone()).collect(),
+        // The `Watch` RPC serves no particular workload.
+        inbound: None,
     };
     config.version = format!("{:016x}", content_hash(&config));
     config
@@ -425,7 +432,7 @@ mod tests {
         );
         assert_eq!(v.config.as_ref().unwrap().services[0].aliases, ["a"], "short name in its own namespace");
         assert!(v.config.as_ref().unwrap().services[2].aliases.is_empty(), "no short name across namespaces");
-        assert_eq!(v.inbound.as_ref().unwrap().workload, "web-1.shop");
+        assert_eq!(v.config.as_ref().unwrap().inbound.as_ref().unwrap().workload, "web-1.shop");
         assert_eq!(v.config.as_ref().unwrap().version, v.version);
 
         let nothing = view(&snap, "web-1.shop", &BTreeSet::new());
@@ -445,7 +452,28 @@ mod tests {
         let v = view(&snap, "x.elsewhere", &asked);
         assert_eq!(names(&v), ["c.other.svc.cluster.local", "d.shop.svc.cluster.local"]);
         assert_eq!(v.unresolved, ["10.9.9.9", "zzz"]);
-        assert!(v.inbound.is_none(), "not a known pod");
+        assert!(v.config.as_ref().unwrap().inbound.is_none(), "not a known pod");
+    }
+
+    #[test]
+    fn the_inbound_policy_travels_in_the_config_and_its_changes_change_the_version() {
+        let asked = BTreeSet::from(["a".to_owned()]);
+        let before = view(&snapshot(), "web-1.shop", &asked);
+        let mut snap = snapshot();
+        snap.resolution.workloads.insert(
+            "web-1.shop".into(),
+            Arc::new(pb::InboundPolicy {
+                workload: "web-1.shop".into(),
+                mtls_mode: pb::MtlsMode::MtlsStrict as i32,
+                ..Default::default()
+            }),
+        );
+        let after = view(&snap, "web-1.shop", &asked);
+        let config = after.config.as_ref().unwrap();
+        assert_eq!(config.inbound.as_ref().unwrap().mtls_mode(), pb::MtlsMode::MtlsStrict);
+        assert_eq!(names(&after), names(&before), "same services");
+        assert_ne!(after.version, before.version, "the version covers the inbound policy");
+        assert_eq!(config.version, after.version);
     }
 
     #[test]

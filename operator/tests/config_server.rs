@@ -191,6 +191,10 @@ async fn a_stream_gets_a_full_snapshot_then_only_changes_it_can_see() {
     let update = sub.next().await;
     assert_eq!(names(&update), [A, B], "a and where its routes lead");
     assert_eq!(update.config.as_ref().unwrap().version, update.version);
+    // The node's own inbound policy travels inside the config, applied with the services.
+    let inbound = update.config.as_ref().unwrap().inbound.as_ref().expect("the node's inbound policy");
+    assert_eq!(inbound.workload, "web-1.shop");
+    assert_eq!(inbound.mtls_mode(), pb::MtlsMode::MtlsStrict, "its own inbound policy");
     let v1 = update.version.clone();
 
     // A change to a service this proxy does not hold is not pushed: the next update it gets
@@ -343,8 +347,11 @@ async fn a_real_proxy_installs_updates_subscribes_lazily_and_keeps_its_config_on
     };
     assert_eq!(names(&proxy), [A, B]);
     assert!(proxy.store.current().unwrap().service_by_host("a").is_some(), "short name in its namespace");
-    let inbound = proxy.control_plane.as_ref().unwrap().inbound().borrow().clone().unwrap();
-    assert_eq!(inbound.mtls_mode(), pb::MtlsMode::MtlsStrict, "its own inbound policy");
+    // Its own inbound policy came with the config and runs: STRICT on every port.
+    let running = proxy.store.current().unwrap();
+    let inbound = running.inbound.as_ref().expect("the proxy runs its inbound policy");
+    assert_eq!(inbound.workload, "web-1.shop");
+    assert_eq!(inbound.mtls(8080), weft_proxy::inbound::MtlsMode::Strict);
 
     // Lazily: the app dials a virtual address that no service in the proxy's config owns (what
     // the outbound listener does on a routing miss); the operator answers with its service.

@@ -1,6 +1,6 @@
-//! The admin server (default `:15000`): `/live`, `/ready`, `/config`, `/metrics`, and
+//! The admin server (default `:15000`): `/live`, `/ready`, `/config`, `/metrics`,
 //! `POST /shutdown` from loopback only (an SSRF-reachable shutdown is a denial of service, so it
-//! refuses every other peer).
+//! refuses every other peer), and the app's own probes at `/app-health/...` (`probes`).
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::UNIX_EPOCH};
 
@@ -14,6 +14,7 @@ use crate::{
     destinations::Destinations,
     http::{Body, full},
     metrics::Metrics,
+    probes::AppHealth,
 };
 
 /// What the admin server reports on.
@@ -24,6 +25,8 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     /// Cancelled when draining starts (`/ready` then fails).
     pub drain: CancellationToken,
+    /// The app's own probes, run here for the kubelet (`probes`).
+    pub app_health: AppHealth,
 }
 
 pub async fn serve(
@@ -47,9 +50,20 @@ pub async fn serve(
         let admin = admin.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let res = handle(&req, peer, &admin, &shutdown);
-                async move { Ok::<_, Infallible>(res) }
+            let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                // An app probe is the only answer that waits (on the app); the rest is immediate.
+                let res = match admin.app_health.lookup(req.method(), req.uri().path(), req.headers()) {
+                    Some(Ok(probe)) => Err(probe),
+                    Some(Err(status)) => Ok(text(status, "method not allowed\n")),
+                    None => Ok(handle(&req, peer, &admin, &shutdown)),
+                };
+                async move {
+                    let res = match res {
+                        Ok(res) => res,
+                        Err(probe) => app_probe(probe).await,
+                    };
+                    Ok::<_, Infallible>(res)
+                }
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -60,6 +74,16 @@ pub async fn serve(
             }
         });
     }
+}
+
+/// Runs an app probe and answers the kubelet (`probes::answer`).
+async fn app_probe(probe: crate::probes::Run) -> Response<Body> {
+    let outcome = probe.run().await;
+    let (status, body) = crate::probes::answer(&outcome);
+    if status.is_client_error() || status.is_server_error() {
+        tracing::debug!(?outcome, %status, "app probe failed");
+    }
+    text(status, body)
 }
 
 fn text(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<Body> {
@@ -156,6 +180,7 @@ mod tests {
             )),
             metrics: Metrics::new(),
             drain: CancellationToken::new(),
+            app_health: AppHealth::default(),
         };
         let shutdown = CancellationToken::new();
         let post = Request::post("/shutdown").body(()).unwrap();

@@ -23,9 +23,10 @@ use crate::{
         router::{ConnInfo, Routing},
         server::{self, Serving},
     },
+    inbound::{Facts, Inbound, MtlsMode},
     io::PrefixedIo,
-    metrics::{HandshakeLabels, ListenerLabels, Metrics, PeerLabels, ResultLabels, TcpLabels},
-    peer::Peer,
+    metrics::{HandshakeLabels, ListenerLabels, Metrics, PeerLabels, ReasonLabels, ResultLabels, TcpLabels},
+    peer::{MeshClient, Peer},
     settings::{IdentityFiles, IdentitySource, Settings},
     sys, tcp,
     tls::{self as mesh, Accepted, IdentityStore, MeshTls},
@@ -172,6 +173,7 @@ pub async fn start_with(
         destinations: destinations.clone(),
         metrics: metrics.clone(),
         drain: serving.drain.clone(),
+        app_health: crate::probes::AppHealth::from_settings(&settings),
     });
     let shared = Arc::new(Shared { settings: settings.clone(), serving, tracker });
 
@@ -213,7 +215,22 @@ pub async fn start_with(
             addr: l.addr,
             source,
         })?);
-        listeners.push((listener, Direction::Explicit, l.target.clone()));
+        listeners.push((
+            listener,
+            Listening { direction: Direction::Explicit, target: l.target.clone(), app_port: None },
+        ));
+    }
+    for l in &settings.inbound_explicit {
+        let listener = bind("inbound", l.addr).await?;
+        explicit_addrs.push(listener.local_addr().map_err(|source| Error::Bind {
+            what: "inbound",
+            addr: l.addr,
+            source,
+        })?);
+        listeners.push((
+            listener,
+            Listening { direction: Direction::Inbound, target: None, app_port: Some(l.app_port) },
+        ));
     }
     let mut outbound_addr = None;
     let mut inbound_addr = None;
@@ -228,12 +245,12 @@ pub async fn start_with(
             Direction::Outbound => outbound_addr = Some(local),
             _ => inbound_addr = Some(local),
         }
-        listeners.push((listener, direction, None));
+        listeners.push((listener, Listening { direction, target: None, app_port: None }));
     }
 
-    for (listener, direction, target) in listeners {
+    for (listener, listening) in listeners {
         let limit = Arc::new(Semaphore::new(settings.limits.max_connections));
-        tokio::spawn(accept_loop(listener, direction, target, shared.clone(), limit));
+        tokio::spawn(accept_loop(listener, listening, shared.clone(), limit));
     }
 
     let handle = Handle {
@@ -352,15 +369,24 @@ async fn drain(shared: Arc<Shared>, shutdown: CancellationToken, done: Cancellat
     done.cancel();
 }
 
-/// Accepts connections for one listener: `direction` names it; an explicit listener may carry a
-/// fixed destination (`target`).
+/// What a listener's connections are.
+#[derive(Clone, Debug)]
+struct Listening {
+    direction: Direction,
+    /// An explicit listener's fixed destination.
+    target: Option<(String, u16)>,
+    /// An explicit inbound listener's app port: connections are inbound to it, as if redirected.
+    app_port: Option<u16>,
+}
+
+/// Accepts connections for one listener.
 async fn accept_loop(
     listener: TcpListener,
-    direction: Direction,
-    target: Option<(String, u16)>,
+    listening: Listening,
     shared: Arc<Shared>,
     limit: Arc<Semaphore>,
 ) {
+    let direction = listening.direction;
     let labels = ListenerLabels { listener: direction.as_str() };
     loop {
         let accepted = tokio::select! {
@@ -384,11 +410,11 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let shared2 = shared.clone();
-        let target = target.clone();
+        let listening = listening.clone();
         let gauge = shared.metrics().connections_active.get_or_create(&labels).clone();
         shared.tracker.spawn(async move {
             gauge.inc();
-            handle_connection(stream, peer, direction, target, &shared2, permit).await;
+            handle_connection(stream, peer, listening, &shared2, permit).await;
             gauge.dec();
         });
     }
@@ -398,13 +424,17 @@ async fn accept_loop(
 async fn handle_connection(
     stream: TcpStream,
     peer: SocketAddr,
-    direction: Direction,
-    target: Option<(String, u16)>,
+    listening: Listening,
     shared: &Arc<Shared>,
     _permit: OwnedSemaphorePermit,
 ) {
-    let dst = match direction {
-        Direction::Outbound | Direction::Inbound => match sys::original_dst(&stream) {
+    let Listening { direction, target, app_port } = listening;
+    let dst = match (direction, app_port) {
+        (Direction::Inbound, Some(port)) => match stream.local_addr() {
+            Ok(local) => Some(SocketAddr::new(local.ip(), port)),
+            Err(_) => return,
+        },
+        (Direction::Outbound | Direction::Inbound, _) => match sys::original_dst(&stream) {
             // A connection made straight to the listener (not redirected) would loop back into
             // the proxy.
             Ok(dst) if stream.local_addr().is_ok_and(|local| local == dst) => {
@@ -417,7 +447,7 @@ async fn handle_connection(
                 return;
             }
         },
-        Direction::Explicit => None,
+        (Direction::Explicit, _) => None,
     };
     let conn = Conn { direction, peer, dst, target };
     let declared = declared_protocol(shared, &conn);
@@ -426,8 +456,23 @@ async fn handle_connection(
     // On the outbound listener TLS is the app's own and goes out as it came. `--opaque-ports`
     // are never read.
     let opaque_port = conn.port().is_some_and(|p| shared.settings.opaque_ports.contains(&p));
-    let mesh =
-        shared.destinations().identity.current().filter(|_| direction != Direction::Outbound && !opaque_port);
+    // The workload's mTLS mode for this port (PeerAuthentication); outbound has none.
+    let mode = match (direction, conn.dst) {
+        (Direction::Inbound, Some(dst)) => {
+            inbound_policy(shared).map_or(MtlsMode::Permissive, |p| p.mtls(dst.port()))
+        }
+        _ => MtlsMode::Permissive,
+    };
+    let mesh = shared
+        .destinations()
+        .identity
+        .current()
+        .filter(|_| direction != Direction::Outbound && !opaque_port && mode != MtlsMode::Disable);
+    // STRICT accepts mesh tunnels only: without an identity to end them (none yet, or an opaque
+    // port), nothing can be accepted.
+    if mode == MtlsMode::Strict && mesh.is_none() {
+        return refuse(shared, &conn, "no_mesh_identity");
+    }
     let (detected, prefix, stream) = if declared == Protocol::Detect || mesh.is_some() {
         let mut stream = stream;
         match detect::detect(&mut stream, shared.settings.timeouts.detect).await {
@@ -442,11 +487,25 @@ async fn handle_connection(
         (Detected::Opaque.as_declared(declared), bytes::Bytes::new(), stream)
     };
     let (Detected::Tls, Some(tls)) = (detected, mesh) else {
+        if mode == MtlsMode::Strict {
+            return refuse(shared, &conn, "plaintext");
+        }
         return dispatch(stream, prefix, detected, conn, None, shared).await;
     };
     // Boxed: the TLS states would otherwise size every connection's task, plain ones included
     // (+6 KiB per idle keep-alive connection, BENCHMARKS.md M4).
-    Box::pin(serve_tunnel(stream, prefix, tls, conn, shared)).await
+    Box::pin(serve_tunnel(stream, prefix, tls, conn, mode, shared)).await
+}
+
+/// This workload's compiled inbound policy, when the config has one.
+fn inbound_policy(shared: &Shared) -> Option<Arc<Inbound>> {
+    shared.destinations().store.current()?.inbound.clone()
+}
+
+/// Closes an inbound connection that the workload's mTLS mode does not accept.
+fn refuse(shared: &Shared, conn: &Conn, reason: &'static str) {
+    shared.metrics().inbound_refused.get_or_create(&ReasonLabels { reason }).inc();
+    tracing::debug!(peer = %conn.peer, port = ?conn.port(), reason, "connection refused by the mTLS mode (STRICT)");
 }
 
 /// Terminates a mesh tunnel (or replays TLS that is not one) and serves what it carries.
@@ -455,6 +514,7 @@ async fn serve_tunnel(
     prefix: bytes::Bytes,
     tls: Arc<MeshTls>,
     conn: Conn,
+    mode: MtlsMode,
     shared: &Arc<Shared>,
 ) {
     let labels = |result| HandshakeLabels { side: "accept", result };
@@ -465,9 +525,14 @@ async fn serve_tunnel(
             shared.metrics().tls_handshakes.get_or_create(&labels("ok")).inc();
             let mesh::Tunneled { io, peer: client, tunnel } = *tunneled;
             tracing::trace!(peer = %conn.peer, client = %client, ?tunnel, "mesh tunnel accepted");
-            let client = Peer::new(Some(client), "");
+            let client = MeshClient {
+                peer: Peer::new(Some(client), ""),
+                sni: io.get_ref().1.server_name().map(Arc::from),
+            };
             dispatch(io, bytes::Bytes::new(), tunnel.into(), conn, Some(client), shared).await
         }
+        // TLS that is not a mesh tunnel (the client's own): plain text as far as the mesh knows.
+        Ok(Accepted::Other { .. }) if mode == MtlsMode::Strict => refuse(shared, &conn, "tls_not_mesh"),
         Ok(Accepted::Other { prefix, io }) => {
             dispatch(io, prefix, Detected::Opaque, conn, None, shared).await
         }
@@ -484,7 +549,7 @@ async fn dispatch<I>(
     prefix: bytes::Bytes,
     detected: Detected,
     conn: Conn,
-    tunnel: Option<Peer>,
+    tunnel: Option<MeshClient>,
     shared: &Arc<Shared>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -492,10 +557,16 @@ async fn dispatch<I>(
     let peer = conn.peer;
     match detected.http() {
         Some(downstream) => {
-            let info = ConnInfo { conn, downstream, tunnel };
+            let (tunnel, sni) = tunnel.map_or((None, None), |t| (Some(t.peer), t.sni));
+            let info = ConnInfo { conn, downstream, tunnel, sni };
             server::serve(PrefixedIo::new(prefix, stream), info, shared.serving.clone()).await
         }
         None => {
+            if conn.direction == Direction::Inbound && !authorize_tcp(shared, &conn, tunnel.as_ref()) {
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
+                return;
+            }
+            let tunnel = tunnel.map(|t| t.peer);
             let mut destination = tcp_destination(shared, &conn);
             // An unknown outbound destination: ask the control plane before passing it through.
             if let (Direction::Outbound, Some(d), Some(found)) = (conn.direction, conn.dst, &destination)
@@ -539,6 +610,21 @@ async fn dispatch<I>(
             }
         }
     }
+}
+
+/// Decides an inbound opaque TCP connection by the workload's authorization policies (HTTP
+/// requests are decided one by one in the router); counts the decision.
+fn authorize_tcp(shared: &Shared, conn: &Conn, tunnel: Option<&MeshClient>) -> bool {
+    let Some(policy) = inbound_policy(shared).filter(|p| p.authorizes()) else { return true };
+    let facts = Facts::connection(conn, tunnel.map(|t| &t.peer), tunnel.and_then(|t| t.sni.as_deref()));
+    let Some(facts) = facts else { return false };
+    let decision = policy.decide(&facts);
+    shared.metrics().record_authz(&decision);
+    if !decision.allowed() {
+        let policy = decision.enforced.as_ref().and_then(|v| v.policy.as_deref());
+        tracing::debug!(peer = %conn.peer, port = ?conn.port(), policy, "TCP connection denied by authorization policy");
+    }
+    decision.allowed()
 }
 
 /// The protocol a connection is declared to carry, when the port says so.

@@ -9,8 +9,8 @@ use weft_proxy::{
     config::control_plane::ControlPlane,
     grpc::host_of,
     settings::{
-        ExplicitListener, IdentityFiles, IdentitySource, Limits, Settings, Timeouts, parse_duration,
-        parse_listener,
+        ExplicitListener, IdentityFiles, IdentitySource, InboundListener, Limits, Settings, Timeouts,
+        parse_duration, parse_inbound_listener, parse_listener,
     },
 };
 
@@ -117,10 +117,23 @@ struct Args {
     #[arg(long, env = "WEFT_INBOUND_FORWARD_IP", default_value = "127.0.0.1", value_name = "IP")]
     inbound_forward_ip: std::net::IpAddr,
 
+    /// The app's HTTP and TCP probes, as the injector rewrote them to the admin port: a JSON
+    /// object from each /app-health/<container>/<kind> path to the original probe, e.g.
+    /// {"/app-health/web/readyz":{"port":8080,"path":"/healthz"}}. The admin server runs them
+    /// against the app on --inbound-forward-ip. Invalid JSON stops the proxy at startup.
+    #[arg(long, env = "WEFT_APP_PROBES", value_parser = weft_proxy::probes::AppProbes::parse, value_name = "JSON")]
+    app_probes: Option<weft_proxy::probes::AppProbes>,
+
     /// An explicit listener (repeatable): ADDR routes HTTP by Host; ADDR=HOST:PORT also sends
     /// opaque TCP (and HTTP whose Host names no service) to that service and port.
     #[arg(long = "listen", env = "WEFT_LISTEN", value_delimiter = ',', value_parser = parse_listener, value_name = "ADDR[=HOST:PORT]")]
     listen: Vec<ExplicitListener>,
+
+    /// An explicit inbound listener (repeatable): connections to ADDR are inbound to the app's
+    /// PORT, as if redirected there (mesh tunnels end, the inbound policy applies). For hosts
+    /// without iptables.
+    #[arg(long = "listen-inbound", env = "WEFT_LISTEN_INBOUND", value_delimiter = ',', value_parser = parse_inbound_listener, value_name = "ADDR=PORT")]
+    listen_inbound: Vec<InboundListener>,
 
     /// Ports always treated as opaque TCP, skipping protocol detection (server-speaks-first
     /// protocols such as MySQL or SMTP). Comma-separated.
@@ -338,7 +351,9 @@ impl Args {
             outbound_addr: redirect(self.outbound_addr),
             inbound_addr: redirect(self.inbound_addr),
             inbound_forward_ip: self.inbound_forward_ip,
+            app_probes: self.app_probes.clone().unwrap_or_default(),
             explicit: self.listen.clone(),
+            inbound_explicit: self.listen_inbound.clone(),
             opaque_ports: self.opaque_ports.clone(),
             limits: Limits {
                 max_connections: self.max_connections,

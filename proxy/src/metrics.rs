@@ -131,6 +131,41 @@ pub struct Metrics {
     pub overflows: Family<ClusterLabels, Counter>,
     pub ejections: Family<ClusterOnlyLabels, Counter>,
     pub ejected: Family<ClusterOnlyLabels, Gauge>,
+    /// Inbound connections refused by the mTLS mode, by reason.
+    pub inbound_refused: Family<ReasonLabels, Counter>,
+    /// Authorization decisions (HTTP requests and TCP connections) by deciding policy.
+    pub authz: Family<AuthzLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    /// `<namespace>/<name>` of the policy that decided; empty when no ALLOW policy matched.
+    pub policy: Arc<str>,
+    /// `allow` or `deny`.
+    pub decision: &'static str,
+    /// Whether the policy is a dry run (counted, not enforced).
+    pub dry_run: bool,
+}
+
+impl Metrics {
+    /// Counts an authorization decision (enforced and dry-run parts).
+    pub fn record_authz(&self, decision: &crate::inbound::Decision) {
+        let parts = [(&decision.enforced, false), (&decision.dry_run, true)];
+        for (verdict, dry_run) in parts {
+            let Some(v) = verdict else { continue };
+            let labels = AuthzLabels {
+                policy: v.policy.clone().unwrap_or_default(),
+                decision: if v.allowed { "allow" } else { "deny" },
+                dry_run,
+            };
+            self.authz.get_or_create(&labels).inc();
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -161,6 +196,18 @@ impl Default for Metrics {
         let overflows = Family::default();
         let ejections = Family::default();
         let ejected = Family::default();
+        let inbound_refused = Family::default();
+        let authz = Family::default();
+        registry.register(
+            "weft_inbound_refused",
+            "Inbound connections refused by the workload's mTLS mode (plain text under STRICT)",
+            inbound_refused.clone(),
+        );
+        registry.register(
+            "weft_authz_decisions",
+            "Authorization decisions on inbound requests and connections, by deciding policy",
+            authz.clone(),
+        );
         registry.register(
             "weft_requests",
             "HTTP and gRPC requests, counted when the response ends",
@@ -255,6 +302,8 @@ impl Default for Metrics {
             overflows,
             ejections,
             ejected,
+            inbound_refused,
+            authz,
         }
     }
 }

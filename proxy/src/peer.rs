@@ -27,3 +27,10 @@ impl Peer {
         }
     }
 }
+
+/// The client of a mesh tunnel: its verified identity, and the SNI it asked for.
+#[derive(Clone, Debug)]
+pub struct MeshClient {
+    pub peer: Peer,
+    pub sni: Option<Arc<str>>,
+}

@@ -21,8 +21,14 @@ pub struct Settings {
     pub inbound_addr: Option<SocketAddr>,
     /// Where inbound connections go: the app, on this IP and the original destination port.
     pub inbound_forward_ip: std::net::IpAddr,
+    /// The app's own HTTP and TCP probes, which the admin server runs against the app at
+    /// `/app-health/...` for the kubelet (`probes`; `WEFT_APP_PROBES` from the injector).
+    pub app_probes: crate::probes::AppProbes,
     /// Explicit listeners (tests, benchmarks, gateways).
     pub explicit: Vec<ExplicitListener>,
+    /// Explicit inbound listeners: the app's port served without redirection (tests, and hosts
+    /// without iptables), with everything the inbound listener does (mesh tunnels, inbound policy).
+    pub inbound_explicit: Vec<InboundListener>,
     /// Ports whose traffic is opaque TCP whatever the config says (no protocol detection).
     pub opaque_ports: Vec<u16>,
     pub limits: Limits,
@@ -46,6 +52,13 @@ pub struct ExplicitListener {
     /// opaque TCP goes there, and HTTP goes there unless `Host` names another service. Without it,
     /// HTTP is routed by `Host` alone and anything else is refused.
     pub target: Option<(String, u16)>,
+}
+
+/// A listener that accepts connections for the local app's `app_port` directly.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InboundListener {
+    pub addr: SocketAddr,
+    pub app_port: u16,
 }
 
 #[derive(Clone, Debug)]
@@ -124,7 +137,9 @@ impl Settings {
             outbound_addr: None,
             inbound_addr: None,
             inbound_forward_ip: [127, 0, 0, 1].into(),
+            app_probes: crate::probes::AppProbes::default(),
             explicit: vec![ExplicitListener { addr: SocketAddr::from(([127, 0, 0, 1], 0)), target: None }],
+            inbound_explicit: Vec::new(),
             opaque_ports: Vec::new(),
             limits: Limits::default(),
             timeouts: Timeouts::default(),
@@ -176,6 +191,14 @@ pub fn parse_listener(s: &str) -> Result<ExplicitListener, ParseError> {
     Ok(ExplicitListener { addr: addr.parse().map_err(|_| err())?, target })
 }
 
+/// Parses `ADDR=PORT` (an explicit inbound listener for the app's `PORT`).
+pub fn parse_inbound_listener(s: &str) -> Result<InboundListener, ParseError> {
+    let err = || ParseError::Listener(s.to_owned());
+    let (addr, port) = s.split_once('=').ok_or_else(err)?;
+    let app_port = port.parse().ok().filter(|p| *p != 0).ok_or_else(err)?;
+    Ok(InboundListener { addr: addr.parse().map_err(|_| err())?, app_port })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,6 +229,13 @@ mod tests {
         );
         for bad in ["nope", "127.0.0.1:1=echo", "127.0.0.1:1=:80", "127.0.0.1:1=echo:x"] {
             assert!(parse_listener(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            parse_inbound_listener("127.0.0.1:15006=8080"),
+            Ok(InboundListener { addr: "127.0.0.1:15006".parse().unwrap(), app_port: 8080 })
+        );
+        for bad in ["127.0.0.1:15006", "127.0.0.1:15006=0", "127.0.0.1:15006=http", "x=80"] {
+            assert!(parse_inbound_listener(bad).is_err(), "{bad:?}");
         }
     }
 }

@@ -32,6 +32,8 @@ fn help_documents_every_flag() {
         "--no-redirect",
         "--inbound-forward-ip",
         "--listen",
+        "--listen-inbound",
+        "--app-probes",
         "--opaque-ports",
         "--detect-timeout",
         "--header-read-timeout",

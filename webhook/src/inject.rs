@@ -1,5 +1,6 @@
 //! Sidecar injection as a pure function: a pod (or a workload's pod template) in, the pod with
-//! Weft's init container, proxy sidecar, volumes and status annotation out.
+//! Weft's init container, proxy sidecar, volumes and status annotation out, and the app's HTTP
+//! and TCP probes pointed at the proxy (see [`rewrite_app_probes`]).
 //!
 //! The webhook turns the difference into a JSON patch with [`json_patch::diff`], so pointer
 //! escaping (`~0`, `~1`) is never written by hand; `weftctl inject` applies the same change to
@@ -10,9 +11,9 @@ use std::{collections::BTreeMap, net::IpAddr};
 use k8s_openapi::{
     api::core::v1::{
         Capabilities, ConfigMapProjection, Container, ContainerPort, EnvVar, EnvVarSource, ExecAction,
-        HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler, ObjectFieldSelector, Pod, PodSpec, Probe,
-        ProjectedVolumeSource, ResourceRequirements, SecurityContext, ServiceAccountTokenProjection, Volume,
-        VolumeMount, VolumeProjection,
+        HTTPGetAction, HTTPHeader, KeyToPath, Lifecycle, LifecycleHandler, ObjectFieldSelector, Pod, PodSpec,
+        Probe, ProjectedVolumeSource, ResourceRequirements, SecurityContext, ServiceAccountTokenProjection,
+        Volume, VolumeMount, VolumeProjection,
     },
     apimachinery::pkg::{api::resource::Quantity, apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
@@ -22,7 +23,7 @@ use weft_api::{
     labels::{
         EXCLUDE_INBOUND_PORTS_ANNOTATION, EXCLUDE_OUTBOUND_CIDRS_ANNOTATION,
         EXCLUDE_OUTBOUND_PORTS_ANNOTATION, INJECT_ANNOTATION, INJECTED_ANNOTATION, PROXY_CPU_ANNOTATION,
-        PROXY_MEMORY_ANNOTATION,
+        PROXY_MEMORY_ANNOTATION, REWRITE_APP_PROBES_ANNOTATION,
     },
     workload::{is_meshed, workload_name},
 };
@@ -38,6 +39,10 @@ pub const TOKEN_DIR: &str = "/var/run/secrets/weft/tokens";
 pub const TRUST_BUNDLE_VOLUME: &str = "weft-trust-bundle";
 pub const TRUST_BUNDLE_DIR: &str = "/var/run/secrets/weft/trust";
 const DEFAULT_CONTAINER_ANNOTATION: &str = "kubectl.kubernetes.io/default-container";
+/// The proxy's environment variable holding the original probes (`weft_proxy::probes`).
+pub const APP_PROBES_ENV: &str = "WEFT_APP_PROBES";
+/// Rewritten probes call the admin port at `/app-health/<container>/<readyz|livez|startupz>`.
+pub const APP_HEALTH_PREFIX: &str = "/app-health/";
 
 /// What [`inject`] decided for a pod.
 #[derive(Clone, Debug, PartialEq)]
@@ -111,10 +116,17 @@ pub fn inject_into(
     let annotations = meta.annotations.clone().unwrap_or_default();
     let redirect = Redirect::from_annotations(&annotations, config)?;
     let resources = proxy_resources(&annotations, config)?;
+    let rewrite_probes = rewrite_probes_wanted(&annotations)?;
     check_names_free(spec)?;
 
+    // Before the proxy joins `spec.containers`: only the app's containers are rewritten.
+    let app_probes = if rewrite_probes {
+        rewrite_app_probes(&mut spec.containers, &redirect, config.ports.admin)
+    } else {
+        BTreeMap::new()
+    };
     let init = init_container(&redirect, &resources, config);
-    let proxy = proxy_container(resources, workload_name(meta), config);
+    let proxy = proxy_container(resources, workload_name(meta), &app_probes, config)?;
     let init_containers = spec.init_containers.get_or_insert_with(Vec::new);
     let mut status = InjectionStatus { version: env!("CARGO_PKG_VERSION"), ..InjectionStatus::default() };
     if config.native_sidecar {
@@ -375,7 +387,12 @@ fn init_container(redirect: &Redirect, resources: &ResourceRequirements, config:
     }
 }
 
-fn proxy_container(resources: ResourceRequirements, workload: &str, config: &InjectConfig) -> Container {
+fn proxy_container(
+    resources: ResourceRequirements,
+    workload: &str,
+    app_probes: &BTreeMap<String, AppProbe>,
+    config: &InjectConfig,
+) -> Result<Container, InjectError> {
     let admin_probe = |path: &str, period: i32, failures: i32| Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.to_owned()),
@@ -466,6 +483,10 @@ fn proxy_container(resources: ResourceRequirements, workload: &str, config: &Inj
     if !workload.is_empty() {
         container.env.get_or_insert_with(Vec::new).push(value("WEFT_WORKLOAD", workload.to_owned()));
     }
+    if !app_probes.is_empty() {
+        let probes = serde_json::to_string(app_probes)?;
+        container.env.get_or_insert_with(Vec::new).push(value(APP_PROBES_ENV, probes));
+    }
     if config.native_sidecar {
         container.restart_policy = Some("Always".to_owned());
     } else {
@@ -479,7 +500,164 @@ fn proxy_container(resources: ResourceRequirements, workload: &str, config: &Inj
             ..Lifecycle::default()
         });
     }
-    container
+    Ok(container)
+}
+
+/// The `weft.dev/rewrite-app-probes` annotation: absent or `"true"` rewrites, `"false"` does not.
+fn rewrite_probes_wanted(annotations: &BTreeMap<String, String>) -> Result<bool, InjectError> {
+    match annotations.get(REWRITE_APP_PROBES_ANNOTATION).map(String::as_str) {
+        None | Some("true") => Ok(true),
+        Some("false") => Ok(false),
+        Some(other) => Err(InjectError::BadAnnotation {
+            annotation: REWRITE_APP_PROBES_ANNOTATION,
+            value: other.to_owned(),
+            reason: "expected \"true\" or \"false\"".to_owned(),
+        }),
+    }
+}
+
+/// One original probe, as the proxy reads it from `WEFT_APP_PROBES`: a JSON object from each
+/// rewritten path to one of these. The proxy's side of the contract is `weft_proxy::probes`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct AppProbe {
+    /// The app's port, a named port resolved.
+    port: u16,
+    /// HTTP: the request target with its query, `/` when the probe has none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    path: Option<String>,
+    /// HTTP: the probe's `httpHeaders` as `[name, value]` pairs, in order (`Host` included).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    headers: Vec<(String, String)>,
+    /// TCP: the proxy only opens a connection.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    tcp: bool,
+    /// The probe's `timeoutSeconds`, when set: how long the proxy waits for the app (the kubelet
+    /// keeps waiting as long on the rewritten probe). The proxy's default bounds the rest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timeout_seconds: Option<i32>,
+}
+
+/// Points the app containers' HTTP and TCP probes at the proxy's admin port, which runs the
+/// original against the app locally, and returns the originals by their new path.
+///
+/// Why: redirection sends the kubelet's plain-text probes to the inbound listener, which refuses
+/// plain text under PeerAuthentication STRICT; the admin port is never redirected. A rewritten
+/// probe keeps its timing (delay, period, timeout, thresholds); only its handler changes, to
+/// `httpGet :<admin>/app-health/<container>/<readyz|livez|startupz>`.
+///
+/// Left as they are:
+/// - `exec`: it runs in the container and never crosses the network.
+/// - `grpc` and `httpGet` with scheme HTTPS: not yet (the proxy would have to speak gRPC health
+///   or TLS to the app).
+/// - a probe with a `host`: the kubelet calls that host, not this pod.
+/// - a named port that no `ports[].name` of the container resolves (the kubelet fails it too).
+/// - a path with bytes outside RFC 3986 (a space, say) or a header value with control
+///   characters: the proxy could not send them as written (the kubelet fails the latter too).
+/// - a port excluded from redirection (the admin port, or `weft.dev/exclude-inbound-ports`):
+///   plain text reaches the app there. So probes already pointing at the admin port stay as
+///   they are, and a second pass over a rewritten container changes nothing.
+fn rewrite_app_probes(
+    containers: &mut [Container],
+    redirect: &Redirect,
+    admin_port: u16,
+) -> BTreeMap<String, AppProbe> {
+    let mut originals = BTreeMap::new();
+    for container in containers {
+        let ports = container.ports.as_deref().unwrap_or_default();
+        for (kind, probe) in [
+            ("readyz", &mut container.readiness_probe),
+            ("livez", &mut container.liveness_probe),
+            ("startupz", &mut container.startup_probe),
+        ] {
+            let Some(probe) = probe else { continue };
+            let Some(mut original) = original_probe(probe, ports) else { continue };
+            if redirect.exclude_inbound_ports.contains(&original.port) {
+                continue;
+            }
+            original.timeout_seconds = probe.timeout_seconds;
+            let path = format!("{APP_HEALTH_PREFIX}{}/{kind}", container.name);
+            probe.http_get = Some(HTTPGetAction {
+                path: Some(path.clone()),
+                port: IntOrString::Int(admin_port.into()),
+                ..HTTPGetAction::default()
+            });
+            probe.tcp_socket = None;
+            originals.insert(path, original);
+        }
+    }
+    originals
+}
+
+/// What the proxy must do for `probe`, or `None` to leave it alone (see [`rewrite_app_probes`]).
+fn original_probe(probe: &Probe, ports: &[ContainerPort]) -> Option<AppProbe> {
+    let has_host = |host: &Option<String>| host.as_deref().is_some_and(|h| !h.is_empty());
+    if let Some(http) = &probe.http_get {
+        let plain = http.scheme.as_deref().is_none_or(|s| s.eq_ignore_ascii_case("HTTP"));
+        if !plain || has_host(&http.host) {
+            return None;
+        }
+        // As the kubelet does: `/` for no path, a missing leading slash added, no fragment.
+        let path = http.path.as_deref().unwrap_or_default();
+        let path = match path.split_once('#').map_or(path, |(path, _fragment)| path) {
+            "" => "/".to_owned(),
+            p if p.starts_with('/') => p.to_owned(),
+            p => format!("/{p}"),
+        };
+        if !path.bytes().all(is_request_target_byte) {
+            return None;
+        }
+        let headers = http
+            .http_headers
+            .iter()
+            .flatten()
+            .map(|HTTPHeader { name, value }| {
+                valid_header(name, value).then(|| (name.clone(), value.clone()))
+            })
+            .collect::<Option<Vec<_>>>()?;
+        let port = resolve_port(&http.port, ports)?;
+        Some(AppProbe { port, path: Some(path), headers, tcp: false, timeout_seconds: None })
+    } else if let Some(tcp) = &probe.tcp_socket {
+        if has_host(&tcp.host) {
+            return None;
+        }
+        let port = resolve_port(&tcp.port, ports)?;
+        Some(AppProbe { port, path: None, headers: Vec::new(), tcp: true, timeout_seconds: None })
+    } else {
+        None
+    }
+}
+
+/// A probe's port: a number, or the name of one of the container's TCP ports. `None` when the
+/// name resolves to nothing: the probe is then left unchanged.
+fn resolve_port(port: &IntOrString, ports: &[ContainerPort]) -> Option<u16> {
+    let number = match port {
+        IntOrString::Int(number) => *number,
+        IntOrString::String(name) => {
+            ports
+                .iter()
+                .find(|p| {
+                    p.name.as_deref() == Some(name.as_str())
+                        && p.protocol.as_deref().is_none_or(|protocol| protocol == "TCP")
+                })?
+                .container_port
+        }
+    };
+    u16::try_from(number).ok().filter(|port| *port != 0)
+}
+
+/// Bytes of a path and query (RFC 3986) that every HTTP stack takes as they are.
+fn is_request_target_byte(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&byte)
+}
+
+/// A header the proxy can send: a token name (RFC 9110) and a value of visible ASCII, spaces
+/// and tabs.
+fn valid_header(name: &str, value: &str) -> bool {
+    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    !name.is_empty()
+        && name.bytes().all(token)
+        && value.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
 }
 
 fn volumes(config: &InjectConfig) -> [Volume; 2] {
@@ -550,5 +728,53 @@ mod tests {
         );
         assert!(parse_cidrs("a", "10.0.0.0/33").is_err());
         assert!(parse_cidrs("a", "example.com").is_err());
+    }
+
+    #[test]
+    fn original_probes_read_paths_ports_and_headers_as_the_kubelet_does() {
+        let named = |name: &str, port: i32, protocol: Option<&str>| ContainerPort {
+            name: Some(name.to_owned()),
+            container_port: port,
+            protocol: protocol.map(str::to_owned),
+            ..ContainerPort::default()
+        };
+        let ports = [named("http", 8080, None), named("dns", 5353, Some("UDP"))];
+        assert_eq!(resolve_port(&IntOrString::Int(80), &ports), Some(80));
+        assert_eq!(resolve_port(&IntOrString::String("http".into()), &ports), Some(8080));
+        assert_eq!(resolve_port(&IntOrString::String("dns".into()), &ports), None, "not TCP");
+        assert_eq!(resolve_port(&IntOrString::String("nope".into()), &ports), None);
+        assert_eq!(resolve_port(&IntOrString::Int(0), &ports), None);
+        assert_eq!(resolve_port(&IntOrString::Int(70000), &ports), None);
+
+        let http = |path: Option<&str>, headers: &[(&str, &str)]| Probe {
+            http_get: Some(HTTPGetAction {
+                path: path.map(str::to_owned),
+                port: IntOrString::Int(8080),
+                http_headers: Some(
+                    headers
+                        .iter()
+                        .map(|(n, v)| HTTPHeader { name: (*n).to_owned(), value: (*v).to_owned() })
+                        .collect(),
+                ),
+                ..HTTPGetAction::default()
+            }),
+            ..Probe::default()
+        };
+        let path = |probe: &Probe| original_probe(probe, &[]).and_then(|p| p.path);
+        assert_eq!(path(&http(None, &[])).as_deref(), Some("/"));
+        assert_eq!(path(&http(Some("healthz"), &[])).as_deref(), Some("/healthz"));
+        assert_eq!(path(&http(Some("/h?a=1&b=%20"), &[])).as_deref(), Some("/h?a=1&b=%20"));
+        assert_eq!(path(&http(Some("/a b"), &[])), None, "not a valid request target");
+        assert_eq!(path(&http(Some("/h?a#frag"), &[])).as_deref(), Some("/h?a"));
+        assert!(original_probe(&http(None, &[("X-A", "b c\t")]), &[]).is_some());
+        assert!(original_probe(&http(None, &[("X A", "b")]), &[]).is_none());
+        assert!(original_probe(&http(None, &[("X-A", "b\r\nc")]), &[]).is_none());
+
+        let mut other_host = http(None, &[]);
+        other_host.http_get.as_mut().unwrap().host = Some("10.0.0.1".to_owned());
+        assert!(original_probe(&other_host, &[]).is_none());
+        let mut lower_case_scheme = http(None, &[]);
+        lower_case_scheme.http_get.as_mut().unwrap().scheme = Some("https".to_owned());
+        assert!(original_probe(&lower_case_scheme, &[]).is_none());
     }
 }

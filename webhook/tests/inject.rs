@@ -5,9 +5,10 @@ use std::{fs, path::PathBuf};
 
 use k8s_openapi::api::core::v1::{Container, Pod};
 use serde_json::Value;
+use weft_api::labels::REWRITE_APP_PROBES_ANNOTATION;
 use weft_webhook::{
     InjectConfig, InjectError, Injection, SkipReason, inject,
-    inject::{INIT_CONTAINER, PROXY_CONTAINER, TOKEN_VOLUME, TRUST_BUNDLE_VOLUME},
+    inject::{APP_PROBES_ENV, INIT_CONTAINER, PROXY_CONTAINER, TOKEN_VOLUME, TRUST_BUNDLE_VOLUME},
 };
 
 fn fixture(name: &str) -> Pod {
@@ -256,4 +257,106 @@ fn config_rejects_unknown_keys_and_accepts_empty() {
     );
     let error = InjectConfig::from_yaml("proxyImg: typo\n").unwrap_err();
     assert!(error.to_string().contains("proxyImg"), "{error}");
+}
+
+/// What `with-probes.yaml`'s rewritten probes stand for, as the proxy reads it (the proxy's
+/// `probes::tests::INJECTED` parses this same text).
+const WITH_PROBES_ENV: &str = r#"{"/app-health/web/livez":{"port":8080,"path":"/livez","headers":[["Host","web.example"]]},"/app-health/web/readyz":{"port":8080,"path":"/healthz?full=1","headers":[["X-Probe","ready"],["X-Probe","again"]],"timeoutSeconds":2},"/app-health/web/startupz":{"port":8080,"tcp":true}}"#;
+
+#[test]
+fn http_and_tcp_probes_are_pointed_at_the_admin_port() {
+    let (pod, _) = injected(&fixture("with-probes.yaml"), &InjectConfig::default());
+    let web = container(&pod.spec.as_ref().unwrap().containers, "web");
+    let probe = |p: &Option<k8s_openapi::api::core::v1::Probe>| serde_json::to_value(p).unwrap();
+    // The handler changes; timing and thresholds stay as the app wrote them.
+    assert_eq!(
+        probe(&web.readiness_probe),
+        serde_json::json!({
+            "httpGet": {"path": "/app-health/web/readyz", "port": 15000},
+            "initialDelaySeconds": 3, "periodSeconds": 5, "timeoutSeconds": 2,
+            "successThreshold": 1, "failureThreshold": 4,
+        })
+    );
+    // By port name, with the scheme and the Host header moved to the proxy's copy.
+    assert_eq!(
+        probe(&web.liveness_probe),
+        serde_json::json!({
+            "httpGet": {"path": "/app-health/web/livez", "port": 15000},
+            "periodSeconds": 10, "terminationGracePeriodSeconds": 30,
+        })
+    );
+    // TCP becomes HTTP: the proxy opens the connection.
+    assert_eq!(
+        probe(&web.startup_probe),
+        serde_json::json!({
+            "httpGet": {"path": "/app-health/web/startupz", "port": 15000},
+            "periodSeconds": 2, "failureThreshold": 30,
+        })
+    );
+}
+
+#[test]
+fn the_proxy_is_given_the_original_probes() {
+    let (pod, _) = injected(&fixture("with-probes.yaml"), &InjectConfig::default());
+    let init = pod.spec.unwrap().init_containers.unwrap();
+    assert_eq!(env(container(&init, PROXY_CONTAINER), APP_PROBES_ENV), Some(WITH_PROBES_ENV));
+
+    // Without native sidecars too.
+    let config = InjectConfig { native_sidecar: false, ..InjectConfig::default() };
+    let (pod, _) = injected(&fixture("with-probes.yaml"), &config);
+    let spec = pod.spec.unwrap();
+    assert_eq!(names(&spec.containers), [PROXY_CONTAINER, "web", "worker", "metrics"]);
+    assert_eq!(env(container(&spec.containers, PROXY_CONTAINER), APP_PROBES_ENV), Some(WITH_PROBES_ENV));
+
+    // No probe to run, no variable.
+    let (pod, _) = injected(&fixture("plain.yaml"), &InjectConfig::default());
+    let init = pod.spec.unwrap().init_containers.unwrap();
+    assert_eq!(env(container(&init, PROXY_CONTAINER), APP_PROBES_ENV), None);
+}
+
+#[test]
+fn exec_grpc_https_other_hosts_unresolved_names_and_excluded_ports_are_left_alone() {
+    let original = fixture("with-probes.yaml");
+    let (pod, _) = injected(&original, &InjectConfig::default());
+    let (before, after) = (&original.spec.unwrap().containers, &pod.spec.unwrap().containers);
+    // worker: HTTPS, exec and gRPC. metrics: a port name no `ports[].name` resolves, a port
+    // excluded from redirection (plain text reaches it), and a TCP probe of another host.
+    for name in ["worker", "metrics"] {
+        assert_eq!(container(after, name), container(before, name), "{name}");
+    }
+}
+
+#[test]
+fn the_rewrite_annotation_turns_it_off() {
+    let mut pod = fixture("with-probes.yaml");
+    let annotations = pod.metadata.annotations.get_or_insert_with(Default::default);
+    annotations.insert(REWRITE_APP_PROBES_ANNOTATION.to_owned(), "false".to_owned());
+    let (injected_pod, _) = injected(&pod, &InjectConfig::default());
+    let spec = injected_pod.spec.unwrap();
+    assert_eq!(spec.containers, pod.spec.as_ref().unwrap().containers, "no probe rewritten");
+    assert_eq!(env(container(&spec.init_containers.unwrap(), PROXY_CONTAINER), APP_PROBES_ENV), None);
+
+    // "true" is the default, spelled out; anything else names the annotation.
+    let annotations = pod.metadata.annotations.as_mut().unwrap();
+    annotations.insert(REWRITE_APP_PROBES_ANNOTATION.to_owned(), "true".to_owned());
+    let (injected_pod, _) = injected(&pod, &InjectConfig::default());
+    let init = injected_pod.spec.unwrap().init_containers.unwrap();
+    assert_eq!(env(container(&init, PROXY_CONTAINER), APP_PROBES_ENV), Some(WITH_PROBES_ENV));
+    let annotations = pod.metadata.annotations.as_mut().unwrap();
+    annotations.insert(REWRITE_APP_PROBES_ANNOTATION.to_owned(), "no".to_owned());
+    let error = inject(&pod, &InjectConfig::default()).unwrap_err();
+    assert!(
+        matches!(error, InjectError::BadAnnotation { annotation: "weft.dev/rewrite-app-probes", .. }),
+        "{error}"
+    );
+}
+
+#[test]
+fn rewritten_probes_are_not_rewritten_again() {
+    let config = InjectConfig::default();
+    let (once, _) = injected(&fixture("with-probes.yaml"), &config);
+    assert_eq!(inject(&once, &config).unwrap(), Injection::Skip(SkipReason::AlreadyInjected));
+    let mut stripped = once.clone();
+    stripped.metadata.annotations.as_mut().unwrap().remove("weft.dev/injected");
+    assert_eq!(inject(&stripped, &config).unwrap(), Injection::Skip(SkipReason::AlreadyInjected));
 }

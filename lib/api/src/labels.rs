@@ -13,5 +13,12 @@ pub const EXCLUDE_OUTBOUND_CIDRS_ANNOTATION: &str = "weft.dev/exclude-outbound-c
 /// Pod annotations that override the proxy's resource requests.
 pub const PROXY_CPU_ANNOTATION: &str = "weft.dev/proxy-cpu";
 pub const PROXY_MEMORY_ANNOTATION: &str = "weft.dev/proxy-memory";
+/// Pod annotation: `"false"` keeps the app's probes as written (Istio's equivalent is
+/// `sidecar.istio.io/rewriteAppHTTPProbers`); `"true"`, the default, points them at the proxy.
+pub const REWRITE_APP_PROBES_ANNOTATION: &str = "weft.dev/rewrite-app-probes";
+/// AuthorizationPolicy annotation: `"true"` makes the policy a dry run, evaluated and counted by
+/// the proxies but never enforced. Istio's spelling, [`ISTIO_DRY_RUN_ANNOTATION`], works too.
+pub const DRY_RUN_ANNOTATION: &str = "weft.dev/dry-run";
+pub const ISTIO_DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
 /// The field manager the operator uses for server-side apply.
 pub const FIELD_MANAGER: &str = "weft-operator";

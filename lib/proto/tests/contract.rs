@@ -80,29 +80,62 @@ fn defaults_are_proto3_zero_values() {
 
 #[test]
 fn subscription_messages_round_trip_in_every_encoding() {
-    use weft_proto::v1::{ConfigUpdate, InboundPolicy, MtlsMode, SubscribeRequest};
+    use weft_proto::v1::{ConfigUpdate, InboundPolicy, MtlsMode, SubscribeRequest, authorization::Action};
     let yaml = r#"
 version: "00ab"
-config: {version: "00ab", services: [{name: reviews.shop.svc.cluster.local, aliases: [reviews]}]}
-inbound:
-  workload: web-1.shop
-  serviceAccount: web
-  mtlsMode: MTLS_STRICT
-  portMtls: {"8080": MTLS_DISABLE}
-  authorizations:
-    - name: shop/deny
-      action: DENY
-      rules: [{from: [{namespaces: [evil]}], to: [{ports: [8080], methods: [POST]}]}]
+config:
+  version: "00ab"
+  services: [{name: reviews.shop.svc.cluster.local, aliases: [reviews]}]
+  inbound:
+    workload: web-1.shop
+    serviceAccount: web
+    mtlsMode: MTLS_STRICT
+    portMtls: {"8080": MTLS_DISABLE}
+    authorizations:
+      - name: shop/deny
+        action: DENY
+        rules: [{from: [{namespaces: [evil]}], to: [{ports: [8080], methods: [POST]}]}]
+      - name: shop/allow-office
+        action: ALLOW
+        dryRun: true
+        rules:
+          - from: [{remoteIpBlocks: ["203.0.113.0/24"], notRemoteIpBlocks: ["203.0.113.7"]}]
+            when:
+              - {key: "request.headers[x-tenant]", values: [acme, "beta-*"], notValues: [beta-test]}
+              - {key: destination.port, values: ["8080"]}
 unresolved: [ratings]
 "#;
     let update: ConfigUpdate = serde_yaml::from_str(yaml).expect("yaml parses");
-    let inbound: &InboundPolicy = update.inbound.as_ref().unwrap();
+    let inbound: &InboundPolicy = update.config.as_ref().unwrap().inbound.as_ref().unwrap();
     assert_eq!(inbound.mtls_mode(), MtlsMode::MtlsStrict);
     assert_eq!(inbound.port_mtls[&8080], MtlsMode::MtlsDisable as i32);
     assert_eq!(inbound.authorizations[0].rules[0].to[0].ports, [8080]);
+    assert!(!inbound.authorizations[0].dry_run, "enforced unless said otherwise");
+    let allow = &inbound.authorizations[1];
+    assert_eq!((allow.action(), allow.dry_run), (Action::Allow, true));
+    assert_eq!(allow.rules[0].from[0].remote_ip_blocks, ["203.0.113.0/24"]);
+    assert_eq!(allow.rules[0].from[0].not_remote_ip_blocks, ["203.0.113.7"]);
+    let when = &allow.rules[0].when;
+    assert_eq!(when[0].key, "request.headers[x-tenant]");
+    assert_eq!(when[0].values, ["acme", "beta-*"]);
+    assert_eq!(when[0].not_values, ["beta-test"]);
+    assert_eq!(
+        (when[1].key.as_str(), when[1].values.as_slice()),
+        ("destination.port", &["8080".to_owned()][..])
+    );
     let json = serde_json::to_string(&update).expect("serializes");
+    for name in [r#""dryRun":true"#, r#""remoteIpBlocks""#, r#""notRemoteIpBlocks""#, r#""notValues""#] {
+        assert!(json.contains(name), "{name} in {json}");
+    }
     assert_eq!(serde_json::from_str::<ConfigUpdate>(&json).expect("json parses"), update);
     assert_eq!(ConfigUpdate::decode(update.encode_to_vec().as_slice()).expect("decodes"), update);
+
+    // The policy's old place (beside the config) is gone: a producer still writing it is refused,
+    // not silently ignored.
+    let stale = r#"{"version": "1", "inbound": {"workload": "web-1.shop"}}"#;
+    let err =
+        serde_json::from_str::<ConfigUpdate>(stale).expect_err("inbound is no longer a field of the update");
+    assert!(err.to_string().contains("inbound"), "{err}");
 
     let request = SubscribeRequest {
         node: "web-1.shop".into(),

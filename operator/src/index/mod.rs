@@ -23,11 +23,13 @@ use k8s_openapi::{
         core::v1::{Pod, Service},
         discovery::v1::EndpointSlice,
     },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
     jiff::Timestamp,
 };
 use kube::ResourceExt;
 use weft_api::{
     AuthorizationPolicy, DestinationRule, PeerAuthentication, Status, VirtualService,
+    labels::{DRY_RUN_ANNOTATION, ISTIO_DRY_RUN_ANNOTATION},
     networking::{DestinationRuleSpec, VirtualServiceSpec},
     security::{AuthorizationPolicySpec, PeerAuthenticationSpec},
     workload::{is_meshed, workload_name},
@@ -180,6 +182,33 @@ pub(crate) struct Crd<S> {
     pub spec: S,
     /// The status the object carries now (what the status writer compares against).
     pub status: Option<Status>,
+    /// What its dry-run annotations say (only AuthorizationPolicy reads it).
+    pub dry_run: DryRun,
+}
+
+/// An object's dry-run annotations, [`DRY_RUN_ANNOTATION`] or Istio's
+/// [`ISTIO_DRY_RUN_ANNOTATION`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct DryRun {
+    /// Either says `"true"`: evaluated and counted, never enforced.
+    pub on: bool,
+    /// `<annotation>: <value>` for each that says neither `"true"` nor `"false"` (it does not
+    /// make a dry run, and the status says so).
+    pub unrecognized: Vec<String>,
+}
+
+impl DryRun {
+    fn of(meta: &ObjectMeta) -> DryRun {
+        let mut dry_run = DryRun::default();
+        for name in [DRY_RUN_ANNOTATION, ISTIO_DRY_RUN_ANNOTATION] {
+            match meta.annotations.as_ref().and_then(|a| a.get(name)).map(String::as_str) {
+                Some("true") => dry_run.on = true,
+                None | Some("false") => {}
+                Some(other) => dry_run.unrecognized.push(format!("{name}: {other:?}")),
+            }
+        }
+        dry_run
+    }
 }
 
 impl<S> Crd<S> {
@@ -368,7 +397,8 @@ where
     let generation = obj.meta().generation;
     let created = obj.meta().creation_timestamp.as_ref().map(|t| t.0);
     let status = obj.status_of();
-    Crd { generation, created, status, spec: spec(obj) }
+    let dry_run = DryRun::of(obj.meta());
+    Crd { generation, created, status, dry_run, spec: spec(obj) }
 }
 
 /// The status a custom resource carries.

@@ -69,11 +69,13 @@ struct Problems {
     unresolved: Vec<String>,
     /// Fields the proxies do not enforce yet (never emitted into proxy config).
     not_enforced: BTreeSet<&'static str>,
+    /// Said after the verdict in the `Accepted` message, whatever it is.
+    notes: Vec<String>,
 }
 
 impl Problems {
     fn into_status(self, generation: Option<i64>, current: Option<Status>) -> DesiredStatus {
-        let accepted = if !self.invalid.is_empty() {
+        let mut accepted = if !self.invalid.is_empty() {
             Condition { ok: false, reason: "Invalid", message: self.invalid.join("; ") }
         } else if !self.conflicts.is_empty() {
             Condition { ok: false, reason: "Conflict", message: self.conflicts.join("; ") }
@@ -87,6 +89,10 @@ impl Problems {
         } else {
             Condition { ok: true, reason: "Accepted", message: "accepted".into() }
         };
+        for note in &self.notes {
+            accepted.message.push_str("; ");
+            accepted.message.push_str(note);
+        }
         let resolved_refs = if self.unresolved.is_empty() {
             Condition { ok: true, reason: "ResolvedRefs", message: "all references resolved".into() }
         } else {
@@ -241,28 +247,55 @@ impl Index {
             svc.tcp_routes = tcp;
         }
 
-        // Security policies.
+        // Security policies. A selector that selects no pod is reported (ResolvedRefs) but
+        // kept: the pods may come later.
+        let root = &self.settings.root_namespace;
         for (key, pa) in &self.peer_authentications {
             let mut problems = Problems::default();
             if !pa.spec.port_level_mtls.is_empty() && pa.spec.selector.is_none() {
                 problems.invalid.push("portLevelMtls needs a selector".into());
+            }
+            for p in pa.spec.port_level_mtls.keys().filter(|p| port(p).is_none()) {
+                problems
+                    .invalid
+                    .push(format!("portLevelMtls: {p:?} is not a port number (1-65535): ignored"));
+            }
+            if let Some(sel) = pa.spec.selector.as_ref().filter(|s| !s.match_labels.is_empty())
+                && !self
+                    .pods
+                    .iter()
+                    .any(|(k, p)| k.namespace == key.namespace && selects(Some(sel), &p.labels))
+            {
+                problems.unresolved.push(format!(
+                    "selector {} selects no pod in namespace {}",
+                    labels(sel),
+                    key.namespace
+                ));
             }
             out.statuses.insert(
                 (Kind::PeerAuthentication, key.clone()),
                 problems.into_status(pa.generation, pa.status.clone()),
             );
         }
+        // Each translated once; `inbound` picks those that apply to a pod.
+        let mut authorizations: BTreeMap<&Key, pb::Authorization> = BTreeMap::new();
         for (key, ap) in &self.authorization_policies {
             let mut problems = Problems::default();
-            let ports = ap
-                .spec
-                .rules
-                .iter()
-                .flat_map(|r| &r.to)
-                .flat_map(|t| t.operation.ports.iter().chain(&t.operation.not_ports));
-            for port in ports {
-                if port.parse::<u16>().ok().filter(|p| *p != 0).is_none() {
-                    problems.invalid.push(format!("port {port} is not a port number (1-65535)"));
+            if let Some(authorization) = authorization(key, ap, &mut problems) {
+                authorizations.insert(key, authorization);
+            }
+            if let Some(sel) = ap.spec.selector.as_ref().filter(|s| !s.match_labels.is_empty()) {
+                let mesh_wide = &key.namespace == root;
+                let selected = self.pods.iter().any(|(k, p)| {
+                    (mesh_wide || k.namespace == key.namespace) && selects(Some(sel), &p.labels)
+                });
+                if !selected {
+                    let place = if mesh_wide {
+                        "the mesh".to_owned()
+                    } else {
+                        format!("namespace {}", key.namespace)
+                    };
+                    problems.unresolved.push(format!("selector {} selects no pod in {place}", labels(sel)));
                 }
             }
             out.statuses.insert(
@@ -271,7 +304,10 @@ impl Index {
             );
         }
         for (key, pod) in &self.pods {
-            out.workloads.insert(format!("{}.{}", key.name, key.namespace), Arc::new(self.inbound(key, pod)));
+            out.workloads.insert(
+                format!("{}.{}", key.name, key.namespace),
+                Arc::new(self.inbound(key, pod, &authorizations)),
+            );
         }
 
         out.services = services.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
@@ -519,12 +555,14 @@ impl Index {
         Some(pb::Destination { host: fqdn, subset, port })
     }
 
-    fn inbound(&self, key: &Key, pod: &PodInfo) -> pb::InboundPolicy {
+    fn inbound(
+        &self,
+        key: &Key,
+        pod: &PodInfo,
+        authorizations: &BTreeMap<&Key, pb::Authorization>,
+    ) -> pb::InboundPolicy {
         let root = &self.settings.root_namespace;
-        let selects = |sel: &Option<WorkloadSelector>| match sel {
-            None => true,
-            Some(s) => s.match_labels.iter().all(|(k, v)| pod.labels.get(k) == Some(v)),
-        };
+        let selects = |sel: &Option<WorkloadSelector>| selects(sel.as_ref(), &pod.labels);
         // Most specific first, then oldest: workload, namespace, mesh.
         let mut candidates: Vec<Candidate<'_>> = Vec::new();
         for (k, pa) in &self.peer_authentications {
@@ -550,7 +588,7 @@ impl Index {
                     .port_level_mtls
                     .iter()
                     .filter_map(|(port, m)| {
-                        let port: u32 = port.parse().ok()?;
+                        let port = self::port(port)?;
                         let m = if m.mode == MtlsMode::Unset { mode } else { m.mode };
                         Some((port, mtls_mode(m) as i32))
                     })
@@ -558,27 +596,13 @@ impl Index {
             })
             .unwrap_or_default();
 
-        let authorizations = self
-            .authorization_policies
+        let authorizations = authorizations
             .iter()
-            .filter(|(k, ap)| {
+            .filter(|(k, _)| {
+                let ap = &self.authorization_policies[**k];
                 (k.namespace == key.namespace || &k.namespace == root) && selects(&ap.spec.selector)
             })
-            .filter_map(|(k, ap)| {
-                let action = match ap.spec.action.unwrap_or_default() {
-                    sec::Action::Allow => pb::authorization::Action::Allow,
-                    sec::Action::Deny => pb::authorization::Action::Deny,
-                    // The schema refuses both. Should one get through anyway: AUDIT never changes
-                    // a decision, and a CUSTOM policy's matches are denied (fail closed).
-                    sec::Action::Audit => return None,
-                    sec::Action::Custom => pb::authorization::Action::Deny,
-                };
-                Some(pb::Authorization {
-                    name: k.to_string(),
-                    action: action as i32,
-                    rules: ap.spec.rules.iter().map(authorization_rule).collect(),
-                })
-            })
+            .map(|(_, a)| a.clone())
             .collect();
         pb::InboundPolicy {
             workload: format!("{}.{}", key.name, key.namespace),
@@ -874,34 +898,271 @@ fn mtls_mode(m: MtlsMode) -> pb::MtlsMode {
     }
 }
 
-fn authorization_rule(r: &sec::Rule) -> pb::AuthorizationRule {
-    let ports = |p: &[String]| p.iter().filter_map(|p| p.parse().ok()).collect();
-    pb::AuthorizationRule {
-        from: r
-            .from
-            .iter()
-            .map(|f| pb::PeerMatch {
-                principals: f.source.principals.clone(),
-                not_principals: f.source.not_principals.clone(),
-                namespaces: f.source.namespaces.clone(),
-                not_namespaces: f.source.not_namespaces.clone(),
-                ip_blocks: f.source.ip_blocks.clone(),
-                not_ip_blocks: f.source.not_ip_blocks.clone(),
-            })
-            .collect(),
-        to: r
-            .to
-            .iter()
-            .map(|t| pb::OperationMatch {
-                hosts: t.operation.hosts.clone(),
-                not_hosts: t.operation.not_hosts.clone(),
-                ports: ports(&t.operation.ports),
-                not_ports: ports(&t.operation.not_ports),
-                methods: t.operation.methods.clone(),
-                not_methods: t.operation.not_methods.clone(),
-                paths: t.operation.paths.clone(),
-                not_paths: t.operation.not_paths.clone(),
-            })
-            .collect(),
+/// Whether a selector (absent: every pod) selects a pod with these labels.
+fn selects(sel: Option<&WorkloadSelector>, labels: &BTreeMap<String, String>) -> bool {
+    sel.is_none_or(|s| s.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v)))
+}
+
+/// A selector as `kubectl` writes one: `app=web,version=v1`.
+fn labels(sel: &WorkloadSelector) -> String {
+    sel.match_labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
+/// One AuthorizationPolicy in the proxies' shape; `None` when it never changes a decision.
+///
+/// The schema refuses everything reported here as invalid; it gets this far only past the schema
+/// (an older CRD, say), and then fails closed: an ALLOW rule that cannot be read whole is left out
+/// (it matches nothing), a DENY rule loses the part that cannot be read (it matches more, never
+/// less).
+fn authorization(
+    key: &Key,
+    ap: &Crd<sec::AuthorizationPolicySpec>,
+    problems: &mut Problems,
+) -> Option<pb::Authorization> {
+    use pb::authorization::Action;
+    let spec = &ap.spec;
+    let action = match spec.action.unwrap_or_default() {
+        sec::Action::Allow => Action::Allow,
+        sec::Action::Deny => Action::Deny,
+        sec::Action::Audit => {
+            problems.invalid.push("action AUDIT is not supported by Weft: the policy is not used".into());
+            return None;
+        }
+        sec::Action::Custom => {
+            problems.invalid.push(
+                "action CUSTOM is not supported by Weft (no external authorization): requests its rules \
+                 match are denied"
+                    .into(),
+            );
+            Action::Deny
+        }
+    };
+    if spec.provider.is_some() {
+        problems.invalid.push("provider is not supported by Weft".into());
     }
+    let deny = action == Action::Deny;
+    let targeted = spec.target_ref.is_some() || !spec.target_refs.is_empty();
+    if targeted {
+        // Without a selector it would apply to the whole namespace, not to its targets.
+        let then = if deny { "its rules apply to the selected pods" } else { "it matches nothing" };
+        problems.invalid.push(format!("targetRef is not supported by Weft (use selector): {then}"));
+    }
+    let rules = if targeted && !deny {
+        Vec::new()
+    } else {
+        spec.rules
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| authorization_rule(r, &format!("rules[{i}]"), deny, problems))
+            .collect()
+    };
+    if ap.dry_run.on {
+        problems.notes.push("dry run: evaluated and counted by the proxies, not enforced".into());
+    }
+    for annotation in &ap.dry_run.unrecognized {
+        problems.notes.push(format!("annotation {annotation} is not \"true\": the policy is enforced"));
+    }
+    Some(pb::Authorization { name: key.to_string(), action: action as i32, rules, dry_run: ap.dry_run.on })
+}
+
+/// The `when` keys the proxies evaluate, besides `request.headers[<name>]`.
+const WHEN_KEYS: [&str; 6] = [
+    "source.ip",
+    "source.namespace",
+    "source.principal",
+    "destination.ip",
+    "destination.port",
+    "connection.sni",
+];
+
+/// What the entries of a list must be.
+#[derive(Clone, Copy)]
+enum Entry {
+    Port,
+    IpBlock,
+    /// A path or pattern (`*` at the start or end); Istio's templates (`{*}`, `{**}`) are not
+    /// supported.
+    Path,
+}
+
+impl Entry {
+    fn valid(self, s: &str) -> bool {
+        match self {
+            Entry::Port => port(s).is_some(),
+            Entry::IpBlock => ip_block(s),
+            Entry::Path => !s.contains('{'),
+        }
+    }
+
+    fn expected(self) -> &'static str {
+        match self {
+            Entry::Port => "a port number (1-65535)",
+            Entry::IpBlock => "an IP address or CIDR block",
+            Entry::Path => "a path without a template ({*} and {**} are not supported by Weft)",
+        }
+    }
+}
+
+fn port(s: &str) -> Option<u32> {
+    let digits = !s.is_empty() && s.len() <= 5 && s.bytes().all(|b| b.is_ascii_digit());
+    s.parse::<u32>().ok().filter(|p| digits && (1..=65535).contains(p))
+}
+
+fn ip_block(s: &str) -> bool {
+    let Some((ip, len)) = s.split_once('/') else { return s.parse::<std::net::IpAddr>().is_ok() };
+    let max = match ip.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(_)) => 32,
+        Ok(std::net::IpAddr::V6(_)) => 128,
+        Err(_) => return false,
+    };
+    !len.is_empty()
+        && len.len() <= 3
+        && len.bytes().all(|b| b.is_ascii_digit())
+        && len.parse::<u8>().is_ok_and(|l| l <= max)
+}
+
+/// Checks one rule's lists while translating it.
+struct RuleCheck {
+    deny: bool,
+    /// What could not be read, as `<field>: <why>`.
+    bad: Vec<String>,
+}
+
+impl RuleCheck {
+    /// A list that matches when any entry does. With an entry that cannot be read, a DENY rule
+    /// drops the whole list (any value matches).
+    fn any_of(&mut self, at: &str, entries: &[String], entry: Entry) -> Vec<String> {
+        if self.read(at, entries, entry) || !self.deny { entries.to_vec() } else { Vec::new() }
+    }
+
+    /// A list that matches when no entry does: an entry that cannot be read is dropped (it
+    /// excludes nothing).
+    fn none_of(&mut self, at: &str, entries: &[String], entry: Entry) -> Vec<String> {
+        self.read(at, entries, entry);
+        entries.iter().filter(|e| entry.valid(e)).cloned().collect()
+    }
+
+    /// Whether every entry is valid; reports those that are not.
+    fn read(&mut self, at: &str, entries: &[String], entry: Entry) -> bool {
+        let before = self.bad.len();
+        for e in entries.iter().filter(|e| !entry.valid(e)) {
+            self.bad.push(format!("{at}: {e:?} is not {}", entry.expected()));
+        }
+        self.bad.len() == before
+    }
+
+    /// A field Weft does not evaluate: the DENY rule is enforced without it.
+    fn unsupported(&mut self, at: &str, set: bool) {
+        if set {
+            self.bad.push(format!("{at} is not supported by Weft"));
+        }
+    }
+}
+
+/// One rule in the proxies' shape, `None` for an ALLOW rule that cannot be read whole (see
+/// [`authorization`]).
+fn authorization_rule(
+    r: &sec::Rule,
+    at: &str,
+    deny: bool,
+    problems: &mut Problems,
+) -> Option<pb::AuthorizationRule> {
+    let mut check = RuleCheck { deny, bad: Vec::new() };
+    let mut from = Vec::new();
+    for (j, f) in r.from.iter().enumerate() {
+        let at = format!("{at}.from[{j}].source");
+        let s = &f.source;
+        check.unsupported(&format!("{at}.requestPrincipals"), !s.request_principals.is_empty());
+        check.unsupported(&format!("{at}.notRequestPrincipals"), !s.not_request_principals.is_empty());
+        check.unsupported(&format!("{at}.serviceAccounts"), !s.service_accounts.is_empty());
+        check.unsupported(&format!("{at}.notServiceAccounts"), !s.not_service_accounts.is_empty());
+        from.push(pb::PeerMatch {
+            principals: s.principals.clone(),
+            not_principals: s.not_principals.clone(),
+            namespaces: s.namespaces.clone(),
+            not_namespaces: s.not_namespaces.clone(),
+            ip_blocks: check.any_of(&format!("{at}.ipBlocks"), &s.ip_blocks, Entry::IpBlock),
+            not_ip_blocks: check.none_of(&format!("{at}.notIpBlocks"), &s.not_ip_blocks, Entry::IpBlock),
+            remote_ip_blocks: check.any_of(
+                &format!("{at}.remoteIpBlocks"),
+                &s.remote_ip_blocks,
+                Entry::IpBlock,
+            ),
+            not_remote_ip_blocks: check.none_of(
+                &format!("{at}.notRemoteIpBlocks"),
+                &s.not_remote_ip_blocks,
+                Entry::IpBlock,
+            ),
+        });
+    }
+    let mut to = Vec::new();
+    for (j, t) in r.to.iter().enumerate() {
+        let at = format!("{at}.to[{j}].operation");
+        let o = &t.operation;
+        let ports = |p: Vec<String>| p.iter().filter_map(|p| port(p)).collect();
+        to.push(pb::OperationMatch {
+            hosts: o.hosts.clone(),
+            not_hosts: o.not_hosts.clone(),
+            ports: ports(check.any_of(&format!("{at}.ports"), &o.ports, Entry::Port)),
+            not_ports: ports(check.none_of(&format!("{at}.notPorts"), &o.not_ports, Entry::Port)),
+            methods: o.methods.clone(),
+            not_methods: o.not_methods.clone(),
+            paths: check.any_of(&format!("{at}.paths"), &o.paths, Entry::Path),
+            not_paths: check.none_of(&format!("{at}.notPaths"), &o.not_paths, Entry::Path),
+        });
+    }
+    let mut when = Vec::new();
+    for (j, c) in r.when.iter().enumerate() {
+        if let Some(c) = condition(c, &format!("{at}.when[{j}]"), &mut check) {
+            when.push(c);
+        }
+    }
+    if check.bad.is_empty() {
+        return Some(pb::AuthorizationRule { from, to, when });
+    }
+    let then = if deny {
+        format!("{at} is enforced without what cannot be read (a DENY rule matches more, never less)")
+    } else {
+        format!("{at} matches nothing (an ALLOW rule that cannot be read whole is left out)")
+    };
+    problems.invalid.extend(check.bad);
+    problems.invalid.push(then);
+    deny.then_some(pb::AuthorizationRule { from, to, when })
+}
+
+/// A `when` condition; `None` when it cannot be read (a DENY rule is then enforced without it).
+/// Header names are lowercased in the key: `request.headers[x-user]`.
+fn condition(c: &sec::Condition, at: &str, check: &mut RuleCheck) -> Option<pb::Condition> {
+    let before = check.bad.len();
+    let header = c
+        .key
+        .strip_prefix("request.headers[")
+        .and_then(|rest| rest.strip_suffix(']'))
+        .filter(|name| http::HeaderName::from_bytes(name.as_bytes()).is_ok());
+    let key = match header {
+        Some(name) => format!("request.headers[{}]", name.to_ascii_lowercase()),
+        None if WHEN_KEYS.contains(&c.key.as_str()) => c.key.clone(),
+        None => {
+            check.bad.push(format!("{at}: key {:?} is not supported by Weft", c.key));
+            return None;
+        }
+    };
+    if c.values.is_empty() && c.not_values.is_empty() {
+        check.bad.push(format!("{at}: needs values or notValues"));
+        return None;
+    }
+    let entry = match key.as_str() {
+        "source.ip" | "destination.ip" => Some(Entry::IpBlock),
+        "destination.port" => Some(Entry::Port),
+        _ => None,
+    };
+    if let Some(entry) = entry {
+        check.read(&format!("{at}.values"), &c.values, entry);
+        check.read(&format!("{at}.notValues"), &c.not_values, entry);
+    }
+    (check.bad.len() == before).then(|| pb::Condition {
+        key,
+        values: c.values.clone(),
+        not_values: c.not_values.clone(),
+    })
 }

@@ -96,6 +96,15 @@ fn mk_ap(ns: &str, name: &str, spec: Value) -> Object {
     Object::AuthorizationPolicy(Box::new(ap))
 }
 
+/// An AuthorizationPolicy with annotations.
+fn mk_ap_annotated(ns: &str, name: &str, annotations: Value, spec: Value) -> Object {
+    let mut metadata = meta(ns, name, 0);
+    metadata["annotations"] = annotations;
+    let ap: AuthorizationPolicy =
+        serde_json::from_value(json!({"metadata": metadata, "spec": spec})).unwrap();
+    Object::AuthorizationPolicy(Box::new(ap))
+}
+
 fn reviews_subsets() -> Value {
     json!({"host": "reviews", "subsets": [
         {"name": "v1", "labels": {"version": "v1"}},
@@ -143,14 +152,22 @@ fn status(r: &Resolution, kind: Kind, ns: &str, name: &str) -> DesiredStatus {
 
 const REVIEWS: &str = "reviews.shop.svc.cluster.local";
 
-/// The proxy must accept everything the index emits: compile it as the proxy does.
+/// The proxy must accept everything the index emits: compile it as the proxy does, with each
+/// workload's inbound policy (a policy it refuses would cost that proxy every later update).
 fn proxy_accepts(r: &Resolution) {
     let config = pb::ProxyConfig {
         version: "test".into(),
         services: r.services.values().map(|s| (**s).clone()).collect(),
+        inbound: None,
     };
-    if let Err(e) = weft_proxy::config::compile(config, None) {
+    if let Err(e) = weft_proxy::config::compile(config.clone(), None) {
         panic!("the proxy rejects the resolved config: {e}");
+    }
+    for (workload, inbound) in &r.workloads {
+        let config = pb::ProxyConfig { inbound: Some(inbound.as_ref().clone()), ..config.clone() };
+        if let Err(e) = weft_proxy::config::compile(config, None) {
+            panic!("the proxy rejects the inbound policy of {workload}: {e}\n{inbound:#?}");
+        }
     }
 }
 
@@ -720,8 +737,10 @@ fn inbound_policy_most_specific_peer_authentication_wins_and_authorizations_sele
     );
     assert_eq!(
         status(&r, Kind::AuthorizationPolicy, NS, "bad").accepted.message,
-        "port 70000 is not a port number (1-65535)"
+        "rules[0].to[0].operation.ports: \"70000\" is not a port number (1-65535); rules[0] matches \
+         nothing (an ALLOW rule that cannot be read whole is left out)"
     );
+    proxy_accepts(&r);
 }
 
 #[test]
@@ -1107,4 +1126,324 @@ fn subset_policies_merge_over_the_service_policy_part_by_part() {
     assert_eq!(p9081.load_balancer, Some(pb::LoadBalancer::default()));
     // A subset without a policy leaves the service's to the proxy.
     assert!(svc.subsets[1].traffic_policy.is_none());
+}
+
+/// The authorizations `reviews-v1` gets, by name.
+fn authorizations(index: &Index) -> BTreeMap<String, pb::Authorization> {
+    let r = index.resolve();
+    proxy_accepts(&r);
+    r.workloads[&format!("reviews-v1.{NS}")]
+        .authorizations
+        .iter()
+        .map(|a| (a.name.clone(), a.clone()))
+        .collect()
+}
+
+#[test]
+fn when_conditions_and_remote_ip_blocks_translate() {
+    let mut index = bookinfo();
+    index.apply(mk_ap(NS, "office", json!({"rules": [{
+        "from": [{"source": {"remoteIpBlocks": ["203.0.113.0/24", "2001:db8::/32"],
+                             "notRemoteIpBlocks": ["203.0.113.7"], "ipBlocks": ["10.0.0.0/8"]}}],
+        "when": [
+            {"key": "request.headers[X-Tenant]", "values": ["acme", "beta-*"], "notValues": ["beta-test"]},
+            {"key": "source.ip", "values": ["10.1.0.0/16"], "notValues": ["10.1.0.9"]},
+            {"key": "source.namespace", "values": ["shop"]},
+            {"key": "source.principal", "notValues": ["*/sa/guest"]},
+            {"key": "destination.ip", "values": ["10.1.0.1"]},
+            {"key": "destination.port", "values": ["8080", "9080"]},
+            {"key": "connection.sni", "values": ["reviews.shop.svc.cluster.local"]},
+        ],
+    }]})));
+    let all = authorizations(&index);
+    let rule = &all["shop/office"].rules[0];
+    assert_eq!(rule.from[0].remote_ip_blocks, ["203.0.113.0/24", "2001:db8::/32"]);
+    assert_eq!(rule.from[0].not_remote_ip_blocks, ["203.0.113.7"]);
+    assert_eq!(rule.from[0].ip_blocks, ["10.0.0.0/8"]);
+    fn strs(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    let when: Vec<(&str, Vec<&str>, Vec<&str>)> =
+        rule.when.iter().map(|c| (c.key.as_str(), strs(&c.values), strs(&c.not_values))).collect();
+    assert_eq!(
+        when,
+        [
+            ("request.headers[x-tenant]", vec!["acme", "beta-*"], vec!["beta-test"]),
+            ("source.ip", vec!["10.1.0.0/16"], vec!["10.1.0.9"]),
+            ("source.namespace", vec!["shop"], vec![]),
+            ("source.principal", vec![], vec!["*/sa/guest"]),
+            ("destination.ip", vec!["10.1.0.1"], vec![]),
+            ("destination.port", vec!["8080", "9080"], vec![]),
+            ("connection.sni", vec!["reviews.shop.svc.cluster.local"], vec![]),
+        ],
+        "in order; header names lowercased"
+    );
+    let st = status(&index.resolve(), Kind::AuthorizationPolicy, NS, "office");
+    assert_eq!((st.accepted.ok, st.accepted.message.as_str()), (true, "accepted"));
+    assert!(!all["shop/office"].dry_run);
+}
+
+#[test]
+fn dry_run_comes_from_either_annotation_and_only_true_turns_it_on() {
+    let mut index = bookinfo();
+    let spec = json!({"action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["evil"]}}]}]});
+    index.apply(mk_ap_annotated(NS, "weft", json!({"weft.dev/dry-run": "true"}), spec.clone()));
+    index.apply(mk_ap_annotated(NS, "istio", json!({"istio.io/dry-run": "true"}), spec.clone()));
+    index.apply(mk_ap_annotated(
+        NS,
+        "either",
+        json!({"weft.dev/dry-run": "false", "istio.io/dry-run": "true"}),
+        spec.clone(),
+    ));
+    index.apply(mk_ap_annotated(NS, "off", json!({"weft.dev/dry-run": "false"}), spec.clone()));
+    index.apply(mk_ap_annotated(NS, "other", json!({"example.com/dry-run": "true"}), spec.clone()));
+    index.apply(mk_ap_annotated(NS, "yes", json!({"weft.dev/dry-run": "yes"}), spec.clone()));
+    index.apply(mk_ap(NS, "plain", spec));
+    let dry: Vec<(String, bool)> =
+        authorizations(&index).into_values().map(|a| (a.name, a.dry_run)).collect();
+    assert_eq!(
+        dry,
+        [
+            ("shop/either".to_owned(), true),
+            ("shop/istio".to_owned(), true),
+            ("shop/off".to_owned(), false),
+            ("shop/other".to_owned(), false),
+            ("shop/plain".to_owned(), false),
+            ("shop/weft".to_owned(), true),
+            ("shop/yes".to_owned(), false),
+        ]
+    );
+    let r = index.resolve();
+    let accepted = |name: &str| status(&r, Kind::AuthorizationPolicy, NS, name).accepted;
+    assert_eq!(
+        accepted("weft").message,
+        "accepted; dry run: evaluated and counted by the proxies, not enforced"
+    );
+    assert_eq!(accepted("plain").message, "accepted");
+    let yes = accepted("yes");
+    assert!(yes.ok);
+    assert_eq!(
+        yes.message,
+        r#"accepted; annotation weft.dev/dry-run: "yes" is not "true": the policy is enforced"#
+    );
+
+    // Removing the annotation is a change that turns enforcement on.
+    assert!(index.apply(mk_ap(
+        NS,
+        "weft",
+        json!({"action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["evil"]}}]}]})
+    )));
+    assert!(!authorizations(&index)["shop/weft"].dry_run);
+}
+
+#[test]
+fn unreadable_ports_fail_closed_allow_rules_match_nothing_and_deny_rules_match_more() {
+    let mut index = bookinfo();
+    // ALLOW: the rule with a bad port is left out, the good one stays.
+    index.apply(mk_ap(
+        NS,
+        "allow",
+        json!({"rules": [
+            {"to": [{"operation": {"ports": ["8080", "70000"]}}]},
+            {"to": [{"operation": {"ports": ["9080"]}}]},
+        ]}),
+    ));
+    // ALLOW whose only rule is bad: no rules left, so it matches nothing (never "any port").
+    index.apply(mk_ap(NS, "allow-abc", json!({"rules": [{"to": [{"operation": {"ports": ["abc"]}}]}]})));
+    index.apply(mk_ap(NS, "allow-zero", json!({"rules": [{"to": [{"operation": {"notPorts": ["0"]}}]}]})));
+    // DENY: a bad `ports` entry makes it any port; a bad `notPorts` entry excludes nothing.
+    index.apply(mk_ap(NS, "deny", json!({"action": "DENY", "rules": [
+        {"to": [{"operation": {"ports": ["8080", "70000"], "notPorts": ["9090", "0"], "methods": ["POST"]}}]},
+    ]})));
+    let all = authorizations(&index);
+    let ports: Vec<Vec<u32>> = all["shop/allow"].rules.iter().map(|r| r.to[0].ports.clone()).collect();
+    assert_eq!(ports, [vec![9080]]);
+    assert!(all["shop/allow-abc"].rules.is_empty());
+    assert!(all["shop/allow-zero"].rules.is_empty());
+    let deny = &all["shop/deny"].rules[0].to[0];
+    assert!(deny.ports.is_empty(), "any port");
+    assert_eq!(deny.not_ports, [9090]);
+    assert_eq!(deny.methods, ["POST"]);
+
+    let r = index.resolve();
+    let accepted = |name: &str| status(&r, Kind::AuthorizationPolicy, NS, name).accepted;
+    assert_eq!(accepted("allow").reason, "Invalid");
+    assert_eq!(
+        accepted("allow-abc").message,
+        r#"rules[0].to[0].operation.ports: "abc" is not a port number (1-65535); rules[0] matches nothing (an ALLOW rule that cannot be read whole is left out)"#
+    );
+    assert_eq!(
+        accepted("deny").message,
+        r#"rules[0].to[0].operation.ports: "70000" is not a port number (1-65535); rules[0].to[0].operation.notPorts: "0" is not a port number (1-65535); rules[0] is enforced without what cannot be read (a DENY rule matches more, never less)"#
+    );
+}
+
+#[test]
+fn unreadable_conditions_blocks_and_paths_fail_closed() {
+    let mut index = bookinfo();
+    let rules = json!([
+        {"from": [{"source": {"ipBlocks": ["10.0.0.0/33", "10.0.0.0/8"], "notIpBlocks": ["nope", "10.9.0.0/16"],
+                              "namespaces": ["evil"]}}],
+         "to": [{"operation": {"paths": ["/api/{*}", "/admin"], "notPaths": ["/x/{**}", "/health"]}}],
+         "when": [
+             {"key": "request.auth.claims[iss]", "values": ["me"]},
+             {"key": "source.ip", "values": ["10.1.0.0/99"]},
+             {"key": "destination.port", "values": ["80", "http"]},
+             {"key": "request.headers[bad header]", "values": ["x"]},
+             {"key": "source.namespace"},
+             {"key": "source.principal", "values": ["*/sa/web"]},
+         ]},
+        {"from": [{"source": {"requestPrincipals": ["*"], "namespaces": ["evil"]}}]},
+        {"from": [{"source": {"namespaces": ["good"]}}]},
+    ]);
+    index.apply(mk_ap(NS, "allow", json!({"rules": rules})));
+    index.apply(mk_ap(NS, "deny", json!({"action": "DENY", "rules": rules})));
+    let all = authorizations(&index);
+
+    // ALLOW: only the rule that reads whole is left.
+    let allow = &all["shop/allow"];
+    assert_eq!(allow.rules.len(), 1);
+    assert_eq!(allow.rules[0].from[0].namespaces, ["good"]);
+
+    // DENY: every rule, without what cannot be read, so each matches more.
+    let deny = &all["shop/deny"];
+    assert_eq!(deny.rules.len(), 3);
+    let first = &deny.rules[0];
+    assert!(first.from[0].ip_blocks.is_empty(), "any address");
+    assert_eq!(first.from[0].not_ip_blocks, ["10.9.0.0/16"]);
+    assert_eq!(first.from[0].namespaces, ["evil"]);
+    assert!(first.to[0].paths.is_empty(), "any path");
+    assert_eq!(first.to[0].not_paths, ["/health"]);
+    let keys: Vec<&str> = first.when.iter().map(|c| c.key.as_str()).collect();
+    assert_eq!(keys, ["source.principal"], "the unreadable conditions are dropped");
+    assert_eq!(deny.rules[1].from[0].namespaces, ["evil"], "enforced without requestPrincipals");
+
+    let r = index.resolve();
+    let message = status(&r, Kind::AuthorizationPolicy, NS, "allow").accepted.message;
+    for part in [
+        r#"rules[0].from[0].source.ipBlocks: "10.0.0.0/33" is not an IP address or CIDR block"#,
+        r#"rules[0].from[0].source.notIpBlocks: "nope" is not an IP address or CIDR block"#,
+        r#"rules[0].to[0].operation.paths: "/api/{*}" is not a path without a template"#,
+        r#"rules[0].when[0]: key "request.auth.claims[iss]" is not supported by Weft"#,
+        r#"rules[0].when[1].values: "10.1.0.0/99" is not an IP address or CIDR block"#,
+        r#"rules[0].when[2].values: "http" is not a port number (1-65535)"#,
+        r#"rules[0].when[3]: key "request.headers[bad header]" is not supported by Weft"#,
+        "rules[0].when[4]: needs values or notValues",
+        "rules[0] matches nothing",
+        "rules[1].from[0].source.requestPrincipals is not supported by Weft",
+        "rules[1] matches nothing",
+    ] {
+        assert!(message.contains(part), "{part:?} missing from {message}");
+    }
+    assert!(!message.contains("rules[2]"), "{message}");
+    assert!(
+        status(&r, Kind::AuthorizationPolicy, NS, "deny").accepted.message.contains(
+            "rules[1] is enforced without what cannot be read (a DENY rule matches more, never less)"
+        )
+    );
+}
+
+#[test]
+fn actions_and_target_refs_weft_does_not_support_fail_closed() {
+    let mut index = bookinfo();
+    let rules = json!([{"from": [{"source": {"namespaces": ["good"]}}]}]);
+    index.apply(mk_ap(NS, "audit", json!({"action": "AUDIT", "rules": rules})));
+    index.apply(mk_ap(
+        NS,
+        "custom",
+        json!({"action": "CUSTOM", "provider": {"name": "ext"}, "rules": rules}),
+    ));
+    index.apply(mk_ap(
+        NS,
+        "allow-target",
+        json!({"targetRef": {"kind": "Service", "name": "x"}, "rules": rules}),
+    ));
+    index.apply(mk_ap(
+        NS,
+        "deny-target",
+        json!({"action": "DENY", "targetRefs": [{"kind": "Service", "name": "x"}], "rules": rules}),
+    ));
+    let all = authorizations(&index);
+    assert!(!all.contains_key("shop/audit"), "AUDIT never changes a decision");
+    assert_eq!(all["shop/custom"].action(), pb::authorization::Action::Deny);
+    assert_eq!(all["shop/custom"].rules.len(), 1);
+    assert!(all["shop/allow-target"].rules.is_empty(), "an ALLOW that cannot be placed matches nothing");
+    assert_eq!(all["shop/deny-target"].rules.len(), 1);
+
+    let r = index.resolve();
+    for name in ["audit", "custom", "allow-target", "deny-target"] {
+        let accepted = status(&r, Kind::AuthorizationPolicy, NS, name).accepted;
+        assert_eq!((accepted.ok, accepted.reason), (false, "Invalid"), "{name}: {}", accepted.message);
+    }
+    assert_eq!(
+        status(&r, Kind::AuthorizationPolicy, NS, "allow-target").accepted.message,
+        "targetRef is not supported by Weft (use selector): it matches nothing"
+    );
+}
+
+#[test]
+fn selectors_that_select_no_pod_are_named_in_resolved_refs() {
+    let mut index = bookinfo();
+    let only = |app: &str| json!({"selector": {"matchLabels": {"app": app}}, "rules": [{}]});
+    index.apply(mk_ap(NS, "reviews", only("reviews")));
+    index.apply(mk_ap(NS, "web", only("web")));
+    index.apply(mk_ap(NS, "everyone", json!({"rules": [{}]})));
+    // In the root namespace a selector selects across the mesh.
+    index.apply(mk_ap("weft-system", "mesh-reviews", only("reviews")));
+    index.apply(mk_ap("weft-system", "mesh-web", only("web")));
+    // Elsewhere only in its own namespace.
+    index.apply(mk_ap("other", "reviews-elsewhere", only("reviews")));
+    index.apply(mk_pa(
+        NS,
+        "web-strict",
+        0,
+        json!({"selector": {"matchLabels": {"app": "web", "tier": "1"}},
+        "mtls": {"mode": "STRICT"}}),
+    ));
+    index.apply(mk_pa(
+        NS,
+        "reviews-strict",
+        0,
+        json!({"selector": {"matchLabels": {"app": "reviews"}},
+        "mtls": {"mode": "STRICT"}}),
+    ));
+
+    let r = index.resolve();
+    let refs = |kind: Kind, ns: &str, name: &str| {
+        let c = status(&r, kind, ns, name).resolved_refs;
+        (c.ok, c.reason, c.message)
+    };
+    let ok = (true, "ResolvedRefs", "all references resolved".to_owned());
+    let ap = Kind::AuthorizationPolicy;
+    assert_eq!(refs(ap, NS, "reviews"), ok);
+    assert_eq!(refs(ap, NS, "everyone"), ok);
+    assert_eq!(refs(ap, "weft-system", "mesh-reviews"), ok);
+    assert_eq!(
+        refs(ap, NS, "web"),
+        (false, "RefNotFound", "selector app=web selects no pod in namespace shop".into())
+    );
+    assert_eq!(
+        refs(ap, "weft-system", "mesh-web"),
+        (false, "RefNotFound", "selector app=web selects no pod in the mesh".into())
+    );
+    assert_eq!(
+        refs(ap, "other", "reviews-elsewhere"),
+        (false, "RefNotFound", "selector app=reviews selects no pod in namespace other".into())
+    );
+    let pa = Kind::PeerAuthentication;
+    assert_eq!(refs(pa, NS, "reviews-strict"), ok);
+    assert_eq!(
+        refs(pa, NS, "web-strict"),
+        (false, "RefNotFound", "selector app=web,tier=1 selects no pod in namespace shop".into())
+    );
+    // Still accepted, and still applied when a pod comes.
+    assert!(status(&r, ap, NS, "web").accepted.ok);
+    index.apply(mk_pod(NS, "web-1", json!({"app": "web", "tier": "1"})));
+    let r = index.resolve();
+    assert!(status(&r, ap, NS, "web").resolved_refs.ok);
+    assert!(status(&r, pa, NS, "web-strict").resolved_refs.ok);
+    let web = &r.workloads[&format!("web-1.{NS}")];
+    let names: Vec<&str> = web.authorizations.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(names, ["shop/everyone", "shop/web", "weft-system/mesh-web"]);
+    assert_eq!(web.mtls_mode(), pb::MtlsMode::MtlsStrict);
 }

@@ -66,6 +66,8 @@ pub enum Error {
     BadIdentity { at: String, why: String },
     #[error("{at}: {why}")]
     BadPolicy { at: String, why: String },
+    #[error(transparent)]
+    Inbound(#[from] crate::inbound::Error),
 }
 
 /// Compiles `config`, reusing the endpoints of `previous` that it keeps.
@@ -196,8 +198,10 @@ pub fn compile(config: pb::ProxyConfig, previous: Option<&Snapshot>) -> Result<S
     }
 
     let cluster_states = clusters.cache.values().map(|c| (c.name.clone(), c.state.clone())).collect();
+    let inbound = config.inbound.as_ref().map(crate::inbound::compile).transpose()?.map(Arc::new);
     Ok(Snapshot {
         version: config.version.clone(),
+        inbound,
         source: config,
         services,
         by_host,

@@ -84,7 +84,6 @@ pub const MAX_LAZY_SUBSCRIPTIONS: usize = 1024;
 pub struct Subscriptions {
     tx: mpsc::UnboundedSender<Command>,
     connected: watch::Receiver<bool>,
-    inbound: watch::Receiver<Option<pb::InboundPolicy>>,
     /// Addresses already asked for by [`Subscriptions::subscribe_lazily`].
     lazy: Arc<Mutex<HashSet<IpAddr>>>,
     /// What the control plane does not know, as of its last update (ticks on every update).
@@ -154,11 +153,6 @@ impl Subscriptions {
     pub fn connected(&self) -> watch::Receiver<bool> {
         self.connected.clone()
     }
-
-    /// This workload's inbound policy, as last received.
-    pub fn inbound(&self) -> watch::Receiver<Option<pb::InboundPolicy>> {
-        self.inbound.clone()
-    }
 }
 
 /// Starts the client; it runs until `stop`. Streams open once `identity` holds a certificate.
@@ -170,7 +164,6 @@ pub fn spawn(
 ) -> Subscriptions {
     let (tx, rx) = mpsc::unbounded_channel();
     let (connected_tx, connected) = watch::channel(false);
-    let (inbound_tx, inbound) = watch::channel(None);
     let (unresolved_tx, unresolved) = watch::channel(Arc::default());
     let client = Client {
         wanted: settings.destinations.iter().cloned().collect(),
@@ -179,7 +172,6 @@ pub fn spawn(
         identity,
         commands: rx,
         connected: connected_tx,
-        inbound: inbound_tx,
         unresolved: unresolved_tx,
     };
     tokio::spawn(async move {
@@ -188,7 +180,7 @@ pub fn spawn(
             _ = client.run() => {}
         }
     });
-    Subscriptions { tx, connected, inbound, lazy: Arc::default(), unresolved }
+    Subscriptions { tx, connected, lazy: Arc::default(), unresolved }
 }
 
 struct Client {
@@ -198,7 +190,6 @@ struct Client {
     wanted: BTreeSet<String>,
     commands: mpsc::UnboundedReceiver<Command>,
     connected: watch::Sender<bool>,
-    inbound: watch::Sender<Option<pb::InboundPolicy>>,
     unresolved: watch::Sender<Arc<HashSet<String>>>,
 }
 
@@ -287,7 +278,6 @@ impl Client {
         if !update.unresolved.is_empty() {
             tracing::debug!(unresolved = ?update.unresolved, "subscriptions not known to the control plane yet");
         }
-        self.inbound.send_replace(update.inbound);
         let unresolved: HashSet<String> = update.unresolved.into_iter().collect();
         let mut config = update.config.unwrap_or_default();
         config.version = version.clone();

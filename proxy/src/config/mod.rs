@@ -51,6 +51,8 @@ pub struct Snapshot {
     /// The config as loaded, for `/config`.
     pub source: ProxyConfig,
     pub services: Vec<Arc<Service>>,
+    /// This workload's inbound policy; `None` accepts plain text and mTLS and denies nothing.
+    pub inbound: Option<Arc<crate::inbound::Inbound>>,
     by_host: HashMap<String, usize>,
     by_addr: HashMap<SocketAddr, usize>,
     /// Every endpoint by address, so the next snapshot can reuse their state.

@@ -26,6 +26,10 @@ pub enum Failure {
     AmbiguousFraming,
     BadRedirect,
     BadRequestTarget,
+    /// The path cannot be normalized without ambiguity (`http::normalize`).
+    BadPath(super::normalize::Refused),
+    /// An authorization policy denied the request.
+    Denied,
 }
 
 impl Failure {
@@ -39,7 +43,11 @@ impl Failure {
             Failure::Timeout => Flags::UT,
             Failure::UpstreamReset => Flags::UC,
             Failure::AbortHttp(_) | Failure::AbortGrpc(_) => Flags::FI,
-            Failure::AmbiguousFraming | Failure::BadRedirect | Failure::BadRequestTarget => Flags::BR,
+            Failure::AmbiguousFraming
+            | Failure::BadRedirect
+            | Failure::BadRequestTarget
+            | Failure::BadPath(_) => Flags::BR,
+            Failure::Denied => Flags::RBAC,
         }
     }
 
@@ -54,9 +62,11 @@ impl Failure {
             Failure::AbortHttp(s) => s,
             // Trailers-only gRPC answers are 200; the status is in `grpc-status`.
             Failure::AbortGrpc(_) => StatusCode::OK,
-            Failure::AmbiguousFraming | Failure::BadRedirect | Failure::BadRequestTarget => {
-                StatusCode::BAD_REQUEST
-            }
+            Failure::AmbiguousFraming
+            | Failure::BadRedirect
+            | Failure::BadRequestTarget
+            | Failure::BadPath(_) => StatusCode::BAD_REQUEST,
+            Failure::Denied => StatusCode::FORBIDDEN,
         }
     }
 
@@ -74,6 +84,12 @@ impl Failure {
             Failure::AmbiguousFraming => "ambiguous message framing",
             Failure::BadRedirect => "bad redirect",
             Failure::BadRequestTarget => "bad request target",
+            Failure::BadPath(super::normalize::Refused::EncodedSlash) => {
+                "bad path: encoded slash or backslash"
+            }
+            Failure::BadPath(super::normalize::Refused::BadEscape) => "bad path: malformed percent-encoding",
+            Failure::BadPath(super::normalize::Refused::NotAbsolute) => "bad path: not absolute",
+            Failure::Denied => "denied by authorization policy",
         }
     }
 
@@ -92,7 +108,11 @@ impl Failure {
                 429 | 502..=504 => 14,
                 _ => 2,
             },
-            Failure::AmbiguousFraming | Failure::BadRedirect | Failure::BadRequestTarget => 13,
+            Failure::AmbiguousFraming
+            | Failure::BadRedirect
+            | Failure::BadRequestTarget
+            | Failure::BadPath(_) => 13,
+            Failure::Denied => 7,
             Failure::NoConfig
             | Failure::NoHealthyUpstream
             | Failure::Overflow

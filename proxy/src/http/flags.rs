@@ -4,7 +4,7 @@
 use prometheus_client::encoding::{EncodeLabelValue, LabelValueEncoder};
 
 /// Envoy's response flags that Weft sets, as a bit set (a bounded label: at most one value per
-/// combination of these twelve).
+/// combination of these).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Flags(u16);
 
@@ -35,8 +35,10 @@ impl Flags {
     pub const BR: Flags = Flags(1 << 11);
     /// No config loaded yet (Weft's own).
     pub const NC: Flags = Flags(1 << 12);
+    /// Denied by an authorization policy (Envoy's RBAC filter).
+    pub const RBAC: Flags = Flags(1 << 13);
 
-    const NAMES: [(Flags, &'static str); 13] = [
+    const NAMES: [(Flags, &'static str); 14] = [
         (Flags::NR, "NR"),
         (Flags::UH, "UH"),
         (Flags::UF, "UF"),
@@ -50,6 +52,7 @@ impl Flags {
         (Flags::LR, "LR"),
         (Flags::BR, "BR"),
         (Flags::NC, "NC"),
+        (Flags::RBAC, "RBAC"),
     ];
 
     pub fn is_empty(self) -> bool {

@@ -6,6 +6,7 @@
 //! `error::respond` turns them into the answer.
 
 use std::{
+    borrow::Cow,
     convert::Infallible,
     future::Future,
     net::{IpAddr, SocketAddr},
@@ -34,6 +35,7 @@ use super::{
     full,
     headers::{ambiguous_framing, is_upgrade, set_client_identity, strip_hop_by_hop},
     mirror,
+    normalize::{Refused, normalize},
     observe::ResponseInfo,
     replay::{MAX_REPLAY, Replay},
     retry::{self, Again, Copies, Finished, Tries},
@@ -43,6 +45,7 @@ use crate::{
     config::{Action, HttpRoute, Service, Snapshot, Target, policy::RetryPolicy},
     conn::Conn,
     destinations::Destinations,
+    inbound::{Facts, HttpFacts, Inbound},
     metrics::Metrics,
     peer::Peer,
     route::{Match, RequestView, redirect_location, rewrite_path, select},
@@ -56,6 +59,8 @@ pub struct ConnInfo {
     pub downstream: Proto,
     /// The client proxy, when the connection is a mesh tunnel.
     pub tunnel: Option<Peer>,
+    /// The SNI a mesh tunnel's client asked for.
+    pub sni: Option<Arc<str>>,
 }
 
 /// The outcome of routing, borrowed from the snapshot.
@@ -157,6 +162,17 @@ fn authority_of<B>(req: &Request<B>) -> Option<Authority> {
     req.uri().authority().cloned().or_else(|| req.headers().get(HOST)?.to_str().ok()?.parse().ok())
 }
 
+/// Normalizes a request's path in place (`normalize`), so what is checked is what is sent.
+fn normalize_path<B>(req: &mut Request<B>) -> Result<(), Refused> {
+    let pq = req.uri().path_and_query().map_or("/", PathAndQuery::as_str);
+    let Cow::Owned(normal) = normalize(pq)? else { return Ok(()) };
+    let mut parts = req.uri().clone().into_parts();
+    // Normalizing only removes and decodes characters that were valid already.
+    parts.path_and_query = Some(PathAndQuery::try_from(normal).map_err(|_| Refused::BadEscape)?);
+    *req.uri_mut() = http::Uri::from_parts(parts).map_err(|_| Refused::BadEscape)?;
+    Ok(())
+}
+
 /// Where a request goes once routed, and the route's policies for it.
 struct Plan<'a> {
     destination: Destination<'a>,
@@ -181,8 +197,21 @@ impl Router {
         let Some(snapshot) = self.routing.destinations.store.current() else {
             return respond(Failure::NoConfig, grpc, ResponseInfo::default());
         };
+        let mut req = req;
+        let inbound = self.conn.conn.direction == Direction::Inbound;
+        if inbound && let Err(why) = normalize_path(&mut req) {
+            tracing::debug!(peer = %self.conn.conn.peer, %why, "refusing a path that does not normalize");
+            return respond(Failure::BadPath(why), grpc, ResponseInfo::default());
+        }
         let authority = authority_of(&req);
         let host = authority.as_ref().map(|a| a.host().to_ascii_lowercase()).unwrap_or_default();
+        if inbound
+            && let Some(policy) = snapshot.inbound.as_deref().filter(|p| p.authorizes())
+            && !self.authorize(policy, &req, &host)
+        {
+            let info = ResponseInfo { service: Some(super::INBOUND.clone()), ..Default::default() };
+            return respond(Failure::Denied, grpc, info);
+        }
         let view = RequestView {
             method: req.method().as_str(),
             authority: &host,
@@ -305,6 +334,28 @@ impl Router {
                 }
             }
         }
+    }
+
+    /// Decides a request to the local app by the workload's authorization policies (on the
+    /// normalized path, the one the app receives) and counts the decision.
+    fn authorize(&self, policy: &Inbound, req: &Request<Incoming>, host: &str) -> bool {
+        let sni = self.conn.sni.as_deref();
+        let Some(mut facts) = Facts::connection(&self.conn.conn, self.conn.tunnel.as_ref(), sni) else {
+            return false;
+        };
+        facts.http = Some(HttpFacts {
+            host,
+            method: req.method().as_str(),
+            path: req.uri().path(),
+            headers: req.headers(),
+        });
+        let decision = policy.decide(&facts);
+        self.routing.metrics.record_authz(&decision);
+        if !decision.allowed() {
+            let policy = decision.enforced.as_ref().and_then(|v| v.policy.as_deref());
+            tracing::debug!(peer = %self.conn.conn.peer, method = %req.method(), policy, "request denied by authorization policy");
+        }
+        decision.allowed()
     }
 
     /// Rewrites the request once, then sends it: through the retry policy when it has one, else

@@ -25,15 +25,6 @@ async fn proxy_with(tweak: impl FnOnce(&mut Settings)) -> (TestProxy, Backend) {
     (proxy, up)
 }
 
-/// Sends raw bytes and reads until the proxy closes the connection.
-async fn raw_exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(bytes).await.unwrap();
-    let mut out = Vec::new();
-    let _ = within("proxy closes", s.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[tokio::test]
 async fn too_many_or_too_large_headers_get_431() {
     let (proxy, up) = proxy_with(|s| {

@@ -4,9 +4,11 @@
 mod support;
 
 mod admin;
+mod authz;
 mod hardening;
 mod lifecycle;
 mod mtls;
+mod probes;
 mod protocols;
 mod resilience;
 mod routing;

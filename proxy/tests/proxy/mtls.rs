@@ -24,15 +24,15 @@ use weft_proxy::{
 
 use crate::support::*;
 
-const DAY: Duration = Duration::from_secs(86_400);
+pub const DAY: Duration = Duration::from_secs(86_400);
 static DIRS: AtomicUsize = AtomicUsize::new(0);
 
-fn id(sa: &str) -> SpiffeId {
+pub fn id(sa: &str) -> SpiffeId {
     SpiffeId::new("cluster.local", "prod", sa).unwrap()
 }
 
 /// Writes a certificate for `sa` from `issuer`, its key and the issuer's root to a new directory.
-fn identity(issuer: &Issuer, sa: &str) -> IdentityFiles {
+pub fn identity(issuer: &Issuer, sa: &str) -> IdentityFiles {
     let dir = std::env::temp_dir().join(format!(
         "weft-mtls-test-{}-{}",
         std::process::id(),
@@ -82,7 +82,7 @@ async fn inbound(
 }
 
 /// The client side: `reviews` and `db` are the inbound proxy, which runs as `server_identity`.
-async fn outbound(
+pub async fn outbound(
     files: Option<IdentityFiles>,
     inb: SocketAddr,
     server_identity: &SpiffeId,

@@ -407,6 +407,15 @@ pub async fn scripted(script: impl Fn(usize) -> Act + Send + Sync + 'static) -> 
     Scripted { addr, hits, connections, seen }
 }
 
+/// Sends raw bytes and reads until the proxy closes the connection.
+pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = within("proxy closes", s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// The proxy's `/metrics` text.
 pub async fn metrics(proxy: &TestProxy) -> String {
     String::from_utf8(admin(proxy, http::Method::GET, "/metrics").await.body.to_vec()).unwrap()

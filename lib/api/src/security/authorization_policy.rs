@@ -13,6 +13,10 @@ use crate::{status::Status, unsupported::Unsupported};
 /// `startsWith`/`endsWith`) so that it reads the same in CEL, RE2 and Rust's regex.
 pub const WHEN_KEY_RULE: &str = "self in ['source.ip', 'source.namespace', 'source.principal', 'destination.ip', 'destination.port', 'connection.sni'] || (self.startsWith('request.headers[') && self.endsWith(']') && self.matches('^request[.]headers.[-0-9A-Za-z_.!#$%&*+^|~]+.$'))";
 
+/// The CEL rule for `ports` and `notPorts`: every entry a port number from 1 to 65535 (the pattern
+/// alone lets `0` and `99999` through, and a port that is not one must not turn into "any port").
+pub const PORTS_RULE: &str = "self.all(p, p.matches('^[0-9]{1,5}$') && int(p) >= 1 && int(p) <= 65535)";
+
 /// Allows or denies requests to the selected workloads. DENY policies are checked first; then,
 /// if any ALLOW policy selects the workload, a request must match one of its rules. An ALLOW
 /// policy without rules denies everything.
@@ -195,12 +199,14 @@ pub struct Operation {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32), inner(length(min = 1, max = 253)))]
     pub not_hosts: Vec<String>,
-    /// Port numbers as strings, as in Istio.
+    /// Port numbers (1-65535) as strings, as in Istio.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32), inner(length(min = 1, max = 5), regex(pattern = r"^[0-9]+$")))]
+    #[x_kube(validation = Rule::new(PORTS_RULE).message("ports entries must be port numbers from 1 to 65535"))]
     pub ports: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32), inner(length(min = 1, max = 5), regex(pattern = r"^[0-9]+$")))]
+    #[x_kube(validation = Rule::new(PORTS_RULE).message("notPorts entries must be port numbers from 1 to 65535"))]
     pub not_ports: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16), inner(length(min = 1, max = 32)))]
@@ -208,10 +214,13 @@ pub struct Operation {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16), inner(length(min = 1, max = 32)))]
     pub not_methods: Vec<String>,
+    /// Exact, or with `*` at the start or end; Istio's path templates (`{*}`, `{**}`) are refused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32), inner(length(min = 1, max = 1024)))]
+    #[x_kube(validation = Rule::new("self.all(p, !p.contains('{'))").message("paths templates ({*}, {**}) are not supported by Weft: use * at the start or end"))]
     pub paths: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32), inner(length(min = 1, max = 1024)))]
+    #[x_kube(validation = Rule::new("self.all(p, !p.contains('{'))").message("notPaths templates ({*}, {**}) are not supported by Weft: use * at the start or end"))]
     pub not_paths: Vec<String>,
 }

@@ -1,0 +1,301 @@
+//! The pieces of an authorization rule and how each matches, Istio's semantics. A check that
+//! cannot be decided from what the connection carries (an HTTP field on opaque TCP, a header sent
+//! twice) is `Unknown`; the rule's action settles it: an ALLOW rule does not match, a DENY rule
+//! does. A policy therefore never allows more, or denies less, than written.
+
+use std::net::{IpAddr, SocketAddr};
+
+use http::{HeaderMap, HeaderName};
+
+use crate::{conn::Conn, peer::Peer};
+
+/// What a connection or request carries that rules look at.
+#[derive(Clone, Copy, Debug)]
+pub struct Facts<'a> {
+    /// The verified client identity of a mesh tunnel without the scheme
+    /// (`cluster.local/ns/shop/sa/web`), and its namespace; `None` for plain text.
+    pub principal: Option<&'a str>,
+    pub namespace: Option<&'a str>,
+    pub source: IpAddr,
+    /// The original destination: this workload's address and the app's port.
+    pub destination: SocketAddr,
+    /// The SNI the client sent, when the connection was TLS.
+    pub sni: Option<&'a str>,
+    /// Set for HTTP requests; opaque TCP has none of it.
+    pub http: Option<HttpFacts<'a>>,
+}
+
+impl<'a> Facts<'a> {
+    /// What an inbound connection carries: its addresses, and the verified client of a mesh
+    /// tunnel (`tunnel`) with the SNI it asked for. `None` without an original destination.
+    pub fn connection(conn: &Conn, tunnel: Option<&'a Peer>, sni: Option<&'a str>) -> Option<Facts<'a>> {
+        let client = tunnel.filter(|p| p.identity.is_some());
+        Some(Facts {
+            principal: client.map(|p| p.principal.strip_prefix("spiffe://").unwrap_or(&p.principal)),
+            namespace: client.map(|p| &*p.namespace),
+            source: conn.peer.ip(),
+            destination: conn.dst?,
+            sni,
+            http: None,
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct HttpFacts<'a> {
+    /// Lower case, without the port.
+    pub host: &'a str,
+    pub method: &'a str,
+    /// Normalized (`http::normalize`), without the query: exactly what the upstream receives.
+    pub path: &'a str,
+    pub headers: &'a HeaderMap,
+}
+
+/// A three-valued check: `Unknown` is settled by the rule's action (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Check {
+    Yes,
+    No,
+    Unknown,
+}
+
+impl Check {
+    fn from(b: bool) -> Check {
+        if b { Check::Yes } else { Check::No }
+    }
+
+    /// Both hold; a `No` anywhere decides.
+    fn and(self, other: Check) -> Check {
+        match (self, other) {
+            (Check::No, _) | (_, Check::No) => Check::No,
+            (Check::Yes, Check::Yes) => Check::Yes,
+            _ => Check::Unknown,
+        }
+    }
+
+    /// Either holds; a `Yes` anywhere decides.
+    fn or(self, other: Check) -> Check {
+        match (self, other) {
+            (Check::Yes, _) | (_, Check::Yes) => Check::Yes,
+            (Check::No, Check::No) => Check::No,
+            _ => Check::Unknown,
+        }
+    }
+}
+
+/// Istio's string match: `*` (any non-empty value), `prefix*`, `*suffix` or an exact value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Pattern {
+    Any,
+    Prefix(String),
+    Suffix(String),
+    Exact(String),
+}
+
+impl Pattern {
+    pub fn parse(s: &str) -> Pattern {
+        if s == "*" {
+            Pattern::Any
+        } else if let Some(p) = s.strip_suffix('*') {
+            Pattern::Prefix(p.to_owned())
+        } else if let Some(p) = s.strip_prefix('*') {
+            Pattern::Suffix(p.to_owned())
+        } else {
+            Pattern::Exact(s.to_owned())
+        }
+    }
+
+    /// Hosts compare without case: the pattern is stored lower case.
+    pub fn parse_lower(s: &str) -> Pattern {
+        Pattern::parse(&s.to_ascii_lowercase())
+    }
+
+    pub fn matches(&self, value: &str) -> bool {
+        match self {
+            Pattern::Any => !value.is_empty(),
+            Pattern::Prefix(p) => value.starts_with(p.as_str()),
+            Pattern::Suffix(s) => value.ends_with(s.as_str()),
+            Pattern::Exact(e) => value == e,
+        }
+    }
+}
+
+/// An address or a CIDR block (`10.0.0.0/8`, `2001:db8::/32`, `10.1.2.3`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpBlock {
+    network: IpAddr,
+    prefix: u8,
+}
+
+impl IpBlock {
+    pub fn parse(s: &str) -> Option<IpBlock> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a.parse::<IpAddr>().ok()?, Some(p.parse::<u8>().ok()?)),
+            None => (s.parse::<IpAddr>().ok()?, None),
+        };
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(max);
+        (prefix <= max).then_some(IpBlock { network: addr, prefix })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        // An IPv4 client may arrive as an IPv4-mapped IPv6 address on a dual-stack socket.
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.network, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                masked(u32::from(n).into(), 32, self.prefix) == masked(u32::from(a).into(), 32, self.prefix)
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                masked(u128::from(n), 128, self.prefix) == masked(u128::from(a), 128, self.prefix)
+            }
+            _ => false,
+        }
+    }
+}
+
+fn masked(bits: u128, width: u32, prefix: u8) -> u128 {
+    if prefix == 0 { 0 } else { bits >> (width - u32::from(prefix)) }
+}
+
+/// A positive and a negative list of one field: the value must match one of `any` (when
+/// non-empty) and none of `none`.
+#[derive(Clone, Debug)]
+pub struct Field<T> {
+    pub any: Vec<T>,
+    pub none: Vec<T>,
+}
+
+impl<T> Field<T> {
+    pub fn is_empty(&self) -> bool {
+        self.any.is_empty() && self.none.is_empty()
+    }
+
+    /// `Yes` when the field says nothing; `value` is `None` when the connection does not carry
+    /// it (no identity, no SNI): a positive list then fails and a negative one holds.
+    fn check<V: Copy>(&self, value: Option<V>, matches: impl Fn(&T, V) -> bool) -> Check {
+        let hit = |list: &[T]| value.is_some_and(|v| list.iter().any(|t| matches(t, v)));
+        Check::from((self.any.is_empty() || hit(&self.any)) && !hit(&self.none))
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Source {
+    /// SPIFFE IDs without the scheme (`cluster.local/ns/shop/sa/web`).
+    pub principals: Field<Pattern>,
+    pub namespaces: Field<Pattern>,
+    pub ip_blocks: Field<IpBlock>,
+    /// With no trusted proxy in front of the sidecar the original client is the connection's
+    /// source (Istio's default), so these check the same address as `ip_blocks`.
+    pub remote_ip_blocks: Field<IpBlock>,
+}
+
+impl Source {
+    fn check(&self, f: &Facts<'_>) -> Check {
+        let ip = |b: &IpBlock, ip| b.contains(ip);
+        self.principals
+            .check(f.principal, |p, v| p.matches(v))
+            .and(self.namespaces.check(f.namespace, |p, v| p.matches(v)))
+            .and(self.ip_blocks.check(Some(f.source), ip))
+            .and(self.remote_ip_blocks.check(Some(f.source), ip))
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Operation {
+    pub hosts: Field<Pattern>,
+    pub ports: Field<u16>,
+    pub methods: Field<Pattern>,
+    pub paths: Field<Pattern>,
+}
+
+impl Operation {
+    fn check(&self, f: &Facts<'_>) -> Check {
+        let ports = self.ports.check(Some(f.destination.port()), |p, v| *p == v);
+        let http_only = [&self.hosts, &self.methods, &self.paths];
+        let Some(h) = f.http else {
+            return if http_only.iter().all(|field| field.is_empty()) {
+                ports
+            } else {
+                ports.and(Check::Unknown)
+            };
+        };
+        ports
+            .and(self.hosts.check(Some(h.host), |p, v| p.matches(v)))
+            .and(self.methods.check(Some(h.method), |p, v| p.matches(v)))
+            .and(self.paths_check(h.path))
+    }
+
+    /// Path parameters (`/admin;x`) mean nothing to the proxy and, to some applications, the
+    /// same as the path without them: where the two readings disagree the check is `Unknown`.
+    fn paths_check(&self, path: &str) -> Check {
+        let check = |p: &str| self.paths.check(Some(p), |pat, v| pat.matches(v));
+        let raw = check(path);
+        if !path.contains(';') {
+            return raw;
+        }
+        let bare: String =
+            path.split('/').map(|seg| seg.split(';').next().unwrap_or("")).collect::<Vec<_>>().join("/");
+        if check(&bare) == raw { raw } else { Check::Unknown }
+    }
+}
+
+/// One `when` entry.
+#[derive(Clone, Debug)]
+pub enum Condition {
+    Header(HeaderName, Field<Pattern>),
+    SourceIp(Field<IpBlock>),
+    SourceNamespace(Field<Pattern>),
+    SourcePrincipal(Field<Pattern>),
+    DestinationIp(Field<IpBlock>),
+    DestinationPort(Field<u16>),
+    Sni(Field<Pattern>),
+}
+
+impl Condition {
+    fn check(&self, f: &Facts<'_>) -> Check {
+        let ip = |b: &IpBlock, ip| b.contains(ip);
+        match self {
+            Condition::Header(name, field) => {
+                let Some(h) = f.http else { return Check::Unknown };
+                let mut values = h.headers.get_all(name).iter();
+                match (values.next(), values.next()) {
+                    // Sent twice: which one the application reads is not ours to guess.
+                    (Some(_), Some(_)) => Check::Unknown,
+                    (Some(v), None) => match v.to_str() {
+                        Ok(v) => field.check(Some(v), |p, v| p.matches(v)),
+                        Err(_) => Check::Unknown,
+                    },
+                    (None, _) => field.check(None::<&str>, |p, v| p.matches(v)),
+                }
+            }
+            Condition::SourceIp(field) => field.check(Some(f.source), ip),
+            Condition::SourceNamespace(field) => field.check(f.namespace, |p, v| p.matches(v)),
+            Condition::SourcePrincipal(field) => field.check(f.principal, |p, v| p.matches(v)),
+            Condition::DestinationIp(field) => field.check(Some(f.destination.ip()), ip),
+            Condition::DestinationPort(field) => field.check(Some(f.destination.port()), |p, v| *p == v),
+            Condition::Sni(field) => field.check(f.sni, |p, v| p.matches(v)),
+        }
+    }
+}
+
+/// Matches when a `from` entry matches (or there are none), a `to` entry matches (or none) and
+/// every condition holds.
+#[derive(Clone, Debug)]
+pub struct Rule {
+    pub from: Vec<Source>,
+    pub to: Vec<Operation>,
+    pub when: Vec<Condition>,
+}
+
+impl Rule {
+    pub fn check(&self, f: &Facts<'_>) -> Check {
+        let any = |checks: &mut dyn Iterator<Item = Check>| checks.fold(Check::No, Check::or);
+        let from =
+            if self.from.is_empty() { Check::Yes } else { any(&mut self.from.iter().map(|s| s.check(f))) };
+        let to = if self.to.is_empty() { Check::Yes } else { any(&mut self.to.iter().map(|o| o.check(f))) };
+        self.when.iter().fold(from.and(to), |acc, c| acc.and(c.check(f)))
+    }
+}
