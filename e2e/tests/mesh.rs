@@ -13,7 +13,10 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use k8s_openapi::api::{batch::v1::Job, core::v1::Pod};
+use k8s_openapi::{
+    api::{batch::v1::Job, core::v1::Pod},
+    apimachinery::pkg::util::intstr::IntOrString,
+};
 use kube::{
     Api, Client,
     api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams},
@@ -290,6 +293,19 @@ fn assert_injected_and_ready(pod: &Pod) -> Result<()> {
         "the proxy in {name} is not ready: {:?}",
         proxy.state
     );
+    // The app's probe goes to the proxy's admin port, so it passes under STRICT mTLS too.
+    for c in &spec.containers {
+        let probe = c.readiness_probe.as_ref().and_then(|p| p.http_get.as_ref());
+        if let Some(get) = probe {
+            let to_admin = get.port == IntOrString::Int(ADMIN_PORT.into())
+                && get.path.as_deref() == Some(&*format!("/app-health/{}/readyz", c.name));
+            ensure!(
+                to_admin,
+                "the readiness probe of {name}/{} was not pointed at the proxy: {get:?}",
+                c.name
+            );
+        }
+    }
     let apps: Vec<_> = status.container_statuses.iter().flatten().collect();
     ensure!(!apps.is_empty() && apps.iter().all(|c| c.ready), "the app in {name} is not ready: {apps:?}");
     Ok(())
