@@ -208,29 +208,19 @@ pub async fn start_with(
     })?;
     let mut explicit_addrs = Vec::new();
     let mut listeners = Vec::new();
-    for l in &settings.explicit {
-        let listener = bind("explicit", l.addr).await?;
-        explicit_addrs.push(listener.local_addr().map_err(|source| Error::Bind {
-            what: "explicit",
-            addr: l.addr,
-            source,
-        })?);
-        listeners.push((
-            listener,
-            Listening { direction: Direction::Explicit, target: l.target.clone(), app_port: None },
-        ));
-    }
-    for l in &settings.inbound_explicit {
-        let listener = bind("inbound", l.addr).await?;
-        explicit_addrs.push(listener.local_addr().map_err(|source| Error::Bind {
-            what: "inbound",
-            addr: l.addr,
-            source,
-        })?);
-        listeners.push((
-            listener,
-            Listening { direction: Direction::Inbound, target: None, app_port: Some(l.app_port) },
-        ));
+    let explicit = settings.explicit.iter().map(|l| {
+        let listening =
+            Listening { direction: Direction::Explicit, target: l.target.clone(), app_port: None };
+        ("explicit", l.addr, listening)
+    });
+    let inbound = settings.inbound_explicit.iter().map(|l| {
+        let listening = Listening { direction: Direction::Inbound, target: None, app_port: Some(l.app_port) };
+        ("inbound", l.addr, listening)
+    });
+    for (what, addr, listening) in explicit.chain(inbound) {
+        let listener = bind(what, addr).await?;
+        explicit_addrs.push(listener.local_addr().map_err(|source| Error::Bind { what, addr, source })?);
+        listeners.push((listener, listening));
     }
     let mut outbound_addr = None;
     let mut inbound_addr = None;

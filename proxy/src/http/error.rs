@@ -26,6 +26,8 @@ pub enum Failure {
     AmbiguousFraming,
     BadRedirect,
     BadRequestTarget,
+    /// The `Host` header is missing, repeated or malformed (`headers::bad_host`).
+    BadHost,
     /// The path cannot be normalized without ambiguity (`http::normalize`).
     BadPath(super::normalize::Refused),
     /// An authorization policy denied the request.
@@ -46,6 +48,7 @@ impl Failure {
             Failure::AmbiguousFraming
             | Failure::BadRedirect
             | Failure::BadRequestTarget
+            | Failure::BadHost
             | Failure::BadPath(_) => Flags::BR,
             Failure::Denied => Flags::RBAC,
         }
@@ -65,6 +68,7 @@ impl Failure {
             Failure::AmbiguousFraming
             | Failure::BadRedirect
             | Failure::BadRequestTarget
+            | Failure::BadHost
             | Failure::BadPath(_) => StatusCode::BAD_REQUEST,
             Failure::Denied => StatusCode::FORBIDDEN,
         }
@@ -84,6 +88,7 @@ impl Failure {
             Failure::AmbiguousFraming => "ambiguous message framing",
             Failure::BadRedirect => "bad redirect",
             Failure::BadRequestTarget => "bad request target",
+            Failure::BadHost => "bad host",
             Failure::BadPath(super::normalize::Refused::EncodedSlash) => {
                 "bad path: encoded slash or backslash"
             }
@@ -111,6 +116,7 @@ impl Failure {
             Failure::AmbiguousFraming
             | Failure::BadRedirect
             | Failure::BadRequestTarget
+            | Failure::BadHost
             | Failure::BadPath(_) => 13,
             Failure::Denied => 7,
             Failure::NoConfig
@@ -143,7 +149,7 @@ pub fn respond(failure: Failure, grpc: bool, mut info: ResponseInfo) -> Response
         res
     };
     res.headers_mut().insert(X_WEFT_ERROR.clone(), HeaderValue::from_static(reason));
-    if failure == Failure::AmbiguousFraming {
+    if matches!(failure, Failure::AmbiguousFraming | Failure::BadHost) {
         res.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     }
     res.extensions_mut().insert(info);

@@ -3,10 +3,10 @@
 //! end-to-end and passes through untouched.
 
 use http::{
-    HeaderMap, HeaderName, HeaderValue,
+    HeaderMap, HeaderName, HeaderValue, Uri, Version,
     header::{
-        CONNECTION, CONTENT_LENGTH, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING,
-        UPGRADE,
+        CONNECTION, CONTENT_LENGTH, HOST, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER,
+        TRANSFER_ENCODING, UPGRADE,
     },
 };
 use tower::{Layer, Service};
@@ -121,6 +121,63 @@ pub fn ambiguous_framing(headers: &HeaderMap) -> Option<&'static str> {
     None
 }
 
+/// Why a request's `Host` cannot be trusted, if it cannot (RFC 9112 section 3.2). An HTTP/1.1
+/// request needs exactly one non-empty `Host`; HTTP/1.0 may omit it, and HTTP/2 names the
+/// authority in `:authority` (a `Host`, if sent too, must still be single). Two `Host` headers
+/// are refused rather than one picked: routing, authorization and the application could each
+/// read a different one. The authority must be `host[:port]`: no userinfo, a port of digits up
+/// to 65535.
+pub fn bad_host(version: Version, uri: &Uri, headers: &HeaderMap) -> Option<&'static str> {
+    let mut hosts = headers.get_all(HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Some("more than one Host header");
+    }
+    match host {
+        Some(h) if h.is_empty() => Some("empty Host header"),
+        Some(h) => bad_authority(h.as_bytes()),
+        None if version == Version::HTTP_11 => Some("no Host header"),
+        None => uri.authority().and_then(|a| bad_authority(a.as_str().as_bytes())),
+    }
+}
+
+/// Why `host[:port]` is not a valid authority for a request, if it is not.
+fn bad_authority(authority: &[u8]) -> Option<&'static str> {
+    let (host, port) = match authority.strip_prefix(b"[") {
+        // An IPv6 literal: `[addr]` or `[addr]:port`.
+        Some(rest) => {
+            let Some(end) = rest.iter().position(|b| *b == b']') else {
+                return Some("unclosed IPv6 literal");
+            };
+            let after = &rest[end + 1..];
+            match after.strip_prefix(b":") {
+                Some(port) => (&rest[..end], Some(port)),
+                None if after.is_empty() => (&rest[..end], None),
+                None => return Some("bytes after the IPv6 literal"),
+            }
+        }
+        None => match authority.iter().rposition(|b| *b == b':') {
+            Some(i) => (&authority[..i], Some(&authority[i + 1..])),
+            None => (authority, None),
+        },
+    };
+    let host_ok = !host.is_empty()
+        && host
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b':' | b'%'));
+    if !host_ok {
+        return Some("invalid host in the authority");
+    }
+    if let Some(port) = port {
+        let digits = !port.is_empty() && port.len() <= 5 && port.iter().all(u8::is_ascii_digit);
+        let value = std::str::from_utf8(port).ok().and_then(|p| p.parse::<u32>().ok());
+        if !digits || value.is_none_or(|p| p > 65535) {
+            return Some("invalid port in the authority");
+        }
+    }
+    None
+}
+
 /// A random version-4 UUID (`xxxxxxxx-xxxx-4xxx-yxxx-xxxxxxxxxxxx`), written digit by digit:
 /// `format!` with five hex fields cost about 1.5k instructions per request (BENCHMARKS.md).
 pub fn new_request_id() -> HeaderValue {
@@ -181,6 +238,32 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_host_must_be_single_present_on_http11_and_well_formed() {
+        let uri = |s: &str| s.parse::<Uri>().unwrap();
+        let h11 = |hosts: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for v in hosts {
+                h.append(HOST, HeaderValue::from_static(v));
+            }
+            bad_host(Version::HTTP_11, &uri("/"), &h)
+        };
+        for good in ["origin", "origin:80", "ORIGIN.ns:8080", "10.0.0.1:65535", "[::1]", "[2001:db8::1]:443"]
+        {
+            assert_eq!(h11(&[good]), None, "{good}");
+        }
+        for bad in ["origin:abc", "origin:99999", "origin:", "x@origin", "a b", "origin/x", "[::1", "[::1]x"]
+        {
+            assert!(h11(&[bad]).is_some(), "{bad}");
+        }
+        assert_eq!(h11(&["a", "b"]), Some("more than one Host header"));
+        assert_eq!(h11(&["a", "a"]), Some("more than one Host header"));
+        assert_eq!(h11(&[]), Some("no Host header"));
+        assert_eq!(h11(&[""]), Some("empty Host header"));
+        assert_eq!(bad_host(Version::HTTP_10, &uri("/"), &HeaderMap::new()), None, "HTTP/1.0 may omit it");
+        assert_eq!(bad_host(Version::HTTP_2, &uri("http://svc:80/"), &HeaderMap::new()), None);
+    }
 
     fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut h = HeaderMap::new();

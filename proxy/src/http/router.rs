@@ -33,7 +33,7 @@ use super::{
     flags::Flags,
     forward::{Destination, Head, Try, forward},
     full,
-    headers::{ambiguous_framing, is_upgrade, set_client_identity, strip_hop_by_hop},
+    headers::{ambiguous_framing, bad_host, is_upgrade, set_client_identity, strip_hop_by_hop},
     mirror,
     normalize::{Refused, normalize},
     observe::ResponseInfo,
@@ -193,6 +193,10 @@ impl Router {
         {
             tracing::debug!(peer = %self.conn.conn.peer, why, "rejecting request with ambiguous framing");
             return respond(Failure::AmbiguousFraming, false, ResponseInfo::default());
+        }
+        if let Some(why) = bad_host(req.version(), req.uri(), req.headers()) {
+            tracing::debug!(peer = %self.conn.conn.peer, why, "rejecting request with a bad Host");
+            return respond(Failure::BadHost, grpc, ResponseInfo::default());
         }
         let Some(snapshot) = self.routing.destinations.store.current() else {
             return respond(Failure::NoConfig, grpc, ResponseInfo::default());

@@ -1,5 +1,6 @@
 //! Limits and timeouts, each with a test: header count and size, request-head read timeout,
-//! idle timeout, connection cap, ambiguous framing, HTTP/2 stream limits and rapid reset.
+//! idle timeout, connection cap, ambiguous framing, Host validation, HTTP/2 stream limits and
+//! rapid reset.
 
 use std::{sync::atomic::Ordering, time::Duration};
 
@@ -128,6 +129,33 @@ async fn ambiguous_framing_is_rejected_or_normalized() {
     assert!(!reply.contains("content-length\":"), "the upstream saw no Content-Length: {reply:?}");
     assert!(!reply.contains("/smuggled"), "{reply:?}");
     assert_eq!(up.hits.load(Ordering::Relaxed), 1, "exactly one request reached the backend");
+}
+
+/// RFC 9112 section 3.2: one Host on HTTP/1.1, well formed. A second Host (either order) is not
+/// resolved by picking one: the route, the authorization and the app could read different ones.
+#[tokio::test]
+async fn a_missing_repeated_or_malformed_host_gets_400_and_reaches_no_one() {
+    let (proxy, up) = proxy_with(|_| {}).await;
+    for head in [
+        "GET / HTTP/1.1\r\nhost: svc\r\nhost: other\r\n\r\n",
+        "GET / HTTP/1.1\r\nhost: other\r\nhost: svc\r\n\r\n",
+        "GET / HTTP/1.1\r\nhost: svc:abc\r\n\r\n",
+        "GET / HTTP/1.1\r\nhost: svc:99999\r\n\r\n",
+        "GET / HTTP/1.1\r\nhost: x@svc\r\n\r\n",
+        "GET / HTTP/1.1\r\n\r\n",
+        "GET / HTTP/1.1\r\nhost:\r\n\r\n",
+    ] {
+        let reply = raw_exchange(proxy.addr(), head.as_bytes()).await;
+        assert!(reply.starts_with("HTTP/1.1 400"), "{head:?} got {reply:?}");
+        assert!(reply.contains("x-weft-error: bad host"), "{reply:?}");
+    }
+    assert_eq!(up.hits.load(Ordering::Relaxed), 0, "nothing reached the backend");
+    let served =
+        raw_exchange(proxy.addr(), b"GET / HTTP/1.1\r\nhost: svc:80\r\nconnection: close\r\n\r\n").await;
+    assert!(served.starts_with("HTTP/1.1 200"), "{served:?}");
+    let text = metrics(&proxy).await;
+    let bad = sample(&text, &["weft_requests_total{", "response_code=\"400\"", "response_flags=\"BR\""]);
+    assert_eq!(bad, Some(7.0), "counted as the client's error:\n{text}");
 }
 
 #[tokio::test]
