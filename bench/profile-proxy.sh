@@ -52,10 +52,6 @@ case "$policy" in
     ;;
   *) echo "policy must be none, retry, inbound or authz" >&2; exit 2 ;;
 esac
-listen=(--listen "127.0.0.1:$port_proxy")
-case "$policy" in
-  inbound|authz) listen=(--listen-inbound "127.0.0.1:$port_proxy=$port_origin") ;;
-esac
 case "$proto" in
   h1) load=(--h1) ;;
   h2) load=(-m 10) ;;
@@ -65,6 +61,10 @@ out=${OUT:-bench/results/proxy-callgrind.txt}
 port_origin=27380
 port_proxy=27383
 port_admin=27384
+listen=(--listen "127.0.0.1:$port_proxy")
+case "$policy" in
+  inbound|authz) listen=(--listen-inbound "127.0.0.1:$port_proxy=$port_origin") ;;
+esac
 for tool in valgrind callgrind_control callgrind_annotate nginx h2load; do
   command -v "$tool" > /dev/null || { echo "$tool is needed (apt-get install valgrind nginx-light nghttp2-client)" >&2; exit 1; }
 done

@@ -608,8 +608,7 @@ fn authorize_tcp(shared: &Shared, conn: &Conn, tunnel: Option<&MeshClient>) -> b
     let Some(policy) = inbound_policy(shared).filter(|p| p.authorizes()) else { return true };
     let facts = Facts::connection(conn, tunnel.map(|t| &t.peer), tunnel.and_then(|t| t.sni.as_deref()));
     let Some(facts) = facts else { return false };
-    let decision = policy.decide(&facts);
-    shared.metrics().record_authz(&decision);
+    let decision = policy.decide_counted(&facts, Some(shared.metrics()));
     if !decision.allowed() {
         let policy = decision.enforced.as_ref().and_then(|v| v.policy.as_deref());
         tracing::debug!(peer = %conn.peer, port = ?conn.port(), policy, "TCP connection denied by authorization policy");

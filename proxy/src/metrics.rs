@@ -153,18 +153,12 @@ pub struct AuthzLabels {
 }
 
 impl Metrics {
-    /// Counts an authorization decision (enforced and dry-run parts).
-    pub fn record_authz(&self, decision: &crate::inbound::Decision) {
-        let parts = [(&decision.enforced, false), (&decision.dry_run, true)];
-        for (verdict, dry_run) in parts {
-            let Some(v) = verdict else { continue };
-            let labels = AuthzLabels {
-                policy: v.policy.clone().unwrap_or_default(),
-                decision: if v.allowed { "allow" } else { "deny" },
-                dry_run,
-            };
-            self.authz.get_or_create(&labels).inc();
-        }
+    /// The `[allow, deny]` decision counters of one policy (`""`: none matched).
+    pub fn authz_counters(&self, policy: &Arc<str>, dry_run: bool) -> [Counter; 2] {
+        ["allow", "deny"].map(|decision| {
+            let labels = AuthzLabels { policy: policy.clone(), decision, dry_run };
+            self.authz.get_or_create(&labels).clone()
+        })
     }
 }
 

@@ -347,14 +347,8 @@ impl Router {
         let Some(mut facts) = Facts::connection(&self.conn.conn, self.conn.tunnel.as_ref(), sni) else {
             return false;
         };
-        facts.http = Some(HttpFacts {
-            host,
-            method: req.method().as_str(),
-            path: req.uri().path(),
-            headers: req.headers(),
-        });
-        let decision = policy.decide(&facts);
-        self.routing.metrics.record_authz(&decision);
+        facts.http = Some(HttpFacts::new(host, req.method().as_str(), req.uri().path(), req.headers()));
+        let decision = policy.decide_counted(&facts, Some(&self.routing.metrics));
         if !decision.allowed() {
             let policy = decision.enforced.as_ref().and_then(|v| v.policy.as_deref());
             tracing::debug!(peer = %self.conn.conn.peer, method = %req.method(), policy, "request denied by authorization policy");

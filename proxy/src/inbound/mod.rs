@@ -11,12 +11,16 @@ mod rules;
 #[cfg(test)]
 mod tests;
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock, OnceLock};
+
+use prometheus_client::metrics::counter::Counter;
 
 use http::HeaderName;
 pub use rules::{Check, Facts, HttpFacts};
-use rules::{Condition, Field, IpBlock, Operation, Pattern, Rule, Source};
+use rules::{Condition, Field, Gate, IpBlock, Operation, Pattern, Rule, Source};
 use weft_proto::v1 as pb;
+
+use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -71,18 +75,30 @@ pub struct Inbound {
 struct Policies {
     deny: Vec<Policy>,
     allow: Vec<Policy>,
+    /// The counters of "no ALLOW policy matched" (`policy=""`).
+    unmatched: Counters,
 }
+
+/// One policy's decision counters, `[allow, deny]`, taken from the metric family on first use so
+/// that counting costs an increment, not a hash of the labels per request.
+type Counters = OnceLock<[Counter; 2]>;
 
 #[derive(Debug)]
 struct Policy {
     /// `<namespace>/<name>`.
     name: Arc<str>,
     rules: Vec<Rule>,
+    /// What all its rules need: most requests a policy does not match skip it here.
+    gate: Gate,
+    counters: Counters,
 }
 
 impl Policy {
     /// Whether any rule matches; `Unknown` checks count as a match for DENY and not for ALLOW.
     fn matches(&self, facts: &Facts<'_>, deny: bool) -> bool {
+        if self.gate.rejects(facts) {
+            return false;
+        }
         self.rules.iter().any(|r| match r.check(facts) {
             Check::Yes => true,
             Check::No => false,
@@ -119,23 +135,33 @@ impl Policies {
         self.deny.is_empty() && self.allow.is_empty()
     }
 
-    fn decide(&self, facts: &Facts<'_>) -> Option<Verdict> {
+    /// The verdict, and the policy name and counters it counts in.
+    fn decide(&self, facts: &Facts<'_>) -> Option<(Verdict, (&Arc<str>, &Counters))> {
         if self.is_empty() {
             return None;
         }
-        let verdict = |allowed, p: &Policy| Verdict { allowed, policy: Some(p.name.clone()) };
+        let unmatched = |allowed| (Verdict { allowed, policy: None }, (&*NO_POLICY, &self.unmatched));
         if let Some(p) = self.deny.iter().find(|p| p.matches(facts, true)) {
-            return Some(verdict(false, p));
+            return Some(decided_by(false, p));
         }
         if self.allow.is_empty() {
-            return Some(Verdict { allowed: true, policy: None });
+            return Some(unmatched(true));
         }
         Some(match self.allow.iter().find(|p| p.matches(facts, false)) {
-            Some(p) => verdict(true, p),
-            None => Verdict { allowed: false, policy: None },
+            Some(p) => decided_by(true, p),
+            None => unmatched(false),
         })
     }
 }
+
+/// A verdict decided by policy `p`.
+fn decided_by(allowed: bool, p: &Policy) -> (Verdict, (&Arc<str>, &Counters)) {
+    (Verdict { allowed, policy: Some(p.name.clone()) }, (&p.name, &p.counters))
+}
+
+/// The `policy` label when no policy matched: allowed with only DENY policies, or denied because
+/// no ALLOW policy matched.
+static NO_POLICY: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(""));
 
 impl Inbound {
     /// The mTLS mode for connections to the app's `port`.
@@ -150,7 +176,25 @@ impl Inbound {
     }
 
     pub fn decide(&self, facts: &Facts<'_>) -> Decision {
-        Decision { enforced: self.enforced.decide(facts), dry_run: self.dry_run.decide(facts) }
+        self.decide_counted(facts, None)
+    }
+
+    /// `decide`, counting the outcome in `weft_authz_decisions_total` when `metrics` is given.
+    pub fn decide_counted(&self, facts: &Facts<'_>, metrics: Option<&Metrics>) -> Decision {
+        let mut decision = Decision::default();
+        for (policies, dry_run) in [(&self.enforced, false), (&self.dry_run, true)] {
+            let Some((verdict, counters)) = policies.decide(facts) else { continue };
+            if let (Some(metrics), (name, counters)) = (metrics, counters) {
+                let [allow, deny] = counters.get_or_init(|| metrics.authz_counters(name, dry_run));
+                if verdict.allowed {
+                    allow.inc()
+                } else {
+                    deny.inc()
+                };
+            }
+            *if dry_run { &mut decision.dry_run } else { &mut decision.enforced } = Some(verdict);
+        }
+        decision
     }
 }
 
@@ -160,13 +204,18 @@ pub fn compile(policy: &pb::InboundPolicy) -> Result<Inbound, Error> {
     let mut dry_run = Policies::default();
     for (i, a) in policy.authorizations.iter().enumerate() {
         let at = format!("inbound.authorizations[{i}]");
-        let rules = a
+        let rules: Vec<Rule> = a
             .rules
             .iter()
             .enumerate()
             .map(|(j, r)| rule(r, &format!("{at}.rules[{j}]")))
             .collect::<Result<_, _>>()?;
-        let compiled = Policy { name: Arc::from(a.name.as_str()), rules };
+        let compiled = Policy {
+            name: Arc::from(a.name.as_str()),
+            gate: Gate::all(&rules),
+            rules,
+            counters: Counters::new(),
+        };
         let set = if a.dry_run { &mut dry_run } else { &mut enforced };
         match pb::authorization::Action::try_from(a.action) {
             Ok(pb::authorization::Action::Allow) => set.allow.push(compiled),
@@ -210,7 +259,7 @@ fn rule(r: &pb::AuthorizationRule, at: &str) -> Result<Rule, Error> {
         .enumerate()
         .map(|(i, c)| condition(c, &format!("{at}.when[{i}]")))
         .collect::<Result<_, _>>()?;
-    Ok(Rule { from, to, when })
+    Ok(Rule::new(from, to, when))
 }
 
 fn patterns(any: &[String], none: &[String]) -> Field<Pattern> {

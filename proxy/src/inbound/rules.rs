@@ -49,6 +49,23 @@ pub struct HttpFacts<'a> {
     /// Normalized (`http::normalize`), without the query: exactly what the upstream receives.
     pub path: &'a str,
     pub headers: &'a HeaderMap,
+    /// Found once per request rather than once per rule: whether `path` has parameters (`;`),
+    /// and the method's bit (`method_bit`).
+    has_params: bool,
+    method_bit: u16,
+}
+
+impl<'a> HttpFacts<'a> {
+    pub fn new(host: &'a str, method: &'a str, path: &'a str, headers: &'a HeaderMap) -> HttpFacts<'a> {
+        HttpFacts {
+            host,
+            method,
+            path,
+            headers,
+            has_params: path.contains(';'),
+            method_bit: method_bit(method),
+        }
+    }
 }
 
 /// A three-valued check: `Unknown` is settled by the rule's action (see the module docs).
@@ -64,22 +81,30 @@ impl Check {
         if b { Check::Yes } else { Check::No }
     }
 
-    /// Both hold; a `No` anywhere decides.
-    fn and(self, other: Check) -> Check {
-        match (self, other) {
-            (Check::No, _) | (_, Check::No) => Check::No,
-            (Check::Yes, Check::Yes) => Check::Yes,
-            _ => Check::Unknown,
+    /// Both hold; a `No` decides without evaluating `other` (the request path runs every rule
+    /// of every policy, so the cheap, discriminating checks go first).
+    fn and(self, other: impl FnOnce() -> Check) -> Check {
+        match self {
+            Check::No => Check::No,
+            Check::Yes => other(),
+            Check::Unknown => match other() {
+                Check::No => Check::No,
+                _ => Check::Unknown,
+            },
         }
     }
 
-    /// Either holds; a `Yes` anywhere decides.
-    fn or(self, other: Check) -> Check {
-        match (self, other) {
-            (Check::Yes, _) | (_, Check::Yes) => Check::Yes,
-            (Check::No, Check::No) => Check::No,
-            _ => Check::Unknown,
+    /// One of `checks` holds: the first `Yes` decides; otherwise `Unknown` if any was.
+    fn any(checks: impl Iterator<Item = Check>) -> Check {
+        let mut result = Check::No;
+        for c in checks {
+            match c {
+                Check::Yes => return Check::Yes,
+                Check::Unknown => result = Check::Unknown,
+                Check::No => {}
+            }
         }
+        result
     }
 }
 
@@ -176,6 +201,9 @@ impl<T> Field<T> {
     /// `Yes` when the field says nothing; `value` is `None` when the connection does not carry
     /// it (no identity, no SNI): a positive list then fails and a negative one holds.
     fn check<V: Copy>(&self, value: Option<V>, matches: impl Fn(&T, V) -> bool) -> Check {
+        if self.is_empty() {
+            return Check::Yes;
+        }
         let hit = |list: &[T]| value.is_some_and(|v| list.iter().any(|t| matches(t, v)));
         Check::from((self.any.is_empty() || hit(&self.any)) && !hit(&self.none))
     }
@@ -197,9 +225,9 @@ impl Source {
         let ip = |b: &IpBlock, ip| b.contains(ip);
         self.principals
             .check(f.principal, |p, v| p.matches(v))
-            .and(self.namespaces.check(f.namespace, |p, v| p.matches(v)))
-            .and(self.ip_blocks.check(Some(f.source), ip))
-            .and(self.remote_ip_blocks.check(Some(f.source), ip))
+            .and(|| self.namespaces.check(f.namespace, |p, v| p.matches(v)))
+            .and(|| self.ip_blocks.check(Some(f.source), ip))
+            .and(|| self.remote_ip_blocks.check(Some(f.source), ip))
     }
 }
 
@@ -213,32 +241,28 @@ pub struct Operation {
 
 impl Operation {
     fn check(&self, f: &Facts<'_>) -> Check {
-        let ports = self.ports.check(Some(f.destination.port()), |p, v| *p == v);
-        let http_only = [&self.hosts, &self.methods, &self.paths];
+        let ports = || self.ports.check(Some(f.destination.port()), |p, v| *p == v);
         let Some(h) = f.http else {
-            return if http_only.iter().all(|field| field.is_empty()) {
-                ports
-            } else {
-                ports.and(Check::Unknown)
-            };
+            let http_only = self.hosts.is_empty() && self.methods.is_empty() && self.paths.is_empty();
+            return if http_only { ports() } else { ports().and(|| Check::Unknown) };
         };
-        ports
-            .and(self.hosts.check(Some(h.host), |p, v| p.matches(v)))
-            .and(self.methods.check(Some(h.method), |p, v| p.matches(v)))
-            .and(self.paths_check(h.path))
+        self.methods
+            .check(Some(h.method), |p, v| p.matches(v))
+            .and(ports)
+            .and(|| self.paths_check(&h))
+            .and(|| self.hosts.check(Some(h.host), |p, v| p.matches(v)))
     }
 
     /// Path parameters (`/admin;x`) mean nothing to the proxy and, to some applications, the
     /// same as the path without them: where the two readings disagree the check is `Unknown`.
-    fn paths_check(&self, path: &str) -> Check {
+    fn paths_check(&self, h: &HttpFacts<'_>) -> Check {
         let check = |p: &str| self.paths.check(Some(p), |pat, v| pat.matches(v));
-        let raw = check(path);
-        if !path.contains(';') {
-            return raw;
+        let raw = check(h.path);
+        match h.has_params {
+            false => raw,
+            true if check(&without_params(h.path)) == raw => raw,
+            true => Check::Unknown,
         }
-        let bare: String =
-            path.split('/').map(|seg| seg.split(';').next().unwrap_or("")).collect::<Vec<_>>().join("/");
-        if check(&bare) == raw { raw } else { Check::Unknown }
     }
 }
 
@@ -252,6 +276,11 @@ pub enum Condition {
     DestinationIp(Field<IpBlock>),
     DestinationPort(Field<u16>),
     Sni(Field<Pattern>),
+}
+
+/// `/a;x/b;y=1` as `/a/b`.
+fn without_params(path: &str) -> String {
+    path.split('/').map(|seg| seg.split(';').next().unwrap_or("")).collect::<Vec<_>>().join("/")
 }
 
 impl Condition {
@@ -285,17 +314,80 @@ impl Condition {
 /// every condition holds.
 #[derive(Clone, Debug)]
 pub struct Rule {
-    pub from: Vec<Source>,
-    pub to: Vec<Operation>,
-    pub when: Vec<Condition>,
+    from: Vec<Source>,
+    to: Vec<Operation>,
+    when: Vec<Condition>,
+    gate: Gate,
+}
+
+/// Necessary conditions of a rule that cost a few instructions to check, so that most rules that
+/// do not match a request are passed over without walking their lists (every inbound request
+/// runs every DENY rule).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Gate {
+    /// Every `from` entry names principals or namespaces: plain text cannot match.
+    needs_identity: bool,
+    /// Every `to` entry allows only these standard methods (a bit each); `None`: any.
+    methods: Option<u16>,
+}
+
+impl Gate {
+    /// What every one of `rules` needs: a policy whose rules all need it can be passed over whole.
+    pub fn all(rules: &[Rule]) -> Gate {
+        if rules.is_empty() {
+            return Gate::default();
+        }
+        Gate {
+            needs_identity: rules.iter().all(|r| r.gate.needs_identity),
+            methods: rules.iter().try_fold(0, |acc, r| r.gate.methods.map(|m| acc | m)),
+        }
+    }
+
+    /// Whether the request cannot match (a definite `No`, never an `Unknown`).
+    pub fn rejects(&self, f: &Facts<'_>) -> bool {
+        if self.needs_identity && f.principal.is_none() {
+            return true;
+        }
+        matches!((self.methods, &f.http), (Some(allowed), Some(h)) if allowed & h.method_bit == 0)
+    }
+}
+
+/// The bit of a standard method, 0 for any other.
+fn method_bit(method: &str) -> u16 {
+    const METHODS: [&str; 9] =
+        ["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"];
+    METHODS.iter().position(|m| *m == method).map_or(0, |i| 1 << i)
 }
 
 impl Rule {
+    pub fn new(from: Vec<Source>, to: Vec<Operation>, when: Vec<Condition>) -> Rule {
+        let needs_identity = !from.is_empty()
+            && from.iter().all(|s| !s.principals.any.is_empty() || !s.namespaces.any.is_empty());
+        let exact_bits = |o: &Operation| {
+            let bits = o.methods.any.iter().map(|p| match p {
+                Pattern::Exact(m) => method_bit(m),
+                _ => 0,
+            });
+            let all_standard = !o.methods.any.is_empty() && bits.clone().all(|b| b != 0);
+            all_standard.then(|| bits.fold(0, |acc, b| acc | b))
+        };
+        let methods = if to.is_empty() {
+            None
+        } else {
+            to.iter().map(exact_bits).try_fold(0, |acc, bits| bits.map(|b| acc | b))
+        };
+        Rule { from, to, when, gate: Gate { needs_identity, methods } }
+    }
+
     pub fn check(&self, f: &Facts<'_>) -> Check {
-        let any = |checks: &mut dyn Iterator<Item = Check>| checks.fold(Check::No, Check::or);
-        let from =
-            if self.from.is_empty() { Check::Yes } else { any(&mut self.from.iter().map(|s| s.check(f))) };
-        let to = if self.to.is_empty() { Check::Yes } else { any(&mut self.to.iter().map(|o| o.check(f))) };
-        self.when.iter().fold(from.and(to), |acc, c| acc.and(c.check(f)))
+        if self.gate.rejects(f) {
+            return Check::No;
+        }
+        let from = || {
+            if self.from.is_empty() { Check::Yes } else { Check::any(self.from.iter().map(|s| s.check(f))) }
+        };
+        let to =
+            || if self.to.is_empty() { Check::Yes } else { Check::any(self.to.iter().map(|o| o.check(f))) };
+        self.when.iter().fold(from().and(to), |acc, c| acc.and(|| c.check(f)))
     }
 }

@@ -52,12 +52,7 @@ fn decide(policy: &Inbound, r: &Req) -> Decision {
         source: r.source.parse().unwrap(),
         destination: SocketAddr::new("10.1.0.5".parse().unwrap(), r.port),
         sni: None,
-        http: (!r.method.is_empty()).then_some(HttpFacts {
-            host: r.host,
-            method: r.method,
-            path: r.path,
-            headers: &headers,
-        }),
+        http: (!r.method.is_empty()).then(|| HttpFacts::new(r.host, r.method, r.path, &headers)),
     };
     policy.decide(&facts)
 }
@@ -190,6 +185,25 @@ fn paths_and_methods_are_case_sensitive_hosts_are_not() {
     let allow_get =
         inbound("authorizations: [{name: t/a, action: ALLOW, rules: [{to: [{methods: [GET]}]}]}]");
     assert!(!allowed(&allow_get, &Req { method: "get", ..get("/") }));
+}
+
+#[test]
+fn the_fast_gates_never_change_a_decision() {
+    // (rule, method, path, expected allowed under one ALLOW policy holding the rule)
+    let cases = [
+        ("{to: [{methods: [\"G*\"]}]}", "GET", "/", true),
+        ("{to: [{methods: [GET]}, {paths: [\"/x\"]}]}", "POST", "/x", true),
+        ("{to: [{methods: [GET]}, {paths: [\"/x\"]}]}", "POST", "/y", false),
+        ("{to: [{methods: [PURGE]}]}", "PURGE", "/", true),
+        ("{to: [{methods: [GET, DELETE]}]}", "DELETE", "/", true),
+        ("{to: [{methods: [GET, DELETE]}]}", "PUT", "/", false),
+        ("{from: [{principals: [\"*\"]}, {ipBlocks: [10.1.0.9]}]}", "GET", "/", true),
+    ];
+    for (rule, method, path, expected) in cases {
+        let p = inbound(&format!("authorizations: [{{name: t/p, action: ALLOW, rules: [{rule}]}}]"));
+        let req = Req { principal: None, method, path, ..get("/") };
+        assert_eq!(allowed(&p, &req), expected, "{rule} on plain text {method} {path}");
+    }
 }
 
 #[test]
