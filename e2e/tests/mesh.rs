@@ -294,6 +294,8 @@ fn assert_injected_and_ready(pod: &Pod) -> Result<()> {
         proxy.state
     );
     // The app's probe goes to the proxy's admin port, so it passes under STRICT mTLS too.
+    let probed = spec.containers.iter().filter(|c| c.readiness_probe.is_some()).count();
+    ensure!(probed > 0, "pod {name} has no app readiness probe to check");
     for c in &spec.containers {
         let probe = c.readiness_probe.as_ref().and_then(|p| p.http_get.as_ref());
         if let Some(get) = probe {

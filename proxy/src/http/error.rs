@@ -32,6 +32,8 @@ pub enum Failure {
     BadPath(super::normalize::Refused),
     /// An authorization policy denied the request.
     Denied,
+    /// Plain text on a connection accepted before the workload's mode became STRICT.
+    MtlsRequired,
 }
 
 impl Failure {
@@ -50,7 +52,7 @@ impl Failure {
             | Failure::BadRequestTarget
             | Failure::BadHost
             | Failure::BadPath(_) => Flags::BR,
-            Failure::Denied => Flags::RBAC,
+            Failure::Denied | Failure::MtlsRequired => Flags::RBAC,
         }
     }
 
@@ -70,7 +72,7 @@ impl Failure {
             | Failure::BadRequestTarget
             | Failure::BadHost
             | Failure::BadPath(_) => StatusCode::BAD_REQUEST,
-            Failure::Denied => StatusCode::FORBIDDEN,
+            Failure::Denied | Failure::MtlsRequired => StatusCode::FORBIDDEN,
         }
     }
 
@@ -94,7 +96,11 @@ impl Failure {
             }
             Failure::BadPath(super::normalize::Refused::BadEscape) => "bad path: malformed percent-encoding",
             Failure::BadPath(super::normalize::Refused::NotAbsolute) => "bad path: not absolute",
+            Failure::BadPath(super::normalize::Refused::DotSegmentParameters) => {
+                "bad path: dot segment with parameters"
+            }
             Failure::Denied => "denied by authorization policy",
+            Failure::MtlsRequired => "mutual TLS required",
         }
     }
 
@@ -118,7 +124,7 @@ impl Failure {
             | Failure::BadRequestTarget
             | Failure::BadHost
             | Failure::BadPath(_) => 13,
-            Failure::Denied => 7,
+            Failure::Denied | Failure::MtlsRequired => 7,
             Failure::NoConfig
             | Failure::NoHealthyUpstream
             | Failure::Overflow
@@ -149,7 +155,7 @@ pub fn respond(failure: Failure, grpc: bool, mut info: ResponseInfo) -> Response
         res
     };
     res.headers_mut().insert(X_WEFT_ERROR.clone(), HeaderValue::from_static(reason));
-    if matches!(failure, Failure::AmbiguousFraming | Failure::BadHost) {
+    if matches!(failure, Failure::AmbiguousFraming | Failure::BadHost | Failure::MtlsRequired) {
         res.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     }
     res.extensions_mut().insert(info);

@@ -8,6 +8,7 @@ use http::{
         CONNECTION, CONTENT_LENGTH, HOST, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER,
         TRANSFER_ENCODING, UPGRADE,
     },
+    uri::Authority,
 };
 use tower::{Layer, Service};
 use weft_identity::SpiffeId;
@@ -134,16 +135,26 @@ pub fn bad_host(version: Version, uri: &Uri, headers: &HeaderMap) -> Option<&'st
         return Some("more than one Host header");
     }
     match host {
-        Some(h) if h.is_empty() => Some("empty Host header"),
-        Some(h) => bad_authority(h.as_bytes()),
-        None if version == Version::HTTP_11 => Some("no Host header"),
-        None => uri.authority().and_then(|a| bad_authority(a.as_str().as_bytes())),
+        Some(h) if h.is_empty() => return Some("empty Host header"),
+        Some(h) => {
+            if let Some(why) = bad_authority(h.as_bytes()) {
+                return Some(why);
+            }
+            // Routing and authorization read the Host parsed: it must parse as it was checked.
+            if h.to_str().ok().and_then(|h| h.parse::<Authority>().ok()).is_none() {
+                return Some("invalid Host header");
+            }
+        }
+        None if version == Version::HTTP_11 => return Some("no Host header"),
+        None => {}
     }
+    // The URI's authority (absolute form, HTTP/2 `:authority`) is the one routing reads.
+    uri.authority().and_then(|a| bad_authority(a.as_str().as_bytes()))
 }
 
 /// Why `host[:port]` is not a valid authority for a request, if it is not.
 fn bad_authority(authority: &[u8]) -> Option<&'static str> {
-    let (host, port) = match authority.strip_prefix(b"[") {
+    let (host, port, ipv6) = match authority.strip_prefix(b"[") {
         // An IPv6 literal: `[addr]` or `[addr]:port`.
         Some(rest) => {
             let Some(end) = rest.iter().position(|b| *b == b']') else {
@@ -151,20 +162,23 @@ fn bad_authority(authority: &[u8]) -> Option<&'static str> {
             };
             let after = &rest[end + 1..];
             match after.strip_prefix(b":") {
-                Some(port) => (&rest[..end], Some(port)),
-                None if after.is_empty() => (&rest[..end], None),
+                Some(port) => (&rest[..end], Some(port), true),
+                None if after.is_empty() => (&rest[..end], None, true),
                 None => return Some("bytes after the IPv6 literal"),
             }
         }
-        None => match authority.iter().rposition(|b| *b == b':') {
-            Some(i) => (&authority[..i], Some(&authority[i + 1..])),
-            None => (authority, None),
+        None => match authority.iter().position(|b| *b == b':') {
+            Some(i) => (&authority[..i], Some(&authority[i + 1..]), false),
+            None => (authority, None, false),
         },
     };
+    // A name or IPv4 address; inside brackets, an IPv6 address. No `%`: an escape would be
+    // decoded by some readers and not others.
     let host_ok = !host.is_empty()
-        && host
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b':' | b'%'));
+        && host.iter().all(|b| match ipv6 {
+            true => b.is_ascii_hexdigit() || matches!(b, b':' | b'.'),
+            false => b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'),
+        });
     if !host_ok {
         return Some("invalid host in the authority");
     }
@@ -253,8 +267,19 @@ mod tests {
         {
             assert_eq!(h11(&[good]), None, "{good}");
         }
-        for bad in ["origin:abc", "origin:99999", "origin:", "x@origin", "a b", "origin/x", "[::1", "[::1]x"]
-        {
+        for bad in [
+            "origin:abc",
+            "origin:99999",
+            "origin:",
+            "x@origin",
+            "a b",
+            "origin/x",
+            "[::1",
+            "[::1]x",
+            "secret.ns::80",
+            "secret.ns:1:80",
+            "secret%2ens",
+        ] {
             assert!(h11(&[bad]).is_some(), "{bad}");
         }
         assert_eq!(h11(&["a", "b"]), Some("more than one Host header"));
@@ -263,6 +288,12 @@ mod tests {
         assert_eq!(h11(&[""]), Some("empty Host header"));
         assert_eq!(bad_host(Version::HTTP_10, &uri("/"), &HeaderMap::new()), None, "HTTP/1.0 may omit it");
         assert_eq!(bad_host(Version::HTTP_2, &uri("http://svc:80/"), &HeaderMap::new()), None);
+        let mut one = HeaderMap::new();
+        one.insert(HOST, HeaderValue::from_static("reviews"));
+        assert!(
+            bad_host(Version::HTTP_11, &uri("http://x@secret.ns/"), &one).is_some(),
+            "userinfo in the URI"
+        );
     }
 
     fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {

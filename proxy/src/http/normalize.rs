@@ -27,6 +27,15 @@ pub enum Refused {
     BadEscape,
     #[error("the path does not start with /")]
     NotAbsolute,
+    /// `/..;/admin`: a dot segment with parameters, which some servers resolve as `..`.
+    #[error("the path has a dot segment with parameters")]
+    DotSegmentParameters,
+}
+
+/// `.;x` or `..;x`: a dot segment to servers that drop path parameters (Tomcat, Jetty, Spring).
+fn is_dot_with_parameters(segment: &[u8]) -> bool {
+    let name = segment.split(|&b| b == b';').next().unwrap_or_default();
+    segment.contains(&b';') && (name == b"." || name == b"..")
 }
 
 fn is_unreserved(b: u8) -> bool {
@@ -90,6 +99,7 @@ pub fn normalize(path_and_query: &str) -> Result<Cow<'_, str>, Refused> {
             b".." => {
                 segments.pop();
             }
+            s if is_dot_with_parameters(s) => return Err(Refused::DotSegmentParameters),
             s => segments.push(s),
         }
     }
@@ -120,7 +130,7 @@ fn is_normal(path: &[u8]) -> bool {
     let mut segments = path.split(|&b| b == b'/').skip(1).peekable();
     while let Some(s) = segments.next() {
         let last = segments.peek().is_none();
-        if s == b"." || s == b".." || (s.is_empty() && !last) {
+        if s == b"." || s == b".." || (s.is_empty() && !last) || s.starts_with(b".") && s.contains(&b';') {
             return false;
         }
     }
@@ -170,6 +180,10 @@ mod tests {
         assert_eq!(n("/a%zz"), Err(Refused::BadEscape));
         assert_eq!(n("/a%4"), Err(Refused::BadEscape));
         assert_eq!(n("admin"), Err(Refused::NotAbsolute));
+        assert_eq!(n("/public/..;/admin"), Err(Refused::DotSegmentParameters));
+        assert_eq!(n("/%2e%2e;x/admin"), Err(Refused::DotSegmentParameters));
+        assert_eq!(n("/a/.;x/b"), Err(Refused::DotSegmentParameters));
+        assert_eq!(n("/a/..x;y/b").as_deref(), Ok("/a/..x;y/b"), "not a dot segment");
     }
 
     #[test]

@@ -45,8 +45,8 @@ use crate::{
     config::{Action, HttpRoute, Service, Snapshot, Target, policy::RetryPolicy},
     conn::Conn,
     destinations::Destinations,
-    inbound::{Facts, HttpFacts, Inbound},
-    metrics::Metrics,
+    inbound::{Facts, HttpFacts, Inbound, MtlsMode},
+    metrics::{Metrics, ReasonLabels},
     peer::Peer,
     route::{Match, RequestView, redirect_location, rewrite_path, select},
     upstream::Proto,
@@ -209,12 +209,22 @@ impl Router {
         }
         let authority = authority_of(&req);
         let host = authority.as_ref().map(|a| a.host().to_ascii_lowercase()).unwrap_or_default();
-        if inbound
-            && let Some(policy) = snapshot.inbound.as_deref().filter(|p| p.authorizes())
-            && !self.authorize(policy, &req, &host)
-        {
-            let info = ResponseInfo { service: Some(super::INBOUND.clone()), ..Default::default() };
-            return respond(Failure::Denied, grpc, info);
+        let port = authority.as_ref().and_then(|a| a.port_u16());
+        if inbound && let Some(policy) = snapshot.inbound.as_deref() {
+            let info = || ResponseInfo { service: Some(super::INBOUND.clone()), ..Default::default() };
+            // The mode may have become STRICT after this plain-text connection was accepted.
+            let app_port = self.conn.conn.port().unwrap_or_default();
+            if self.conn.tunnel.is_none() && policy.mtls(app_port) == MtlsMode::Strict {
+                self.routing
+                    .metrics
+                    .inbound_refused
+                    .get_or_create(&ReasonLabels { reason: "plaintext" })
+                    .inc();
+                return respond(Failure::MtlsRequired, grpc, info());
+            }
+            if policy.authorizes() && !self.authorize(policy, &req, (&host, port)) {
+                return respond(Failure::Denied, grpc, info());
+            }
         }
         let view = RequestView {
             method: req.method().as_str(),
@@ -223,7 +233,6 @@ impl Router {
             query: req.uri().query(),
             headers: req.headers(),
         };
-        let port = authority.as_ref().and_then(|a| a.port_u16());
         let forward_ip = self.routing.inbound_forward_ip;
         let fresh: Arc<Snapshot>;
         let mut decision = decide(&snapshot, &self.conn.conn, &view, port, forward_ip);
@@ -342,12 +351,12 @@ impl Router {
 
     /// Decides a request to the local app by the workload's authorization policies (on the
     /// normalized path, the one the app receives) and counts the decision.
-    fn authorize(&self, policy: &Inbound, req: &Request<Incoming>, host: &str) -> bool {
+    fn authorize(&self, policy: &Inbound, req: &Request<Incoming>, authority: (&str, Option<u16>)) -> bool {
         let sni = self.conn.sni.as_deref();
         let Some(mut facts) = Facts::connection(&self.conn.conn, self.conn.tunnel.as_ref(), sni) else {
             return false;
         };
-        facts.http = Some(HttpFacts::new(host, req.method().as_str(), req.uri().path(), req.headers()));
+        facts.http = Some(HttpFacts::new(authority, req.method().as_str(), req.uri().path(), req.headers()));
         let decision = policy.decide_counted(&facts, Some(&self.routing.metrics));
         if !decision.allowed() {
             let policy = decision.enforced.as_ref().and_then(|v| v.policy.as_deref());

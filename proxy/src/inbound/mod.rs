@@ -17,7 +17,7 @@ use prometheus_client::metrics::counter::Counter;
 
 use http::HeaderName;
 pub use rules::{Check, Facts, HttpFacts};
-use rules::{Condition, Field, Gate, IpBlock, Operation, Pattern, Rule, Source};
+use rules::{Condition, Field, Gate, HostPattern, IpBlock, Operation, Pattern, Rule, Source};
 use weft_proto::v1 as pb;
 
 use crate::metrics::Metrics;
@@ -54,8 +54,9 @@ impl MtlsMode {
         match pb::MtlsMode::try_from(value) {
             Ok(pb::MtlsMode::MtlsStrict) => MtlsMode::Strict,
             Ok(pb::MtlsMode::MtlsDisable) => MtlsMode::Disable,
-            // An unknown mode from a newer control plane: the default.
-            Ok(pb::MtlsMode::MtlsPermissive) | Err(_) => MtlsMode::Permissive,
+            Ok(pb::MtlsMode::MtlsPermissive) => MtlsMode::Permissive,
+            // A mode from a newer control plane that this proxy does not know: fail closed.
+            Err(_) => MtlsMode::Strict,
         }
     }
 }
@@ -313,14 +314,14 @@ fn source(s: &pb::PeerMatch, at: &str) -> Result<Source, Error> {
 }
 
 fn operation(o: &pb::OperationMatch, at: &str) -> Result<Operation, Error> {
-    let lower = |list: &[String]| list.iter().map(|s| Pattern::parse_lower(s)).collect();
+    let hosts = |list: &[String]| list.iter().map(|s| HostPattern::parse(s)).collect();
     for p in o.paths.iter().chain(&o.not_paths) {
         if p.contains('{') {
             return Err(Error::PathTemplate { at: format!("{at}.paths"), value: p.clone() });
         }
     }
     Ok(Operation {
-        hosts: Field { any: lower(&o.hosts), none: lower(&o.not_hosts) },
+        hosts: Field { any: hosts(&o.hosts), none: hosts(&o.not_hosts) },
         ports: ports(&o.ports, &o.not_ports, &format!("{at}.ports"), |p| u16::try_from(*p).ok())?,
         methods: patterns(&o.methods, &o.not_methods),
         paths: patterns(&o.paths, &o.not_paths),

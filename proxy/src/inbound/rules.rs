@@ -5,9 +5,15 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use http::{HeaderMap, HeaderName};
+use http::{
+    HeaderMap, HeaderName,
+    header::{CONNECTION, COOKIE, HOST},
+};
 
 use crate::{conn::Conn, peer::Peer};
+
+/// Set by the proxy for the app (`http::headers`); a client's own value never reaches it.
+static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 
 /// What a connection or request carries that rules look at.
 #[derive(Clone, Copy, Debug)]
@@ -43,8 +49,9 @@ impl<'a> Facts<'a> {
 
 #[derive(Clone, Copy, Debug)]
 pub struct HttpFacts<'a> {
-    /// Lower case, without the port.
+    /// Lower case, without the port; the port, when the authority names one.
     pub host: &'a str,
+    pub port: Option<u16>,
     pub method: &'a str,
     /// Normalized (`http::normalize`), without the query: exactly what the upstream receives.
     pub path: &'a str,
@@ -56,9 +63,15 @@ pub struct HttpFacts<'a> {
 }
 
 impl<'a> HttpFacts<'a> {
-    pub fn new(host: &'a str, method: &'a str, path: &'a str, headers: &'a HeaderMap) -> HttpFacts<'a> {
+    pub fn new(
+        (host, port): (&'a str, Option<u16>),
+        method: &'a str,
+        path: &'a str,
+        headers: &'a HeaderMap,
+    ) -> HttpFacts<'a> {
         HttpFacts {
             host,
+            port,
             method,
             path,
             headers,
@@ -130,11 +143,6 @@ impl Pattern {
         }
     }
 
-    /// Hosts compare without case: the pattern is stored lower case.
-    pub fn parse_lower(s: &str) -> Pattern {
-        Pattern::parse(&s.to_ascii_lowercase())
-    }
-
     pub fn matches(&self, value: &str) -> bool {
         match self {
             Pattern::Any => !value.is_empty(),
@@ -142,6 +150,30 @@ impl Pattern {
             Pattern::Suffix(s) => value.ends_with(s.as_str()),
             Pattern::Exact(e) => value == e,
         }
+    }
+}
+
+/// A `hosts` entry: a name pattern (lower case) and, when the entry names one (`web:8080`), the
+/// port the request's authority must carry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostPattern {
+    name: Pattern,
+    port: Option<u16>,
+}
+
+impl HostPattern {
+    pub fn parse(s: &str) -> HostPattern {
+        let s = s.to_ascii_lowercase();
+        match s.rsplit_once(':').and_then(|(name, port)| Some((name, port.parse().ok()?))) {
+            Some((name, port)) if !name.ends_with(':') => {
+                HostPattern { name: Pattern::parse(name), port: Some(port) }
+            }
+            _ => HostPattern { name: Pattern::parse(&s), port: None },
+        }
+    }
+
+    fn matches(&self, host: &str, port: Option<u16>) -> bool {
+        self.name.matches(host) && self.port.is_none_or(|p| port == Some(p))
     }
 }
 
@@ -233,7 +265,7 @@ impl Source {
 
 #[derive(Clone, Debug)]
 pub struct Operation {
-    pub hosts: Field<Pattern>,
+    pub hosts: Field<HostPattern>,
     pub ports: Field<u16>,
     pub methods: Field<Pattern>,
     pub paths: Field<Pattern>,
@@ -250,7 +282,7 @@ impl Operation {
             .check(Some(h.method), |p, v| p.matches(v))
             .and(ports)
             .and(|| self.paths_check(&h))
-            .and(|| self.hosts.check(Some(h.host), |p, v| p.matches(v)))
+            .and(|| self.hosts.check(Some(h.host), |p, v| p.matches(v, h.port)))
     }
 
     /// Path parameters (`/admin;x`) mean nothing to the proxy and, to some applications, the
@@ -278,6 +310,16 @@ pub enum Condition {
     Sni(Field<Pattern>),
 }
 
+/// Whether the request's `Connection` header names `name` (so it is not forwarded).
+fn names_in_connection(headers: &HeaderMap, name: &HeaderName) -> bool {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(name.as_str()))
+}
+
 /// `/a;x/b;y=1` as `/a/b`.
 fn without_params(path: &str) -> String {
     path.split('/').map(|seg| seg.split(';').next().unwrap_or("")).collect::<Vec<_>>().join("/")
@@ -289,6 +331,25 @@ impl Condition {
         match self {
             Condition::Header(name, field) => {
                 let Some(h) = f.http else { return Check::Unknown };
+                if name == HOST {
+                    // The authority the request is routed by and the app receives, whether it
+                    // came as `Host`, `:authority` or an absolute URI.
+                    return field.check(Some(h.host), |p, v| p.matches(v));
+                }
+                if name == X_FORWARDED_CLIENT_CERT || names_in_connection(h.headers, name) {
+                    // Not what the app will see: the proxy replaces the first with the verified
+                    // identity, and removes hop-by-hop headers the `Connection` header names.
+                    return Check::Unknown;
+                }
+                if name == COOKIE {
+                    // HTTP/2 splits cookies into several fields; they are one header (RFC 9113 8.2.3).
+                    let joined =
+                        h.headers.get_all(COOKIE).iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>();
+                    return match joined.is_empty() {
+                        true => field.check(None::<&str>, |p, v| p.matches(v)),
+                        false => field.check(Some(joined.join("; ").as_str()), |p, v| p.matches(v)),
+                    };
+                }
                 let mut values = h.headers.get_all(name).iter();
                 match (values.next(), values.next()) {
                     // Sent twice: which one the application reads is not ours to guess.

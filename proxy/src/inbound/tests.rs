@@ -52,7 +52,8 @@ fn decide(policy: &Inbound, r: &Req) -> Decision {
         source: r.source.parse().unwrap(),
         destination: SocketAddr::new("10.1.0.5".parse().unwrap(), r.port),
         sni: None,
-        http: (!r.method.is_empty()).then(|| HttpFacts::new(r.host, r.method, r.path, &headers)),
+        http: (!r.method.is_empty())
+            .then(|| HttpFacts::new((r.host, Some(r.port)), r.method, r.path, &headers)),
     };
     policy.decide(&facts)
 }
@@ -108,6 +109,19 @@ fn every_source_and_operation_field_and_its_negation() {
         ("{to: [{hosts: [\"*.shop\"]}]}", get("/"), true),
         ("{to: [{hosts: [\"ORDERS.SHOP\"]}]}", get("/"), true),
         ("{to: [{notHosts: [\"orders.*\"]}]}", get("/"), false),
+        ("{to: [{hosts: [\"orders.shop:8080\"]}]}", get("/"), true),
+        ("{to: [{hosts: [\"orders.shop:9090\"]}]}", get("/"), false),
+        ("{when: [{key: \"request.headers[host]\", values: [\"orders.*\"]}]}", get("/"), true),
+        (
+            "{when: [{key: \"request.headers[cookie]\", values: [\"a=1; b=2\"]}]}",
+            Req { headers: vec![("cookie", "a=1"), ("cookie", "b=2")], ..get("/") },
+            true,
+        ),
+        (
+            "{when: [{key: \"request.headers[x-user]\", values: [alice]}]}",
+            Req { headers: vec![("x-user", "alice"), ("connection", "x-user")], ..get("/") },
+            false,
+        ),
         ("{to: [{paths: [\"*.css\"]}]}", get("/a.css"), true),
         ("{to: [{notPaths: [\"/a.css\"]}]}", get("/a.css"), false),
         ("{from: [{namespaces: [shop]}]}", get("/"), true),

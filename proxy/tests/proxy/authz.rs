@@ -156,7 +156,7 @@ async fn http_requests_are_allowed_by_principal_and_denied_by_path_with_403_and_
 }
 
 #[tokio::test]
-async fn opaque_tcp_is_decided_once_per_connection() {
+async fn opaque_tcp_connections_are_decided_at_connect() {
     let issuer = Issuer::new_root("cluster.local", SystemTime::now(), DAY).unwrap();
     let echo = half_close_echo().await;
     let exchange = |addr| async move {
@@ -239,11 +239,16 @@ async fn known_bypass_tricks_are_caught_and_the_app_sees_the_checked_path() {
         // A backslash reads as a slash, as in Envoy.
         (get("/\\admin"), 403, None),
         (get("/admin;x"), 403, None),
+        (get("/public/..;/admin"), 400, None),
+        (get("/%2e%2e;x/admin"), 400, None),
         (get("/admin?x=1"), 403, None),
         (get("/ADMIN"), 200, Some("/ADMIN")),
         (get("/public//a/./b/../c?q=%2F"), 200, Some("/public/a/c?q=%2F")),
         (get("/%7Euser"), 200, Some("/~user")),
         ("GET / HTTP/1.1\r\nhost: SECRET.ns:80\r\n".into(), 403, None),
+        ("GET / HTTP/1.1\r\nhost: secret.ns::80\r\n".into(), 400, None),
+        ("GET http://secret.ns/ HTTP/1.1\r\nhost: reviews\r\n".into(), 403, None),
+        ("GET http://x@secret.ns/ HTTP/1.1\r\nhost: reviews\r\n".into(), 400, None),
         ("GET / HTTP/1.1\r\nhost: reviews\r\nx-user: guest\r\nx-user: root\r\n".into(), 403, None),
         ("GET / HTTP/1.1\r\nhost: reviews\r\nx-user: guest\r\n".into(), 200, Some("/")),
     ];
@@ -258,4 +263,31 @@ async fn known_bypass_tricks_are_caught_and_the_app_sees_the_checked_path() {
         }
     }
     assert_eq!(app.hits.load(Ordering::Relaxed), served, "denied requests never reached the app");
+}
+
+#[tokio::test]
+async fn a_forged_identity_header_satisfies_no_condition() {
+    let issuer = Issuer::new_root("cluster.local", SystemTime::now(), DAY).unwrap();
+    let app = backend("reviews").await;
+    let policy = r#"{authorizations: [{name: prod/xfcc, action: ALLOW,
+        rules: [{when: [{key: "request.headers[x-forwarded-client-cert]", values: ["*"]}]}]}]}"#;
+    let inb = server(&issuer, policy, &[app.addr.port()]).await;
+    let head = "GET / HTTP/1.1\r\nhost: reviews\r\nx-forwarded-client-cert: URI=spiffe://cluster.local/ns/prod/sa/admin\r\nconnection: close\r\n\r\n";
+    let reply = raw_exchange(inb.addr(), head.as_bytes()).await;
+    assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
+    assert_eq!(app.hits.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn a_plain_text_connection_open_when_strict_arrives_is_refused_its_next_request() {
+    let issuer = Issuer::new_root("cluster.local", SystemTime::now(), DAY).unwrap();
+    let app = backend("reviews").await;
+    let inb = server(&issuer, "{mtlsMode: MTLS_PERMISSIVE}", &[app.addr.port()]).await;
+    let mut client = H1::connect(inb.addr()).await;
+    assert_eq!(client.get("reviews", "/").await.status, StatusCode::OK);
+    inb.write_config("inbound: {mtlsMode: MTLS_STRICT}\n").await.unwrap();
+    let refused = client.get("reviews", "/").await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    assert_eq!(refused.headers["x-weft-error"], "mutual TLS required");
+    assert_eq!(app.hits.load(Ordering::Relaxed), 1);
 }
