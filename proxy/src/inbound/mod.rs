@@ -74,10 +74,45 @@ pub struct Inbound {
 
 #[derive(Debug, Default)]
 struct Policies {
-    deny: Vec<Policy>,
-    allow: Vec<Policy>,
+    deny: ByIdentity<Policy>,
+    allow: ByIdentity<Policy>,
     /// The counters of "no ALLOW policy matched" (`policy=""`).
     unmatched: Counters,
+}
+
+/// Items in order, and the indexes of those a request without an identity (plain text) can
+/// match: such a request walks only those, so policies and rules that name principals or
+/// namespaces cost it nothing.
+#[derive(Debug)]
+struct ByIdentity<T> {
+    all: Vec<T>,
+    plain: Vec<usize>,
+}
+
+impl<T> Default for ByIdentity<T> {
+    fn default() -> Self {
+        ByIdentity { all: Vec::new(), plain: Vec::new() }
+    }
+}
+
+impl<T> ByIdentity<T> {
+    fn push(&mut self, item: T, needs_identity: bool) {
+        if !needs_identity {
+            self.plain.push(self.all.len());
+        }
+        self.all.push(item);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.all.is_empty()
+    }
+
+    /// The items that may match `facts`, in order.
+    fn candidates<'a>(&'a self, facts: &Facts<'_>) -> impl Iterator<Item = &'a T> {
+        let plain = facts.principal.is_none();
+        let n = if plain { self.plain.len() } else { self.all.len() };
+        (0..n).map(move |i| &self.all[if plain { self.plain[i] } else { i }])
+    }
 }
 
 /// One policy's decision counters, `[allow, deny]`, taken from the metric family on first use so
@@ -88,7 +123,7 @@ type Counters = OnceLock<[Counter; 2]>;
 struct Policy {
     /// `<namespace>/<name>`.
     name: Arc<str>,
-    rules: Vec<Rule>,
+    rules: ByIdentity<Rule>,
     /// What all its rules need: most requests a policy does not match skip it here.
     gate: Gate,
     counters: Counters,
@@ -100,7 +135,7 @@ impl Policy {
         if self.gate.rejects(facts) {
             return false;
         }
-        self.rules.iter().any(|r| match r.check(facts) {
+        self.rules.candidates(facts).any(|r| match r.check(facts) {
             Check::Yes => true,
             Check::No => false,
             Check::Unknown => deny,
@@ -142,13 +177,13 @@ impl Policies {
             return None;
         }
         let unmatched = |allowed| (Verdict { allowed, policy: None }, (&*NO_POLICY, &self.unmatched));
-        if let Some(p) = self.deny.iter().find(|p| p.matches(facts, true)) {
+        if let Some(p) = self.deny.candidates(facts).find(|p| p.matches(facts, true)) {
             return Some(decided_by(false, p));
         }
         if self.allow.is_empty() {
             return Some(unmatched(true));
         }
-        Some(match self.allow.iter().find(|p| p.matches(facts, false)) {
+        Some(match self.allow.candidates(facts).find(|p| p.matches(facts, false)) {
             Some(p) => decided_by(true, p),
             None => unmatched(false),
         })
@@ -211,16 +246,18 @@ pub fn compile(policy: &pb::InboundPolicy) -> Result<Inbound, Error> {
             .enumerate()
             .map(|(j, r)| rule(r, &format!("{at}.rules[{j}]")))
             .collect::<Result<_, _>>()?;
-        let compiled = Policy {
-            name: Arc::from(a.name.as_str()),
-            gate: Gate::all(&rules),
-            rules,
-            counters: Counters::new(),
-        };
+        let gate = Gate::all(&rules);
+        let mut by_identity = ByIdentity::default();
+        for r in rules {
+            let needs = r.needs_identity();
+            by_identity.push(r, needs);
+        }
+        let compiled =
+            Policy { name: Arc::from(a.name.as_str()), gate, rules: by_identity, counters: Counters::new() };
         let set = if a.dry_run { &mut dry_run } else { &mut enforced };
         match pb::authorization::Action::try_from(a.action) {
-            Ok(pb::authorization::Action::Allow) => set.allow.push(compiled),
-            Ok(pb::authorization::Action::Deny) => set.deny.push(compiled),
+            Ok(pb::authorization::Action::Allow) => set.allow.push(compiled, gate.needs_identity()),
+            Ok(pb::authorization::Action::Deny) => set.deny.push(compiled, gate.needs_identity()),
             Err(_) => return Err(Error::BadAction { at: format!("{at}.action"), value: a.action }),
         }
     }

@@ -404,6 +404,11 @@ impl Gate {
         }
     }
 
+    /// Whether only a request with a verified identity can pass.
+    pub fn needs_identity(&self) -> bool {
+        self.needs_identity
+    }
+
     /// Whether the request cannot match (a definite `No`, never an `Unknown`).
     pub fn rejects(&self, f: &Facts<'_>) -> bool {
         if self.needs_identity && f.principal.is_none() {
@@ -438,6 +443,10 @@ impl Rule {
             to.iter().map(exact_bits).try_fold(0, |acc, bits| bits.map(|b| acc | b))
         };
         Rule { from, to, when, gate: Gate { needs_identity, methods } }
+    }
+
+    pub fn needs_identity(&self) -> bool {
+        self.gate.needs_identity
     }
 
     pub fn check(&self, f: &Facts<'_>) -> Check {
