@@ -610,7 +610,7 @@ fn authorize_tcp(shared: &Shared, conn: &Conn, tunnel: Option<&MeshClient>) -> b
     let Some(facts) = facts else { return false };
     let decision = policy.decide_counted(&facts, Some(shared.metrics()));
     if !decision.allowed() {
-        let policy = decision.enforced.as_ref().and_then(|v| v.policy.as_deref());
+        let policy = decision.decided_by();
         tracing::debug!(peer = %conn.peer, port = ?conn.port(), policy, "TCP connection denied by authorization policy");
     }
     decision.allowed()

@@ -359,7 +359,7 @@ impl Router {
         facts.http = Some(HttpFacts::new(authority, req.method().as_str(), req.uri().path(), req.headers()));
         let decision = policy.decide_counted(&facts, Some(&self.routing.metrics));
         if !decision.allowed() {
-            let policy = decision.enforced.as_ref().and_then(|v| v.policy.as_deref());
+            let policy = decision.decided_by();
             tracing::debug!(peer = %self.conn.conn.peer, method = %req.method(), policy, "request denied by authorization policy");
         }
         decision.allowed()

@@ -164,6 +164,11 @@ impl Decision {
     pub fn allowed(&self) -> bool {
         self.enforced.as_ref().is_none_or(|v| v.allowed)
     }
+
+    /// The enforced policy that decided, for logs.
+    pub fn decided_by(&self) -> Option<&str> {
+        self.enforced.as_ref().and_then(|v| v.policy.as_deref())
+    }
 }
 
 impl Policies {
