@@ -8,6 +8,8 @@
 //!   node's part of it.
 //! - [`images`] builds OCI images from this host's files and imports them into the node.
 //! - [`mesh`] installs the chart with those images and drives the demo app on the node.
+//! - [`walkthrough`] is the demo's steps: Istio YAML applied to the meshed apps, each step's
+//!   traffic measured and checked (`cargo xtask demo`, `tests/walkthrough.rs`).
 //! - [`apply`] applies YAML streams as `kubectl apply --server-side` does.
 //! - [`http`] is a bounded `GET` for admin endpoints and test origins.
 //! - [`webhook`] runs Weft's injector in the calling process, registered with the apiserver by
@@ -30,6 +32,7 @@ pub mod node;
 mod pki;
 mod process;
 mod test_cluster;
+pub mod walkthrough;
 pub mod webhook;
 
 pub use cluster::Error;

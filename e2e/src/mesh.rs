@@ -238,7 +238,7 @@ pub async fn get(pod: &Pod, port: u16, path: &str) -> Result<(u16, String), Mesh
 }
 
 /// What the demo app's `/call` answered.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CallReport {
     /// Responses by status code.
     pub status: BTreeMap<String, u64>,
@@ -246,20 +246,63 @@ pub struct CallReport {
     pub versions: BTreeMap<String, u64>,
     /// Requests that got no response.
     pub errors: u64,
+    /// Latency percentiles in milliseconds (`None` when nothing answered).
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    /// Responses at least [`Load::slow_ms`] slow, when it was asked.
+    pub slow: Option<u64>,
 }
 
 impl CallReport {
     /// Responses with status 200.
     pub fn ok(&self) -> u64 {
-        self.status.get("200").copied().unwrap_or(0)
+        self.with_status(200)
     }
+
+    /// Responses with `status`.
+    pub fn with_status(&self, status: u16) -> u64 {
+        self.status.get(&status.to_string()).copied().unwrap_or(0)
+    }
+
+    /// Responses from pods of `version`.
+    pub fn version(&self, version: &str) -> u64 {
+        self.versions.get(version).copied().unwrap_or(0)
+    }
+
+    /// Requests sent: answered or not.
+    pub fn sent(&self) -> u64 {
+        self.status.values().sum::<u64>() + self.errors
+    }
+}
+
+/// Load for the demo app's `/call`: `n` GETs of `url`, `concurrency` at a time.
+#[derive(Debug, Clone, Default)]
+pub struct Load<'a> {
+    pub url: String,
+    pub n: u32,
+    pub concurrency: u32,
+    /// Sent with every request.
+    pub headers: &'a [(&'a str, &'a str)],
+    /// Count the responses at least this slow ([`CallReport::slow`]).
+    pub slow_ms: Option<u32>,
 }
 
 /// Has the demo app in `pod` send `n` GETs to `url`, `concurrency` at a time (its `/call`).
 pub async fn call(pod: &Pod, url: &str, n: u32, concurrency: u32) -> Result<CallReport, MeshError> {
-    let path = format!("/call?url={}&n={n}&concurrency={concurrency}", encode(url));
+    call_with(pod, &Load { url: url.to_owned(), n, concurrency, ..Load::default() }).await
+}
+
+/// Has the demo app in `pod` send `load` (its `/call`).
+pub async fn call_with(pod: &Pod, load: &Load<'_>) -> Result<CallReport, MeshError> {
+    let mut path = format!("/call?url={}&n={}&concurrency={}", encode(&load.url), load.n, load.concurrency);
+    for (name, value) in load.headers {
+        path.push_str(&format!("&header={}", encode(&format!("{name}:{value}"))));
+    }
+    if let Some(slow) = load.slow_ms {
+        path.push_str(&format!("&slow_ms={slow}"));
+    }
     let (status, body) = get(pod, APP_PORT, &path).await?;
-    let bad = |detail: String| MeshError::Answer { what: format!("/call {url}"), detail };
+    let bad = |detail: String| MeshError::Answer { what: format!("/call {}", load.url), detail };
     if status != 200 {
         return Err(bad(format!("status {status}: {body}")));
     }
@@ -274,6 +317,9 @@ pub async fn call(pod: &Pod, url: &str, n: u32, concurrency: u32) -> Result<Call
         status: counts("status"),
         versions: counts("versions"),
         errors: json["errors"].as_u64().unwrap_or(0),
+        p50_ms: json["latency_ms"]["p50"].as_f64(),
+        p99_ms: json["latency_ms"]["p99"].as_f64(),
+        slow: json["slow"].as_u64(),
     })
 }
 

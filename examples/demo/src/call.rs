@@ -24,6 +24,7 @@ use crate::query;
 
 pub const MAX_REQUESTS: u32 = 100_000;
 pub const MAX_CONCURRENCY: u32 = 256;
+pub const MAX_SLOW_MS: u32 = 60_000;
 /// Each request (connect, headers and body) must finish within this, or it counts as an error.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Only this much of each answer is read to find its `version`; a longer body still counts by status.
@@ -37,12 +38,15 @@ pub(crate) struct Call {
     concurrency: u32,
     headers: HeaderMap,
     h2: bool,
+    /// Count the answers that took at least this long.
+    slow: Option<Duration>,
 }
 
 impl Call {
-    /// `url` (required), `n`, `concurrency`, repeatable `header=Name:value` and `h2`.
+    /// `url` (required), `n`, `concurrency`, repeatable `header=Name:value`, `h2` and `slow_ms`.
     pub(crate) fn parse(query: Option<&str>) -> Result<Self, String> {
         let (mut url, mut n, mut concurrency, mut headers, mut h2) = (None, 1, 1, HeaderMap::new(), false);
+        let mut slow = None;
         for (name, value) in query::pairs(query)? {
             match name.as_str() {
                 "url" => url = Some(parse_url(&value)?),
@@ -53,15 +57,19 @@ impl Call {
                     headers.append(name, value);
                 }
                 "h2" => h2 = query::boolean("h2", &value)?,
+                "slow_ms" => {
+                    let ms = query::bounded("slow_ms", &value, 0, MAX_SLOW_MS)?;
+                    slow = Some(Duration::from_millis(ms.into()));
+                }
                 _ => {}
             }
         }
         let url = url.ok_or("missing url: /call?url=http://host[:port]/path&n=N&concurrency=C")?;
-        Ok(Self { url, n, concurrency: concurrency.min(n), headers, h2 })
+        Ok(Self { url, n, concurrency: concurrency.min(n), headers, h2, slow })
     }
 
     pub(crate) async fn run(self) -> Report {
-        let Self { url, n, concurrency, headers, h2 } = self;
+        let Self { url, n, concurrency, headers, h2, slow } = self;
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(REQUEST_TIMEOUT));
@@ -103,7 +111,7 @@ impl Call {
         while let Some(tally) = workers.join_next().await {
             total.merge(tally.expect("a /call worker panicked"));
         }
-        total.report()
+        total.report(slow)
     }
 }
 
@@ -182,14 +190,18 @@ impl Tally {
         self.latencies.extend(other.latencies);
     }
 
-    fn report(mut self) -> Report {
+    fn report(mut self, slow: Option<Duration>) -> Report {
         self.latencies.sort_unstable();
+        let slow = slow.map(|at_least| {
+            let fast = self.latencies.partition_point(|latency| *latency < at_least);
+            (self.latencies.len() - fast) as u64
+        });
         let latency_ms = Percentiles {
             p50: nearest_rank(&self.latencies, 50),
             p90: nearest_rank(&self.latencies, 90),
             p99: nearest_rank(&self.latencies, 99),
         };
-        Report { status: self.status, versions: self.versions, errors: self.errors, latency_ms }
+        Report { status: self.status, versions: self.versions, errors: self.errors, latency_ms, slow }
     }
 }
 
@@ -200,6 +212,8 @@ pub(crate) struct Report {
     versions: BTreeMap<String, u64>,
     errors: u64,
     latency_ms: Percentiles,
+    /// Answers that took at least `slow_ms`; `null` when not asked.
+    slow: Option<u64>,
 }
 
 /// Milliseconds, to the microsecond; `null` when no request got an answer.
@@ -243,6 +257,20 @@ mod tests {
         assert_eq!(call.url, "http://reviews/");
         assert_eq!((call.n, call.concurrency, call.h2), (10, 10, true));
         assert_eq!(call.headers["x-user"], "jason");
+        assert_eq!(call.slow, None);
+        let call = Call::parse(Some("url=http://reviews/&slow_ms=2000")).unwrap();
+        assert_eq!(call.slow, Some(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn counts_the_answers_at_least_as_slow_as_asked() {
+        let tally = Tally {
+            latencies: [5, 1999, 2000, 2500].map(Duration::from_millis).to_vec(),
+            ..Tally::default()
+        };
+        assert_eq!(tally.report(Some(Duration::from_secs(2))).slow, Some(2));
+        assert_eq!(Tally::default().report(Some(Duration::from_secs(2))).slow, Some(0));
+        assert_eq!(Tally::default().report(None).slow, None);
     }
 
     #[test]
@@ -256,6 +284,7 @@ mod tests {
             ("url=http://reviews/&concurrency=257", "concurrency="),
             ("url=http://reviews/&header=novalue", "header="),
             ("url=http://reviews/&h2=yes", "h2="),
+            ("url=http://reviews/&slow_ms=60001", "slow_ms="),
         ] {
             let error = Call::parse(Some(query)).unwrap_err();
             assert!(error.contains(names), "{query}: {error}");

@@ -237,6 +237,7 @@ async fn call_counts_a_refused_connection_as_an_error() {
             "versions": {},
             "errors": 3,
             "latency_ms": {"p50": null, "p90": null, "p99": null},
+            "slow": null,
         })
     );
 }
