@@ -168,6 +168,7 @@ pub async fn start_with(
         drain: CancellationToken::new(),
         workload: settings.workload.clone(),
         namespace: settings.namespace.clone(),
+        flood_log: Serving::new_flood_log(),
     });
     let admin = Arc::new(admin::Admin {
         destinations: destinations.clone(),

@@ -1,5 +1,6 @@
 //! I/O wrappers: replaying bytes read during protocol detection, and recording activity (last
-//! read or write, byte counts) for idle timeouts and TCP metrics.
+//! read or write, byte counts) for idle timeouts and TCP metrics; on HTTP/1.1 connections, also
+//! measuring request lines as they arrive (`http::limits::RequestLine`).
 
 use std::{
     io,
@@ -17,6 +18,8 @@ use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     time::Instant,
 };
+
+use crate::http::limits::{RequestLine, URI_TOO_LONG_ANSWER};
 
 pin_project_lite::pin_project! {
     /// Reads `prefix` first, then from `inner`; writes go straight to `inner`.
@@ -103,13 +106,13 @@ impl Activity {
         self.last_ms.store(self.now_ms(), Ordering::Relaxed);
     }
 
-    fn on_read(&self, n: usize) {
+    /// Records a read; true when it is the first of a request head.
+    fn on_read(&self, n: usize) -> bool {
         self.read.fetch_add(n as u64, Ordering::Relaxed);
         let now = self.now_ms(); // one clock read for both stamps
         self.last_ms.store(now, Ordering::Relaxed);
-        if self.requests.load(Ordering::Acquire) == 0 {
-            let _ = self.head_since.compare_exchange(0, now + 1, Ordering::AcqRel, Ordering::Relaxed);
-        }
+        self.requests.load(Ordering::Acquire) == 0
+            && self.head_since.compare_exchange(0, now + 1, Ordering::AcqRel, Ordering::Relaxed).is_ok()
     }
 
     /// A request head was parsed and the request starts.
@@ -169,24 +172,74 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: T,
         activity: Arc<Activity>,
+        // HTTP/1.1 only (boxed: other connections do not carry it).
+        request_line: Option<Box<LineGuard>>,
     }
+}
+
+/// An HTTP/1.1 connection's request-line limit, and the 414 answer once it was passed.
+#[derive(Debug)]
+struct LineGuard {
+    line: RequestLine,
+    /// Bytes of the answer written, once refusing.
+    refusing: Option<usize>,
 }
 
 impl<T> ActivityIo<T> {
     pub fn new(inner: T, activity: Arc<Activity>) -> Self {
         activity.touch();
-        ActivityIo { inner, activity }
+        ActivityIo { inner, activity, request_line: None }
+    }
+
+    /// HTTP/1.1: a request line still unfinished past `line`'s limit is answered 414 here and
+    /// the connection ends (the reader sees EOF), before hyper sees the line.
+    pub fn limit_request_line(mut self, line: RequestLine) -> Self {
+        self.request_line = Some(Box::new(LineGuard { line, refusing: None }));
+        self
     }
 }
 
-impl<T: AsyncRead> AsyncRead for ActivityIo<T> {
+/// Writes the 414 answer on `inner`; ready once it is written and flushed.
+fn refuse<T: AsyncWrite>(
+    mut inner: Pin<&mut T>,
+    cx: &mut Context<'_>,
+    written: &mut usize,
+    activity: &Activity,
+) -> Poll<io::Result<()>> {
+    while let Some(rest) = URI_TOO_LONG_ANSWER.get(*written..).filter(|r| !r.is_empty()) {
+        let n = std::task::ready!(inner.as_mut().poll_write(cx, rest))?;
+        if n == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        *written += n;
+        activity.written.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    inner.poll_flush(cx)
+}
+
+impl<T: AsyncRead + AsyncWrite> AsyncRead for ActivityIo<T> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = self.project();
+        let mut this = self.project();
+        if let Some(LineGuard { refusing: Some(written), .. }) = this.request_line.as_deref_mut() {
+            return refuse(this.inner, cx, written, this.activity);
+        }
         let before = buf.filled().len();
-        let res = this.inner.poll_read(cx, buf);
+        let res = this.inner.as_mut().poll_read(cx, buf);
         let n = buf.filled().len() - before;
         if n > 0 {
-            this.activity.on_read(n);
+            let head_started = this.activity.on_read(n);
+            if let Some(guard) = this.request_line.as_deref_mut() {
+                if head_started {
+                    guard.line.head_started();
+                }
+                if guard.line.too_long(&buf.filled()[before..]) {
+                    tracing::debug!(limit = guard.line.max(), "request line too long; answering 414");
+                    // hyper never sees the line: it reads EOF once the answer is out.
+                    buf.set_filled(before);
+                    let written = guard.refusing.insert(0);
+                    return refuse(this.inner, cx, written, this.activity);
+                }
+            }
         }
         res
     }
@@ -265,6 +318,20 @@ mod tests {
         assert!(busy.is_err());
         activity.request_finished();
         assert_eq!(activity.requests(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_unfinished_request_line_past_the_limit_is_answered_414_and_read_as_eof() {
+        let (a, mut client) = tokio::io::duplex(64 * 1024);
+        let mut io = ActivityIo::new(a, Activity::new()).limit_request_line(RequestLine::new(100, 64 * 1024));
+        client.write_all(b"GET /").await.unwrap();
+        client.write_all(&[b'a'; 300]).await.unwrap();
+        let mut read = Vec::new();
+        io.read_to_end(&mut read).await.unwrap();
+        assert!(read.len() < 170, "the reader never sees the line past the limit: {} bytes", read.len());
+        let mut answer = vec![0u8; URI_TOO_LONG_ANSWER.len()];
+        client.read_exact(&mut answer).await.unwrap();
+        assert_eq!(answer, URI_TOO_LONG_ANSWER);
     }
 
     #[tokio::test(start_paused = true)]

@@ -21,6 +21,7 @@ pub mod http;
 pub mod inbound;
 pub mod io;
 pub mod iptables;
+pub mod log_limit;
 pub mod metrics;
 pub mod peer;
 pub mod probes;

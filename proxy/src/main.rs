@@ -148,6 +148,12 @@ struct Args {
     #[arg(long, env = "WEFT_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     header_read_timeout: Duration,
 
+    /// The longest the proxy waits for the next bytes of a request body while the upstream has
+    /// not answered yet: then 408 and, on HTTP/1.1, a closed connection. Time the upstream spends
+    /// not reading does not count, and gRPC requests have none; 0s disables it.
+    #[arg(long, env = "WEFT_REQUEST_BODY_TIMEOUT", default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    request_body_timeout: Duration,
+
     /// Close a downstream HTTP connection with no request in flight and no bytes for this long.
     #[arg(long, env = "WEFT_HTTP_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration, value_name = "DURATION")]
     http_idle_timeout: Duration,
@@ -176,9 +182,13 @@ struct Args {
     #[arg(long, env = "WEFT_MAX_HEADER_BYTES", default_value_t = 64 * 1024, value_name = "BYTES")]
     max_header_bytes: usize,
 
-    /// Most HTTP/1 request headers (431 beyond).
+    /// Most request header fields, HTTP/1.1 and HTTP/2 alike (431 beyond).
     #[arg(long, env = "WEFT_MAX_HEADERS", default_value_t = 100, value_name = "N")]
     max_headers: usize,
+
+    /// Longest request target (HTTP/1.1) or :path (HTTP/2), in bytes (414 beyond).
+    #[arg(long, env = "WEFT_MAX_URI_BYTES", default_value_t = 64 * 1024, value_name = "BYTES")]
+    max_uri_bytes: usize,
 
     /// Concurrent HTTP/2 streams per downstream connection.
     #[arg(long, env = "WEFT_H2_MAX_CONCURRENT_STREAMS", default_value_t = 100, value_name = "N")]
@@ -201,7 +211,8 @@ struct Args {
     #[arg(long, env = "WEFT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
 
-    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `weft_proxy=debug`.
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `weft_proxy=debug`. The h2 crate's
+    /// own warnings (one per flooding connection) are off unless the filter names `h2`.
     #[arg(long, env = "WEFT_LOG", default_value = "info", value_name = "FILTER")]
     log: String,
 
@@ -359,6 +370,7 @@ impl Args {
                 max_connections: self.max_connections,
                 max_header_bytes: self.max_header_bytes,
                 max_headers: self.max_headers,
+                max_uri_bytes: self.max_uri_bytes,
                 h2_max_concurrent_streams: self.h2_max_concurrent_streams,
                 h2_max_pending_accept_reset_streams: self.h2_max_pending_resets,
                 h2_max_local_error_reset_streams: self.h2_max_local_resets,
@@ -366,6 +378,7 @@ impl Args {
             timeouts: Timeouts {
                 detect: self.detect_timeout,
                 header_read: self.header_read_timeout,
+                request_body: self.request_body_timeout,
                 http_idle: self.http_idle_timeout,
                 tcp_idle: self.tcp_idle_timeout,
                 connect: self.connect_timeout,
@@ -400,7 +413,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn init_tracing(format: &str, filter: &str) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).context("parsing --log")?;
+    let filter = tracing_subscriber::EnvFilter::try_new(weft_proxy::log_limit::filter(filter))
+        .context("parsing --log")?;
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init()

@@ -67,8 +67,10 @@ pub struct Limits {
     pub max_connections: usize,
     /// HTTP/1 request head (request line and headers) and HTTP/2 header list, in bytes.
     pub max_header_bytes: usize,
-    /// Number of request headers (HTTP/1).
+    /// Number of request header fields, HTTP/1 and HTTP/2 alike (431 beyond).
     pub max_headers: usize,
+    /// Request target (HTTP/1) or `:path` (HTTP/2), in bytes (414 beyond).
+    pub max_uri_bytes: usize,
     /// Concurrent HTTP/2 streams per downstream connection.
     pub h2_max_concurrent_streams: u32,
     /// HTTP/2 streams the client may reset before the server accepted them (rapid reset).
@@ -83,6 +85,10 @@ pub struct Timeouts {
     pub detect: Duration,
     /// HTTP/1 request-head read deadline, counted from the head's first byte.
     pub header_read: Duration,
+    /// The longest the proxy waits for the next bytes of a request body before the upstream has
+    /// answered (408 then); time the upstream spends not reading does not count, and gRPC
+    /// requests have none. Zero: none.
+    pub request_body: Duration,
     /// Close a downstream HTTP connection with no request in flight and no bytes for this long.
     pub http_idle: Duration,
     /// Close a TCP splice with no bytes in either direction for this long.
@@ -103,6 +109,7 @@ impl Default for Limits {
             max_connections: 10_000,
             max_header_bytes: 64 * 1024,
             max_headers: 100,
+            max_uri_bytes: 64 * 1024,
             h2_max_concurrent_streams: 100,
             h2_max_pending_accept_reset_streams: 20,
             h2_max_local_error_reset_streams: 1024,
@@ -115,6 +122,7 @@ impl Default for Timeouts {
         Timeouts {
             detect: Duration::from_millis(500),
             header_read: Duration::from_secs(10),
+            request_body: Duration::from_secs(30),
             http_idle: Duration::from_secs(300),
             tcp_idle: Duration::from_secs(3600),
             connect: Duration::from_secs(1),

@@ -58,6 +58,9 @@ pub struct ConnectOpts {
     pub require_mesh: bool,
     /// A connection is closed after carrying this many requests; 0: never.
     pub max_requests_per_connection: u32,
+    /// How long a request body sent to an endpoint may stop arriving from the client before the
+    /// upstream answered (`http::request_body`); zero: no limit.
+    pub request_body_timeout: Duration,
 }
 
 impl ConnectOpts {
@@ -70,6 +73,7 @@ impl ConnectOpts {
             mesh,
             require_mesh,
             max_requests_per_connection: 0,
+            request_body_timeout: timeouts.request_body,
         }
     }
 }

@@ -45,6 +45,8 @@ fn help_documents_every_flag() {
         "--max-connections",
         "--max-header-bytes",
         "--max-headers",
+        "--max-uri-bytes",
+        "--request-body-timeout",
         "--h2-max-concurrent-streams",
         "--h2-max-pending-resets",
         "--h2-max-local-resets",

@@ -96,6 +96,9 @@ pub enum TryOutcome {
     NoAnswer,
     /// Never sent: a pool limit, no endpoint. Never retried (another try would meet the same).
     NotSent,
+    /// The client's request body failed (bad framing, the client left, too slow): not the
+    /// endpoint's doing, and never retried (the rest of the body will not come).
+    ClientFailed,
 }
 
 impl RetryOn {
@@ -139,7 +142,7 @@ impl RetryOn {
             }
             TryOutcome::RefusedStream => self.refused_stream || self.server_error || self.reset,
             TryOutcome::NoAnswer => self.reset || self.server_error || self.gateway_error,
-            TryOutcome::NotSent => false,
+            TryOutcome::NotSent | TryOutcome::ClientFailed => false,
             TryOutcome::Answered { status, grpc_status } => {
                 (self.server_error && status >= 500)
                     || (self.gateway_error && (502..=504).contains(&status))

@@ -34,7 +34,22 @@ pub enum Failure {
     Denied,
     /// Plain text on a connection accepted before the workload's mode became STRICT.
     MtlsRequired,
+    /// The request target (or `:path`) is longer than `--max-uri-bytes`.
+    UriTooLong,
+    /// More header fields than `--max-headers` (HTTP/2; hyper refuses HTTP/1.1 heads itself).
+    TooManyHeaders,
+    /// The client's request body broke its framing (bad chunk size line, chunk data longer than
+    /// its size, an HTTP/2 protocol error on the stream).
+    BadRequestBody,
+    /// The client went away (closed, reset the stream) before its request body was complete.
+    ClientAborted,
+    /// The request body stopped arriving for `--request-body-timeout`.
+    RequestBodyTimeout,
 }
+
+/// nginx's "client closed request": a status for the logs and metrics only, as nobody is left
+/// to receive it.
+const CLIENT_CLOSED_REQUEST: u16 = 499;
 
 impl Failure {
     pub fn flags(self) -> Flags {
@@ -51,8 +66,13 @@ impl Failure {
             | Failure::BadRedirect
             | Failure::BadRequestTarget
             | Failure::BadHost
-            | Failure::BadPath(_) => Flags::BR,
+            | Failure::BadPath(_)
+            | Failure::UriTooLong
+            | Failure::TooManyHeaders
+            | Failure::BadRequestBody => Flags::BR,
             Failure::Denied | Failure::MtlsRequired => Flags::RBAC,
+            Failure::ClientAborted => Flags::DC,
+            Failure::RequestBodyTimeout => Flags::SI,
         }
     }
 
@@ -71,8 +91,15 @@ impl Failure {
             | Failure::BadRedirect
             | Failure::BadRequestTarget
             | Failure::BadHost
-            | Failure::BadPath(_) => StatusCode::BAD_REQUEST,
+            | Failure::BadPath(_)
+            | Failure::BadRequestBody => StatusCode::BAD_REQUEST,
             Failure::Denied | Failure::MtlsRequired => StatusCode::FORBIDDEN,
+            Failure::UriTooLong => StatusCode::URI_TOO_LONG,
+            Failure::TooManyHeaders => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Failure::ClientAborted => {
+                StatusCode::from_u16(CLIENT_CLOSED_REQUEST).unwrap_or(StatusCode::BAD_REQUEST)
+            }
+            Failure::RequestBodyTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -101,6 +128,11 @@ impl Failure {
             }
             Failure::Denied => "denied by authorization policy",
             Failure::MtlsRequired => "mutual TLS required",
+            Failure::UriTooLong => URI_TOO_LONG,
+            Failure::TooManyHeaders => "too many request headers",
+            Failure::BadRequestBody => "malformed request body",
+            Failure::ClientAborted => "client closed the request before its body ended",
+            Failure::RequestBodyTimeout => "request body timeout",
         }
     }
 
@@ -123,8 +155,14 @@ impl Failure {
             | Failure::BadRedirect
             | Failure::BadRequestTarget
             | Failure::BadHost
-            | Failure::BadPath(_) => 13,
+            | Failure::BadPath(_)
+            | Failure::BadRequestBody
+            | Failure::TooManyHeaders
+            | Failure::UriTooLong => 13,
             Failure::Denied | Failure::MtlsRequired => 7,
+            // CANCELLED and DEADLINE_EXCEEDED, as a gRPC server reports them.
+            Failure::ClientAborted => 1,
+            Failure::RequestBodyTimeout => 4,
             Failure::NoConfig
             | Failure::NoHealthyUpstream
             | Failure::Overflow
@@ -133,6 +171,9 @@ impl Failure {
         }
     }
 }
+
+/// `Failure::UriTooLong`'s reason, also in the answer `http::limits` writes itself.
+pub const URI_TOO_LONG: &str = "uri too long";
 
 static X_WEFT_ERROR: http::HeaderName = http::HeaderName::from_static("x-weft-error");
 
@@ -155,7 +196,16 @@ pub fn respond(failure: Failure, grpc: bool, mut info: ResponseInfo) -> Response
         res
     };
     res.headers_mut().insert(X_WEFT_ERROR.clone(), HeaderValue::from_static(reason));
-    if matches!(failure, Failure::AmbiguousFraming | Failure::BadHost | Failure::MtlsRequired) {
+    // HTTP/1.1 only reads the next request once this one's body was read to its end.
+    if matches!(
+        failure,
+        Failure::AmbiguousFraming
+            | Failure::BadHost
+            | Failure::MtlsRequired
+            | Failure::BadRequestBody
+            | Failure::ClientAborted
+            | Failure::RequestBodyTimeout
+    ) {
         res.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     }
     res.extensions_mut().insert(info);

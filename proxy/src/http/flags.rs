@@ -37,8 +37,10 @@ impl Flags {
     pub const NC: Flags = Flags(1 << 12);
     /// Denied by an authorization policy (Envoy's RBAC filter).
     pub const RBAC: Flags = Flags(1 << 13);
+    /// Stream idle timeout: the request body stopped arriving (with a 408).
+    pub const SI: Flags = Flags(1 << 14);
 
-    const NAMES: [(Flags, &'static str); 14] = [
+    const NAMES: [(Flags, &'static str); 15] = [
         (Flags::NR, "NR"),
         (Flags::UH, "UH"),
         (Flags::UF, "UF"),
@@ -53,6 +55,7 @@ impl Flags {
         (Flags::BR, "BR"),
         (Flags::NC, "NC"),
         (Flags::RBAC, "RBAC"),
+        (Flags::SI, "SI"),
     ];
 
     pub fn is_empty(self) -> bool {

@@ -12,7 +12,11 @@ use http::{
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use super::{Body, error::Failure};
+use super::{
+    Body,
+    error::Failure,
+    request_body::{Watch, WatchedBody},
+};
 use crate::{
     balance::PendingGuard,
     config::{Cluster, policy::TryOutcome},
@@ -239,6 +243,10 @@ pub async fn forward(req: Request<Body>, t: Try<'_>) -> Result<Answer, Failed> {
 
     let pending = endpoint.load.start();
     let started = Instant::now();
+    // gRPC streams may idle before their answer (a client-streaming call answers at its end),
+    // and carry deadlines of their own: no stall timeout for them.
+    let stall = if t.grpc { Duration::ZERO } else { t.opts.request_body_timeout };
+    let (req, watch) = watch_body(req, stall);
     let sent = endpoint.send(req, t.proto, t.opts);
     let result = match t.deadline {
         Some(d) => tokio::time::timeout_at(d, sent).await.map_err(|_| d),
@@ -250,6 +258,11 @@ pub async fn forward(req: Request<Body>, t: Try<'_>) -> Result<Answer, Failed> {
             tracing::debug!(upstream = %endpoint.addr, "upstream timed out");
             endpoint.load.observe(deadline.saturating_duration_since(started), Instant::now());
             (TryOutcome::NoAnswer, Err(Failure::Timeout))
+        }
+        Ok(Err(SendError { error, .. })) if let Some(fault) = watch.as_ref().and_then(|w| w.fault()) => {
+            // hyper reports the client's broken body as a failed send: not the endpoint's doing.
+            tracing::debug!(%error, ?fault, "request failed on the client's body");
+            (TryOutcome::ClientFailed, Err(fault.failure()))
         }
         Ok(Err(SendError { error, unsent: back })) => {
             tracing::debug!(%error, "upstream request failed");
@@ -269,6 +282,9 @@ pub async fn forward(req: Request<Body>, t: Try<'_>) -> Result<Answer, Failed> {
             }
         }
         Ok(Ok(res)) => {
+            if let Some(watch) = &watch {
+                watch.answered();
+            }
             let now = Instant::now();
             endpoint.load.observe(now - started, now);
             let grpc_status = match t.grpc {
@@ -294,6 +310,16 @@ pub async fn forward(req: Request<Body>, t: Try<'_>) -> Result<Answer, Failed> {
     }
 }
 
+/// The request with its body watched (`request_body`), unless it has none (no cost for GETs).
+fn watch_body(req: Request<Body>, timeout: Duration) -> (Request<Body>, Option<Arc<Watch>>) {
+    if http_body::Body::is_end_stream(req.body()) {
+        return (req, None);
+    }
+    let (parts, body) = req.into_parts();
+    let (body, watch) = WatchedBody::new(body, timeout);
+    (Request::from_parts(parts, Body::new(body)), Some(watch))
+}
+
 /// Outlier detection: counts the outcome against the endpoint and ejects it when it crossed a
 /// threshold and the cluster's share allows.
 fn observe_health(cluster: &Cluster, endpoint: &Arc<Endpoint>, outcome: TryOutcome, metrics: &Metrics) {
@@ -301,7 +327,7 @@ fn observe_health(cluster: &Cluster, endpoint: &Arc<Endpoint>, outcome: TryOutco
     let outcome = match outcome {
         TryOutcome::Answered { status, .. } => Outcome::Status(status),
         // A refused stream was not processed: not the endpoint's failure.
-        TryOutcome::RefusedStream | TryOutcome::NotSent => return,
+        TryOutcome::RefusedStream | TryOutcome::NotSent | TryOutcome::ClientFailed => return,
         TryOutcome::ConnectFailed | TryOutcome::NoAnswer => Outcome::LocalFailure,
     };
     if !endpoint.health.observe(policy, outcome) {

@@ -4,7 +4,9 @@
 //!
 //! Inside `router`, a routed request passes the route's policies in order: `fault`, `retry`
 //! (replaying bodies with `replay`), `mirror`; each try is `forward`; `sticky` finds
-//! consistent-hash keys; `error` turns every failure into the response, with `flags`.
+//! consistent-hash keys; `error` turns every failure into the response, with `flags`;
+//! `request_body` tells the client's body failures from the upstream's and times out a stalled
+//! body; `limits` refuses over-long request targets and too many header fields.
 //! `normalize` is the path normalization authorization will match on (not applied yet).
 
 pub mod error;
@@ -12,10 +14,12 @@ pub mod fault;
 pub mod flags;
 pub mod forward;
 pub mod headers;
+pub mod limits;
 pub mod mirror;
 pub mod normalize;
 pub mod observe;
 pub mod replay;
+pub mod request_body;
 pub mod retry;
 pub mod router;
 pub mod server;

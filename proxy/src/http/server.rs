@@ -1,9 +1,11 @@
 //! Serves one downstream HTTP connection with hyper: the limits and timeouts from `Settings`
-//! (hyper's HTTP/1 header-read timeout needs a `Timer`, which is set here), an idle timeout, and
-//! graceful shutdown on drain (HTTP/1 closes after the response in flight, HTTP/2 sends GOAWAY
-//! and lets open streams finish).
+//! (hyper's HTTP/1 header-read timeout needs a `Timer`, which is set here; the request-line and
+//! HTTP/2 header-count limits hyper lacks are `limits`'), an idle timeout, and graceful shutdown
+//! on drain (HTTP/1 closes after the response in flight, HTTP/2 sends GOAWAY and lets open
+//! streams finish). Connections h2 ends for a flood (GOAWAY ENHANCE_YOUR_CALM) are logged at
+//! most once per 10 s, with a count of the others.
 
-use std::{future::Future, pin::Pin, sync::Arc};
+use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use hyper::server::conn::{http1, http2};
 use hyper_util::{
@@ -17,11 +19,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     headers::RequestIdLayer,
+    limits::{LimitsLayer, RequestLine},
     observe::{AccessLog, ConnMetrics, ObserveLayer},
     router::{ConnInfo, Router, Routing},
 };
 use crate::{
     io::{Activity, ActivityIo},
+    log_limit::LogLimit,
     peer::Peer,
     settings::{Limits, Timeouts},
     upstream::Proto,
@@ -39,6 +43,30 @@ pub struct Serving {
     /// This proxy's workload and namespace, for metric labels.
     pub workload: Arc<str>,
     pub namespace: Arc<str>,
+    /// The log lines for HTTP/2 connections h2 ended for a flood.
+    pub flood_log: LogLimit,
+}
+
+impl Serving {
+    /// `flood_log`'s: at most one line per `FLOOD_LOG_PERIOD`.
+    pub fn new_flood_log() -> LogLimit {
+        LogLimit::new(FLOOD_LOG_PERIOD)
+    }
+}
+
+/// Whether h2 ended the connection for a flood of some kind: rapid reset, too many streams it
+/// had to reset, CONTINUATION floods (its GOAWAY says ENHANCE_YOUR_CALM; the debug data naming
+/// the kind stays inside h2). h2 also logs a warning of its own for some of them, silenced by
+/// `log_limit::filter`.
+fn is_flood(error: &hyper::Error) -> bool {
+    let mut cause = std::error::Error::source(error);
+    while let Some(e) = cause {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.is_go_away() && h2.is_library() && h2.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM);
+        }
+        cause = e.source();
+    }
+    false
 }
 
 impl Serving {
@@ -58,9 +86,15 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let activity = Activity::new();
-    let io = TokioIo::new(ActivityIo::new(io, activity.clone()));
     let proto = conn.downstream;
     let peer = conn.conn.peer;
+    let limits = &serving.limits;
+    let io = match proto {
+        Proto::Http1 => ActivityIo::new(io, activity.clone())
+            .limit_request_line(RequestLine::new(limits.max_uri_bytes, limits.max_header_bytes)),
+        Proto::Http2 => ActivityIo::new(io, activity.clone()),
+    };
+    let io = TokioIo::new(io);
     let service = ServiceBuilder::new()
         .layer(RequestIdLayer)
         .layer(ObserveLayer {
@@ -70,9 +104,9 @@ where
             activity: activity.clone(),
             conn: Arc::new(ConnMetrics::new(serving.local_peer(), conn.tunnel.clone())),
         })
+        .layer(LimitsLayer { max_uri_bytes: limits.max_uri_bytes, max_headers: limits.max_headers })
         .service(Router::new(serving.routing.clone(), Arc::new(conn)));
     let service = TowerToHyperService::new(service);
-    let limits = &serving.limits;
     let timeouts = &serving.timeouts;
     let result = match proto {
         Proto::Http1 => {
@@ -100,10 +134,23 @@ where
             drive(conn, |c| c.graceful_shutdown(), &serving, &activity, None).await
         }
     };
-    if let Err(error) = result {
+    let Err(error) = result else { return };
+    if !is_flood(&error) {
         tracing::debug!(%peer, ?proto, %error, "downstream connection ended with an error");
+    } else if let Some(suppressed) = serving.flood_log.check(tokio::time::Instant::now()) {
+        tracing::warn!(
+            %peer,
+            suppressed,
+            "closed an HTTP/2 connection that flooded the proxy (GOAWAY ENHANCE_YOUR_CALM); one line \
+             per 10 s at most, `suppressed` counts the connections left out since the last one"
+        );
+    } else {
+        tracing::debug!(%peer, "closed an HTTP/2 connection that flooded the proxy (GOAWAY ENHANCE_YOUR_CALM)");
     }
 }
+
+/// At most one line per this long for HTTP/2 floods.
+const FLOOD_LOG_PERIOD: Duration = Duration::from_secs(10);
 
 /// Runs the connection until it ends. Closes it gracefully on drain and when idle (no request in
 /// flight and no bytes for the idle timeout), and abruptly when a request head takes longer than

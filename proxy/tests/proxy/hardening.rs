@@ -1,8 +1,13 @@
-//! Limits and timeouts, each with a test: header count and size, request-head read timeout,
-//! idle timeout, connection cap, ambiguous framing, Host validation, HTTP/2 stream limits and
-//! rapid reset.
+//! Limits and timeouts, each with a test: header count and size (HTTP/2 too), request-target
+//! length, request-head read timeout, request-body timeout, idle timeout, connection cap,
+//! ambiguous framing, bad chunked bodies and clients leaving mid-body (never the upstream's
+//! failure), Host validation, HTTP/2 stream limits, rapid reset, and rate-limited flood logs.
+//! Each asserts what the origin received, not only the status.
 
-use std::{sync::atomic::Ordering, time::Duration};
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use http::StatusCode;
 use tokio::{
@@ -257,4 +262,281 @@ async fn http2_local_error_resets_past_the_limit_get_goaway() {
     assert_eq!(goaway, Some(0xb), "GOAWAY with ENHANCE_YOUR_CALM (resets seen: {resets})");
     assert!(resets < ATTEMPTS, "the proxy reset all {resets} streams instead of ending the connection");
     assert_eq!(up.hits.load(Ordering::Relaxed), 0, "no malformed request reached the backend");
+}
+
+async fn proxy_to(origin: std::net::SocketAddr, tweak: impl FnOnce(&mut Settings)) -> TestProxy {
+    let yaml = format!(
+        "services: [{{name: svc, ports: [{{number: 80, protocol: HTTP1, endpoints: [{{address: \"{origin}\"}}]}}]}}]"
+    );
+    TestProxy::start_with(&yaml, tweak).await
+}
+
+/// The next access log line, as JSON.
+async fn next_log_line(proxy: &mut TestProxy) -> serde_json::Value {
+    let line = within("access log line", proxy.access_log.as_mut().unwrap().recv()).await.unwrap();
+    serde_json::from_str(&line).unwrap()
+}
+
+/// Bad chunked framing is the client's error: 400 (`BR`), never 502 `UC` counted against the
+/// destination. The proxy streams a body as it arrives, so the origin gets the head and the
+/// chunks before the bad one, then a closed connection: never a complete request, never the
+/// bytes after the bad chunk.
+#[tokio::test]
+async fn bad_chunked_framing_from_the_client_gets_400_and_is_not_blamed_on_the_upstream() {
+    let origin = raw_origin().await;
+    let mut proxy = proxy_to(origin.addr, |s| s.access_log = true).await;
+    let head = "POST /upload HTTP/1.1\r\nhost: svc\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n";
+    let cases = [
+        ("chunk size overflow", "fffffffffffffffffffff\r\nSMUGGLED\r\n0\r\n\r\n"),
+        ("0x in the chunk size", "0x8\r\nSMUGGLED\r\n0\r\n\r\n"),
+        ("bare LF in the size line", "8\nSMUGGLED\r\n0\r\n\r\n"),
+        ("data longer than its size", "1\r\nSMUGGLED\r\n0\r\n\r\n"),
+    ];
+    for (i, (what, rest)) in cases.iter().enumerate() {
+        let reply = raw_exchange(proxy.addr(), format!("{head}{rest}").as_bytes()).await;
+        assert!(reply.starts_with("HTTP/1.1 400"), "{what}: {reply:?}");
+        assert!(reply.contains("x-weft-error: malformed request body"), "{what}: {reply:?}");
+        let log = next_log_line(&mut proxy).await;
+        assert_eq!(
+            (log["status"].as_u64(), log["response_flags"].as_str()),
+            (Some(400), Some("BR")),
+            "{what}"
+        );
+        origin.wait_closed(i + 1).await;
+    }
+    let received = origin.requests();
+    assert_eq!(received.len(), cases.len(), "{received:?}");
+    for request in received {
+        assert!(request.starts_with("POST /upload HTTP/1.1\r\n"), "{request:?}");
+        assert!(request.contains("\r\n\r\n3\r\nabc\r\n"), "the good chunk went on: {request:?}");
+        // At most the declared size of the bad chunk (1 byte of "SMUGGLED") went on, never the
+        // end of the body.
+        assert!(!request.contains("MUGGLED") && !request.contains("\r\n0\r\n\r\n"), "{request:?}");
+    }
+    let text = metrics(&proxy).await;
+    let bad = sample(&text, &["weft_requests_total{", "response_code=\"400\"", "response_flags=\"BR\""]);
+    assert_eq!(bad, Some(4.0), "counted as the client's error:\n{text}");
+    assert!(!text.contains("response_code=\"502\""), "nothing counted as the upstream's:\n{text}");
+}
+
+/// A client that goes away in the middle of its request body is not the upstream's failure:
+/// counted with `DC`, never `UC` or a 5xx; the origin's connection is closed after the bytes
+/// that came.
+#[tokio::test]
+async fn a_client_that_leaves_mid_body_is_not_counted_against_the_upstream() {
+    let origin = raw_origin().await;
+    let mut proxy = proxy_to(origin.addr, |s| s.access_log = true).await;
+    let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nhost: svc\r\ncontent-length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    // Leave once the proxy has forwarded the ten bytes.
+    origin.wait_received(|r| r.first().is_some_and(|r| r.ends_with(b"0123456789"))).await;
+    drop(s);
+    let log = next_log_line(&mut proxy).await;
+    let flags = log["response_flags"].as_str().unwrap().to_owned();
+    assert!(flags.contains("DC") && !flags.contains("UC"), "{log}");
+    assert!(log["status"].as_u64().is_some_and(|s| s < 500), "{log}");
+    origin.wait_closed(1).await;
+    assert!(origin.requests()[0].ends_with("\r\n\r\n0123456789"), "{:?}", origin.requests());
+    let text = metrics(&proxy).await;
+    assert!(!text.contains("response_flags=\"UC\""), "{text}");
+}
+
+/// RFC 9110 section 15.5.15: a request target longer than the proxy accepts gets 414, also when
+/// it is longer than the whole head may be (hyper alone says 431 then), on HTTP/1.1 and HTTP/2
+/// (`:path`), and reaches no one.
+#[tokio::test]
+async fn a_70_kib_uri_gets_414_and_reaches_no_one() {
+    let (proxy, up) = proxy_with(|_| {}).await;
+    let huge = format!("GET /{} HTTP/1.1\r\nhost: svc\r\n\r\n", "a".repeat(70 * 1024));
+    let reply = raw_exchange_lenient(proxy.addr(), huge.as_bytes()).await;
+    assert!(reply.starts_with("HTTP/1.1 414"), "{:?}", &reply[..reply.len().min(300)]);
+    assert!(reply.contains("x-weft-error: uri too long"), "{reply:?}");
+    assert_eq!(up.hits.load(Ordering::Relaxed), 0, "nothing reached the backend");
+
+    // Under --max-uri-bytes, within the head limit: 414 on both versions; shorter URIs pass.
+    let (proxy, up) = proxy_with(|s| s.limits.max_uri_bytes = 1024).await;
+    let long = format!("/{}", "b".repeat(2000));
+    let head = format!("GET {long} HTTP/1.1\r\nhost: svc\r\nconnection: close\r\n\r\n");
+    let reply = raw_exchange(proxy.addr(), head.as_bytes()).await;
+    assert!(reply.starts_with("HTTP/1.1 414"), "{:?}", &reply[..reply.len().min(300)]);
+    let mut h2 = H2::connect(proxy.addr()).await;
+    let reply = h2.get("svc", &long).await;
+    assert_eq!(reply.status, StatusCode::URI_TOO_LONG);
+    assert_eq!(reply.headers["x-weft-error"], "uri too long");
+    assert_eq!(up.hits.load(Ordering::Relaxed), 0, "nothing reached the backend");
+    let fits = format!("/{}", "c".repeat(1000));
+    let reply = h2.get("svc", &fits).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.json()["path"], fits.as_str(), "the origin got the URI as sent");
+    let mut h1 = H1::connect(proxy.addr()).await;
+    assert_eq!(h1.get("svc", &fits).await.json()["path"], fits.as_str());
+    let text = metrics(&proxy).await;
+    let refused = sample(&text, &["weft_requests_total{", "response_code=\"414\"", "response_flags=\"BR\""]);
+    assert_eq!(refused, Some(2.0), "counted as the client's error:\n{text}");
+}
+
+/// HTTP/1.1 stops at --max-headers (100) fields; an HTTP/2 request gets the same limit (only
+/// the 64 KiB header list applied before): 1,000 fields get 431 and reach no one, 100 pass.
+#[tokio::test]
+async fn an_http2_request_with_1000_header_fields_gets_431_like_http1() {
+    let (proxy, up) = proxy_with(|_| {}).await;
+    let request = |fields: usize| {
+        let mut req = http::Request::get("http://svc/").body(empty()).unwrap();
+        for i in 0..fields {
+            let name = http::HeaderName::from_bytes(format!("x-h{i}").as_bytes()).unwrap();
+            req.headers_mut().insert(name, http::HeaderValue::from_static("v"));
+        }
+        req
+    };
+    let mut h2 = H2::connect(proxy.addr()).await;
+    let reply = h2.send(request(1000)).await;
+    assert_eq!(reply.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    assert_eq!(reply.headers["x-weft-error"], "too many request headers");
+    assert_eq!(up.hits.load(Ordering::Relaxed), 0, "nothing reached the backend");
+    let reply = h2.send(request(100)).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.json()["headers"]["x-h99"], "v", "the origin got all 100");
+    let reply = h2.send(request(101)).await;
+    assert_eq!(reply.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    assert_eq!(up.hits.load(Ordering::Relaxed), 1);
+}
+
+/// A request body that stops arriving ends the request after --request-body-timeout: 408 and a
+/// closed connection (HTTP/1.1), 408 on the stream (HTTP/2). The origin got the head and the
+/// bytes that came, then a closed connection.
+#[tokio::test]
+async fn a_stalled_request_body_gets_408() {
+    const LIMIT: Duration = Duration::from_millis(300);
+    let origin = raw_origin().await;
+    let mut proxy = proxy_to(origin.addr, |s| {
+        s.timeouts.request_body = LIMIT;
+        s.access_log = true;
+    })
+    .await;
+    let started = tokio::time::Instant::now();
+    let reply =
+        raw_exchange(proxy.addr(), b"POST /upload HTTP/1.1\r\nhost: svc\r\ncontent-length: 100000\r\n\r\nx")
+            .await;
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply:?}");
+    assert!(reply.contains("connection: close"), "{reply:?}");
+    assert!(started.elapsed() >= LIMIT);
+    let log = next_log_line(&mut proxy).await;
+    assert_eq!((log["status"].as_u64(), log["response_flags"].as_str()), (Some(408), Some("SI")), "{log}");
+    origin.wait_closed(1).await;
+    let request = &origin.requests()[0];
+    assert!(request.contains("content-length: 100000\r\n") && request.ends_with("\r\n\r\nx"), "{request:?}");
+
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(http_body::Frame::data(bytes::Bytes::from_static(b"y"))).await.unwrap();
+    let body = http_body_util::BodyExt::boxed_unsync(ChannelBody(rx));
+    let mut h2 = H2::connect(proxy.addr()).await;
+    let started = tokio::time::Instant::now();
+    let reply = h2.send(http::Request::post("http://svc/upload").body(body).unwrap()).await;
+    assert_eq!(reply.status, StatusCode::REQUEST_TIMEOUT);
+    assert!(started.elapsed() >= LIMIT);
+    origin.wait_closed(2).await;
+    assert!(origin.requests()[1].ends_with("\r\n\r\n1\r\ny\r\n"), "{:?}", origin.requests());
+    drop(tx);
+    let text = metrics(&proxy).await;
+    assert!(!text.contains("response_code=\"5"), "nothing counted as the upstream's:\n{text}");
+}
+
+/// The timeout is on progress: a body that keeps coming, here one byte per 100 ms against a
+/// 300 ms limit, arrives whole however long it takes in total.
+#[tokio::test]
+async fn a_slow_but_steady_request_body_is_not_cut() {
+    let up = scripted(|_| Act::Status(200)).await;
+    let proxy = proxy_to(up.addr, |s| s.timeouts.request_body = Duration::from_millis(300)).await;
+    let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nhost: svc\r\ncontent-length: 6\r\n\r\n").await.unwrap();
+    for byte in b"abcdef" {
+        // Pacing the client is the point of this test.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s.write_all(&[*byte]).await.unwrap();
+    }
+    let mut buf = vec![0u8; 1024];
+    let n = within("response", s.read(&mut buf)).await.unwrap();
+    let reply = String::from_utf8_lossy(&buf[..n]);
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply:?}");
+    assert_eq!(up.seen.lock().unwrap()[0].1, "abcdef", "the origin got the whole body");
+}
+
+/// Log lines written on this thread (the test's current-thread runtime runs the proxy too), with
+/// the proxy's `--log` filter over `level`.
+fn capture_logs(level: &str) -> (Arc<std::sync::Mutex<Vec<u8>>>, tracing::subscriber::DefaultGuard) {
+    #[derive(Clone)]
+    struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let capture = Capture(lines.clone());
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(weft_proxy::log_limit::filter(level)))
+        .with_ansi(false)
+        .with_writer(move || capture.clone())
+        .finish();
+    (lines, tracing::subscriber::set_default(subscriber))
+}
+
+/// Raw HTTP/2: a connection that opens streams and resets them at once, faster than the proxy
+/// accepts them, until the proxy ends the connection; what the proxy sent back.
+async fn rapid_reset_connection(addr: std::net::SocketAddr) -> Vec<u8> {
+    let frame = |kind: u8, flags: u8, stream_id: u32, payload: &[u8]| {
+        let mut bytes = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        bytes.extend([kind, flags]);
+        bytes.extend(stream_id.to_be_bytes());
+        bytes.extend(payload);
+        bytes
+    };
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(0x4, 0, 0, &[])); // SETTINGS
+    // HPACK: GET, http, /, then `:authority: svc` as a literal without indexing.
+    let headers = [0x82, 0x86, 0x84, 0x01, 0x03, b's', b'v', b'c'];
+    for i in 0..100u32 {
+        out.extend(frame(0x1, 0x4, 2 * i + 1, &headers)); // HEADERS, END_HEADERS
+        out.extend(frame(0x3, 0, 2 * i + 1, &8u32.to_be_bytes())); // RST_STREAM CANCEL
+    }
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let _ = stream.write_all(&out).await;
+    let mut received = Vec::new();
+    let _ = within("the proxy ends the connection", stream.read_to_end(&mut received)).await;
+    received
+}
+
+/// A reset flood over many connections writes one warning, not one per connection: the first
+/// connection is logged, the next ones are counted into the next line (at most one per 10 s).
+#[tokio::test]
+async fn a_reset_flood_over_many_connections_logs_one_line_not_one_per_connection() {
+    let (logs, _guard) = capture_logs("warn");
+    let (proxy, up) = proxy_with(|_| {}).await;
+    const CONNECTIONS: usize = 5;
+    for _ in 0..CONNECTIONS {
+        let received = rapid_reset_connection(proxy.addr()).await;
+        let mut at = 0;
+        let mut goaway = None;
+        while at + 9 <= received.len() {
+            let length = u32::from_be_bytes([0, received[at], received[at + 1], received[at + 2]]) as usize;
+            let payload = &received[at + 9..(at + 9 + length).min(received.len())];
+            if received[at + 3] == 0x7 && payload.len() >= 8 {
+                goaway = Some(u32::from_be_bytes(payload[4..8].try_into().unwrap()));
+            }
+            at += 9 + length;
+        }
+        assert_eq!(goaway, Some(0xb), "GOAWAY ENHANCE_YOUR_CALM: {received:?}");
+    }
+    assert!(up.hits.load(Ordering::Relaxed) < 200, "the origin was spared most of the flood");
+    drop(proxy);
+    let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    let warnings: Vec<&str> = text.lines().filter(|l| l.contains("WARN")).collect();
+    assert_eq!(warnings.len(), 1, "one line for {CONNECTIONS} connections:\n{text}");
+    assert!(warnings[0].contains("flooded") && warnings[0].contains("suppressed=0"), "{text}");
 }

@@ -428,3 +428,81 @@ pub fn sample(text: &str, parts: &[&str]) -> Option<f64> {
         .find(|l| parts.iter().all(|p| l.contains(p)))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
+
+/// An origin that records the raw bytes each connection sends it and never answers: what the
+/// proxy forwarded, byte for byte, including requests it cut off.
+pub struct RawOrigin {
+    pub addr: SocketAddr,
+    /// One entry per accepted connection, growing as bytes arrive.
+    pub received: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    /// How many connections the proxy has closed; bumped (with the same count) on every read.
+    closed: tokio::sync::watch::Receiver<usize>,
+}
+
+impl RawOrigin {
+    /// Waits until the proxy has closed `n` connections to this origin.
+    pub async fn wait_closed(&self, n: usize) {
+        let mut closed = self.closed.clone();
+        within("the proxy closes its upstream connections", closed.wait_for(|c| *c >= n)).await.unwrap();
+    }
+
+    /// Waits until what the connections received satisfies `done`.
+    pub async fn wait_received(&self, done: impl Fn(&[Vec<u8>]) -> bool) {
+        let mut changed = self.closed.clone();
+        within("the origin receives", async {
+            while !done(&self.received.lock().unwrap()) {
+                changed.changed().await.unwrap();
+            }
+        })
+        .await;
+    }
+
+    /// Everything received so far, each connection's bytes as text.
+    pub fn requests(&self) -> Vec<String> {
+        self.received.lock().unwrap().iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect()
+    }
+}
+
+pub async fn raw_origin() -> RawOrigin {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (closed_tx, closed) = tokio::sync::watch::channel(0);
+    let closed_tx = Arc::new(closed_tx);
+    let r = received.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let (r, closed_tx) = (r.clone(), closed_tx.clone());
+            tokio::spawn(async move {
+                let slot = {
+                    let mut all = r.lock().unwrap();
+                    all.push(Vec::new());
+                    all.len() - 1
+                };
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n @ 1..) = s.read(&mut buf).await {
+                    r.lock().unwrap()[slot].extend_from_slice(&buf[..n]);
+                    closed_tx.send_modify(|_| {});
+                }
+                closed_tx.send_modify(|c| *c += 1);
+            });
+        }
+    });
+    RawOrigin { addr, received, closed }
+}
+
+/// Sends raw bytes (a write the proxy cut short by closing is not an error) and reads until the
+/// proxy closes the connection (a reset after the answer is not an error either).
+pub async fn raw_exchange_lenient(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _ = s.write_all(bytes).await;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    loop {
+        match within("proxy closes", s.read(&mut buf)).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
