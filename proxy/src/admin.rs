@@ -127,12 +127,18 @@ fn handle<B>(
         (&Method::GET, "/config") => {
             let status = destinations.store.status();
             let snapshot = destinations.store.current();
+            // Not inside `json!`, which unwraps: pbjson refuses enum values this proxy does not
+            // know (a newer control plane's), which the config compiler accepts.
+            let config = snapshot.as_ref().map(|s| {
+                serde_json::to_value(&s.source)
+                    .unwrap_or_else(|e| serde_json::json!({"error": format!("cannot show the config: {e}")}))
+            });
             let body = serde_json::json!({
                 "version": snapshot.as_ref().map(|s| s.version.clone()),
                 "loadedAtUnixSeconds": status.loaded_at.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs()),
                 "loadAttempts": status.attempts,
                 "lastError": status.last_error,
-                "config": snapshot.as_ref().map(|s| &s.source),
+                "config": config,
             });
             let mut res = text(StatusCode::OK, format!("{body:#}\n"));
             res.headers_mut().insert(CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
@@ -192,5 +198,28 @@ mod tests {
         let local: SocketAddr = "[::1]:5555".parse().unwrap();
         assert_eq!(handle(&post, local, &admin, &shutdown).status(), StatusCode::OK);
         assert!(shutdown.is_cancelled());
+    }
+
+    /// Found from the config property tests: a port protocol this proxy does not know (a newer
+    /// control plane's) compiles, falling back to detection, but pbjson refuses to serialize it,
+    /// and `json!` unwrapped that: `/config` panicked.
+    #[tokio::test]
+    async fn config_with_unknown_enum_values_is_shown() {
+        let timeouts = Settings::loopback("unused".into()).timeouts;
+        let store = Store::default();
+        let mut config: weft_proto::v1::ProxyConfig =
+            serde_yaml::from_str("version: v7\nservices: [{name: a, ports: [{number: 80}]}]").unwrap();
+        config.services[0].ports[0].protocol = 99;
+        store.apply(config).expect("an unknown protocol compiles");
+        let admin = Admin {
+            destinations: Arc::new(Destinations::new(store, None, Default::default(), false, timeouts)),
+            metrics: Metrics::new(),
+            drain: CancellationToken::new(),
+            app_health: AppHealth::default(),
+        };
+        let get = Request::get("/config").body(()).unwrap();
+        let local: SocketAddr = "127.0.0.1:5555".parse().unwrap();
+        let res = handle(&get, local, &admin, &CancellationToken::new());
+        assert_eq!(res.status(), StatusCode::OK);
     }
 }

@@ -34,6 +34,9 @@ impl StrMatch {
 
     /// Compiles a regex so it must match the whole value.
     pub fn regex(pattern: &str) -> Result<StrMatch, regex::Error> {
+        // Checked alone first: wrapped, a pattern such as `a)|(b` would close the anchoring group
+        // itself and compile to "starts with a or ends with b".
+        Regex::new(pattern)?;
         Regex::new(&format!("^(?:{pattern})$")).map(StrMatch::Regex)
     }
 }
@@ -161,7 +164,11 @@ pub fn rewrite_path(path_and_query: &str, matched_prefix: Option<&str>, replacem
         None => (path_and_query, None),
     };
     let mut out = match matched_prefix {
-        Some(prefix) if path.len() >= prefix.len() => format!("{replacement}{}", &path[prefix.len()..]),
+        // A boundary check, not a length one: a prefix that did not match this path (or matched
+        // another spelling of it) must not split a character.
+        Some(prefix) if path.is_char_boundary(prefix.len()) => {
+            format!("{replacement}{}", &path[prefix.len()..])
+        }
         _ => replacement.to_owned(),
     };
     if let Some(q) = query {
@@ -234,6 +241,8 @@ mod tests {
         assert!(!re.matches("/users/42/x"), "regex is anchored");
         assert!(!re.matches("x/users/42"));
         assert!(StrMatch::regex("(").is_err());
+        // Found by `a_regex_compiles_only_when_its_pattern_does`: it compiled unanchored.
+        assert!(StrMatch::regex("a)|(b").is_err());
         assert!(StrMatch::Prefix("/API".into()).matches_ignore_case("/api/x"));
         assert!(!StrMatch::Prefix("/API/long".into()).matches_ignore_case("/api"));
     }
@@ -315,6 +324,10 @@ mod tests {
         assert_eq!(rewrite_path("/api/v1/users?x=1", Some("/api/"), "/"), "/v1/users?x=1");
         assert_eq!(rewrite_path("/api", Some("/api"), "/v2"), "/v2");
         assert_eq!(rewrite_path("/exact?q", None, "/other"), "/other?q");
+        // Found by `rewrites_and_redirects_of_any_strings_never_panic`: slicing at the prefix's
+        // length inside a character panicked.
+        assert_eq!(rewrite_path("é", Some("a"), "/x"), "/x");
+        assert_eq!(rewrite_path("/é", Some("/a"), "/x"), "/x");
     }
 
     #[test]
@@ -343,5 +356,173 @@ mod tests {
             code: StatusCode::FOUND,
         };
         assert_eq!(redirect_location(&r, "http", "a.com", Some(80), "/"), "https://a.com/");
+    }
+}
+
+/// Property tests: matchers and rewrites see whatever a client sends, and compiled matches hold
+/// whatever a config said.
+#[cfg(test)]
+mod proptests {
+    use http::HeaderValue;
+    use proptest::{collection::vec, option, prelude::*};
+
+    use super::*;
+
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof!["[ -~]{0,10}", "[/a-zA-Z%?=&+]{0,10}", any::<String>()]
+    }
+
+    fn str_match() -> impl Strategy<Value = StrMatch> {
+        prop_oneof![
+            text().prop_map(StrMatch::Exact),
+            text().prop_map(StrMatch::Prefix),
+            prop_oneof!["[a-z/.*+?()\\[\\]|^$\\\\0-9-]{0,12}", text()]
+                .prop_filter_map("invalid regex", |p| StrMatch::regex(&p).ok()),
+        ]
+    }
+
+    fn header_name() -> impl Strategy<Value = HeaderName> {
+        "[a-z][a-z0-9-]{0,6}".prop_map(|n| HeaderName::from_bytes(n.as_bytes()).expect("a token"))
+    }
+
+    fn headers() -> impl Strategy<Value = HeaderMap> {
+        // Values with any bytes but controls, so some are not UTF-8 (`to_str` fails).
+        let byte = any::<u8>().prop_filter("not a header byte", |&b| b == b'\t' || (b >= 0x20 && b != 0x7f));
+        let value = vec(byte, 0..8).prop_map(|v| HeaderValue::from_bytes(&v).expect("visible bytes"));
+        vec((header_name(), value), 0..4).prop_map(|pairs| {
+            let mut headers = HeaderMap::new();
+            for (name, value) in pairs {
+                headers.append(name, value);
+            }
+            headers
+        })
+    }
+
+    prop_compose! {
+        fn a_match()(
+            uri in option::of(str_match()),
+            method in option::of(str_match()),
+            authority in option::of(str_match()),
+            headers in vec((header_name(), str_match()), 0..2),
+            query_params in vec((text(), str_match()), 0..2),
+            ignore_uri_case in any::<bool>(),
+        ) -> Match {
+            Match { uri, method, authority, headers, query_params, ignore_uri_case }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn matching_any_request_against_any_rules_never_panics(
+            rules in vec(vec(a_match(), 0..3), 0..4),
+            (method, authority, path) in (text(), text(), text()),
+            query in option::of(text()),
+            headers in headers(),
+        ) {
+            let req = RequestView { method: &method, authority: &authority, path: &path, query: query.as_deref(), headers: &headers };
+            for m in rules.iter().flatten() {
+                let _ = m.matches(&req);
+                if let Some(prefix) = m.uri_prefix() {
+                    let _ = rewrite_path(&path, Some(prefix), "/x");
+                }
+            }
+            if let Some((rule, matched)) = select(&rules, |r| r.as_slice(), &req) {
+                match matched {
+                    None => prop_assert!(rule.is_empty()),
+                    Some(m) => prop_assert!(m.matches(&req)),
+                }
+            }
+        }
+
+        #[test]
+        fn an_exact_match_matches_its_string_and_nothing_longer(s in text(), more in "[ -~]{1,4}") {
+            let m = StrMatch::Exact(s.clone());
+            prop_assert!(m.matches(&s));
+            prop_assert!(m.matches_ignore_case(&s.to_ascii_uppercase()));
+            prop_assert!(m.matches_ignore_case(&s.to_ascii_lowercase()));
+            let longer = format!("{s}{more}");
+            prop_assert!(!m.matches(&longer));
+        }
+
+        #[test]
+        fn a_prefix_match_matches_every_extension(prefix in text(), rest in text()) {
+            let m = StrMatch::Prefix(prefix.clone());
+            let value = format!("{prefix}{rest}");
+            prop_assert!(m.matches(&value));
+            prop_assert!(m.matches_ignore_case(&value.to_ascii_uppercase()));
+            prop_assert!(m.matches_ignore_case(&value.to_ascii_lowercase()));
+            // Through a route: a path match block takes every path under the prefix.
+            let route = Match { uri: Some(m), ignore_uri_case: true, ..Match::default() };
+            let headers = HeaderMap::new();
+            let upper = value.to_ascii_uppercase();
+            let req = RequestView { method: "GET", authority: "a", path: &upper, query: None, headers: &headers };
+            prop_assert!(route.matches(&req));
+        }
+
+        #[test]
+        fn a_regex_of_a_literal_matches_only_that_literal(s in text(), more in "[ -~]{1,4}") {
+            let m = StrMatch::regex(&regex::escape(&s)).expect("an escaped literal compiles");
+            prop_assert!(m.matches(&s));
+            let (after, before) = (format!("{s}{more}"), format!("{more}{s}"));
+            prop_assert!(!m.matches(&after));
+            prop_assert!(!m.matches(&before));
+        }
+
+        #[test]
+        fn a_regex_compiles_only_when_its_pattern_does(
+            pattern in prop_oneof![
+                vec(prop::sample::select(vec!["a", "b", "(", ")", "|", ".*", "?", "(?:", "\\)", "^", "$"]), 0..7)
+                    .prop_map(|tokens| tokens.concat()),
+                text(),
+            ],
+            value in prop_oneof!["[ab]{0,4}", text()],
+        ) {
+            let alone = Regex::new(&pattern);
+            prop_assert_eq!(StrMatch::regex(&pattern).is_ok(), alone.is_ok(), "{:?}", pattern);
+            if let (Ok(m), Ok(alone)) = (StrMatch::regex(&pattern), alone) {
+                // A whole-value match is a match.
+                prop_assert!(!m.matches(&value) || alone.is_match(&value));
+            }
+        }
+
+        #[test]
+        fn a_prefix_rewrite_replaces_just_the_prefix(
+            prefix in text(), rest in text(), query in option::of(text()), replacement in text(),
+        ) {
+            prop_assume!(!prefix.contains('?') && !rest.contains('?'));
+            let path = format!("{prefix}{rest}");
+            let pq = match &query { Some(q) => format!("{path}?{q}"), None => path };
+            let want = match &query { Some(q) => format!("{replacement}{rest}?{q}"), None => format!("{replacement}{rest}") };
+            prop_assert_eq!(rewrite_path(&pq, Some(&prefix), &replacement), want);
+        }
+
+        #[test]
+        fn rewrites_and_redirects_of_any_strings_never_panic(
+            pq in text(), prefix in option::of(text()), replacement in text(),
+            (scheme, host, port) in (text(), text(), option::of(any::<u16>())),
+            redirect_port in option::of(any::<u16>()), (uri, authority) in (option::of(text()), option::of(text())),
+        ) {
+            let _ = rewrite_path(&pq, prefix.as_deref(), &replacement);
+            let redirect = Redirect { uri, authority, port: redirect_port, scheme: None, code: StatusCode::FOUND };
+            let _ = redirect_location(&redirect, &scheme, &host, port, &pq);
+        }
+
+        #[test]
+        fn query_values_decode_what_was_encoded(name in "[a-z]{1,4}", value in any::<String>(), noise in text()) {
+            let encoded: String = value.bytes().map(|b| format!("%{b:02X}")).collect();
+            let query = format!("{noise}&{name}={encoded}");
+            prop_assert!(query_pairs(Some(&query)).any(|(k, v)| k == name && v == value));
+            let _ = query_pairs(Some(&noise)).count();
+        }
+
+        #[test]
+        fn a_weighted_pick_takes_a_positive_weight(weights in vec(prop_oneof![Just(0u32), any::<u32>()], 1..5), r in any::<u64>()) {
+            let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
+            let i = pick_weighted(weights.iter().copied(), r % total.max(1));
+            prop_assert!(i < weights.len());
+            prop_assert!(total == 0 || weights[i] > 0);
+        }
     }
 }

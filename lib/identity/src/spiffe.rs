@@ -134,3 +134,68 @@ mod tests {
         assert_ne!(a.server_name(), b.server_name());
     }
 }
+
+/// Property tests: the parser takes outside input (certificates' URI SANs, config files), so any
+/// string gives an ID or a typed error, never a panic, and valid IDs round-trip.
+#[cfg(test)]
+mod proptests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const TRUST_DOMAIN: &str = "[a-z0-9]([a-z0-9._-]{0,40}[a-z0-9])?";
+    const NAMESPACE: &str = "[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?";
+    const SERVICE_ACCOUNT: &str = "[a-z0-9]([a-z0-9.-]{0,60}[a-z0-9])?";
+    /// A path segment with the characters that matter to the parser, valid or not.
+    const SEGMENT: &str = "[a-zA-Z0-9._/: -]{0,12}";
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn any_string_parses_or_names_the_problem(s in any::<String>()) {
+            let _ = check(&s)?;
+            let _ = check(&format!("{SCHEME}{s}"))?;
+        }
+
+        #[test]
+        fn the_kubernetes_form_with_any_segments_is_checked_part_by_part(
+            td in SEGMENT, ns in SEGMENT, sa in SEGMENT,
+        ) {
+            let s = format!("spiffe://{td}/ns/{ns}/sa/{sa}");
+            let parsed = check(&s)?;
+            if ![&td, &ns, &sa].iter().any(|p| p.contains('/')) {
+                prop_assert_eq!(parsed, SpiffeId::new(&td, &ns, &sa));
+            }
+        }
+
+        #[test]
+        fn ids_from_valid_parts_round_trip(
+            td in TRUST_DOMAIN, ns in NAMESPACE, sa in SERVICE_ACCOUNT,
+        ) {
+            let id = SpiffeId::new(&td, &ns, &sa).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(
+                (id.trust_domain(), id.namespace(), id.service_account()),
+                (td.as_str(), ns.as_str(), sa.as_str())
+            );
+            let text = id.to_string();
+            prop_assert_eq!(&text, &format!("spiffe://{td}/ns/{ns}/sa/{sa}"));
+            prop_assert_eq!(text.parse::<SpiffeId>(), Ok(id.clone()));
+            prop_assert_eq!(id.server_name(), format!("{sa}.{ns}.sa.{td}"));
+        }
+    }
+
+    /// Parses `s`: an error names its input or a part of it; an ID prints back as `s`.
+    fn check(s: &str) -> Result<Result<SpiffeId, Error>, TestCaseError> {
+        let parsed = s.parse::<SpiffeId>();
+        match &parsed {
+            Ok(id) => prop_assert_eq!(id.to_string(), s),
+            Err(Error::Form(input)) => prop_assert_eq!(input, s),
+            Err(Error::TrustDomain(part) | Error::Namespace(part) | Error::ServiceAccount(part)) => {
+                prop_assert!(s.contains(part.as_str()), "{part:?} is not part of {s:?}");
+                prop_assert!(!parsed.as_ref().unwrap_err().to_string().is_empty());
+            }
+        }
+        Ok(parsed)
+    }
+}

@@ -6,6 +6,8 @@ mod compile;
 pub mod control_plane;
 pub mod file;
 pub mod policy;
+#[cfg(test)]
+mod proptests;
 
 use std::{
     collections::HashMap,
