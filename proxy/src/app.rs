@@ -30,7 +30,7 @@ use crate::{
     settings::{IdentityFiles, IdentitySource, Settings},
     sys, tcp,
     tls::{self as mesh, Accepted, IdentityStore, MeshTls},
-    upstream::{ConnectOpts, Endpoint, UpstreamIo},
+    upstream::{ConnectOpts, Endpoint, Proto, UpstreamIo},
 };
 use weft_identity::Tunnel;
 
@@ -548,6 +548,15 @@ async fn dispatch<I>(
     let peer = conn.peer;
     match detected.http() {
         Some(downstream) => {
+            // Detection has read the whole preface already; a declared port or a tunnel has not.
+            let header_read = shared.settings.timeouts.header_read;
+            let prefix = match downstream {
+                Proto::Http2 => match detect::h2_preface(&mut stream, prefix, header_read).await {
+                    Some(prefix) => prefix,
+                    None => return tracing::debug!(%peer, "no HTTP/2 connection preface; closed"),
+                },
+                Proto::Http1 => prefix,
+            };
             let (tunnel, sni) = tunnel.map_or((None, None), |t| (Some(t.peer), t.sni));
             let info = ConnInfo { conn, downstream, tunnel, sni };
             server::serve(PrefixedIo::new(prefix, stream), info, shared.serving.clone()).await

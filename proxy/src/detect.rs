@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use weft_identity::Tunnel;
 
 use crate::{config::Protocol, upstream::Proto};
@@ -132,6 +132,65 @@ pub async fn detect<I: AsyncRead + Unpin>(
     Ok((detected, buf.freeze()))
 }
 
+/// Reads the rest of the HTTP/2 client preface on a connection served as HTTP/2 without
+/// detection (a port that declares HTTP2, a mesh tunnel whose ALPN says h2), after `prefix` (the
+/// bytes already read). Returns every byte read, for the caller to replay, or `None` when they
+/// are not the preface, the peer closed, or it did not arrive within `timeout`: the connection
+/// has then been closed cleanly. (h2 itself would send SETTINGS, then drop the connection with
+/// the client's bytes unread, which the kernel turns into a reset; RFC 9113 section 3.4 allows
+/// closing without GOAWAY, as the peer is not speaking HTTP/2.)
+pub async fn h2_preface<I: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut I,
+    prefix: Bytes,
+    timeout: Duration,
+) -> Option<Bytes> {
+    if prefix.starts_with(H2_PREFACE) {
+        return Some(prefix); // detection read it
+    }
+    let mut buf = BytesMut::from(&prefix[..]);
+    let read = async {
+        loop {
+            let n = buf.len().min(H2_PREFACE.len());
+            if buf[..n] != H2_PREFACE[..n] {
+                return false;
+            }
+            if n == H2_PREFACE.len() {
+                return true;
+            }
+            if !matches!(io.read_buf(&mut buf).await, Ok(1..)) {
+                return false;
+            }
+        }
+    };
+    if tokio::time::timeout(timeout, read).await == Ok(true) {
+        return Some(buf.freeze());
+    }
+    close_cleanly(io).await;
+    None
+}
+
+/// How long, and how many bytes, a connection that is refused is read after the proxy's FIN,
+/// so that the peer's unread bytes do not turn the close into a reset.
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 64 * 1024;
+
+/// Half-closes `io`, then reads (and drops) what the peer still sends until it closes too,
+/// bounded by `LINGER` and `LINGER_BYTES`.
+async fn close_cleanly<I: AsyncRead + AsyncWrite + Unpin>(io: &mut I) {
+    let _ = io.shutdown().await;
+    let drain = async {
+        let mut buf = [0u8; 4096];
+        let mut total = 0;
+        while total < LINGER_BYTES {
+            match io.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => total += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
+}
+
 #[cfg(test)]
 mod tests {
     use tokio::io::AsyncWriteExt;
@@ -173,5 +232,40 @@ mod tests {
         let (d, bytes) = detect(&mut a, Duration::from_secs(5)).await.unwrap();
         assert_eq!(d, Detected::Http1);
         assert_eq!(&bytes[..], b"GET /x HTTP/1.1\r\n");
+    }
+
+    #[tokio::test]
+    async fn the_h2_preface_is_read_after_what_detection_already_read() {
+        let (mut a, mut b) = tokio::io::duplex(256);
+        b.write_all(&H2_PREFACE[10..]).await.unwrap();
+        b.write_all(b"\0\0\0\x04").await.unwrap();
+        let prefix = Bytes::from_static(&H2_PREFACE[..10]);
+        let read = h2_preface(&mut a, prefix, Duration::from_secs(5)).await.expect("a valid preface");
+        assert!(read.starts_with(H2_PREFACE), "{read:?}");
+        let full = h2_preface(&mut a, Bytes::from_static(H2_PREFACE), Duration::from_secs(5)).await;
+        assert_eq!(full.as_deref(), Some(H2_PREFACE), "a complete prefix reads nothing more");
+    }
+
+    /// h2spec http2/3.5/2: an invalid preface closes the connection with a FIN (the proxy's
+    /// write side ends) after reading what the client sent, never a reset.
+    #[tokio::test]
+    async fn an_invalid_h2_preface_closes_cleanly() {
+        let (mut a, mut b) = tokio::io::duplex(256);
+        b.write_all(b"INVALID CONNECTION PREFACE\r\n\r\n").await.unwrap();
+        let closing =
+            tokio::spawn(async move { h2_preface(&mut a, Bytes::new(), Duration::from_secs(5)).await });
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), b.read_to_end(&mut out)).await.unwrap().unwrap();
+        assert!(out.is_empty(), "nothing is sent, not even SETTINGS: {out:?}");
+        drop(b);
+        assert_eq!(closing.await.unwrap(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_missing_h2_preface_times_out() {
+        let (mut a, _b) = tokio::io::duplex(64);
+        let start = tokio::time::Instant::now();
+        assert_eq!(h2_preface(&mut a, Bytes::new(), Duration::from_millis(300)).await, None);
+        assert!(start.elapsed() >= Duration::from_millis(300));
     }
 }

@@ -144,7 +144,8 @@ struct Args {
     #[arg(long, env = "WEFT_DETECT_TIMEOUT", default_value = "500ms", value_parser = parse_duration, value_name = "DURATION")]
     detect_timeout: Duration,
 
-    /// HTTP/1 request head (request line and headers) read deadline, from the head's first byte.
+    /// HTTP/1 request head (request line and headers) read deadline, from the head's first byte;
+    /// also the wait for the HTTP/2 client preface where it is not detected.
     #[arg(long, env = "WEFT_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     header_read_timeout: Duration,
 

@@ -83,7 +83,8 @@ pub struct Limits {
 pub struct Timeouts {
     /// How long to wait for the first bytes before treating a connection as opaque TCP.
     pub detect: Duration,
-    /// HTTP/1 request-head read deadline, counted from the head's first byte.
+    /// HTTP/1 request-head read deadline, counted from the head's first byte; also the wait for
+    /// the HTTP/2 client preface where it is not detected (`detect::h2_preface`).
     pub header_read: Duration,
     /// The longest the proxy waits for the next bytes of a request body before the upstream has
     /// answered (408 then); time the upstream spends not reading does not count, and gRPC

@@ -4,6 +4,7 @@ mod bench;
 mod cluster;
 mod codegen;
 mod demo;
+mod h2spec;
 mod images;
 mod packages;
 mod test;
@@ -48,6 +49,9 @@ enum Task {
         #[command(subcommand)]
         which: bench::Bench,
     },
+    /// Install h2spec (pinned in xtask/tools/h2spec/go.mod) for the proxy's HTTP/2 conformance
+    /// test, once, and print its path. `cargo xtask test` does this first.
+    H2spec,
     /// Run every test: build the cluster binaries if missing, start the cluster,
     /// run `cargo test --workspace` against it, and stop it again.
     Test {
@@ -76,6 +80,7 @@ fn run(cli: Cli) -> Result<()> {
         Task::Bench { which } => bench::run(which),
         Task::Images { no_import } => images::run(no_import),
         Task::Cluster { command } => cluster::run(command),
+        Task::H2spec => h2spec::install().map(|bin| println!("{}", bin.display())),
         Task::Test { cargo_args } => test::run(&cargo_args),
     }
 }

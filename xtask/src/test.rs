@@ -18,6 +18,8 @@ const SYSTEM_TOOLS: [(&str, &str); 1] = [("iptables", "iptables")];
 
 pub(crate) fn run(cargo_args: &[String]) -> Result<()> {
     crate::packages::ensure("test", &SYSTEM_TOOLS)?;
+    // The proxy's HTTP/2 conformance test runs it (proxy/tests/proxy/h2spec.rs).
+    crate::h2spec::install()?;
     // `up` builds the binaries when they are missing, so this works on a fresh machine; the
     // tests on the node (e2e/tests/mesh.rs) run the images built here.
     let (status, totals) = cluster::with_cluster(|| {

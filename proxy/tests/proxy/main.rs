@@ -5,6 +5,7 @@ mod support;
 
 mod admin;
 mod authz;
+mod h2spec;
 mod hardening;
 mod lifecycle;
 mod mtls;

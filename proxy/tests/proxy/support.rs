@@ -196,7 +196,15 @@ async fn echo(name: &'static str, mut req: Request<Incoming>) -> Result<Response
         "headers": headers,
     });
     let status = path.strip_prefix("/status/").and_then(|s| s.parse().ok()).unwrap_or(200);
-    let mut res = Response::new(Full::new(Bytes::from(body.to_string())));
+    let body = Bytes::from(body.to_string());
+    // HEAD: the length a GET would have, and no body. (hyper's HTTP/2 server would send the body
+    // of a HEAD response, which the proxy's h2 client rightly treats as a stream error.)
+    let head = req.method() == http::Method::HEAD;
+    let length = body.len();
+    let mut res = Response::new(Full::new(if head { Bytes::new() } else { body }));
+    if head {
+        res.headers_mut().insert(http::header::CONTENT_LENGTH, length.into());
+    }
     *res.status_mut() = StatusCode::from_u16(status).unwrap();
     res.headers_mut().insert("x-backend", name.parse().unwrap());
     Ok(res)
