@@ -61,6 +61,8 @@ type Result<T, E = WalkthroughError> = std::result::Result<T, E>;
 pub struct StepOutcome {
     pub title: &'static str,
     pub problems: Vec<String>,
+    /// From applying its YAML to its last check.
+    pub took: Duration,
 }
 
 /// Where the walkthrough runs and how it talks.
@@ -103,11 +105,12 @@ impl Walkthrough {
     /// The namespaces must exist, the meshed one labelled for injection, and Weft installed
     /// with [`HELM_SETS`].
     pub async fn run(&self, images: &ImageSet) -> Result<Vec<StepOutcome>> {
-        let pods = self.deploy(images).await?;
+        let mut pods = self.deploy(images).await?;
         let mut outcomes = Vec::new();
         macro_rules! step {
             ($title:expr, $body:expr) => {{
                 let title: &'static str = $title;
+                let started = Instant::now();
                 (self.say)(&format!("\n== {} ==", title));
                 let verdicts: Vec<Verdict> = $body.await?;
                 let mut problems = Vec::new();
@@ -117,7 +120,7 @@ impl Walkthrough {
                         problems.push(verdict.line);
                     }
                 }
-                outcomes.push(StepOutcome { title, problems });
+                outcomes.push(StepOutcome { title, problems, took: started.elapsed() });
             }};
         }
         step!("1. All of reviews' traffic to v1", self.all_to_v1(&pods));
@@ -132,8 +135,9 @@ impl Walkthrough {
         step!("7. Outlier detection ejects the flaky pod", self.outlier_detection(&pods));
         step!("8. A request timeout of 0.5 s", self.timeout(&pods));
         step!("9. Certificates rotate under load", self.rotation(&pods));
-        step!("10. STRICT mTLS: plain text refused, the mesh served", self.strict_mtls(&pods));
-        step!("11. An AuthorizationPolicy denies the frontend's service account", self.deny(&pods));
+        step!("10. A reviews pod deleted under load loses no request", self.pod_deleted(&mut pods));
+        step!("11. STRICT mTLS: plain text refused, the mesh served", self.strict_mtls(&pods));
+        step!("12. An AuthorizationPolicy denies the frontend's service account", self.deny(&pods));
         Ok(outcomes)
     }
 
@@ -342,8 +346,102 @@ impl Walkthrough {
         ])
     }
 
+    /// Deletes one reviews pod while the frontend sends to the Service; its Deployment replaces
+    /// it. The pod drains (its app and proxy finish what they started) while the callers'
+    /// proxies learn that its endpoint is gone, so no request fails.
+    async fn pod_deleted(&self, pods: &mut Pods) -> Result<Vec<Verdict>> {
+        self.apply("10-reviews-all-versions.yaml").await?;
+        self.await_routes(&pods.frontend, "reviews", &["all-versions"]).await?;
+        let victim = pods
+            .reviews
+            .iter()
+            .find(|p| p.metadata.labels.as_ref().and_then(|l| l.get("version")).is_some_and(|v| v == "v2"))
+            .or(pods.reviews.first())
+            .cloned()
+            .ok_or_else(|| WalkthroughError::Missing("no reviews pod".into()))?;
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let (frontend, load) = (pods.frontend.clone(), self.load("reviews", "/", 50, 2));
+        let sender = tokio::spawn(async move {
+            let mut reports = Vec::new();
+            // Bounded: at most 2,000 batches, and stopped once the pod is replaced.
+            for _ in 0..2_000 {
+                if *stopped.borrow_and_update() {
+                    break;
+                }
+                reports.push(call_with(&frontend, &load).await);
+            }
+            reports
+        });
+        (self.say)(&format!(
+            "   kubectl -n {} delete pod {} (while the frontend sends)",
+            self.namespace,
+            name(&victim)
+        ));
+        let pods_api: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
+        pods_api
+            .delete(name(&victim), &DeleteParams::default())
+            .await
+            .map_err(cluster::Error::kube(format!("deleting pod {}", name(&victim))))?;
+        let replaced = self.await_replaced(&victim).await;
+        let _ = stop.send(true);
+        let reports =
+            sender.await.map_err(|e| WalkthroughError::Missing(format!("the load task failed: {e}")))?;
+        let replacement = replaced?;
+        let (mut sent, mut ok, mut errors, mut status) = (0, 0, 0, BTreeMap::new());
+        for report in reports {
+            let report = report?;
+            (sent, ok, errors) = (sent + report.sent(), ok + report.ok(), errors + report.errors);
+            for (code, count) in report.status {
+                *status.entry(code).or_insert(0) += count;
+            }
+        }
+        (self.say)(&format!(
+            "   {sent} requests while {} went and {} came ready: status {} · errors {errors}",
+            name(&victim),
+            name(&replacement),
+            counts(&status)
+        ));
+        if let Some(slot) = pods.reviews.iter_mut().find(|p| name(p) == name(&victim)) {
+            *slot = replacement;
+        }
+        Ok(vec![expect::all("answered 200", ok, sent)])
+    }
+
+    /// Waits until `pod` is gone and another pod of its Deployment is ready; returns it.
+    async fn await_replaced(&self, pod: &Pod) -> Result<Pod> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
+        let labels = pod.metadata.labels.clone().unwrap_or_default();
+        let selector = ["app", "version"]
+            .iter()
+            .filter_map(|k| labels.get(*k).map(|v| format!("{k}={v}")))
+            .collect::<Vec<_>>()
+            .join(",");
+        let deadline = Instant::now() + START;
+        loop {
+            let listed = pods
+                .list(&kube::api::ListParams::default().labels(&selector))
+                .await
+                .map_err(cluster::Error::kube("listing pods"))?;
+            let old_gone = listed.items.iter().all(|p| name(p) != name(pod));
+            let ready = listed
+                .items
+                .iter()
+                .find(|p| crate::node::pod_problem(p).is_none() && p.metadata.deletion_timestamp.is_none());
+            if let (true, Some(ready)) = (old_gone, ready) {
+                return Ok(ready.clone());
+            }
+            if Instant::now() >= deadline {
+                return Err(WalkthroughError::NotReady {
+                    what: format!("a replacement for {}", name(pod)),
+                    seen: format!("{} pods", listed.items.len()),
+                });
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
     async fn strict_mtls(&self, pods: &Pods) -> Result<Vec<Verdict>> {
-        self.apply("09-strict-mtls.yaml").await?;
+        self.apply("11-strict-mtls.yaml").await?;
         for pod in &pods.reviews {
             self.await_config(pod, "STRICT on reviews", |c| {
                 c["config"]["inbound"]["mtlsMode"] == "MTLS_STRICT"
@@ -371,7 +469,7 @@ impl Walkthrough {
     }
 
     async fn deny(&self, pods: &Pods) -> Result<Vec<Verdict>> {
-        self.apply("10-deny-frontend.yaml").await?;
+        self.apply("12-deny-frontend.yaml").await?;
         let name = format!("{}/reviews-deny-frontend", self.namespace);
         for pod in &pods.reviews {
             self.await_config(pod, "the deny policy on reviews", |c| {
@@ -533,8 +631,9 @@ const FILES: &[&str] = &[
     "06-retries.yaml",
     "07-outlier-detection.yaml",
     "08-timeout.yaml",
-    "09-strict-mtls.yaml",
-    "10-deny-frontend.yaml",
+    "10-reviews-all-versions.yaml",
+    "11-strict-mtls.yaml",
+    "12-deny-frontend.yaml",
     "ratings-v2-flaky.yaml",
 ];
 

@@ -33,7 +33,7 @@ async fn every_step_of_the_demo_measures_what_its_yaml_asked_for() -> Result<()>
         .filter(|o| !o.problems.is_empty())
         .map(|o| format!("{}: {}", o.title, o.problems.join("; ")))
         .collect();
-    ensure!(outcomes.len() == 11, "the walkthrough ran {} steps, expected 11", outcomes.len());
+    ensure!(outcomes.len() == 12, "the walkthrough ran {} steps, expected 12", outcomes.len());
     ensure!(failed.is_empty(), "steps measured something else than asked:\n{}", failed.join("\n"));
     Ok(())
 }

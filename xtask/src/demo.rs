@@ -29,12 +29,20 @@ pub(crate) fn run() -> Result<()> {
     crate::cluster::up()?;
     println!("[demo] building Weft's images (reused when nothing changed)");
     crate::images::run(false)?;
+    let built = started.elapsed();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let outcomes = runtime.block_on(show())?;
     let failed: Vec<&StepOutcome> = outcomes.iter().filter(|o| !o.problems.is_empty()).collect();
-    println!("\n== Summary ({}s) ==", started.elapsed().as_secs());
+    let steps: f64 = outcomes.iter().map(|o| o.took.as_secs_f64()).sum();
+    println!(
+        "\n== Summary: {:.0}s in all; cluster and images {:.0}s, install and rollout {:.0}s, steps {steps:.0}s ==",
+        started.elapsed().as_secs_f64(),
+        built.as_secs_f64(),
+        (started.elapsed() - built).as_secs_f64() - steps
+    );
     for outcome in &outcomes {
-        println!("   {} {}", if outcome.problems.is_empty() { "✔" } else { "✘" }, outcome.title);
+        let mark = if outcome.problems.is_empty() { "✔" } else { "✘" };
+        println!("   {mark} {:<66} {:>5.1}s", outcome.title, outcome.took.as_secs_f64());
     }
     println!("\nThe cluster, Weft and the demo apps keep running: look around with");
     println!("  eval \"$(cargo xtask cluster env)\"");

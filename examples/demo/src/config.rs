@@ -12,6 +12,9 @@ pub const ENV_POD_NAME: &str = "POD_NAME";
 pub const ENV_POD_NAMESPACE: &str = "POD_NAMESPACE";
 pub const ENV_FAIL_PERCENT: &str = "FAIL_PERCENT";
 pub const ENV_FAIL_STATUS: &str = "FAIL_STATUS";
+pub const ENV_SHUTDOWN_DELAY_MS: &str = "SHUTDOWN_DELAY_MS";
+/// The longest `SHUTDOWN_DELAY_MS`: within Kubernetes' default 30 s grace period with the drain.
+pub const MAX_SHUTDOWN_DELAY_MS: u64 = 10_000;
 
 /// Who answers: the body of `GET /` and of `weft.demo.v1.Demo/Info`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -30,6 +33,9 @@ pub struct Config {
     /// Share of `GET /` answers, 0 to 100, that fail with `fail_status`.
     pub fail_percent: u8,
     pub fail_status: StatusCode,
+    /// How long to keep serving after SIGTERM before it stops accepting (the time callers need
+    /// to learn the pod is going, as a Kubernetes preStop sleep gives).
+    pub shutdown_delay: std::time::Duration,
 }
 
 impl Default for Config {
@@ -39,6 +45,7 @@ impl Default for Config {
             identity: Identity::default(),
             fail_percent: 0,
             fail_status: StatusCode::SERVICE_UNAVAILABLE,
+            shutdown_delay: std::time::Duration::ZERO,
         }
     }
 }
@@ -77,6 +84,15 @@ impl Config {
             },
             None => defaults.fail_status,
         };
+        let shutdown_delay = match number(ENV_SHUTDOWN_DELAY_MS) {
+            Some(value) => match value.trim().parse::<u64>() {
+                Ok(ms) if ms <= MAX_SHUTDOWN_DELAY_MS => std::time::Duration::from_millis(ms),
+                _ => bail!(
+                    "{ENV_SHUTDOWN_DELAY_MS}={value:?}: expected an integer from 0 to {MAX_SHUTDOWN_DELAY_MS}"
+                ),
+            },
+            None => defaults.shutdown_delay,
+        };
         Ok(Self {
             port,
             identity: Identity {
@@ -87,6 +103,7 @@ impl Config {
             },
             fail_percent,
             fail_status,
+            shutdown_delay,
         })
     }
 }
@@ -125,6 +142,7 @@ mod tests {
             (ENV_POD_NAMESPACE, "shop"),
             (ENV_FAIL_PERCENT, "25"),
             (ENV_FAIL_STATUS, "500"),
+            (ENV_SHUTDOWN_DELAY_MS, "3000"),
         ])
         .unwrap();
         assert_eq!(config.port, 9090);
@@ -134,6 +152,7 @@ mod tests {
         assert_eq!(config.identity.namespace, "shop");
         assert_eq!(config.fail_percent, 25);
         assert_eq!(config.fail_status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(config.shutdown_delay, std::time::Duration::from_secs(3));
     }
 
     #[test]
@@ -145,6 +164,8 @@ mod tests {
             (ENV_FAIL_STATUS, "99"),
             (ENV_FAIL_STATUS, "600"),
             (ENV_FAIL_STATUS, "x"),
+            (ENV_SHUTDOWN_DELAY_MS, "10001"),
+            (ENV_SHUTDOWN_DELAY_MS, "-1"),
             (ENV_PORT, "70000"),
         ] {
             let error = from(&[(name, value)]).unwrap_err().to_string();

@@ -41,10 +41,15 @@ async fn main() -> Result<()> {
         fail_status = config.fail_status.as_u16(),
         "serving"
     );
+    let delay = config.shutdown_delay;
     let shutdown = async move {
         tokio::select! {
             _ = terminate.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
+        }
+        if !delay.is_zero() {
+            info!(delay_ms = delay.as_millis() as u64, "terminating: still serving while callers learn it");
+            tokio::time::sleep(delay).await;
         }
         info!("shutting down");
     };

@@ -8,7 +8,10 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
-use tokio::{net::TcpListener, sync::mpsc};
+use tokio::{
+    net::{TcpListener, TcpSocket},
+    sync::mpsc,
+};
 use weft_proxy::probes::AppProbes;
 
 use crate::support::*;
@@ -35,9 +38,13 @@ async fn kubelet(admin: SocketAddr, method: Method, path: &str) -> Reply {
     H1::connect(admin).await.send(req).await
 }
 
-async fn closed_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    listener.local_addr().unwrap().port()
+/// A port that refuses connections and stays reserved while the returned socket lives: bound
+/// but never listening, so no other test can take it in the meantime.
+fn closed_port() -> (TcpSocket, u16) {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = socket.local_addr().unwrap().port();
+    (socket, port)
 }
 
 #[tokio::test]
@@ -62,7 +69,7 @@ async fn an_http_probe_answers_the_app_status() {
 #[tokio::test]
 async fn a_closed_port_or_a_slow_app_answers_503() {
     let app = backend("slow").await;
-    let (closed, port) = (closed_port().await, app.addr.port());
+    let ((_reserved, closed), port) = (closed_port(), app.addr.port());
     let (_proxy, admin) = admin_with(&format!(
         r#"{{"/app-health/app/readyz": {{"port": {closed}, "path": "/healthz"}},
             "/app-health/app/livez": {{"port": {port}, "path": "/slow?ms=5000", "timeoutSeconds": 1}}}}"#
@@ -83,7 +90,7 @@ async fn a_closed_port_or_a_slow_app_answers_503() {
 #[tokio::test]
 async fn a_tcp_probe_answers_whether_the_port_opens() {
     let open = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (open_port, closed) = (open.local_addr().unwrap().port(), closed_port().await);
+    let (open_port, (_reserved, closed)) = (open.local_addr().unwrap().port(), closed_port());
     let (_proxy, admin) = admin_with(&format!(
         r#"{{"/app-health/db/startupz": {{"port": {open_port}, "tcp": true}},
             "/app-health/db/livez": {{"port": {closed}, "tcp": true}}}}"#
