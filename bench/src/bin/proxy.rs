@@ -83,6 +83,11 @@ struct Args {
     /// Internal: the M0 ping-pong server (run on CPU 1).
     #[arg(long, hide = true)]
     pingpong_server: Option<SocketAddr>,
+    /// Only write the sidecar pairs' certificates into DIR and exit: `root.pem`, and
+    /// `inbound.{crt,key}` and `outbound.{crt,key}` for `spiffe://cluster.local/ns/bench/sa/inbound`
+    /// and `.../outbound` (valid one day). `bench/profile-proxy.sh … mtls` uses them.
+    #[arg(long, value_name = "DIR")]
+    write_certs: Option<PathBuf>,
 }
 
 /// What one measured path is made of.
@@ -100,6 +105,11 @@ fn main() -> Result<()> {
     let args = Args::parse();
     if let Some(addr) = args.pingpong_server {
         return pingpong_server(addr);
+    }
+    if let Some(dir) = &args.write_certs {
+        std::fs::create_dir_all(dir)?;
+        Mesh::issue(dir)?;
+        return Ok(());
     }
     let quick = args.quick;
     let rounds = args.rounds.unwrap_or(if quick { 3 } else { 5 });

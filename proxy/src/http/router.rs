@@ -356,7 +356,7 @@ impl Router {
         let Some(mut facts) = Facts::connection(&self.conn.conn, self.conn.tunnel.as_ref(), sni) else {
             return false;
         };
-        facts.http = Some(HttpFacts::new(authority, req.method().as_str(), req.uri().path(), req.headers()));
+        facts.http = Some(HttpFacts::new(authority, req.method(), req.uri().path(), req.headers()));
         let decision = policy.decide_counted(&facts, Some(&self.routing.metrics));
         if !decision.allowed() {
             let policy = decision.decided_by();

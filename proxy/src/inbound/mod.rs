@@ -17,7 +17,7 @@ use prometheus_client::metrics::counter::Counter;
 
 use http::HeaderName;
 pub use rules::{Check, Facts, HttpFacts};
-use rules::{Condition, Field, Gate, HostPattern, IpBlock, Operation, Pattern, Rule, Source};
+use rules::{Condition, Field, Gate, HostPattern, IpBlock, KINDS, Operation, Pattern, Rule, Source};
 use weft_proto::v1 as pb;
 
 use crate::metrics::Metrics;
@@ -74,44 +74,50 @@ pub struct Inbound {
 
 #[derive(Debug, Default)]
 struct Policies {
-    deny: ByIdentity<Policy>,
-    allow: ByIdentity<Policy>,
+    deny: ByKind<Policy>,
+    allow: ByKind<Policy>,
     /// The counters of "no ALLOW policy matched" (`policy=""`).
     unmatched: Counters,
 }
 
-/// Items in order, and the indexes of those a request without an identity (plain text) can
-/// match: such a request walks only those, so policies and rules that name principals or
-/// namespaces cost it nothing.
+/// Items in order, and for each kind of request (`Facts::kind`: with or without an identity,
+/// and its method) the indexes of those whose gate lets it through: a request walks only those,
+/// so policies and rules that name principals cost a plain-text request nothing, and rules for
+/// other methods cost nothing at all. Made once per config.
 #[derive(Debug)]
-struct ByIdentity<T> {
+struct ByKind<T> {
     all: Vec<T>,
-    plain: Vec<usize>,
+    /// Kind `k`'s items are `indexes[starts[k]..starts[k + 1]]`.
+    starts: [u32; KINDS + 1],
+    indexes: Box<[u32]>,
 }
 
-impl<T> Default for ByIdentity<T> {
+impl<T> Default for ByKind<T> {
     fn default() -> Self {
-        ByIdentity { all: Vec::new(), plain: Vec::new() }
+        ByKind::new(Vec::new(), |_| Gate::default())
     }
 }
 
-impl<T> ByIdentity<T> {
-    fn push(&mut self, item: T, needs_identity: bool) {
-        if !needs_identity {
-            self.plain.push(self.all.len());
+impl<T> ByKind<T> {
+    fn new(all: Vec<T>, gate: impl Fn(&T) -> Gate) -> ByKind<T> {
+        let gates: Vec<Gate> = all.iter().map(gate).collect();
+        let mut starts = [0; KINDS + 1];
+        let mut indexes = Vec::new();
+        for kind in 0..KINDS {
+            indexes.extend((0..all.len()).filter(|i| gates[*i].admits(kind)).map(|i| i as u32));
+            starts[kind + 1] = u32::try_from(indexes.len()).expect("fewer than 2^32 policies or rules");
         }
-        self.all.push(item);
+        ByKind { all, starts, indexes: indexes.into() }
     }
 
     fn is_empty(&self) -> bool {
         self.all.is_empty()
     }
 
-    /// The items that may match `facts`, in order.
-    fn candidates<'a>(&'a self, facts: &Facts<'_>) -> impl Iterator<Item = &'a T> {
-        let plain = facts.principal.is_none();
-        let n = if plain { self.plain.len() } else { self.all.len() };
-        (0..n).map(move |i| &self.all[if plain { self.plain[i] } else { i }])
+    /// The items that may match a request of `kind`, in order.
+    fn candidates(&self, kind: usize) -> impl Iterator<Item = &T> {
+        let range = self.starts[kind] as usize..self.starts[kind + 1] as usize;
+        self.indexes[range].iter().map(|i| &self.all[*i as usize])
     }
 }
 
@@ -123,19 +129,18 @@ type Counters = OnceLock<[Counter; 2]>;
 struct Policy {
     /// `<namespace>/<name>`.
     name: Arc<str>,
-    rules: ByIdentity<Rule>,
-    /// What all its rules need: most requests a policy does not match skip it here.
+    /// Its rules, indexed by what their gates let through.
+    rules: ByKind<Rule>,
+    /// What all its rules need (a request none of them lets through skips the policy whole).
     gate: Gate,
     counters: Counters,
 }
 
 impl Policy {
-    /// Whether any rule matches; `Unknown` checks count as a match for DENY and not for ALLOW.
-    fn matches(&self, facts: &Facts<'_>, deny: bool) -> bool {
-        if self.gate.rejects(facts) {
-            return false;
-        }
-        self.rules.candidates(facts).any(|r| match r.check(facts) {
+    /// Whether any rule matches a request of `kind`; `Unknown` checks count as a match for DENY
+    /// and not for ALLOW.
+    fn matches(&self, facts: &Facts<'_>, kind: usize, deny: bool) -> bool {
+        self.rules.candidates(kind).any(|r| match r.check(facts) {
             Check::Yes => true,
             Check::No => false,
             Check::Unknown => deny,
@@ -144,30 +149,30 @@ impl Policy {
 }
 
 /// The outcome of one set of policies for one connection or request.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Verdict {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Verdict<'p> {
     pub allowed: bool,
-    /// The policy that decided: the matching DENY or ALLOW policy; `None` when the request was
-    /// denied because no ALLOW policy matched.
-    pub policy: Option<Arc<str>>,
+    /// The policy that decided (`<namespace>/<name>`): the matching DENY or ALLOW policy; `None`
+    /// when the request was denied because no ALLOW policy matched.
+    pub policy: Option<&'p str>,
 }
 
 /// The enforced outcome and the dry-run one; `None` where no policy of that kind selects the
-/// workload (then nothing is counted).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Decision {
-    pub enforced: Option<Verdict>,
-    pub dry_run: Option<Verdict>,
+/// workload (then nothing is counted). Borrows the policy's names.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Decision<'p> {
+    pub enforced: Option<Verdict<'p>>,
+    pub dry_run: Option<Verdict<'p>>,
 }
 
-impl Decision {
+impl Decision<'_> {
     pub fn allowed(&self) -> bool {
         self.enforced.as_ref().is_none_or(|v| v.allowed)
     }
 
     /// The enforced policy that decided, for logs.
     pub fn decided_by(&self) -> Option<&str> {
-        self.enforced.as_ref().and_then(|v| v.policy.as_deref())
+        self.enforced.and_then(|v| v.policy)
     }
 }
 
@@ -176,28 +181,23 @@ impl Policies {
         self.deny.is_empty() && self.allow.is_empty()
     }
 
-    /// The verdict, and the policy name and counters it counts in.
-    fn decide(&self, facts: &Facts<'_>) -> Option<(Verdict, (&Arc<str>, &Counters))> {
+    /// The verdict for a request of `kind`, and the policy that decided (`None`: no policy
+    /// matched, allowed with only DENY policies or denied because no ALLOW policy matched).
+    fn decide(&self, facts: &Facts<'_>, kind: usize) -> Option<(bool, Option<&Policy>)> {
         if self.is_empty() {
             return None;
         }
-        let unmatched = |allowed| (Verdict { allowed, policy: None }, (&*NO_POLICY, &self.unmatched));
-        if let Some(p) = self.deny.candidates(facts).find(|p| p.matches(facts, true)) {
-            return Some(decided_by(false, p));
+        if let Some(p) = self.deny.candidates(kind).find(|p| p.matches(facts, kind, true)) {
+            return Some((false, Some(p)));
         }
         if self.allow.is_empty() {
-            return Some(unmatched(true));
+            return Some((true, None));
         }
-        Some(match self.allow.candidates(facts).find(|p| p.matches(facts, false)) {
-            Some(p) => decided_by(true, p),
-            None => unmatched(false),
+        Some(match self.allow.candidates(kind).find(|p| p.matches(facts, kind, false)) {
+            Some(p) => (true, Some(p)),
+            None => (false, None),
         })
     }
-}
-
-/// A verdict decided by policy `p`.
-fn decided_by(allowed: bool, p: &Policy) -> (Verdict, (&Arc<str>, &Counters)) {
-    (Verdict { allowed, policy: Some(p.name.clone()) }, (&p.name, &p.counters))
 }
 
 /// The `policy` label when no policy matched: allowed with only DENY policies, or denied because
@@ -216,23 +216,27 @@ impl Inbound {
         !(self.enforced.is_empty() && self.dry_run.is_empty())
     }
 
-    pub fn decide(&self, facts: &Facts<'_>) -> Decision {
+    pub fn decide(&self, facts: &Facts<'_>) -> Decision<'_> {
         self.decide_counted(facts, None)
     }
 
     /// `decide`, counting the outcome in `weft_authz_decisions_total` when `metrics` is given.
-    pub fn decide_counted(&self, facts: &Facts<'_>, metrics: Option<&Metrics>) -> Decision {
+    pub fn decide_counted(&self, facts: &Facts<'_>, metrics: Option<&Metrics>) -> Decision<'_> {
+        let kind = facts.kind();
         let mut decision = Decision::default();
         for (policies, dry_run) in [(&self.enforced, false), (&self.dry_run, true)] {
-            let Some((verdict, counters)) = policies.decide(facts) else { continue };
-            if let (Some(metrics), (name, counters)) = (metrics, counters) {
+            let Some((allowed, policy)) = policies.decide(facts, kind) else { continue };
+            if let Some(metrics) = metrics {
+                let (name, counters) =
+                    policy.map_or((&*NO_POLICY, &policies.unmatched), |p| (&p.name, &p.counters));
                 let [allow, deny] = counters.get_or_init(|| metrics.authz_counters(name, dry_run));
-                if verdict.allowed {
+                if allowed {
                     allow.inc()
                 } else {
                     deny.inc()
                 };
             }
+            let verdict = Verdict { allowed, policy: policy.map(|p| &*p.name) };
             *if dry_run { &mut decision.dry_run } else { &mut decision.enforced } = Some(verdict);
         }
         decision
@@ -241,8 +245,9 @@ impl Inbound {
 
 /// Compiles the operator's inbound policy.
 pub fn compile(policy: &pb::InboundPolicy) -> Result<Inbound, Error> {
-    let mut enforced = Policies::default();
-    let mut dry_run = Policies::default();
+    // (DENY, ALLOW) policies, in order.
+    let mut enforced = (Vec::new(), Vec::new());
+    let mut dry_run = (Vec::new(), Vec::new());
     for (i, a) in policy.authorizations.iter().enumerate() {
         let at = format!("inbound.authorizations[{i}]");
         let rules: Vec<Rule> = a
@@ -251,21 +256,25 @@ pub fn compile(policy: &pb::InboundPolicy) -> Result<Inbound, Error> {
             .enumerate()
             .map(|(j, r)| rule(r, &format!("{at}.rules[{j}]")))
             .collect::<Result<_, _>>()?;
-        let gate = Gate::all(&rules);
-        let mut by_identity = ByIdentity::default();
-        for r in rules {
-            let needs = r.needs_identity();
-            by_identity.push(r, needs);
-        }
-        let compiled =
-            Policy { name: Arc::from(a.name.as_str()), gate, rules: by_identity, counters: Counters::new() };
-        let set = if a.dry_run { &mut dry_run } else { &mut enforced };
+        let compiled = Policy {
+            name: Arc::from(a.name.as_str()),
+            gate: Gate::all(&rules),
+            rules: ByKind::new(rules, Rule::gate),
+            counters: Counters::new(),
+        };
+        let (deny, allow) = if a.dry_run { &mut dry_run } else { &mut enforced };
         match pb::authorization::Action::try_from(a.action) {
-            Ok(pb::authorization::Action::Allow) => set.allow.push(compiled, gate.needs_identity()),
-            Ok(pb::authorization::Action::Deny) => set.deny.push(compiled, gate.needs_identity()),
+            Ok(pb::authorization::Action::Allow) => allow.push(compiled),
+            Ok(pb::authorization::Action::Deny) => deny.push(compiled),
             Err(_) => return Err(Error::BadAction { at: format!("{at}.action"), value: a.action }),
         }
     }
+    let policies = |(deny, allow): (Vec<Policy>, Vec<Policy>)| Policies {
+        deny: ByKind::new(deny, |p| p.gate),
+        allow: ByKind::new(allow, |p| p.gate),
+        unmatched: Counters::new(),
+    };
+    let (enforced, dry_run) = (policies(enforced), policies(dry_run));
     let port_mtls = policy
         .port_mtls
         .iter()

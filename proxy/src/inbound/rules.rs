@@ -6,7 +6,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use http::{
-    HeaderMap, HeaderName,
+    HeaderMap, HeaderName, Method,
     header::{CONNECTION, COOKIE, HOST},
 };
 
@@ -45,7 +45,31 @@ impl<'a> Facts<'a> {
             http: None,
         })
     }
+
+    /// What the policy indexes tell requests apart by (`KINDS` of them): whether it carries an
+    /// identity, and its method (none for opaque TCP, a standard method, or another).
+    pub fn kind(&self) -> usize {
+        let method = self.http.as_ref().map_or(0, |h| usize::from(h.method_index));
+        2 * method + usize::from(self.principal.is_some())
+    }
 }
+
+/// The standard methods, in the order of their bits (`Gate::methods`).
+const METHODS: [Method; 9] = [
+    Method::GET,
+    Method::HEAD,
+    Method::POST,
+    Method::PUT,
+    Method::DELETE,
+    Method::CONNECT,
+    Method::OPTIONS,
+    Method::TRACE,
+    Method::PATCH,
+];
+
+/// How many kinds of request `Facts::kind` tells apart: with or without an identity, times opaque
+/// TCP, each standard method and any other method.
+pub const KINDS: usize = 2 * (METHODS.len() + 2);
 
 #[derive(Clone, Copy, Debug)]
 pub struct HttpFacts<'a> {
@@ -57,27 +81,43 @@ pub struct HttpFacts<'a> {
     pub path: &'a str,
     pub headers: &'a HeaderMap,
     /// Found once per request rather than once per rule: whether `path` has parameters (`;`),
-    /// and the method's bit (`method_bit`).
+    /// and the method's place (`method_index`).
     has_params: bool,
-    method_bit: u16,
+    method_index: u8,
 }
 
 impl<'a> HttpFacts<'a> {
     pub fn new(
         (host, port): (&'a str, Option<u16>),
-        method: &'a str,
+        method: &'a Method,
         path: &'a str,
         headers: &'a HeaderMap,
     ) -> HttpFacts<'a> {
         HttpFacts {
             host,
             port,
-            method,
+            method: method.as_str(),
             path,
             headers,
             has_params: path.contains(';'),
-            method_bit: method_bit(method),
+            method_index: method_index(method),
         }
+    }
+}
+
+/// 1 + the place of a standard method in `METHODS`; `METHODS.len() + 1` for any other.
+fn method_index(method: &Method) -> u8 {
+    match *method {
+        Method::GET => 1,
+        Method::HEAD => 2,
+        Method::POST => 3,
+        Method::PUT => 4,
+        Method::DELETE => 5,
+        Method::CONNECT => 6,
+        Method::OPTIONS => 7,
+        Method::TRACE => 8,
+        Method::PATCH => 9,
+        _ => METHODS.len() as u8 + 1,
     }
 }
 
@@ -233,11 +273,17 @@ impl<T> Field<T> {
     /// `Yes` when the field says nothing; `value` is `None` when the connection does not carry
     /// it (no identity, no SNI): a positive list then fails and a negative one holds.
     fn check<V: Copy>(&self, value: Option<V>, matches: impl Fn(&T, V) -> bool) -> Check {
-        if self.is_empty() {
-            return Check::Yes;
-        }
-        let hit = |list: &[T]| value.is_some_and(|v| list.iter().any(|t| matches(t, v)));
-        Check::from((self.any.is_empty() || hit(&self.any)) && !hit(&self.none))
+        // An empty list is passed over without a call: most fields have one list or none.
+        let hit = |list: &[T]| {
+            let Some(v) = value else { return false };
+            for t in list {
+                if matches(t, v) {
+                    return true;
+                }
+            }
+            false
+        };
+        Check::from((self.any.is_empty() || hit(&self.any)) && (self.none.is_empty() || !hit(&self.none)))
     }
 }
 
@@ -381,9 +427,10 @@ pub struct Rule {
     gate: Gate,
 }
 
-/// Necessary conditions of a rule that cost a few instructions to check, so that most rules that
-/// do not match a request are passed over without walking their lists (every inbound request
-/// runs every DENY rule).
+/// Necessary conditions of a rule (or of all of a policy's rules) that depend only on a request's
+/// kind (`Facts::kind`): the policy indexes list, for each kind, only what its gate admits, so
+/// most rules that cannot match a request are never looked at (every inbound request runs every
+/// DENY rule). A gate decides only definite `No`s, never an `Unknown`.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Gate {
     /// Every `from` entry names principals or namespaces: plain text cannot match.
@@ -404,25 +451,26 @@ impl Gate {
         }
     }
 
-    /// Whether only a request with a verified identity can pass.
-    pub fn needs_identity(&self) -> bool {
-        self.needs_identity
-    }
-
-    /// Whether the request cannot match (a definite `No`, never an `Unknown`).
-    pub fn rejects(&self, f: &Facts<'_>) -> bool {
-        if self.needs_identity && f.principal.is_none() {
-            return true;
-        }
-        matches!((self.methods, &f.http), (Some(allowed), Some(h)) if allowed & h.method_bit == 0)
+    /// Whether a request of `kind` may match (when not, it cannot).
+    pub fn admits(&self, kind: usize) -> bool {
+        let identity = kind % 2 == 1;
+        // The method's bit: none for opaque TCP (no method to check), 0 for a non-standard one.
+        let method = match kind / 2 {
+            0 => None,
+            i if i <= METHODS.len() => Some(1u16 << (i - 1)),
+            _ => Some(0),
+        };
+        let methods_ok = match (self.methods, method) {
+            (Some(allowed), Some(bit)) => allowed & bit != 0,
+            _ => true,
+        };
+        (identity || !self.needs_identity) && methods_ok
     }
 }
 
-/// The bit of a standard method, 0 for any other.
-fn method_bit(method: &str) -> u16 {
-    const METHODS: [&str; 9] =
-        ["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"];
-    METHODS.iter().position(|m| *m == method).map_or(0, |i| 1 << i)
+/// The bit of a standard method named exactly, 0 for any other name.
+fn method_bit(name: &str) -> u16 {
+    METHODS.iter().position(|m| m.as_str() == name).map_or(0, |i| 1 << i)
 }
 
 impl Rule {
@@ -445,14 +493,13 @@ impl Rule {
         Rule { from, to, when, gate: Gate { needs_identity, methods } }
     }
 
-    pub fn needs_identity(&self) -> bool {
-        self.gate.needs_identity
+    /// What a request must be for this rule to match (the policy indexes read it).
+    pub fn gate(&self) -> Gate {
+        self.gate
     }
 
+    /// The full check; it does not read the gate, which the indexes have applied already.
     pub fn check(&self, f: &Facts<'_>) -> Check {
-        if self.gate.rejects(f) {
-            return Check::No;
-        }
         let from = || {
             if self.from.is_empty() { Check::Yes } else { Check::any(self.from.iter().map(|s| s.check(f))) }
         };

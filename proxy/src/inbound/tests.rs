@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-use http::HeaderMap;
+use http::{HeaderMap, Method};
 
 use super::*;
 
@@ -41,21 +41,52 @@ fn tcp() -> Req {
     Req { method: "", ..get("") }
 }
 
-fn decide(policy: &Inbound, r: &Req) -> Decision {
+/// `f` of what `r` carries.
+fn with_facts<T>(r: &Req, f: impl FnOnce(&Facts<'_>) -> T) -> T {
     let mut headers = HeaderMap::new();
     for (k, v) in &r.headers {
         headers.append(HeaderName::from_static(k), v.parse().unwrap());
     }
+    let method = (!r.method.is_empty()).then(|| Method::from_bytes(r.method.as_bytes()).unwrap());
     let facts = Facts {
         principal: r.principal,
         namespace: r.principal.and_then(|p| p.split('/').nth(2)),
         source: r.source.parse().unwrap(),
         destination: SocketAddr::new("10.1.0.5".parse().unwrap(), r.port),
         sni: None,
-        http: (!r.method.is_empty())
-            .then(|| HttpFacts::new((r.host, Some(r.port)), r.method, r.path, &headers)),
+        http: method.as_ref().map(|m| HttpFacts::new((r.host, Some(r.port)), m, r.path, &headers)),
     };
-    policy.decide(&facts)
+    f(&facts)
+}
+
+fn decide<'p>(policy: &'p Inbound, r: &Req) -> Decision<'p> {
+    with_facts(r, |facts| policy.decide(facts))
+}
+
+/// The enforced verdict without indexes nor gates: every rule of every policy checked in full.
+fn reference<'p>(policy: &'p Inbound, facts: &Facts<'_>) -> Option<Verdict<'p>> {
+    let set = &policy.enforced;
+    if set.is_empty() {
+        return None;
+    }
+    let matches = |p: &Policy, deny: bool| {
+        p.rules.all.iter().any(|r| match r.check(facts) {
+            Check::Yes => true,
+            Check::No => false,
+            Check::Unknown => deny,
+        })
+    };
+    let verdict = |allowed, p: Option<&'p Policy>| Verdict { allowed, policy: p.map(|p| &*p.name) };
+    if let Some(p) = set.deny.all.iter().find(|p| matches(p, true)) {
+        return Some(verdict(false, Some(p)));
+    }
+    if set.allow.is_empty() {
+        return Some(verdict(true, None));
+    }
+    Some(match set.allow.all.iter().find(|p| matches(p, false)) {
+        Some(p) => verdict(true, Some(p)),
+        None => verdict(false, None),
+    })
 }
 
 fn allowed(policy: &Inbound, r: &Req) -> bool {
@@ -79,7 +110,7 @@ authorizations:
   - {name: shop/deny-admin, action: DENY, rules: [{to: [{paths: ["/admin*"]}]}]}
 "#,
     );
-    let by = |d: Decision| d.enforced.map(|v| (v.allowed, v.policy.as_deref().map(str::to_owned)));
+    let by = |d: Decision| d.enforced.map(|v| (v.allowed, v.policy.map(str::to_owned)));
     assert_eq!(by(decide(&p, &get("/orders"))), Some((true, Some("shop/allow-web".into()))));
     assert_eq!(by(decide(&p, &get("/admin/users"))), Some((false, Some("shop/deny-admin".into()))));
     let stranger = Req { principal: Some("cluster.local/ns/other/sa/x"), ..get("/orders") };
@@ -221,6 +252,53 @@ fn the_fast_gates_never_change_a_decision() {
 }
 
 #[test]
+fn the_indexes_never_change_a_decision() {
+    // Rules the gates can and cannot rule out, for every kind of request: with and without an
+    // identity, opaque TCP, standard methods (exact, by pattern, negated) and others.
+    let rules = [
+        "{from: [{principals: [\"cluster.local/ns/shop/sa/web\"]}], to: [{methods: [DELETE]}]}",
+        "{from: [{principals: [\"cluster.local/ns/shop/sa/other\"]}], to: [{methods: [GET, POST]}]}",
+        "{from: [{namespaces: [shop]}, {ipBlocks: [10.1.0.0/16]}]}",
+        "{from: [{notPrincipals: [\"*/sa/web\"]}], to: [{methods: [PURGE]}]}",
+        "{to: [{methods: [\"G*\"]}, {paths: [\"/x\"]}]}",
+        "{to: [{methods: [GET]}, {methods: [PATCH], paths: [\"/x\"]}]}",
+        "{to: [{notMethods: [GET], ports: [8080]}]}",
+        "{to: [{ports: [8080]}]}",
+        "{to: [{paths: [\"/x\"]}]}",
+        "{from: [{principals: [\"*\"]}], when: [{key: \"request.headers[x-a]\", values: [b]}]}",
+        "{}",
+    ];
+    let mut requests = vec![tcp(), Req { principal: None, ..tcp() }];
+    for method in
+        ["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "PURGE", "get"]
+    {
+        for principal in [Some(WEB), Some("cluster.local/ns/shop/sa/other"), None] {
+            for path in ["/", "/x"] {
+                requests.push(Req { principal, method, path, ..get(path) });
+            }
+        }
+    }
+    for (i, a) in rules.iter().enumerate() {
+        for b in &rules[i..] {
+            for (first, second) in [("DENY", "ALLOW"), ("ALLOW", "ALLOW"), ("DENY", "DENY")] {
+                let p = inbound(&format!(
+                    "authorizations: [{{name: t/a, action: {first}, rules: [{a}]}}, {{name: t/b, action: {second}, rules: [{b}, {a}]}}]"
+                ));
+                for r in &requests {
+                    let indexed = decide(&p, r).enforced;
+                    let full = with_facts(r, |facts| reference(&p, facts));
+                    assert_eq!(
+                        indexed, full,
+                        "{first} {a}, {second} {b}: {:?} {} {}",
+                        r.principal, r.method, r.path
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn path_parameters_never_read_in_the_clients_favour() {
     let deny_admin =
         inbound("authorizations: [{name: t/d, action: DENY, rules: [{to: [{paths: [\"/admin\"]}]}]}]");
@@ -246,7 +324,7 @@ authorizations:
     let d = decide(&p, &get("/admin"));
     assert!(d.allowed());
     assert_eq!(d.enforced, None);
-    assert_eq!(d.dry_run, Some(Verdict { allowed: false, policy: Some("t/would-deny".into()) }));
+    assert_eq!(d.dry_run, Some(Verdict { allowed: false, policy: Some("t/would-deny") }));
 }
 
 #[test]
