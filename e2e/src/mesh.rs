@@ -325,14 +325,19 @@ pub async fn call_with(pod: &Pod, load: &Load<'_>) -> Result<CallReport, MeshErr
 
 /// The sum of `weft_requests_total` samples in `direction` on the proxy of `pod`.
 pub async fn requests_total(pod: &Pod, direction: &str) -> Result<f64, MeshError> {
+    metric_sum(pod, "weft_requests_total{", &format!("direction=\"{direction}\"")).await
+}
+
+/// The sum of the samples on the `/metrics` of `pod`'s proxy whose lines start with `prefix`
+/// and contain `filter`.
+pub async fn metric_sum(pod: &Pod, prefix: &str, filter: &str) -> Result<f64, MeshError> {
     let (status, metrics) = get(pod, ADMIN_PORT, "/metrics").await?;
     if status != 200 {
         return Err(MeshError::Answer { what: "/metrics".into(), detail: format!("status {status}") });
     }
-    let wanted = format!("direction=\"{direction}\"");
     Ok(metrics
         .lines()
-        .filter(|l| l.starts_with("weft_requests_total{") && l.contains(&wanted))
+        .filter(|l| l.starts_with(prefix) && l.contains(filter))
         .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
         .sum())
 }

@@ -720,12 +720,7 @@ async fn identities_seen(pods: &[Pod]) -> Result<BTreeMap<String, f64>> {
 async fn metric_sum(pods: &[Pod], prefix: &str, filter: &str) -> Result<f64> {
     let mut total = 0.0;
     for pod in pods {
-        let (_, metrics) = get(pod, ADMIN_PORT, "/metrics").await?;
-        total += metrics
-            .lines()
-            .filter(|l| l.starts_with(prefix) && l.contains(filter))
-            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-            .sum::<f64>();
+        total += mesh::metric_sum(pod, prefix, filter).await?;
     }
     Ok(total)
 }
