@@ -4,7 +4,7 @@
 use k8s_openapi::{api::core::v1::PodSpec, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 use serde::Deserialize;
 use serde_json::Value;
-use weft_webhook::{InjectConfig, InjectError, SkipReason, inject_into};
+use weft_inject::{InjectConfig, InjectError, SkipReason, inject_into};
 
 /// What happened to one object, for the report on stderr.
 #[derive(Debug, PartialEq, Eq)]

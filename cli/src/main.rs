@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use weft_webhook::InjectConfig;
+use weft_inject::InjectConfig;
 
 #[derive(Debug, Parser)]
 #[command(name = "weftctl", version, about = "Weft service mesh command line")]

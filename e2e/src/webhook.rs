@@ -28,9 +28,8 @@ use kube::{
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use weft_api::labels::{INJECT_LABEL, INJECTED_ANNOTATION};
+use weft_inject::{INIT_CONTAINER, InjectConfig, PROXY_CONTAINER};
 use weft_webhook::{
-    InjectConfig,
-    inject::{INIT_CONTAINER, PROXY_CONTAINER},
     server::{AppState, router, serve_tls},
     tls::CertStore,
 };

@@ -6,10 +6,7 @@ use kube::core::{
     admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation},
 };
 
-use crate::{
-    config::InjectConfig,
-    inject::{Injection, SkipReason, inject},
-};
+use weft_inject::{InjectConfig, Injection, SkipReason, inject};
 
 /// What the webhook did with a review; a metric label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

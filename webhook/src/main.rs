@@ -6,8 +6,8 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch};
 use tracing::info;
+use weft_inject::InjectConfig;
 use weft_webhook::{
-    InjectConfig,
     server::{AppState, router, serve_tls, watch_certs},
     tls::CertStore,
 };

@@ -21,8 +21,9 @@ use hyper_util::{
 use tokio::{net::TcpListener, sync::watch};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
+use weft_inject::InjectConfig;
 
-use crate::{admission, config::InjectConfig, metrics::Metrics, tls::CertStore};
+use crate::{admission, metrics::Metrics, tls::CertStore};
 
 /// Kubernetes objects are at most ~1.5 MB; an AdmissionReview for CREATE carries one.
 const MAX_REVIEW_BYTES: usize = 3 * 1024 * 1024;

@@ -10,10 +10,8 @@ use axum::{
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tower::ServiceExt;
-use weft_webhook::{
-    InjectConfig,
-    server::{AppState, router},
-};
+use weft_inject::InjectConfig;
+use weft_webhook::server::{AppState, router};
 
 fn app() -> (Router, Arc<AppState>) {
     let state = AppState::new(InjectConfig::default());

@@ -14,8 +14,8 @@ use tokio::{
     sync::watch,
 };
 use tokio_rustls::TlsConnector;
+use weft_inject::InjectConfig;
 use weft_webhook::{
-    InjectConfig,
     server::{AppState, router, serve_tls},
     tls::CertStore,
 };

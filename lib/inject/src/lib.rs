@@ -1,10 +1,12 @@
 //! Sidecar injection as a pure function: a pod (or a workload's pod template) in, the pod with
 //! Weft's init container, proxy sidecar, volumes and status annotation out, and the app's HTTP
-//! and TCP probes pointed at the proxy (see [`rewrite_app_probes`]).
+//! and TCP probes pointed at the proxy (see [`rewrite_app_probes`]). [`config`] is what the chart
+//! configures.
 //!
-//! The webhook turns the difference into a JSON patch with [`json_patch::diff`], so pointer
-//! escaping (`~0`, `~1`) is never written by hand; `weftctl inject` applies the same change to
-//! manifests offline.
+//! Its own crate so that both the webhook (which answers AdmissionReviews with [`inject`]'s JSON
+//! patch, made by [`json_patch::diff`] so pointer escaping is never written by hand) and
+//! `weftctl inject` (which applies [`inject_into`] to manifests offline) use it without weftctl
+//! linking the webhook's HTTPS server.
 
 use std::{collections::BTreeMap, net::IpAddr};
 
@@ -28,7 +30,9 @@ use weft_api::{
     workload::{is_meshed, workload_name},
 };
 
-use crate::config::InjectConfig;
+pub mod config;
+
+pub use config::InjectConfig;
 
 /// Name of the init container that installs traffic redirection.
 pub const INIT_CONTAINER: &str = "weft-init";

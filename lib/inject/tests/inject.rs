@@ -6,9 +6,9 @@ use std::{fs, path::PathBuf};
 use k8s_openapi::api::core::v1::{Container, Pod};
 use serde_json::Value;
 use weft_api::labels::REWRITE_APP_PROBES_ANNOTATION;
-use weft_webhook::{
-    InjectConfig, InjectError, Injection, SkipReason, inject,
-    inject::{APP_PROBES_ENV, INIT_CONTAINER, PROXY_CONTAINER, TOKEN_VOLUME, TRUST_BUNDLE_VOLUME},
+use weft_inject::{
+    APP_PROBES_ENV, INIT_CONTAINER, InjectConfig, InjectError, Injection, PROXY_CONTAINER, SkipReason,
+    TOKEN_VOLUME, TRUST_BUNDLE_VOLUME, inject,
 };
 
 fn fixture(name: &str) -> Pod {

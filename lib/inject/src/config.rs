@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
-/// Everything [`crate::inject`] needs besides the pod. Loaded from YAML (the chart renders it
+/// Everything [`crate::inject`](fn@crate::inject) needs besides the pod. Loaded from YAML (the chart renders it
 /// into a ConfigMap); every field has a default, so `{}` is a valid configuration.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, rename_all = "camelCase", deny_unknown_fields)]
