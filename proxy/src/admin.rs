@@ -1,4 +1,4 @@
-//! The admin server (default `:15000`): `/live`, `/ready`, `/config`, `/metrics`,
+//! The admin server (default `:15000`): `/live`, `/ready`, `/config`, `/identity`, `/metrics`,
 //! `POST /shutdown` from loopback only (an SSRF-reachable shutdown is a denial of service, so it
 //! refuses every other peer), and the app's own probes at `/app-health/...` (`probes`).
 
@@ -9,12 +9,14 @@ use hyper::{server::conn::http1, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use weft_identity::CertInfo;
 
 use crate::{
     destinations::Destinations,
     http::{Body, full},
     metrics::Metrics,
     probes::AppHealth,
+    tls::{IdentityStore, unix_seconds},
 };
 
 /// What the admin server reports on.
@@ -86,6 +88,64 @@ async fn app_probe(probe: crate::probes::Run) -> Response<Body> {
     text(status, body)
 }
 
+/// `/identity`: this proxy's certificate and trust bundle as `weftctl identity` shows them.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IdentityReport {
+    /// The SPIFFE ID; `None` before the first certificate and after one expired.
+    pub identity: Option<String>,
+    pub certificate: Option<CertReport>,
+    /// Certificates in the chain presented, the leaf included.
+    pub chain_length: usize,
+    /// When the CA is asked next (`None` for an identity from files).
+    pub next_renewal_unix_seconds: Option<i64>,
+    pub trust_bundle: Vec<CertReport>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertReport {
+    pub subject: String,
+    pub issuer: String,
+    pub serial: String,
+    pub not_before_unix_seconds: i64,
+    pub not_after_unix_seconds: i64,
+}
+
+impl From<&CertInfo> for CertReport {
+    fn from(info: &CertInfo) -> Self {
+        CertReport {
+            subject: info.subject.clone(),
+            issuer: info.issuer.clone(),
+            serial: info.serial.clone(),
+            not_before_unix_seconds: unix_seconds(info.not_before),
+            not_after_unix_seconds: unix_seconds(info.not_after),
+        }
+    }
+}
+
+fn identity_report(store: &IdentityStore) -> IdentityReport {
+    let current = store.current();
+    let bundle = store.bundle();
+    let certificate = current.as_ref().and_then(|tls| tls.creds.chain.first()).and_then(|leaf| {
+        CertInfo::of(leaf).map_err(|error| tracing::debug!(%error, "cannot describe the certificate")).ok()
+    });
+    IdentityReport {
+        identity: current.as_ref().map(|tls| tls.creds.id.to_string()),
+        certificate: certificate.as_ref().map(CertReport::from),
+        chain_length: current.as_ref().map_or(0, |tls| tls.creds.chain.len()),
+        next_renewal_unix_seconds: store.next_renewal_unix(),
+        trust_bundle: bundle.map(|b| b.infos.iter().map(CertReport::from).collect()).unwrap_or_default(),
+    }
+}
+
+fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
+    let body = serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+    let mut res = text(status, body + "\n");
+    res.headers_mut().insert(CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    res
+}
+
 fn text(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<Body> {
     let mut res = Response::new(full(body));
     *res.status_mut() = status;
@@ -140,9 +200,12 @@ fn handle<B>(
                 "lastError": status.last_error,
                 "config": config,
             });
-            let mut res = text(StatusCode::OK, format!("{body:#}\n"));
-            res.headers_mut().insert(CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
-            res
+            json(StatusCode::OK, &body)
+        }
+        (&Method::GET, "/identity") => {
+            let report = identity_report(&destinations.identity);
+            let status = if report.identity.is_some() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            json(status, &report)
         }
         (&Method::GET, "/metrics") => {
             let mut res = text(StatusCode::OK, admin.metrics.encode());
@@ -161,7 +224,7 @@ fn handle<B>(
             tracing::warn!(%peer, "refused shutdown from a non-loopback peer");
             text(StatusCode::FORBIDDEN, "shutdown is accepted from loopback only\n")
         }
-        (_, "/live" | "/ready" | "/config" | "/metrics" | "/shutdown") => {
+        (_, "/live" | "/ready" | "/config" | "/identity" | "/metrics" | "/shutdown") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),

@@ -179,6 +179,7 @@ pub async fn run(
                     metrics.identity_expiry.set(tls.expiry_unix());
                     metrics.identity_reloads.get_or_create(&ResultLabels { result: "ok" }).inc();
                     store.set(tls);
+                    store.set_next_renewal(renew);
                 }
                 Err(error) => {
                     let current = store.current();
@@ -191,6 +192,7 @@ pub async fn run(
                     );
                     attempt = attempt.saturating_add(1);
                     renew = now + delay;
+                    store.set_next_renewal(renew);
                     metrics.identity_reloads.get_or_create(&ResultLabels { result: "error" }).inc();
                     tracing::warn!(%error, retry_in = ?delay, keeping = ?current.map(|t| t.expiry_unix()), "no certificate from the CA; keeping the valid one");
                 }

@@ -16,6 +16,7 @@ pub mod config;
 pub mod conn;
 pub mod destinations;
 pub mod detect;
+pub mod explain;
 pub mod grpc;
 pub mod http;
 pub mod inbound;

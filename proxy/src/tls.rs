@@ -11,7 +11,10 @@
 
 use std::{
     path::PathBuf,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -113,6 +116,8 @@ pub struct IdentityStore {
     current: ArcSwapOption<MeshTls>,
     bundle: ArcSwapOption<TrustBundle>,
     changes: tokio::sync::watch::Sender<u64>,
+    /// When `certify` asks the CA next, Unix seconds (0: it does not, e.g. identity from files).
+    next_renewal: AtomicI64,
 }
 
 impl Default for IdentityStore {
@@ -121,6 +126,7 @@ impl Default for IdentityStore {
             current: ArcSwapOption::empty(),
             bundle: ArcSwapOption::empty(),
             changes: tokio::sync::watch::channel(0).0,
+            next_renewal: AtomicI64::new(0),
         }
     }
 }
@@ -143,6 +149,15 @@ impl IdentityStore {
     pub fn set_bundle(&self, bundle: TrustBundle) {
         self.bundle.store(Some(Arc::new(bundle)));
         self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// When the CA is asked next (`certify`), for `/identity`.
+    pub fn set_next_renewal(&self, at: SystemTime) {
+        self.next_renewal.store(unix_seconds(at), Ordering::Relaxed);
+    }
+
+    pub fn next_renewal_unix(&self) -> Option<i64> {
+        Some(self.next_renewal.load(Ordering::Relaxed)).filter(|&t| t > 0)
     }
 
     /// Drops the certificate (it expired): the proxy presents none rather than a bad one.

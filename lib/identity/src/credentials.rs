@@ -95,27 +95,85 @@ fn describe(cert: &CertificateDer<'_>) -> Result<(SpiffeId, SystemTime, SystemTi
         [one] => one.parse()?,
         many => return Err(Error::ManyUris(many.len())),
     };
-    let at = |secs: i64| UNIX_EPOCH + Duration::from_secs(secs.max(0).unsigned_abs());
     let validity = x509.validity();
-    Ok((id, at(validity.not_before.timestamp()), at(validity.not_after.timestamp())))
+    Ok((id, unix(validity.not_before.timestamp()), unix(validity.not_after.timestamp())))
 }
 
 /// The roots every mesh certificate must chain to (during a root rotation: old and new).
 #[derive(Clone, Debug)]
 pub struct TrustBundle {
     pub roots: Arc<RootCertStore>,
+    /// What each root says (subject, validity), for `/identity` and `weftctl`.
+    pub infos: Arc<[CertInfo]>,
 }
 
 impl TrustBundle {
     pub fn from_pem(pem: &[u8]) -> Result<TrustBundle, Error> {
         let mut roots = RootCertStore::empty();
+        let mut infos = Vec::new();
         for cert in CertificateDer::pem_slice_iter(pem) {
             let cert = cert.map_err(Error::CertificatePem)?;
+            infos.push(CertInfo::of(&cert)?);
             roots.add(cert).map_err(|e| Error::Bundle(e.to_string()))?;
         }
         if roots.is_empty() {
             return Err(Error::Bundle("no certificate in the PEM data".into()));
         }
-        Ok(TrustBundle { roots: Arc::new(roots) })
+        Ok(TrustBundle { roots: Arc::new(roots), infos: infos.into() })
     }
+}
+
+/// What a certificate says about itself, for people: who it names and who vouched for it, and
+/// when it is valid. Not a verification.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertInfo {
+    /// The subject's distinguished name, e.g. `O=weft, CN=weft root CA`.
+    pub subject: String,
+    pub issuer: String,
+    /// Hexadecimal.
+    pub serial: String,
+    /// URI SANs (a workload certificate's SPIFFE ID) and DNS SANs, in order.
+    pub uris: Vec<String>,
+    pub dns_names: Vec<String>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    pub is_ca: bool,
+}
+
+impl CertInfo {
+    pub fn of(cert: &CertificateDer<'_>) -> Result<CertInfo, Error> {
+        let (_, x509) = X509Certificate::from_der(cert.as_ref()).map_err(|e| Error::Parse(e.to_string()))?;
+        let san = x509.subject_alternative_name().map_err(|e| Error::Parse(e.to_string()))?;
+        let names = san.iter().flat_map(|s| s.value.general_names.iter());
+        let (mut uris, mut dns_names) = (Vec::new(), Vec::new());
+        for name in names {
+            match name {
+                GeneralName::URI(u) => uris.push((*u).to_owned()),
+                GeneralName::DNSName(d) => dns_names.push((*d).to_owned()),
+                _ => {}
+            }
+        }
+        let validity = x509.validity();
+        Ok(CertInfo {
+            subject: x509.subject().to_string(),
+            issuer: x509.issuer().to_string(),
+            serial: x509.raw_serial_as_string().replace(':', ""),
+            uris,
+            dns_names,
+            not_before: unix(validity.not_before.timestamp()),
+            not_after: unix(validity.not_after.timestamp()),
+            is_ca: x509.is_ca(),
+        })
+    }
+
+    /// Parses every certificate in PEM data.
+    pub fn all_from_pem(pem: &[u8]) -> Result<Vec<CertInfo>, Error> {
+        CertificateDer::pem_slice_iter(pem)
+            .map(|c| c.map_err(Error::CertificatePem).and_then(|c| CertInfo::of(&c)))
+            .collect()
+    }
+}
+
+fn unix(secs: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(secs.max(0).unsigned_abs())
 }

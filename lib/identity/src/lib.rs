@@ -14,6 +14,6 @@ pub mod request;
 pub mod spiffe;
 pub mod tls;
 
-pub use credentials::{Credentials, TrustBundle};
+pub use credentials::{CertInfo, Credentials, TrustBundle};
 pub use spiffe::SpiffeId;
 pub use tls::Tunnel;

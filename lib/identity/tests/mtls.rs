@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use weft_identity::{
-    Credentials, SpiffeId, TrustBundle, Tunnel,
+    CertInfo, Credentials, SpiffeId, TrustBundle, Tunnel,
     ca::Issuer,
     tls::{client_config, peer_identity, server_config, server_name},
 };
@@ -132,4 +132,21 @@ fn credentials_parse_validity_and_redact_the_key() {
         "a CA cert has no SPIFFE ID"
     );
     assert!(TrustBundle::from_pem(b"").is_err());
+}
+
+#[test]
+fn cert_info_names_the_subject_its_issuer_and_validity() {
+    let issuer = Issuer::new_root("cluster.local", SystemTime::now(), DAY).unwrap();
+    let issued = issuer.issue(&id("reviews"), SystemTime::now(), DAY).unwrap();
+    let leaf = &CertInfo::all_from_pem(issued.cert_pem.as_bytes()).unwrap()[0];
+    let roots = bundle(&issuer).infos;
+    let [root] = &roots[..] else { panic!("one root: {roots:?}") };
+    assert_eq!(leaf.uris, ["spiffe://cluster.local/ns/prod/sa/reviews"]);
+    assert_eq!(leaf.issuer, root.subject, "the leaf names its root as issuer");
+    assert!(root.is_ca && !leaf.is_ca);
+    assert_eq!(root.subject, root.issuer, "a root issues itself");
+    assert!(!leaf.serial.is_empty() && leaf.serial.chars().all(|c| c.is_ascii_hexdigit()), "{}", leaf.serial);
+    let creds = Credentials::from_pem(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes()).unwrap();
+    assert_eq!((leaf.not_before, leaf.not_after), (creds.not_before, creds.not_after));
+    assert!(CertInfo::all_from_pem(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").is_err());
 }

@@ -44,6 +44,10 @@ impl Share {
     pub fn is_zero(self) -> bool {
         self.0 == 0
     }
+
+    pub fn as_percent(self) -> f64 {
+        f64::from(self.0) * 100.0 / f64::from(Self::SCALE)
+    }
 }
 
 /// What the fault injector decided for one request.

@@ -18,6 +18,7 @@ use tokio::{
 };
 use weft_identity::{SpiffeId, ca::Issuer};
 use weft_proxy::{
+    admin::IdentityReport,
     settings::ExplicitListener,
     settings::{IdentityFiles, IdentitySource},
 };
@@ -276,6 +277,23 @@ async fn bad_identity_files_keep_the_running_identity() {
 }
 
 #[tokio::test]
+async fn identity_shows_the_certificate_its_issuer_and_the_trust_bundle() {
+    let issuer = Issuer::new_root("cluster.local", SystemTime::now(), DAY).unwrap();
+    let files = identity(&issuer, "reviews");
+    let proxy =
+        TestProxy::start_with("services: []\n", |s| s.identity = Some(IdentitySource::Files(files))).await;
+    let reply = admin(&proxy, Method::GET, "/identity").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let report: IdentityReport = serde_json::from_slice(&reply.body).unwrap();
+    assert_eq!(report.identity.as_deref(), Some("spiffe://cluster.local/ns/prod/sa/reviews"));
+    let [root] = &report.trust_bundle[..] else { panic!("one root: {report:?}") };
+    let leaf = report.certificate.as_ref().expect("a certificate");
+    assert_eq!(leaf.issuer, root.subject);
+    assert_eq!(leaf.not_after_unix_seconds - leaf.not_before_unix_seconds, DAY.as_secs() as i64 + 60);
+    assert_eq!((report.chain_length, report.next_renewal_unix_seconds), (1, None), "files are not renewed");
+}
+
+#[tokio::test]
 async fn without_loadable_identity_files_the_proxy_is_not_ready() {
     let dir = std::env::temp_dir().join(format!("weft-mtls-missing-{}", std::process::id()));
     let files = IdentityFiles { cert: dir.join("c"), key: dir.join("k"), trust_bundle: dir.join("b") };
@@ -285,5 +303,8 @@ async fn without_loadable_identity_files_the_proxy_is_not_ready() {
     assert_eq!(
         (ready.status, &ready.body[..]),
         (StatusCode::SERVICE_UNAVAILABLE, &b"no identity loaded\n"[..])
-    );
+    );    let identity = admin(&proxy, Method::GET, "/identity").await;
+    assert_eq!(identity.status, StatusCode::SERVICE_UNAVAILABLE);
+    let report: IdentityReport = serde_json::from_slice(&identity.body).unwrap();
+    assert_eq!((report.identity, report.certificate, report.trust_bundle.len()), (None, None, 0));
 }
