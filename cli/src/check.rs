@@ -16,7 +16,11 @@ use k8s_openapi::{
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
 use kube::{Api, Client, api::ListParams};
-use rustls::{RootCertStore, client::{WebPkiServerVerifier, danger::ServerCertVerifier}, pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject}};
+use rustls::{
+    RootCertStore,
+    client::{WebPkiServerVerifier, danger::ServerCertVerifier},
+    pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject},
+};
 use serde::{Deserialize, Serialize};
 use weft_api::labels::{INJECT_LABEL, INJECTED_ANNOTATION};
 use weft_identity::CertInfo;
@@ -64,7 +68,8 @@ fn fail(what: impl Into<String>, fix: impl Into<String>) -> Check {
     Check { ok: false, what: what.into(), fix: Some(fix.into()) }
 }
 
-pub async fn run(client: &Client, install: &Install, now: SystemTime) -> Vec<Check> {
+/// Every check; the proxies' only in `namespace` when one is given.
+pub async fn run(client: &Client, install: &Install, namespace: Option<&str>, now: SystemTime) -> Vec<Check> {
     let mut checks = crds(client).await;
     for name in [&install.operator, &install.webhook] {
         checks.push(deployment(client, &install.namespace, name).await);
@@ -72,7 +77,7 @@ pub async fn run(client: &Client, install: &Install, now: SystemTime) -> Vec<Che
     checks.extend(webhook_certificate(client, install, now).await);
     checks.push(root_ca(client, install, now).await);
     checks.push(injected_namespaces(client).await);
-    checks.push(proxies(client).await);
+    checks.push(proxies(client, namespace).await);
     checks
 }
 
@@ -81,7 +86,8 @@ async fn crds(client: &Client) -> Vec<Check> {
     let mut checks = Vec::new();
     for expected in weft_api::crds() {
         let name = expected.metadata.name.clone().unwrap_or_default();
-        let version = expected.spec.versions.iter().find(|v| v.storage).map(|v| v.name.clone()).unwrap_or_default();
+        let version =
+            expected.spec.versions.iter().find(|v| v.storage).map(|v| v.name.clone()).unwrap_or_default();
         let fix = "install or upgrade the chart: helm upgrade --install weft charts/weft -n weft-system";
         checks.push(match api.get_opt(&name).await {
             Ok(Some(crd)) => {
@@ -93,7 +99,10 @@ async fn crds(client: &Client) -> Vec<Check> {
                 let served = crd.spec.versions.iter().any(|v| v.name == version && v.served);
                 match (established, served) {
                     (true, true) => ok(format!("CRD {name} is installed and serves {version}")),
-                    (false, _) => fail(format!("CRD {name} is not established"), "kubectl describe crd ".to_owned() + &name),
+                    (false, _) => fail(
+                        format!("CRD {name} is not established"),
+                        "kubectl describe crd ".to_owned() + &name,
+                    ),
                     (_, false) => fail(format!("CRD {name} does not serve {version} (an older Weft?)"), fix),
                 }
             }
@@ -105,7 +114,9 @@ async fn crds(client: &Client) -> Vec<Check> {
 }
 
 async fn deployment(client: &Client, namespace: &str, name: &str) -> Check {
-    let describe = format!("kubectl -n {namespace} describe deployment {name}; kubectl -n {namespace} logs deploy/{name}");
+    let describe = format!(
+        "kubectl -n {namespace} describe deployment {name}; kubectl -n {namespace} logs deploy/{name}"
+    );
     match Api::<Deployment>::namespaced(client.clone(), namespace).get_opt(name).await {
         Ok(Some(d)) => {
             let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
@@ -143,14 +154,18 @@ async fn webhook_certificate(client: &Client, install: &Install, now: SystemTime
     let Some(ByteString(ca_pem)) = ca_bundle.filter(|b| !b.0.is_empty()) else {
         return vec![fail("the webhook's caBundle is empty: the apiserver cannot call it", restart)];
     };
-    let secret = Api::<Secret>::namespaced(client.clone(), &install.namespace).get_opt(&install.webhook_secret).await;
+    let secret =
+        Api::<Secret>::namespaced(client.clone(), &install.namespace).get_opt(&install.webhook_secret).await;
     let cert_pem = match secret {
         Ok(Some(s)) => s.data.unwrap_or_default().remove("tls.crt").map(|b| b.0),
         Ok(None) | Err(_) => None,
     };
     let Some(cert_pem) = cert_pem else {
         return vec![fail(
-            format!("the webhook's serving certificate ({}/{}) is missing", install.namespace, install.webhook_secret),
+            format!(
+                "the webhook's serving certificate ({}/{}) is missing",
+                install.namespace, install.webhook_secret
+            ),
             restart,
         )];
     };
@@ -166,13 +181,21 @@ async fn webhook_certificate(client: &Client, install: &Install, now: SystemTime
 
 /// Checks a serving certificate chain against CA roots for `host` at `now`, as the apiserver
 /// will; returns when the leaf expires.
-pub fn verify_serving(cert_pem: &[u8], ca_pem: &[u8], host: &str, now: SystemTime) -> Result<SystemTime, String> {
-    let chain: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(cert_pem).collect::<Result<_, _>>().map_err(|e| format!("not PEM: {e}"))?;
+pub fn verify_serving(
+    cert_pem: &[u8],
+    ca_pem: &[u8],
+    host: &str,
+    now: SystemTime,
+) -> Result<SystemTime, String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("not PEM: {e}"))?;
     let (leaf, intermediates) = chain.split_first().ok_or("no certificate in tls.crt")?;
     let mut roots = RootCertStore::empty();
     for ca in CertificateDer::pem_slice_iter(ca_pem) {
-        roots.add(ca.map_err(|e| format!("caBundle is not PEM: {e}"))?).map_err(|e| format!("caBundle: {e}"))?;
+        roots
+            .add(ca.map_err(|e| format!("caBundle is not PEM: {e}"))?)
+            .map_err(|e| format!("caBundle: {e}"))?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
@@ -185,8 +208,10 @@ pub fn verify_serving(cert_pem: &[u8], ca_pem: &[u8], host: &str, now: SystemTim
 }
 
 async fn root_ca(client: &Client, install: &Install, now: SystemTime) -> Check {
-    let fix = format!("the operator writes it: kubectl -n {} logs deploy/{}", install.namespace, install.operator);
-    let map = Api::<ConfigMap>::namespaced(client.clone(), &install.namespace).get_opt(&install.trust_bundle).await;
+    let fix =
+        format!("the operator writes it: kubectl -n {} logs deploy/{}", install.namespace, install.operator);
+    let map =
+        Api::<ConfigMap>::namespaced(client.clone(), &install.namespace).get_opt(&install.trust_bundle).await;
     let pem = match map {
         Ok(Some(m)) => m.data.unwrap_or_default().remove("ca.crt"),
         _ => None,
@@ -200,10 +225,8 @@ async fn root_ca(client: &Client, install: &Install, now: SystemTime) -> Check {
         Err(e) => return fail(format!("the trust bundle does not parse: {e}"), fix),
     };
     let expired: Vec<&CertInfo> = roots.iter().filter(|r| r.not_after <= now).collect();
-    let described: Vec<String> = roots
-        .iter()
-        .map(|r| format!("{} (expires {})", r.subject, when(unix(r.not_after), now)))
-        .collect();
+    let described: Vec<String> =
+        roots.iter().map(|r| format!("{} (expires {})", r.subject, when(unix(r.not_after), now))).collect();
     if expired.is_empty() {
         ok(format!("root CA: {}", described.join("; ")))
     } else {
@@ -226,10 +249,16 @@ async fn injected_namespaces(client: &Client) -> Check {
     }
 }
 
-async fn proxies(client: &Client) -> Check {
-    let pods = match Api::<Pod>::all(client.clone()).list(&ListParams::default()).await {
+async fn proxies(client: &Client, namespace: Option<&str>) -> Check {
+    let api = match namespace {
+        Some(ns) => Api::<Pod>::namespaced(client.clone(), ns),
+        None => Api::<Pod>::all(client.clone()),
+    };
+    let pods = match api.list(&ListParams::default()).await {
         Ok(list) => list.items,
-        Err(e) => return fail(format!("listing pods: {e}"), "check access to the cluster (kubectl get pods -A)"),
+        Err(e) => {
+            return fail(format!("listing pods: {e}"), "check access to the cluster (kubectl get pods -A)");
+        }
     };
     let mut by_state: BTreeMap<bool, Vec<String>> = BTreeMap::new();
     for pod in pods {
@@ -241,14 +270,23 @@ async fn proxies(client: &Client) -> Check {
             s.container_statuses.iter().flatten().chain(s.init_container_statuses.iter().flatten())
         });
         let ready = statuses.into_iter().any(|c| c.name == weft_inject::PROXY_CONTAINER && c.ready);
-        let name = format!("{}/{}", pod.metadata.namespace.unwrap_or_default(), pod.metadata.name.unwrap_or_default());
+        let name = format!(
+            "{}/{}",
+            pod.metadata.namespace.unwrap_or_default(),
+            pod.metadata.name.unwrap_or_default()
+        );
         by_state.entry(ready).or_default().push(name);
     }
     let ready = by_state.get(&true).map_or(0, Vec::len);
     match by_state.get(&false) {
         None => ok(format!("{ready} meshed proxies ready (config and identity from the operator)")),
         Some(waiting) => fail(
-            format!("{} of {} meshed proxies are not ready: {}", waiting.len(), waiting.len() + ready, waiting.join(", ")),
+            format!(
+                "{} of {} meshed proxies are not ready: {}",
+                waiting.len(),
+                waiting.len() + ready,
+                waiting.join(", ")
+            ),
             "weftctl proxy-config <pod> and weftctl identity <pod> say what is missing; kubectl logs <pod> -c weft-proxy",
         ),
     }
@@ -263,7 +301,11 @@ pub fn render_table(checks: &[Check]) -> String {
         }
     }
     let failed = checks.iter().filter(|c| !c.ok).count();
-    out += &if failed == 0 { "\nall checks passed\n".to_owned() } else { format!("\n{failed} check(s) failed\n") };
+    out += &if failed == 0 {
+        "\nall checks passed\n".to_owned()
+    } else {
+        format!("\n{failed} check(s) failed\n")
+    };
     out
 }
 

@@ -41,7 +41,8 @@ pub async fn meshed_pod(client: &Client, namespace: &str, name: &str) -> Result<
         .await
         .map_err(|source| Error::Api { what: format!("getting pod {namespace}/{name}"), source })?;
     let spec = pod.spec.as_ref();
-    let containers = spec.into_iter().flat_map(|s| s.containers.iter().chain(s.init_containers.iter().flatten()));
+    let containers =
+        spec.into_iter().flat_map(|s| s.containers.iter().chain(s.init_containers.iter().flatten()));
     if !containers.into_iter().any(|c| c.name == weft_inject::PROXY_CONTAINER) {
         return Err(Error::NotMeshed { namespace: namespace.into(), name: name.into() });
     }
@@ -52,10 +53,10 @@ pub async fn meshed_pod(client: &Client, namespace: &str, name: &str) -> Result<
 pub async fn admin_get(client: &Client, namespace: &str, pod: &str, path: &str) -> Result<String, Error> {
     let uri = format!("/api/v1/namespaces/{namespace}/pods/{pod}:{ADMIN_PORT}/proxy{path}");
     let request = http::Request::get(&uri).body(Vec::new()).expect("a valid request");
-    client
-        .request_text(request)
-        .await
-        .map_err(|source| Error::Api { what: format!("GET {path} from the proxy of {namespace}/{pod}"), source })
+    client.request_text(request).await.map_err(|source| Error::Api {
+        what: format!("GET {path} from the proxy of {namespace}/{pod}"),
+        source,
+    })
 }
 
 /// [`admin_get`], decoded from JSON.

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use weft_identity::SpiffeId;
 use weft_proxy::explain::{self, Inbound, Outbound};
 
-use crate::{cluster, proxy_config, output::table};
+use crate::{cluster, output::table, proxy_config};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -97,7 +97,11 @@ pub async fn run(
             addr,
             &req,
         );
-        inbound.push(ServerSide { pod: format!("{server_ns}/{server}"), endpoint: endpoint.address.clone(), decision });
+        inbound.push(ServerSide {
+            pod: format!("{server_ns}/{server}"),
+            endpoint: endpoint.address.clone(),
+            decision,
+        });
     }
     Ok(Explanation {
         pod: format!("{namespace}/{pod_name}"),
@@ -145,8 +149,10 @@ fn pod_identity(pod: &Pod) -> Option<SpiffeId> {
 
 pub fn render_table(e: &Explanation, _now: SystemTime) -> String {
     let o = &e.outbound;
-    let mut out = format!("{} from {} (config {})\n\n", e.request, e.pod, e.config_version.as_deref().unwrap_or("-"));
-    let line = |label: &str, value: Option<&str>| value.map(|v| format!("{label:<13}{v}\n")).unwrap_or_default();
+    let mut out =
+        format!("{} from {} (config {})\n\n", e.request, e.pod, e.config_version.as_deref().unwrap_or("-"));
+    let line =
+        |label: &str, value: Option<&str>| value.map(|v| format!("{label:<13}{v}\n")).unwrap_or_default();
     out += &line("service:", o.service.as_deref());
     out += &line("found by:", o.found_by.as_deref());
     out += &line("port:", o.port.map(|p| p.to_string()).as_deref());

@@ -25,7 +25,9 @@ pub async fn fetch(client: &Client, namespace: &str, pod: &str) -> Result<Identi
     // error's message.
     let text = match admin_get(client, namespace, pod, "/identity").await {
         Ok(text) => text,
-        Err(cluster::Error::Api { source: kube::Error::Api(status), .. }) if status.code == 503 => status.message,
+        Err(cluster::Error::Api { source: kube::Error::Api(status), .. }) if status.code == 503 => {
+            status.message
+        }
         Err(e) => return Err(e.into()),
     };
     serde_json::from_str(&text).map_err(|source| Error::Decode { pod: format!("{namespace}/{pod}"), source })
@@ -42,9 +44,12 @@ pub fn render_table(report: &IdentityReport, now: SystemTime) -> String {
             out += &format!("valid until:  {}\n", when(cert.not_after_unix_seconds, now));
             out += &format!("chain:        {} certificate(s)\n", report.chain_length);
         }
-        _ => out += "identity:     none (no certificate yet, or it expired: the proxy refuses mesh traffic)\n",
+        _ => {
+            out += "identity:     none (no certificate yet, or it expired: the proxy refuses mesh traffic)\n"
+        }
     }
-    let renewal = report.next_renewal_unix_seconds.map_or_else(|| "never (from files)".into(), |t| when(t, now));
+    let renewal =
+        report.next_renewal_unix_seconds.map_or_else(|| "never (from files)".into(), |t| when(t, now));
     out += &format!("next renewal: {renewal}\n");
     let roots: Vec<[String; 2]> = report
         .trust_bundle

@@ -43,7 +43,8 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
-    /// Is the mesh healthy? Each check ✔ or ✘ with its fix; exits non-zero on any ✘.
+    /// Is the mesh healthy? Each check ✔ or ✘ with its fix; exits non-zero on any ✘. With
+    /// `-n`, only that namespace's proxies are checked.
     Check {
         /// The namespace Weft is installed in.
         #[arg(long, default_value = "weft-system")]
@@ -128,11 +129,14 @@ async fn run(cli: Cli) -> Result<bool> {
         return Ok(true);
     }
     let (client, default_namespace) = cluster::connect().await?;
-    let namespace = cli.namespace.unwrap_or(default_namespace);
+    let namespace = cli.namespace.clone().unwrap_or(default_namespace);
     let text = match cli.command {
         Command::Inject { .. } => unreachable!("handled above"),
         Command::Check { mesh_namespace } => {
-            let checks = check::run(&client, &check::Install::in_namespace(&mesh_namespace), now()).await;
+            // Proxies everywhere, unless a namespace was named.
+            let scope = cli.namespace.is_some().then_some(namespace.as_str());
+            let checks =
+                check::run(&client, &check::Install::in_namespace(&mesh_namespace), scope, now()).await;
             print!("{}", render(format, &checks, |c| check::render_table(c)));
             return Ok(checks.iter().all(|c| c.ok));
         }

@@ -51,7 +51,8 @@ pub fn table<const N: usize>(headers: [&str; N], rows: &[[String; N]]) -> String
 /// Unix seconds as an RFC 3339 UTC time and how far from `now` it is (`in 2h3m`, `5m ago`).
 pub fn when(unix_seconds: i64, now: SystemTime) -> String {
     let at = UNIX_EPOCH + Duration::from_secs(unix_seconds.max(0).unsigned_abs());
-    let stamp = jiff::Timestamp::from_second(unix_seconds).map_or_else(|_| unix_seconds.to_string(), |t| t.to_string());
+    let stamp = jiff::Timestamp::from_second(unix_seconds)
+        .map_or_else(|_| unix_seconds.to_string(), |t| t.to_string());
     match at.duration_since(now) {
         Ok(ahead) => format!("{stamp} (in {})", span(ahead)),
         Err(behind) => format!("{stamp} ({} ago)", span(behind.duration())),

@@ -49,7 +49,8 @@ pub async fn fetch(client: &Client, namespace: &str, pod: &str) -> Result<Runnin
     let Some(config) = served.config.clone() else {
         return Err(Error::NoConfig { pod: name, last_error: served.last_error });
     };
-    let snapshot = weft_proxy::config::compile(config, None).map_err(|source| Error::Compile { pod: name, source })?;
+    let snapshot =
+        weft_proxy::config::compile(config, None).map_err(|source| Error::Compile { pod: name, source })?;
     Ok(Running { served, snapshot })
 }
 
@@ -68,7 +69,8 @@ pub fn render_table(running: &Running, now: SystemTime) -> String {
     let rows: Vec<[String; 6]> = routes
         .iter()
         .map(|r| {
-            let dests = r.destinations.iter().map(|d| format!("{} {}%", d.cluster, d.percent)).collect::<Vec<_>>();
+            let dests =
+                r.destinations.iter().map(|d| format!("{} {}%", d.cluster, d.percent)).collect::<Vec<_>>();
             let policies = [
                 r.timeout.as_ref().map(|t| format!("timeout {t}")),
                 r.retries.as_ref().map(|t| format!("retries {t}")),
@@ -92,7 +94,8 @@ pub fn render_table(running: &Running, now: SystemTime) -> String {
     for service in &running.snapshot.services {
         for port in &service.ports {
             for e in &port.cluster.endpoints {
-                let identity = e.peer.identity.as_ref().map_or_else(|| "(plain text)".into(), |id| id.to_string());
+                let identity =
+                    e.peer.identity.as_ref().map_or_else(|| "(plain text)".into(), |id| id.to_string());
                 endpoints.push([
                     port.cluster.name.to_string(),
                     e.addr.to_string(),

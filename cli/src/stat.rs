@@ -9,7 +9,10 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use k8s_openapi::api::{apps::v1::Deployment, core::v1::{Pod, Service}};
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    core::v1::{Pod, Service},
+};
 use kube::{Api, Client, api::ListParams};
 use serde::{Deserialize, Serialize};
 
@@ -85,7 +88,11 @@ impl Counts {
                     series.failures += value;
                 }
             } else {
-                let le = if label("le") == "+Inf" { f64::INFINITY } else { label("le").parse().unwrap_or(f64::NAN) };
+                let le = if label("le") == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    label("le").parse().unwrap_or(f64::NAN)
+                };
                 match series.buckets.iter_mut().find(|(b, _)| *b == le) {
                     Some((_, count)) => *count += value,
                     None => {
@@ -225,7 +232,10 @@ pub async fn pods(client: &Client, namespace: &str, target: &str) -> Result<Vec<
         .into_iter()
         .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
         .filter(|p| {
-            p.metadata.annotations.as_ref().is_some_and(|a| a.contains_key(weft_api::labels::INJECTED_ANNOTATION))
+            p.metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key(weft_api::labels::INJECTED_ANNOTATION))
         })
         .filter_map(|p| p.metadata.name)
         .collect();
@@ -317,6 +327,10 @@ mod tests {
         let same = scrape(&text(5, 0, 5, 0));
         assert!(rows(&same, &same, Duration::from_secs(5)).is_empty());
         assert_eq!(quantile(0.5, &[(0.01, 0.0), (f64::INFINITY, 0.0)]), None);
-        assert_eq!(quantile(0.99, &[(0.01, 1.0), (f64::INFINITY, 10.0)]), Some(0.01), "beyond the last bound");
+        assert_eq!(
+            quantile(0.99, &[(0.01, 1.0), (f64::INFINITY, 10.0)]),
+            Some(0.01),
+            "beyond the last bound"
+        );
     }
 }

@@ -14,7 +14,7 @@ use kube::{
 };
 use serde_json::Value;
 use weft_e2e::{TestCluster, helm::chart_dir};
-use weft_webhook::InjectConfig;
+use weft_inject::InjectConfig;
 
 fn helm(args: &[&str]) -> Result<String> {
     Ok(weft_e2e::helm::run(args)?)

@@ -21,7 +21,7 @@ use weft_e2e::{
     TestCluster, TestNamespace,
     webhook::{Registration, WebhookServer, enable_injection, init_container_names, is_injected, pod},
 };
-use weft_webhook::inject::{INIT_CONTAINER, PROXY_CONTAINER};
+use weft_inject::{INIT_CONTAINER, PROXY_CONTAINER};
 
 async fn labelled_namespace(cluster: &TestCluster, prefix: &str) -> Result<TestNamespace> {
     let namespace = cluster.namespace(prefix).await?;

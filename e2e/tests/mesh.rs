@@ -99,6 +99,9 @@ async fn weft_installs_and_meshes_apps_on_the_real_node() -> Result<()> {
     let endpoints = service["ports"][0]["endpoints"].as_array().map_or(0, Vec::len);
     ensure!(endpoints == 3, "the proxy knows {endpoints} reviews endpoints, expected 3: {service}");
 
+    step("weftctl answers from the running mesh: check, identity, proxy-config, explain, stat");
+    weftctl_answers(&client, meshed.name(), frontend, &reviews, &reviews_url).await?;
+
     step("an unlabelled namespace's pod is left alone and still reaches a meshed Service");
     let plain = cluster.namespace("plain").await?;
     let plain_pods = apply_and_wait(&client, plain.name(), &demo_deployment(&images, "client")).await?;
@@ -131,6 +134,87 @@ fn only<'a>(pods: &'a [Pod], app: &str) -> Result<&'a Pod> {
     let pod = matching.next().with_context(|| format!("no pod of app {app}"))?;
     ensure!(matching.next().is_none(), "more than one pod of app {app}");
     Ok(pod)
+}
+
+/// weftctl's commands on the meshed namespace, each checked against what the test knows: the
+/// install it made, the frontend's identity from the CA, the reviews Service and its three pods,
+/// and the requests it sends.
+async fn weftctl_answers(
+    client: &Client,
+    namespace: &str,
+    frontend: &Pod,
+    reviews: &[&Pod],
+    url: &str,
+) -> Result<()> {
+    let now = std::time::SystemTime::now();
+    let install = weftctl::check::Install::in_namespace(RELEASE_NAMESPACE);
+    let checks = weftctl::check::run(client, &install, Some(namespace), now).await;
+    let failed: Vec<_> = checks.iter().filter(|c| !c.ok).collect();
+    ensure!(failed.is_empty(), "weftctl check failed: {failed:?}");
+    ensure!(checks.len() >= 9, "weftctl check ran {} checks: {checks:?}", checks.len());
+
+    let pod = frontend.metadata.name.as_deref().context("a pod name")?;
+    let identity = weftctl::identity::fetch(client, namespace, pod).await?;
+    let expected = format!("spiffe://cluster.local/ns/{namespace}/sa/frontend");
+    ensure!(identity.identity.as_deref() == Some(expected.as_str()), "weftctl identity: {identity:?}");
+    let cert = identity.certificate.as_ref().context("no certificate")?;
+    ensure!(
+        identity.trust_bundle.iter().any(|root| root.subject == cert.issuer),
+        "the certificate's issuer is not among the trusted roots: {identity:?}"
+    );
+    let renewal = identity.next_renewal_unix_seconds.context("a CA identity has a next renewal")?;
+    ensure!(
+        (cert.not_before_unix_seconds..cert.not_after_unix_seconds).contains(&renewal),
+        "renewal outside the validity: {identity:?}"
+    );
+
+    let running = weftctl::proxy_config::fetch(client, namespace, pod).await?;
+    let table = weftctl::proxy_config::render_table(&running, now);
+    let reviews_ips: Vec<String> =
+        reviews.iter().map(|p| mesh::pod_ip(p).map(|ip| ip.to_string())).collect::<Result<_, _>>()?;
+    for ip in &reviews_ips {
+        ensure!(
+            table.contains(ip.as_str()),
+            "weftctl proxy-config does not list the reviews pod {ip}:\n{table}"
+        );
+    }
+
+    let explained =
+        weftctl::explain::run(client, namespace, pod, &http::Method::GET, url, &Default::default()).await?;
+    let service = format!("reviews.{namespace}.svc.cluster.local");
+    ensure!(
+        explained.outbound.service.as_deref() == Some(service.as_str()),
+        "weftctl explain: {explained:?}"
+    );
+    let endpoints: Vec<_> = explained.outbound.destinations.iter().flat_map(|d| &d.endpoints).collect();
+    let reviews_id = format!("spiffe://cluster.local/ns/{namespace}/sa/reviews");
+    ensure!(
+        endpoints.len() == 3 && endpoints.iter().all(|e| e.identity.as_deref() == Some(reviews_id.as_str())),
+        "weftctl explain: the three reviews pods over mTLS, got {endpoints:?}"
+    );
+    ensure!(
+        explained.inbound.len() == 3 && explained.inbound.iter().all(|s| s.decision.allowed),
+        "weftctl explain: every reviews proxy admits the frontend: {:?}",
+        explained.inbound
+    );
+
+    let frontends = weftctl::stat::pods(client, namespace, "deploy/frontend").await?;
+    ensure!(frontends == [pod], "weftctl stat: the frontend's pods are {frontends:?}");
+    let before = weftctl::stat::scrape(client, namespace, &frontends).await?;
+    let started = std::time::Instant::now();
+    let report = call(frontend, url, 40, 4).await?;
+    ensure!(report.ok() == 40, "frontend -> reviews: {report:?}");
+    let after = weftctl::stat::scrape(client, namespace, &frontends).await?;
+    let rows = weftctl::stat::rows(&before, &after, started.elapsed());
+    let to_reviews: Vec<_> =
+        rows.iter().filter(|r| r.key.direction == "outbound" && r.key.peer_service == service).collect();
+    let requests: f64 = to_reviews.iter().map(|r| r.requests).sum();
+    ensure!(requests == 40.0, "weftctl stat counted {requests} requests to reviews, sent 40: {rows:?}");
+    ensure!(
+        to_reviews.iter().all(|r| r.success_rate == Some(1.0) && r.p99_ms.is_some_and(|p| p > 0.0)),
+        "weftctl stat: {to_reviews:?}"
+    );
+    Ok(())
 }
 
 /// Inbound requests the pods' proxies counted over mTLS from `principal`.

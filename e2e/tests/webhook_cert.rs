@@ -29,9 +29,9 @@ use tokio::{
 };
 use tokio_rustls::TlsConnector;
 use weft_e2e::{TestCluster, webhook::pod_create_rule};
+use weft_inject::InjectConfig;
 use weft_operator::{Config, WebhookCertConfig, webhook_cert};
 use weft_webhook::{
-    InjectConfig,
     server::{AppState, router, serve_tls},
     tls::CertStore,
 };

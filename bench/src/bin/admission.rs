@@ -25,10 +25,8 @@ use weft_e2e::{
     TestCluster,
     webhook::{Registration, WebhookServer, enable_injection, is_injected, pod},
 };
-use weft_webhook::{
-    InjectConfig,
-    server::{AppState, router},
-};
+use weft_inject::InjectConfig;
+use weft_webhook::server::{AppState, router};
 
 #[derive(Debug, Parser)]
 struct Args {

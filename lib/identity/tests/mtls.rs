@@ -148,5 +148,7 @@ fn cert_info_names_the_subject_its_issuer_and_validity() {
     assert!(!leaf.serial.is_empty() && leaf.serial.chars().all(|c| c.is_ascii_hexdigit()), "{}", leaf.serial);
     let creds = Credentials::from_pem(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes()).unwrap();
     assert_eq!((leaf.not_before, leaf.not_after), (creds.not_before, creds.not_after));
-    assert!(CertInfo::all_from_pem(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").is_err());
+    assert!(
+        CertInfo::all_from_pem(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").is_err()
+    );
 }
