@@ -204,7 +204,8 @@ fn handle<B>(
         }
         (&Method::GET, "/identity") => {
             let report = identity_report(&destinations.identity);
-            let status = if report.identity.is_some() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            let status =
+                if report.identity.is_some() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
             json(status, &report)
         }
         (&Method::GET, "/metrics") => {

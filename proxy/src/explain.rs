@@ -20,10 +20,7 @@ use crate::{
     },
     conn::{Conn, Direction},
     http::router::{Decision, decide},
-    inbound::{
-        MtlsMode,
-        Facts, HttpFacts,
-    },
+    inbound::{Facts, HttpFacts, MtlsMode},
     peer::Peer,
     route::{Match, RequestView, StrMatch, redirect_location},
 };
@@ -42,7 +39,8 @@ pub struct Request<'a> {
 
 impl Request<'_> {
     fn host(&self) -> String {
-        let from_header = || self.headers.get(http::header::HOST)?.to_str().ok()?.parse::<http::uri::Authority>().ok();
+        let from_header =
+            || self.headers.get(http::header::HOST)?.to_str().ok()?.parse::<http::uri::Authority>().ok();
         let authority = self.uri.authority().cloned().or_else(from_header);
         authority.map(|a| a.host().to_ascii_lowercase()).unwrap_or_default()
     }
@@ -250,7 +248,8 @@ fn describe_route(out: &mut Outbound, route: &HttpRoute, port: Option<u16>) {
                 parts.join(", ")
             });
             out.retries = Some(describe_retries(&route.retry));
-            out.mirror = route.mirror.as_ref().map(|m| format!("{}% copied to {}", m.share.as_percent(), m.service));
+            out.mirror =
+                route.mirror.as_ref().map(|m| format!("{}% copied to {}", m.share.as_percent(), m.service));
         }
     }
 }
@@ -285,9 +284,15 @@ pub fn inbound(
         };
     }
     let tunnel = client.map(|id| Peer::new(Some(id.clone()), ""));
-    let conn = Conn { direction: Direction::Inbound, peer: SocketAddr::new(source, 0), dst: Some(destination), target: None };
+    let conn = Conn {
+        direction: Direction::Inbound,
+        peer: SocketAddr::new(source, 0),
+        dst: Some(destination),
+        target: None,
+    };
     let host = req.host();
-    let mut facts = Facts::connection(&conn, tunnel.as_ref(), None).expect("the connection has a destination");
+    let mut facts =
+        Facts::connection(&conn, tunnel.as_ref(), None).expect("the connection has a destination");
     facts.http = Some(HttpFacts::new((&host, req.port()), req.method, req.uri.path(), req.headers));
     let decision = policy.decide(&facts);
     let verdict = |v: Option<crate::inbound::Verdict<'_>>| {
@@ -301,7 +306,8 @@ pub fn inbound(
     Inbound {
         mtls_mode,
         allowed: decision.allowed(),
-        reason: verdict(decision.enforced).unwrap_or_else(|| "no AuthorizationPolicy selects this workload".into()),
+        reason: verdict(decision.enforced)
+            .unwrap_or_else(|| "no AuthorizationPolicy selects this workload".into()),
         policy: decision.decided_by().map(str::to_owned),
         dry_run: verdict(decision.dry_run),
     }
@@ -364,7 +370,8 @@ fn describe_retries(r: &RetryPolicy) -> String {
     .collect();
     conditions.extend(on.statuses.iter().map(u16::to_string));
     conditions.extend(on.grpc.iter().map(|c| format!("grpc {c}")));
-    let per_try = r.per_try_timeout.map_or_else(String::new, |t| format!(", {} per try", describe_duration(t)));
+    let per_try =
+        r.per_try_timeout.map_or_else(String::new, |t| format!(", {} per try", describe_duration(t)));
     format!("{} on {}{per_try}", r.attempts, conditions.join(","))
 }
 
@@ -438,7 +445,10 @@ inbound:
         let shares: Vec<_> = other.destinations.iter().map(|d| (d.cluster.as_str(), d.percent)).collect();
         assert_eq!(
             shares,
-            [("reviews.shop.svc.cluster.local|v1|9080", 90.0), ("reviews.shop.svc.cluster.local|v2|9080", 10.0)]
+            [
+                ("reviews.shop.svc.cluster.local|v1|9080", 90.0),
+                ("reviews.shop.svc.cluster.local|v2|9080", 10.0)
+            ]
         );
         assert_eq!(other.timeout.as_deref(), Some("500ms"));
         assert_eq!(other.retries.as_deref(), Some("3 on 5xx,connect-failure"));
@@ -457,7 +467,10 @@ inbound:
     #[test]
     fn an_unknown_host_says_the_proxy_learns_services_on_first_use() {
         let unknown = ask(&snapshot(), "http://ratings:9080/", &[]);
-        assert!(unknown.outcome.starts_with("no route") && unknown.outcome.contains("first use"), "{unknown:?}");
+        assert!(
+            unknown.outcome.starts_with("no route") && unknown.outcome.contains("first use"),
+            "{unknown:?}"
+        );
         assert!(unknown.destinations.is_empty());
     }
 

@@ -1,13 +1,15 @@
 //! I/O wrappers: replaying bytes read during protocol detection, and recording activity (last
 //! read or write, byte counts) for idle timeouts and TCP metrics; on HTTP/1.1 connections, also
-//! measuring request lines as they arrive (`http::limits::RequestLine`).
+//! measuring request lines as they arrive (`http::limits::RequestLine`); on HTTP/2 connections,
+//! budgeting the frames that carry no request (`h2_frames`).
 
 use std::{
     io,
+    ops::ControlFlow,
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -19,7 +21,10 @@ use tokio::{
     time::Instant,
 };
 
-use crate::http::limits::{RequestLine, URI_TOO_LONG_ANSWER};
+use crate::{
+    h2_frames::{self, ControlBudget, FrameCursor},
+    http::limits::{RequestLine, URI_TOO_LONG_ANSWER},
+};
 
 pin_project_lite::pin_project! {
     /// Reads `prefix` first, then from `inner`; writes go straight to `inner`.
@@ -84,6 +89,8 @@ pub struct Activity {
     /// Milliseconds since `epoch` (plus one) of the first byte read with no request in flight;
     /// zero when no request head is being read.
     head_since: AtomicU64,
+    /// The proxy ended this HTTP/2 connection for a flood of frames that carry no request.
+    h2_flood: AtomicBool,
 }
 
 impl Activity {
@@ -95,6 +102,7 @@ impl Activity {
             written: AtomicU64::new(0),
             requests: AtomicUsize::new(0),
             head_since: AtomicU64::new(0),
+            h2_flood: AtomicBool::new(false),
         })
     }
 
@@ -144,6 +152,12 @@ impl Activity {
         }
     }
 
+    /// Whether the proxy ended this HTTP/2 connection for a flood of frames that carry no
+    /// request (`ActivityIo::guard_h2_control_frames`).
+    pub fn h2_flooded(&self) -> bool {
+        self.h2_flood.load(Ordering::Relaxed)
+    }
+
     /// When bytes last moved.
     pub fn last(&self) -> Instant {
         self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
@@ -174,7 +188,74 @@ pin_project_lite::pin_project! {
         activity: Arc<Activity>,
         // HTTP/1.1 only (boxed: other connections do not carry it).
         request_line: Option<Box<LineGuard>>,
+        // HTTP/2 only.
+        h2: Option<Box<H2Guard>>,
     }
+}
+
+/// An HTTP/2 server connection's frames both ways, the budget for frames that carry no
+/// request, and the GOAWAY once it ran out.
+#[derive(Debug)]
+struct H2Guard {
+    reads: FrameCursor,
+    writes: FrameCursor,
+    budget: ControlBudget,
+    /// The highest stream the client opened, for the GOAWAY.
+    last_stream: u32,
+    /// Once over budget: the GOAWAY and how much of it is written.
+    ending: Option<([u8; 17], usize)>,
+}
+
+impl H2Guard {
+    /// Follows what the client sent; `Break` once it is over budget.
+    fn read(&mut self, bytes: &[u8]) -> ControlFlow<()> {
+        let H2Guard { reads, budget, last_stream, .. } = self;
+        reads.feed(bytes, |head| {
+            if head.kind == h2_frames::HEADERS {
+                *last_stream = (*last_stream).max(head.stream);
+            }
+            budget.received(head, Instant::now)
+        })
+    }
+
+    fn written(&mut self, bytes: &[u8]) {
+        let H2Guard { writes, budget, .. } = self;
+        let _ = writes.feed(bytes, |head| {
+            budget.sent(head);
+            ControlFlow::Continue(())
+        });
+    }
+
+    /// Over budget: GOAWAY next, unless one of hyper's frames is half written (a GOAWAY inside
+    /// it would garble both): then the connection just ends.
+    fn end(&mut self) {
+        let frame = h2_frames::goaway_enhance_your_calm(self.last_stream);
+        let written = if self.writes.at_boundary() { 0 } else { frame.len() };
+        self.ending = Some((frame, written));
+    }
+}
+
+/// Writes the rest of the GOAWAY on `inner`; ready once it is written and flushed.
+fn goaway<T: AsyncWrite>(
+    mut inner: Pin<&mut T>,
+    cx: &mut Context<'_>,
+    (frame, written): &mut ([u8; 17], usize),
+    activity: &Activity,
+) -> Poll<io::Result<()>> {
+    while let Some(rest) = frame.get(*written..).filter(|r| !r.is_empty()) {
+        let n = std::task::ready!(inner.as_mut().poll_write(cx, rest))?;
+        if n == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        *written += n;
+        activity.written.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    inner.poll_flush(cx)
+}
+
+/// What hyper gets for its writes once the GOAWAY is out: the connection is over.
+fn flood_ended() -> io::Error {
+    io::Error::new(io::ErrorKind::ConnectionAborted, "HTTP/2 connection ended for a control frame flood")
 }
 
 /// An HTTP/1.1 connection's request-line limit, and the 414 answer once it was passed.
@@ -188,7 +269,21 @@ struct LineGuard {
 impl<T> ActivityIo<T> {
     pub fn new(inner: T, activity: Arc<Activity>) -> Self {
         activity.touch();
-        ActivityIo { inner, activity, request_line: None }
+        ActivityIo { inner, activity, request_line: None, h2: None }
+    }
+
+    /// HTTP/2 server side: a client whose frames that carry no request (WINDOW_UPDATE, PRIORITY,
+    /// PING, ...) outrun their budget gets GOAWAY ENHANCE_YOUR_CALM written here, and the
+    /// connection ends (the reader sees EOF, writes fail) before hyper reads more of them.
+    pub fn guard_h2_control_frames(mut self) -> Self {
+        self.h2 = Some(Box::new(H2Guard {
+            reads: FrameCursor::client(),
+            writes: FrameCursor::server(),
+            budget: ControlBudget::new(Instant::now()),
+            last_stream: 0,
+            ending: None,
+        }));
+        self
     }
 
     /// HTTP/1.1: a request line still unfinished past `line`'s limit is answered 414 here and
@@ -223,6 +318,10 @@ impl<T: AsyncRead + AsyncWrite> AsyncRead for ActivityIo<T> {
         if let Some(LineGuard { refusing: Some(written), .. }) = this.request_line.as_deref_mut() {
             return refuse(this.inner, cx, written, this.activity);
         }
+        if let Some(H2Guard { ending: Some(ending), .. }) = this.h2.as_deref_mut() {
+            // EOF once the GOAWAY is out.
+            return goaway(this.inner, cx, ending, this.activity);
+        }
         let before = buf.filled().len();
         let res = this.inner.as_mut().poll_read(cx, buf);
         let n = buf.filled().len() - before;
@@ -240,6 +339,20 @@ impl<T: AsyncRead + AsyncWrite> AsyncRead for ActivityIo<T> {
                     return refuse(this.inner, cx, written, this.activity);
                 }
             }
+            if let Some(guard) = this.h2.as_deref_mut()
+                && guard.read(&buf.filled()[before..]).is_break()
+            {
+                tracing::debug!(
+                    burst = ControlBudget::BURST,
+                    "HTTP/2 frames that carry no request over budget; GOAWAY ENHANCE_YOUR_CALM"
+                );
+                this.activity.h2_flood.store(true, Ordering::Relaxed);
+                // hyper never sees this read: what it holds of the flood is all it gets.
+                buf.set_filled(before);
+                guard.end();
+                let ending = guard.ending.as_mut().expect("just set");
+                return goaway(this.inner, cx, ending, this.activity);
+            }
         }
         res
     }
@@ -247,16 +360,27 @@ impl<T: AsyncRead + AsyncWrite> AsyncRead for ActivityIo<T> {
 
 impl<T: AsyncWrite> AsyncWrite for ActivityIo<T> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let this = self.project();
-        let res = this.inner.poll_write(cx, buf);
+        let mut this = self.project();
+        if let Some(H2Guard { ending: Some(ending), .. }) = this.h2.as_deref_mut() {
+            std::task::ready!(goaway(this.inner, cx, ending, this.activity))?;
+            return Poll::Ready(Err(flood_ended()));
+        }
+        let res = this.inner.as_mut().poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &res {
             this.activity.written.fetch_add(*n as u64, Ordering::Relaxed);
             this.activity.touch();
+            if let Some(guard) = this.h2.as_deref_mut() {
+                guard.written(&buf[..*n]);
+            }
         }
         res
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_flush(cx)
+        let mut this = self.project();
+        if let Some(H2Guard { ending: Some(ending), .. }) = this.h2.as_deref_mut() {
+            std::task::ready!(goaway(this.inner.as_mut(), cx, ending, this.activity))?;
+        }
+        this.inner.poll_flush(cx)
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.project().inner.poll_shutdown(cx)
@@ -266,11 +390,26 @@ impl<T: AsyncWrite> AsyncWrite for ActivityIo<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.project();
-        let res = this.inner.poll_write_vectored(cx, bufs);
+        let mut this = self.project();
+        if let Some(H2Guard { ending: Some(ending), .. }) = this.h2.as_deref_mut() {
+            std::task::ready!(goaway(this.inner, cx, ending, this.activity))?;
+            return Poll::Ready(Err(flood_ended()));
+        }
+        let res = this.inner.as_mut().poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = &res {
             this.activity.written.fetch_add(*n as u64, Ordering::Relaxed);
             this.activity.touch();
+            if let Some(guard) = this.h2.as_deref_mut() {
+                let mut left = *n;
+                for b in bufs {
+                    if left == 0 {
+                        break;
+                    }
+                    let take = left.min(b.len());
+                    guard.written(&b[..take]);
+                    left -= take;
+                }
+            }
         }
         res
     }
@@ -332,6 +471,98 @@ mod tests {
         let mut answer = vec![0u8; URI_TOO_LONG_ANSWER.len()];
         client.read_exact(&mut answer).await.unwrap();
         assert_eq!(answer, URI_TOO_LONG_ANSWER);
+    }
+
+    fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut bytes = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        bytes.extend([kind, flags]);
+        bytes.extend(stream.to_be_bytes());
+        bytes.extend(payload);
+        bytes
+    }
+
+    /// The preface, a request on stream 5, then more WINDOW_UPDATEs than its budget.
+    fn h2_flood() -> Vec<u8> {
+        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        out.extend(h2_frame(0x1, 0x5, 5, &[0x82]));
+        for _ in 0..2 * ControlBudget::BURST {
+            out.extend(h2_frame(0x8, 0, 0, &1u32.to_be_bytes()));
+        }
+        out
+    }
+
+    /// Reads what the guarded `io` lets through, 4 KiB at a time, until EOF.
+    async fn read_through<T: AsyncRead + AsyncWrite + Unpin>(io: &mut ActivityIo<T>) -> usize {
+        let mut buf = [0u8; 4096];
+        let mut total = 0;
+        loop {
+            match io.read(&mut buf).await.unwrap() {
+                0 => return total,
+                n => total += n,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_h2_control_frame_flood_gets_goaway_and_reads_as_eof() {
+        let (a, mut client) = tokio::io::duplex(1 << 20);
+        let activity = Activity::new();
+        let mut io = ActivityIo::new(a, activity.clone()).guard_h2_control_frames();
+        let flood = h2_flood();
+        client.write_all(&flood).await.unwrap();
+        let through = read_through(&mut io).await;
+        // The preface, the request, the budget (the burst and what the request earned), and at
+        // most the rest of the 4 KiB read that ran it out.
+        assert!(through < 24 + 10 + (ControlBudget::BURST as usize + 10) * 13 + 4096, "{through}");
+        assert!(activity.h2_flooded());
+        let mut goaway = [0u8; 17];
+        client.read_exact(&mut goaway).await.unwrap();
+        assert_eq!(goaway.to_vec(), h2_frame(0x7, 0, 0, &[0, 0, 0, 5, 0, 0, 0, 0xb]));
+        let write = io.write(b"more").await.unwrap_err();
+        assert_eq!(write.kind(), io::ErrorKind::ConnectionAborted);
+        drop(io);
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "nothing after the GOAWAY: {rest:?}");
+    }
+
+    /// A GOAWAY in the middle of one of hyper's frames would garble both: the connection just
+    /// ends.
+    #[tokio::test]
+    async fn no_goaway_in_the_middle_of_a_frame() {
+        let (a, mut client) = tokio::io::duplex(1 << 20);
+        let mut io = ActivityIo::new(a, Activity::new()).guard_h2_control_frames();
+        let data = h2_frame(0x0, 0, 1, b"abc");
+        io.write_all(&data[..10]).await.unwrap();
+        client.write_all(&h2_flood()).await.unwrap();
+        read_through(&mut io).await;
+        drop(io);
+        let mut sent = Vec::new();
+        client.read_to_end(&mut sent).await.unwrap();
+        assert_eq!(sent, data[..10]);
+    }
+
+    /// What the proxy sends earns what clients answer it with: a client acknowledging each of
+    /// many DATA frames is not cut.
+    #[tokio::test]
+    async fn data_the_proxy_sends_earns_the_window_updates_it_brings() {
+        let (a, mut client) = tokio::io::duplex(1 << 20);
+        let activity = Activity::new();
+        let mut io = ActivityIo::new(a, activity.clone()).guard_h2_control_frames();
+        client.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        for _ in 0..3 * ControlBudget::BURST {
+            io.write_all(&h2_frame(0x0, 0, 1, b"abc")).await.unwrap();
+            let update = h2_frame(0x8, 0, 0, &3u32.to_be_bytes());
+            client.write_all(&[update.clone(), update].concat()).await.unwrap();
+            let mut got = 0;
+            while got < 26 {
+                let n = io.read(&mut buf).await.unwrap();
+                assert!(n > 0, "cut off");
+                got += n;
+            }
+        }
+        assert!(!activity.h2_flooded());
     }
 
     #[tokio::test(start_paused = true)]

@@ -18,6 +18,7 @@ pub mod destinations;
 pub mod detect;
 pub mod explain;
 pub mod grpc;
+pub mod h2_frames;
 pub mod http;
 pub mod inbound;
 pub mod io;

@@ -155,6 +155,13 @@ struct Args {
     #[arg(long, env = "WEFT_REQUEST_BODY_TIMEOUT", default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
     request_body_timeout: Duration,
 
+    /// The least average rate of a request body, in bytes/s over the time the proxy waits for
+    /// it, before the upstream has answered (Apache's `MinRate`): the proxy waits for a body at
+    /// most --request-body-timeout plus one second per this many bytes received, then 408. gRPC
+    /// requests have none; 0 disables it.
+    #[arg(long, env = "WEFT_REQUEST_BODY_MIN_RATE", default_value_t = 500, value_name = "BYTES_PER_SECOND")]
+    request_body_min_rate: u32,
+
     /// Close a downstream HTTP connection with no request in flight and no bytes for this long.
     #[arg(long, env = "WEFT_HTTP_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration, value_name = "DURATION")]
     http_idle_timeout: Duration,
@@ -380,6 +387,7 @@ impl Args {
                 detect: self.detect_timeout,
                 header_read: self.header_read_timeout,
                 request_body: self.request_body_timeout,
+                request_body_min_rate: self.request_body_min_rate,
                 http_idle: self.http_idle_timeout,
                 tcp_idle: self.tcp_idle_timeout,
                 connect: self.connect_timeout,

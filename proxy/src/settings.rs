@@ -90,6 +90,10 @@ pub struct Timeouts {
     /// answered (408 then); time the upstream spends not reading does not count, and gRPC
     /// requests have none. Zero: none.
     pub request_body: Duration,
+    /// The least average rate of a request body, in bytes/s over the time the proxy waits for
+    /// it, before the upstream has answered: the body may take at most `request_body` plus one
+    /// second per this many bytes received (408 beyond). Zero: no minimum.
+    pub request_body_min_rate: u32,
     /// Close a downstream HTTP connection with no request in flight and no bytes for this long.
     pub http_idle: Duration,
     /// Close a TCP splice with no bytes in either direction for this long.
@@ -124,6 +128,7 @@ impl Default for Timeouts {
             detect: Duration::from_millis(500),
             header_read: Duration::from_secs(10),
             request_body: Duration::from_secs(30),
+            request_body_min_rate: 500,
             http_idle: Duration::from_secs(300),
             tcp_idle: Duration::from_secs(3600),
             connect: Duration::from_secs(1),

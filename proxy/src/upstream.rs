@@ -61,6 +61,9 @@ pub struct ConnectOpts {
     /// How long a request body sent to an endpoint may stop arriving from the client before the
     /// upstream answered (`http::request_body`); zero: no limit.
     pub request_body_timeout: Duration,
+    /// The average rate, in bytes/s while the proxy waits for it, below which such a body is
+    /// cut, with `request_body_timeout` as the grace; zero: no minimum.
+    pub request_body_min_rate: u32,
 }
 
 impl ConnectOpts {
@@ -74,6 +77,7 @@ impl ConnectOpts {
             require_mesh,
             max_requests_per_connection: 0,
             request_body_timeout: timeouts.request_body,
+            request_body_min_rate: timeouts.request_body_min_rate,
         }
     }
 }

@@ -47,6 +47,7 @@ fn help_documents_every_flag() {
         "--max-headers",
         "--max-uri-bytes",
         "--request-body-timeout",
+        "--request-body-min-rate",
         "--h2-max-concurrent-streams",
         "--h2-max-pending-resets",
         "--h2-max-local-resets",

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use super::{
     Body,
     error::Failure,
-    request_body::{Watch, WatchedBody},
+    request_body::{BodyPace, Watch, WatchedBody},
 };
 use crate::{
     balance::PendingGuard,
@@ -244,9 +244,12 @@ pub async fn forward(req: Request<Body>, t: Try<'_>) -> Result<Answer, Failed> {
     let pending = endpoint.load.start();
     let started = Instant::now();
     // gRPC streams may idle before their answer (a client-streaming call answers at its end),
-    // and carry deadlines of their own: no stall timeout for them.
-    let stall = if t.grpc { Duration::ZERO } else { t.opts.request_body_timeout };
-    let (req, watch) = watch_body(req, stall);
+    // and carry deadlines of their own: no stall timeout or minimum rate for them.
+    let pace = match t.grpc {
+        true => BodyPace::OFF,
+        false => BodyPace { timeout: t.opts.request_body_timeout, min_rate: t.opts.request_body_min_rate },
+    };
+    let (req, watch) = watch_body(req, pace);
     let sent = endpoint.send(req, t.proto, t.opts);
     let result = match t.deadline {
         Some(d) => tokio::time::timeout_at(d, sent).await.map_err(|_| d),
@@ -311,12 +314,12 @@ pub async fn forward(req: Request<Body>, t: Try<'_>) -> Result<Answer, Failed> {
 }
 
 /// The request with its body watched (`request_body`), unless it has none (no cost for GETs).
-fn watch_body(req: Request<Body>, timeout: Duration) -> (Request<Body>, Option<Arc<Watch>>) {
+fn watch_body(req: Request<Body>, pace: BodyPace) -> (Request<Body>, Option<Arc<Watch>>) {
     if http_body::Body::is_end_stream(req.body()) {
         return (req, None);
     }
     let (parts, body) = req.into_parts();
-    let (body, watch) = WatchedBody::new(body, timeout);
+    let (body, watch) = WatchedBody::new(body, pace);
     (Request::from_parts(parts, Body::new(body)), Some(watch))
 }
 

@@ -2,8 +2,9 @@
 //! (hyper's HTTP/1 header-read timeout needs a `Timer`, which is set here; the request-line and
 //! HTTP/2 header-count limits hyper lacks are `limits`'), an idle timeout, and graceful shutdown
 //! on drain (HTTP/1 closes after the response in flight, HTTP/2 sends GOAWAY and lets open
-//! streams finish). Connections h2 ends for a flood (GOAWAY ENHANCE_YOUR_CALM) are logged at
-//! most once per 10 s, with a count of the others.
+//! streams finish). HTTP/2 frames that carry no request are budgeted below hyper
+//! (`io::ActivityIo::guard_h2_control_frames`). Connections h2 or that budget ends for a flood
+//! (GOAWAY ENHANCE_YOUR_CALM) are logged at most once per 10 s, with a count of the others.
 
 use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
@@ -92,7 +93,7 @@ where
     let io = match proto {
         Proto::Http1 => ActivityIo::new(io, activity.clone())
             .limit_request_line(RequestLine::new(limits.max_uri_bytes, limits.max_header_bytes)),
-        Proto::Http2 => ActivityIo::new(io, activity.clone()),
+        Proto::Http2 => ActivityIo::new(io, activity.clone()).guard_h2_control_frames(),
     };
     let io = TokioIo::new(io);
     let service = ServiceBuilder::new()
@@ -134,18 +135,28 @@ where
             drive(conn, |c| c.graceful_shutdown(), &serving, &activity, None).await
         }
     };
-    let Err(error) = result else { return };
-    if !is_flood(&error) {
-        tracing::debug!(%peer, ?proto, %error, "downstream connection ended with an error");
-    } else if let Some(suppressed) = serving.flood_log.check(tokio::time::Instant::now()) {
+    // The control-frame budget ends a connection with an EOF or a failed write, which hyper may
+    // report as a clean end or as an I/O error: the flag says which it was.
+    let flood = match (activity.h2_flooded(), &result) {
+        (true, _) => Some("control frames"),
+        (false, Err(error)) if is_flood(error) => Some("streams"),
+        (false, Err(error)) => {
+            tracing::debug!(%peer, ?proto, %error, "downstream connection ended with an error");
+            None
+        }
+        (false, Ok(())) => None,
+    };
+    let Some(flood) = flood else { return };
+    if let Some(suppressed) = serving.flood_log.check(tokio::time::Instant::now()) {
         tracing::warn!(
             %peer,
+            flood,
             suppressed,
             "closed an HTTP/2 connection that flooded the proxy (GOAWAY ENHANCE_YOUR_CALM); one line \
              per 10 s at most, `suppressed` counts the connections left out since the last one"
         );
     } else {
-        tracing::debug!(%peer, "closed an HTTP/2 connection that flooded the proxy (GOAWAY ENHANCE_YOUR_CALM)");
+        tracing::debug!(%peer, flood, "closed an HTTP/2 connection that flooded the proxy (GOAWAY ENHANCE_YOUR_CALM)");
     }
 }
 

@@ -1,7 +1,8 @@
 //! Limits and timeouts, each with a test: header count and size (HTTP/2 too), request-target
 //! length, request-head read timeout, request-body timeout, idle timeout, connection cap,
 //! ambiguous framing, bad chunked bodies and clients leaving mid-body (never the upstream's
-//! failure), Host validation, HTTP/2 stream limits, rapid reset, and rate-limited flood logs.
+//! failure), slow request bodies, Host validation, HTTP/2 stream limits, rapid reset, floods of
+//! HTTP/2 frames that carry no request, and rate-limited flood logs.
 //! Each asserts what the origin received, not only the status.
 
 use std::{
@@ -443,12 +444,16 @@ async fn a_stalled_request_body_gets_408() {
     assert!(!text.contains("response_code=\"5"), "nothing counted as the upstream's:\n{text}");
 }
 
-/// The timeout is on progress: a body that keeps coming, here one byte per 100 ms against a
-/// 300 ms limit, arrives whole however long it takes in total.
+/// A body that keeps coming at or above the minimum rate, here one byte per 100 ms (10 bytes/s)
+/// against a 300 ms limit and 5 bytes/s, arrives whole however long it takes in total.
 #[tokio::test]
 async fn a_slow_but_steady_request_body_is_not_cut() {
     let up = scripted(|_| Act::Status(200)).await;
-    let proxy = proxy_to(up.addr, |s| s.timeouts.request_body = Duration::from_millis(300)).await;
+    let proxy = proxy_to(up.addr, |s| {
+        s.timeouts.request_body = Duration::from_millis(300);
+        s.timeouts.request_body_min_rate = 5;
+    })
+    .await;
     let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
     s.write_all(b"POST /upload HTTP/1.1\r\nhost: svc\r\ncontent-length: 6\r\n\r\n").await.unwrap();
     for byte in b"abcdef" {
@@ -461,6 +466,54 @@ async fn a_slow_but_steady_request_body_is_not_cut() {
     let reply = String::from_utf8_lossy(&buf[..n]);
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply:?}");
     assert_eq!(up.seen.lock().unwrap()[0].1, "abcdef", "the origin got the whole body");
+}
+
+/// The issue's slow body, scaled down: `Content-Length: 100000`, then one byte every 50 ms.
+/// Each wait is far under the 300 ms timeout, so only the minimum rate (100 bytes/s, i.e. the
+/// body may take 300 ms plus 10 ms per byte of waiting) ends it: 408 `SI` after about eight bytes,
+/// and the origin got the head and those bytes, never the whole body.
+#[tokio::test]
+async fn a_request_body_below_the_minimum_rate_gets_408() {
+    let origin = raw_origin().await;
+    let mut proxy = proxy_to(origin.addr, |s| {
+        s.timeouts.request_body = Duration::from_millis(300);
+        s.timeouts.request_body_min_rate = 100;
+        s.access_log = true;
+    })
+    .await;
+    let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nhost: svc\r\ncontent-length: 100000\r\n\r\n").await.unwrap();
+    let (mut read, mut write) = s.split();
+    const MOST: usize = 100;
+    let mut sent = 0;
+    let trickle = async {
+        while sent < MOST {
+            // Pacing the client is the point of this test.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if write.write_all(b"x").await.is_err() {
+                break;
+            }
+            sent += 1;
+        }
+    };
+    let mut reply = Vec::new();
+    within("the proxy cuts the body", async {
+        tokio::select! {
+            _ = read.read_to_end(&mut reply) => {}
+            _ = trickle => panic!("{MOST} bytes at 20 bytes/s and the body was not cut"),
+        }
+    })
+    .await;
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply:?}");
+    assert!(reply.contains("connection: close"), "{reply:?}");
+    let log = next_log_line(&mut proxy).await;
+    assert_eq!((log["status"].as_u64(), log["response_flags"].as_str()), (Some(408), Some("SI")), "{log}");
+    origin.wait_closed(1).await;
+    let request = &origin.requests()[0];
+    let (head, body) = request.split_once("\r\n\r\n").unwrap();
+    assert!(head.contains("content-length: 100000"), "{request:?}");
+    assert!(body.len() <= sent && body.len() < 20 && body.bytes().all(|b| b == b'x'), "{request:?}");
 }
 
 /// Log lines written on this thread (the test's current-thread runtime runs the proxy too), with
@@ -539,4 +592,166 @@ async fn a_reset_flood_over_many_connections_logs_one_line_not_one_per_connectio
     let warnings: Vec<&str> = text.lines().filter(|l| l.contains("WARN")).collect();
     assert_eq!(warnings.len(), 1, "one line for {CONNECTIONS} connections:\n{text}");
     assert!(warnings[0].contains("flooded") && warnings[0].contains("suppressed=0"), "{text}");
+}
+
+/// An HTTP/2 frame: 9-byte header and payload.
+fn h2_frame(kind: u8, flags: u8, stream_id: u32, payload: &[u8]) -> Vec<u8> {
+    let mut bytes = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    bytes.extend([kind, flags]);
+    bytes.extend(stream_id.to_be_bytes());
+    bytes.extend(payload);
+    bytes
+}
+
+/// CPU time this thread has used (user and system, in clock ticks): the test's current-thread
+/// runtime runs the client and the in-process proxy alike, and no other test.
+fn thread_cpu_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
+    // Fields 14 and 15 of proc(5) (utime, stime); the split starts at field 3.
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// What one flooding connection got: the GOAWAY's last stream and error code, if one came; how
+/// many of the flood's frames the client managed to write before the connection ended; and the
+/// CPU ticks the whole exchange took.
+struct Flood {
+    goaway: Option<(u32, u32)>,
+    written: usize,
+    cpu_ticks: u64,
+}
+
+/// The client preface and SETTINGS, then `FLOOD_FRAMES` copies of `frame` as fast as the
+/// connection takes them, while reading what the proxy sends until it ends the connection.
+const FLOOD_FRAMES: usize = 1_000_000;
+
+async fn flood(addr: std::net::SocketAddr, frame: &[u8]) -> Flood {
+    const BATCH: usize = 10_000;
+    let batch = frame.repeat(BATCH);
+    let cpu = thread_cpu_ticks();
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut start = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    start.extend(h2_frame(0x4, 0, 0, &[])); // SETTINGS
+    stream.write_all(&start).await.unwrap();
+    let (mut read, mut write) = stream.split();
+    let mut written = 0;
+    let writing = async {
+        while written < FLOOD_FRAMES {
+            if write.write_all(&batch).await.is_err() {
+                break;
+            }
+            written += BATCH;
+        }
+    };
+    let mut received = Vec::new();
+    let reading = async {
+        let mut buf = vec![0u8; 16 * 1024];
+        // A reset after the GOAWAY (the proxy closes with the flood unread) ends it too.
+        while let Ok(n @ 1..) = read.read(&mut buf).await {
+            received.extend_from_slice(&buf[..n]);
+        }
+    };
+    // Both end once the proxy closes the connection; without the budget neither would within
+    // the deadline (the proxy keeps answering, the connection stays open).
+    within("the proxy ends the flooding connection", async { tokio::join!(writing, reading) }).await;
+    let cpu_ticks = thread_cpu_ticks() - cpu;
+    let (mut at, mut goaway) = (0, None);
+    while at + 9 <= received.len() {
+        let length = u32::from_be_bytes([0, received[at], received[at + 1], received[at + 2]]) as usize;
+        let payload = &received[at + 9..(at + 9 + length).min(received.len())];
+        if received[at + 3] == 0x7 && payload.len() >= 8 {
+            let last = u32::from_be_bytes(payload[..4].try_into().unwrap());
+            goaway = Some((last, u32::from_be_bytes(payload[4..8].try_into().unwrap())));
+        }
+        at += 9 + length;
+    }
+    Flood { goaway, written, cpu_ticks }
+}
+
+/// Whether the flood was cut short and cheaply: GOAWAY ENHANCE_YOUR_CALM (no stream was opened),
+/// the client could not write the whole flood, and the exchange took under a second of CPU (h2
+/// answering a million frames takes many, in a debug build).
+fn assert_cut(what: &str, flood: &Flood) {
+    let ticks_per_second = 100; // USER_HZ on Linux
+    assert_eq!(flood.goaway, Some((0, 0xb)), "{what}: GOAWAY ENHANCE_YOUR_CALM");
+    assert!(flood.written < FLOOD_FRAMES, "{what}: the whole flood was written");
+    assert!(flood.cpu_ticks < ticks_per_second, "{what}: {} CPU ticks", flood.cpu_ticks);
+}
+
+/// One connection flooding WINDOW_UPDATE(+1) on the connection, the issue's attack: h2 answers
+/// each and would spend a core on it for as long as it lasts; the proxy sends GOAWAY
+/// ENHANCE_YOUR_CALM once the frames that carry no request outrun their budget, and logs it.
+#[tokio::test]
+async fn http2_window_update_flood_gets_goaway_enhance_your_calm() {
+    let (logs, _guard) = capture_logs("warn");
+    let (proxy, up) = proxy_with(|_| {}).await;
+    let flood = flood(proxy.addr(), &h2_frame(0x8, 0, 0, &1u32.to_be_bytes())).await;
+    eprintln!("WINDOW_UPDATE flood: {} frames written, {} CPU ticks", flood.written, flood.cpu_ticks);
+    assert_cut("WINDOW_UPDATE", &flood);
+    assert_eq!(up.hits.load(Ordering::Relaxed), 0);
+    // The connection still works for others.
+    let mut h2 = H2::connect(proxy.addr()).await;
+    assert_eq!(h2.get("svc", "/").await.status, StatusCode::OK);
+    drop(proxy);
+    let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    let warnings: Vec<&str> = text.lines().filter(|l| l.contains("WARN")).collect();
+    assert_eq!(warnings.len(), 1, "{text}");
+    assert!(warnings[0].contains("flooded") && warnings[0].contains("control frames"), "{text}");
+}
+
+/// PRIORITY frames (h2 reads and ignores them) on an idle stream: the same budget.
+#[tokio::test]
+async fn http2_priority_flood_gets_goaway_enhance_your_calm() {
+    let (proxy, _up) = proxy_with(|_| {}).await;
+    // Stream 1 depends on stream 0, weight 16.
+    let flood = flood(proxy.addr(), &h2_frame(0x2, 0, 1, &[0, 0, 0, 0, 15])).await;
+    eprintln!("PRIORITY flood: {} frames written, {} CPU ticks", flood.written, flood.cpu_ticks);
+    assert_cut("PRIORITY", &flood);
+}
+
+/// A big download through a small window makes a client send far more WINDOW_UPDATEs than the
+/// budget's burst (one per half window, on the stream and on the connection); the DATA frames
+/// the proxy sends earn them, so 20 MB arrive whole.
+#[tokio::test]
+async fn a_20_mb_http2_download_through_a_small_window_is_not_cut() {
+    const SIZE: usize = 20 * 1024 * 1024;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let svc = hyper::service::service_fn(|_req| async {
+                let body = http_body_util::Full::new(bytes::Bytes::from(vec![b'z'; SIZE]));
+                Ok::<_, std::convert::Infallible>(http::Response::new(body))
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc),
+            );
+        }
+    });
+    let proxy = proxy_to(origin, |_| {}).await;
+    let stream = TcpStream::connect(proxy.addr()).await.unwrap();
+    // Small WINDOW_UPDATEs must not wait for delayed ACKs (Nagle): 40 ms per round trip.
+    stream.set_nodelay(true).unwrap();
+    let (client, conn) = h2::client::Builder::new()
+        .initial_window_size(16 * 1024)
+        .handshake::<_, bytes::Bytes>(stream)
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    let mut client = within("h2 ready", client.ready()).await.unwrap();
+    let (res, _) = client.send_request(http::Request::get("http://svc/big").body(()).unwrap(), true).unwrap();
+    let received = within("20 MB", async {
+        let mut body = res.await.unwrap().into_body();
+        let mut received = 0;
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.expect("the download is not cut");
+            received += chunk.len();
+            body.flow_control().release_capacity(chunk.len()).unwrap();
+        }
+        received
+    })
+    .await;
+    assert_eq!(received, SIZE);
+    assert!(!conn.is_finished(), "the connection is still open");
 }

@@ -303,7 +303,8 @@ async fn without_loadable_identity_files_the_proxy_is_not_ready() {
     assert_eq!(
         (ready.status, &ready.body[..]),
         (StatusCode::SERVICE_UNAVAILABLE, &b"no identity loaded\n"[..])
-    );    let identity = admin(&proxy, Method::GET, "/identity").await;
+    );
+    let identity = admin(&proxy, Method::GET, "/identity").await;
     assert_eq!(identity.status, StatusCode::SERVICE_UNAVAILABLE);
     let report: IdentityReport = serde_json::from_slice(&identity.body).unwrap();
     assert_eq!((report.identity, report.certificate, report.trust_bundle.len()), (None, None, 0));
