@@ -105,8 +105,11 @@ impl Counts {
     }
 }
 
+/// A sample's label pairs.
+type Labels<'a> = Vec<(&'a str, &'a str)>;
+
 /// `name{labels} value` of one exposition line (labels unescaped only as far as weft needs).
-fn sample(line: &str) -> Option<(&str, Vec<(&str, &str)>, f64)> {
+fn sample(line: &str) -> Option<(&str, Labels<'_>, f64)> {
     if line.starts_with('#') {
         return None;
     }
