@@ -75,8 +75,9 @@ pub async fn run(client: &Client, install: &Install, namespace: Option<&str>, no
         checks.push(deployment(client, &install.namespace, name).await);
     }
     checks.extend(webhook_certificate(client, install, now).await);
-    checks.push(root_ca(client, install, now).await);
-    checks.push(injected_namespaces(client).await);
+    let (namespaces, injected) = injected_namespaces(client).await;
+    checks.push(namespaces);
+    checks.push(root_ca(client, install, &injected, now).await);
     checks.push(proxies(client, namespace).await);
     checks
 }
@@ -207,18 +208,25 @@ pub fn verify_serving(
     Ok(CertInfo::of(leaf).map_err(|e| e.to_string())?.not_after)
 }
 
-async fn root_ca(client: &Client, install: &Install, now: SystemTime) -> Check {
+/// The mesh's roots as proxies see them: the trust bundle the operator keeps in every injected
+/// namespace (the CA's key stays in its Secret, which weftctl does not read).
+async fn root_ca(client: &Client, install: &Install, injected: &[String], now: SystemTime) -> Check {
     let fix =
         format!("the operator writes it: kubectl -n {} logs deploy/{}", install.namespace, install.operator);
-    let map =
-        Api::<ConfigMap>::namespaced(client.clone(), &install.namespace).get_opt(&install.trust_bundle).await;
-    let pem = match map {
-        Ok(Some(m)) => m.data.unwrap_or_default().remove("ca.crt"),
-        _ => None,
+    let mut bundles = Vec::new();
+    for ns in injected {
+        let map = Api::<ConfigMap>::namespaced(client.clone(), ns).get_opt(&install.trust_bundle).await;
+        match map.ok().flatten().and_then(|m| m.data.unwrap_or_default().remove("ca.crt")) {
+            Some(pem) => bundles.push(pem),
+            None => return fail(format!("no trust bundle in {ns} ({})", install.trust_bundle), fix),
+        }
+    }
+    let Some(pem) = bundles.first() else {
+        return ok("root CA: no injected namespace yet, so no trust bundle to check");
     };
-    let Some(pem) = pem else {
-        return fail(format!("no trust bundle ({}/{})", install.namespace, install.trust_bundle), fix);
-    };
+    if bundles.iter().any(|b| b != pem) {
+        return fail("the injected namespaces hold different trust bundles (a rotation in progress?)", fix);
+    }
     let roots = match CertInfo::all_from_pem(pem.as_bytes()) {
         Ok(roots) if !roots.is_empty() => roots,
         Ok(_) => return fail("the trust bundle holds no certificate", fix),
@@ -234,18 +242,24 @@ async fn root_ca(client: &Client, install: &Install, now: SystemTime) -> Check {
     }
 }
 
-async fn injected_namespaces(client: &Client) -> Check {
+/// The namespaces labelled for injection, and the check that lists them.
+async fn injected_namespaces(client: &Client) -> (Check, Vec<String>) {
     let params = ListParams::default().labels(&format!("{INJECT_LABEL}=enabled"));
     match Api::<Namespace>::all(client.clone()).list(&params).await {
         Ok(list) => {
-            let names: Vec<String> = list.items.into_iter().filter_map(|n| n.metadata.name).collect();
-            if names.is_empty() {
+            // A namespace being deleted is on its way out, trust bundle and all.
+            let live = list.items.into_iter().filter(|n| n.metadata.deletion_timestamp.is_none());
+            let names: Vec<String> = live.filter_map(|n| n.metadata.name).collect();
+            let check = if names.is_empty() {
                 ok(format!("no namespace is labelled {INJECT_LABEL}=enabled yet"))
             } else {
                 ok(format!("injected namespaces: {}", names.join(", ")))
-            }
+            };
+            (check, names)
         }
-        Err(e) => fail(format!("listing namespaces: {e}"), "check access to the cluster (kubectl get ns)"),
+        Err(e) => {
+            (fail(format!("listing namespaces: {e}"), "check access to the cluster (kubectl get ns)"), vec![])
+        }
     }
 }
 

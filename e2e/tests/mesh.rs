@@ -198,7 +198,7 @@ async fn weftctl_answers(
         explained.inbound
     );
 
-    let frontends = weftctl::stat::pods(client, namespace, "deploy/frontend").await?;
+    let frontends = weftctl::stat::pods(client, namespace, "deploy/frontend-v1").await?;
     ensure!(frontends == [pod], "weftctl stat: the frontend's pods are {frontends:?}");
     let before = weftctl::stat::scrape(client, namespace, &frontends).await?;
     let started = std::time::Instant::now();
