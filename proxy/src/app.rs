@@ -2,7 +2,7 @@
 //! accepted connection to protocol detection and then to the HTTP server or the TCP splice, and
 //! drains on shutdown.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -257,6 +257,7 @@ pub async fn start_with(
         shutdown: shutdown.clone(),
         done: done.clone(),
     };
+    tokio::spawn(reap_idle_upstreams(shared.clone(), done.clone()));
     tokio::spawn(admin::serve(admin_listener, admin, shutdown.clone(), done.clone()));
     tokio::spawn(drain(shared, shutdown, done));
     Ok(handle)
@@ -323,7 +324,7 @@ async fn identity_loop(
 /// `stop`.
 async fn config_loop(
     mut source: FileSource,
-    poll: std::time::Duration,
+    poll: Duration,
     reload: Arc<Notify>,
     stop: CancellationToken,
     metrics: Arc<Metrics>,
@@ -358,6 +359,47 @@ async fn drain(shared: Arc<Shared>, shutdown: CancellationToken, done: Cancellat
         tracing::info!("drained");
     }
     done.cancel();
+}
+
+/// How often pooled upstream connections idle past their timeout are closed: the timeout
+/// (`--upstream-idle-timeout`, a pool's `idleTimeoutMs`) is kept to within this.
+const REAP_EVERY: Duration = Duration::from_secs(1);
+
+/// Downstream connections that must have closed since the busiest moment before free memory is
+/// handed back to the kernel.
+const RELEASE_AFTER_CLOSED: usize = 64;
+
+/// Whether a burst ended since memory was last released: pooled upstream connections were just
+/// closed, or the open downstream connections fell well below their peak since then. Walking
+/// the allocator's heaps on every tick of an idle proxy would be wasted.
+fn burst_ended(upstream_closed: usize, downstream_peak: usize, downstream_open: usize) -> bool {
+    upstream_closed > 0 || downstream_peak >= downstream_open + RELEASE_AFTER_CLOSED
+}
+
+/// Until the proxy is done: closes idle pooled upstream connections, so a burst's connections
+/// and their buffers go once idle whether or not another request comes, and then hands the
+/// memory they held back to the kernel (`sys::release_free_memory`): RSS falls back toward
+/// idle instead of staying at the burst's peak.
+async fn reap_idle_upstreams(shared: Arc<Shared>, done: CancellationToken) {
+    let mut tick = tokio::time::interval(REAP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut peak = 0;
+    loop {
+        tokio::select! {
+            _ = done.cancelled() => return,
+            now = tick.tick() => {
+                let closed = shared.destinations().reap_idle(now);
+                // Connection tasks: one per downstream connection.
+                let open = shared.tracker.len();
+                peak = peak.max(open);
+                if burst_ended(closed, peak, open) {
+                    let released = crate::sys::release_free_memory();
+                    tracing::debug!(closed, peak, open, released, "a burst ended; released free memory");
+                    peak = open;
+                }
+            }
+        }
+    }
 }
 
 /// What a listener's connections are.
@@ -707,5 +749,18 @@ fn tcp_destination(shared: &Shared, conn: &Conn) -> Option<TcpDestination> {
             destinations.subscribe_lazily(d);
             unknown(destinations.passthrough(&snapshot, d), PASSTHROUGH.clone())
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_is_released_after_a_burst_not_on_every_tick() {
+        assert!(!burst_ended(0, 0, 0), "an idle proxy");
+        assert!(!burst_ended(0, 500, 480), "steady traffic");
+        assert!(burst_ended(0, 500, 436), "64 connections closed since the peak");
+        assert!(burst_ended(3, 10, 10), "pooled upstream connections closed");
     }
 }

@@ -59,6 +59,14 @@ impl Destinations {
         }
     }
 
+    /// Closes the pooled upstream connections idle past their timeout, of the config's endpoints
+    /// and the passthrough ones (`Endpoint::reap_idle`). Returns how many.
+    pub fn reap_idle(&self, now: tokio::time::Instant) -> usize {
+        let configured = self.store.current().map_or(0, |s| s.endpoints().map(|e| e.reap_idle(now)).sum());
+        let passthrough = self.passthrough.read().unwrap_or_else(|e| e.into_inner());
+        configured + passthrough.values().map(|e| e.reap_idle(now)).sum::<usize>()
+    }
+
     /// The endpoint for an address: the config's, else a pooled passthrough one.
     pub fn passthrough(&self, snapshot: &Snapshot, addr: SocketAddr) -> Arc<Endpoint> {
         if let Some(e) = snapshot.endpoint(&addr) {

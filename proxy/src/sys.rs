@@ -1,6 +1,7 @@
-//! Operating-system specifics. `SO_ORIGINAL_DST` (the address a connection was sent to before
-//! iptables REDIRECTed it to the proxy) is read through socket2's safe wrapper of
-//! `getsockopt`, so this module, the one place the workspace would allow `unsafe`, needs none.
+//! Operating-system specifics, the one place the workspace allows `unsafe`. `SO_ORIGINAL_DST`
+//! (the address a connection was sent to before iptables REDIRECTed it to the proxy) is read
+//! through socket2's safe wrapper of `getsockopt`; [`release_free_memory`] is the one `unsafe`
+//! call.
 
 use std::{io, net::SocketAddr};
 
@@ -23,6 +24,23 @@ pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
 #[cfg(not(target_os = "linux"))]
 pub fn original_dst(_stream: &TcpStream) -> io::Result<SocketAddr> {
     Err(io::Error::new(io::ErrorKind::Unsupported, "SO_ORIGINAL_DST needs Linux"))
+}
+
+/// Hands the allocator's free pages back to the kernel (glibc's `malloc_trim`). glibc returns
+/// only the top of a heap on its own, so after a burst of connections the pages they freed in the
+/// middle stay resident; this releases every whole free page. Returns whether any was released.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+pub fn release_free_memory() -> bool {
+    // SAFETY: `malloc_trim` takes no pointers; it locks and walks glibc's own arenas, and 0 (keep
+    // no extra padding) is a valid argument.
+    unsafe { libc::malloc_trim(0) == 1 }
+}
+
+/// Other allocators (musl's) return free memory by themselves.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn release_free_memory() -> bool {
+    false
 }
 
 #[cfg(all(test, target_os = "linux"))]

@@ -144,7 +144,8 @@ pub struct Endpoint {
     pub health: Health,
     h1: Mutex<H1Pool>,
     /// The multiplexed connection, with the number of requests it has carried.
-    h2: Mutex<Option<(http2::SendRequest<Body>, u32)>>,
+    /// With the requests it carried and when it expires unused (`reap_idle`).
+    h2: Mutex<Option<(http2::SendRequest<Body>, u32, Instant)>>,
     /// Held while an HTTP/2 connection is being established, so concurrent requests share it.
     h2_connecting: tokio::sync::Mutex<()>,
 }
@@ -161,7 +162,8 @@ struct H1Pool {
 #[derive(Debug)]
 struct H1Conn {
     sender: http1::SendRequest<Body>,
-    used: Instant,
+    /// Last returned plus the idle timeout: not handed out after, and closed by `reap_idle`.
+    expires: Instant,
     /// Requests carried so far.
     requests: u32,
 }
@@ -213,7 +215,7 @@ impl Endpoint {
         let sent = |source| SendError { error: Error::Request { addr: self.addr, source }, unsent: None };
         // A pooled connection can be closed by the server at any moment; hyper hands the request
         // back when it was not sent, and then a fresh connection takes it.
-        if let Some((mut sender, requests)) = self.checkout_h1(opts.idle_timeout) {
+        if let Some((mut sender, requests)) = self.checkout_h1() {
             match sender.try_send_request(req).await {
                 Ok(res) => {
                     self.checkin_h1(sender, requests + 1, opts);
@@ -234,10 +236,10 @@ impl Endpoint {
         Ok(res)
     }
 
-    fn checkout_h1(&self, idle_timeout: Duration) -> Option<(http1::SendRequest<Body>, u32)> {
+    fn checkout_h1(&self) -> Option<(http1::SendRequest<Body>, u32)> {
         let now = Instant::now();
         let mut pool = self.h1.lock().unwrap_or_else(|e| e.into_inner());
-        let fresh = |c: &H1Conn| now.saturating_duration_since(c.used) < idle_timeout;
+        let fresh = |c: &H1Conn| now < c.expires;
         // Walking every connection on every request cost thousands of instructions per request
         // once the pool held a few hundred (profile in BENCHMARKS.md): prune at most once per
         // PRUNE_EVERY, and otherwise take the newest ready connection, which the scan from the
@@ -251,6 +253,30 @@ impl Endpoint {
         Some((conn.sender, conn.requests))
     }
 
+    /// Drops the pooled connections that are closed or were not used within their idle timeout,
+    /// which closes them (an HTTP/2 connection once its streams end). Without this a burst's
+    /// connections would stay open, and their buffers held, until the next request to this
+    /// endpoint. Returns how many were dropped.
+    pub fn reap_idle(&self, now: Instant) -> usize {
+        let mut dropped = 0;
+        {
+            let mut pool = self.h1.lock().unwrap_or_else(|e| e.into_inner());
+            let before = pool.conns.len();
+            pool.conns.retain(|c| !c.sender.is_closed() && now < c.expires);
+            dropped += before - pool.conns.len();
+            if pool.conns.is_empty() {
+                // The burst's capacity goes too.
+                pool.conns = Vec::new();
+            }
+        }
+        let mut h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+        if h2.as_ref().is_some_and(|(s, _, expires)| s.is_closed() || *expires <= now) {
+            *h2 = None;
+            dropped += 1;
+        }
+        dropped
+    }
+
     /// Returns a connection with a request in flight; it is handed out again once the response
     /// body is done and hyper reports it ready. One that carried its last request is dropped
     /// instead, which closes it once that response is done.
@@ -261,7 +287,7 @@ impl Endpoint {
         }
         let mut pool = self.h1.lock().unwrap_or_else(|e| e.into_inner());
         if pool.conns.len() < MAX_H1_CONNS {
-            pool.conns.push(H1Conn { sender, used: Instant::now(), requests });
+            pool.conns.push(H1Conn { sender, expires: Instant::now() + opts.idle_timeout, requests });
         }
     }
 
@@ -287,8 +313,9 @@ impl Endpoint {
         let cached = || {
             let mut h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
             match h2.as_mut() {
-                Some((s, n)) if !s.is_closed() && (max == 0 || *n < max) => {
+                Some((s, n, expires)) if !s.is_closed() && (max == 0 || *n < max) => {
                     *n += 1;
+                    *expires = Instant::now() + opts.idle_timeout;
                     Some(s.clone())
                 }
                 _ => None,
@@ -303,7 +330,9 @@ impl Endpoint {
                     Some(s) => s,
                     None => match self.connect_h2(opts).await {
                         Ok(s) => {
-                            *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some((s.clone(), 1));
+                            let expires = Instant::now() + opts.idle_timeout;
+                            *self.h2.lock().unwrap_or_else(|e| e.into_inner()) =
+                                Some((s.clone(), 1, expires));
                             s
                         }
                         Err(error) => return Err(SendError { error, unsent: Some(req) }),

@@ -1,6 +1,7 @@
 //! The `weft-proxy` binary as an operator runs it: every flag documented in `--help`, startup
-//! from a config file, SIGHUP reload, SIGTERM drain and exit, and idle memory (reported, and
-//! held under a budget). Spawns the real process because signals and RSS are per process.
+//! from a config file, SIGHUP reload, SIGTERM drain and exit, idle memory (reported, and held
+//! under a budget) and memory after a burst. Spawns the real process because signals and RSS
+//! are per process.
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -114,8 +115,13 @@ struct Proxy {
 
 impl Proxy {
     fn start(config: &Path) -> Proxy {
+        Proxy::start_with(config, &[])
+    }
+
+    fn start_with(config: &Path, flags: &[&str]) -> Proxy {
         let mut child = Command::new(BIN)
             .args(["--config", config.to_str().unwrap()])
+            .args(flags)
             .args(["--no-redirect", "--admin-addr", "127.0.0.1:0", "--listen", "127.0.0.1:0"])
             .args(["--config-poll", "1h", "--log-format", "json", "--drain-timeout", "5s"])
             .stdout(Stdio::null())
@@ -218,5 +224,87 @@ fn starts_reloads_on_sighup_drains_on_sigterm_and_idles_small() {
     });
     let status = rx.recv_timeout(DEADLINE).expect("exits after SIGTERM").unwrap();
     assert!(status.success(), "{status:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An origin answering every request with 1 KiB on kept-alive connections.
+async fn kilobyte_origin() -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut answer = b"HTTP/1.1 200 OK\r\ncontent-length: 1024\r\n\r\n".to_vec();
+                answer.resize(answer.len() + 1024, b'x');
+                let mut buf = vec![0u8; 4096];
+                while let Ok(n @ 1..) = s.read(&mut buf).await {
+                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") && s.write_all(&answer).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// After a burst of connections closes, RSS falls back toward idle instead of staying at the
+/// peak: idle pooled upstream connections are closed without waiting for another request, and
+/// the memory they and the downstream connections held goes back to the kernel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_returns_toward_idle_after_a_burst_of_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const BURST: usize = 1000;
+    let origin = kilobyte_origin().await;
+    let dir = std::env::temp_dir().join(format!("weft-proxy-burst-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!("services: [{{name: origin, ports: [{{number: 80, protocol: HTTP1, endpoints: [{{address: \"{origin}\"}}]}}]}}]\n"),
+    )
+    .unwrap();
+    let proxy = Proxy::start_with(&config, &["--upstream-idle-timeout", "1s"]);
+    let started = proxy.wait_log("weft-proxy started");
+    let listen: SocketAddr =
+        started["explicit"].as_str().unwrap().trim_matches(&['[', ']'][..]).parse().unwrap();
+    let request = b"GET / HTTP/1.1\r\nhost: origin\r\n\r\n";
+    let mut warm = tokio::net::TcpStream::connect(listen).await.unwrap();
+    warm.write_all(request).await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let _ = warm.read(&mut answer).await.unwrap();
+    drop(warm);
+    let idle = proxy.rss_kib();
+
+    // All the requests are sent before any answer is read, so the proxy holds them at once and
+    // its upstream pool grows with them.
+    let mut conns = Vec::with_capacity(BURST);
+    for _ in 0..BURST {
+        let mut s = tokio::net::TcpStream::connect(listen).await.unwrap();
+        s.write_all(request).await.unwrap();
+        conns.push(s);
+    }
+    for s in &mut conns {
+        let mut got = 0;
+        while got < 1024 {
+            let n = tokio::time::timeout(DEADLINE, s.read(&mut answer)).await.expect("an answer").unwrap();
+            assert!(n > 0, "the proxy closed a connection of the burst");
+            got += n;
+        }
+    }
+    let peak = proxy.rss_kib();
+    assert!(peak > idle + 8 * 1024, "the burst should cost memory: idle {idle} KiB, peak {peak} KiB");
+    drop(conns);
+
+    let target = idle + (peak - idle) / 4;
+    let until = Instant::now() + DEADLINE;
+    let mut rss = proxy.rss_kib();
+    while rss > target && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        rss = proxy.rss_kib();
+    }
+    println!("weft-proxy RSS: idle {idle} KiB, burst of {BURST} {peak} KiB, after {rss} KiB");
+    assert!(rss <= target, "RSS stayed at {rss} KiB after the burst (idle {idle} KiB, peak {peak} KiB)");
     let _ = std::fs::remove_dir_all(&dir);
 }

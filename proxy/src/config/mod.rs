@@ -285,6 +285,10 @@ impl Snapshot {
         self.endpoints.get(addr)
     }
 
+    pub(crate) fn endpoints(&self) -> impl Iterator<Item = &Arc<Endpoint>> {
+        self.endpoints.values()
+    }
+
     pub(crate) fn cluster_state(&self, name: &str) -> Option<&Arc<ClusterState>> {
         self.cluster_states.get(name)
     }

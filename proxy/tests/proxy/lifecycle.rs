@@ -124,3 +124,46 @@ async fn trace_context_passes_through_and_request_ids_are_generated() {
         c.send(req("svc", "/").header("x-request-id", "mine").body(Full::default()).unwrap()).await.json();
     assert_eq!(kept["headers"]["x-request-id"], "mine");
 }
+
+/// An origin that answers every request `200 ok` on kept-alive connections and reports each
+/// connection the proxy closes.
+async fn counting_origin() -> (std::net::SocketAddr, tokio::sync::watch::Receiver<usize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (closed_tx, closed) = tokio::sync::watch::channel(0);
+    let closed_tx = std::sync::Arc::new(closed_tx);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let closed_tx = closed_tx.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                while let Ok(n @ 1..) = s.read(&mut buf).await {
+                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                        let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+                    }
+                }
+                closed_tx.send_modify(|c| *c += 1);
+            });
+        }
+    });
+    (addr, closed)
+}
+
+#[tokio::test]
+async fn a_pooled_upstream_connection_idle_past_its_timeout_closes_without_another_request() {
+    let (origin, mut closed) = counting_origin().await;
+    let idle = Duration::from_millis(300);
+    let proxy = TestProxy::start_with(
+        &format!(
+            "services: [{{name: svc, ports: [{{number: 80, endpoints: [{{address: \"{origin}\"}}]}}]}}]"
+        ),
+        |s| s.timeouts.upstream_idle = idle,
+    )
+    .await;
+    let mut client = H1::connect(proxy.addr()).await;
+    assert_eq!(client.get("svc", "/").await.status, StatusCode::OK);
+    let answered = tokio::time::Instant::now();
+    // The pool holds the connection; nothing more is sent to this endpoint, yet it closes.
+    within("the idle upstream connection closes", closed.wait_for(|c| *c == 1)).await.unwrap();
+    assert!(answered.elapsed() >= idle, "closed before its idle timeout: {:?}", answered.elapsed());
+}
