@@ -101,6 +101,11 @@ impl TestCluster {
         self.paths.kubeconfig()
     }
 
+    /// The node's containerd socket, for `ctr` (namespace `images::NAMESPACE`).
+    pub fn containerd_socket(&self) -> PathBuf {
+        self.paths.node().containerd_socket()
+    }
+
     /// The ServiceAccount token signing key (see `Paths::service_account_key`).
     pub fn service_account_key(&self) -> PathBuf {
         self.paths.service_account_key()

@@ -117,6 +117,10 @@ async fn weft_installs_and_meshes_apps_on_the_real_node() -> Result<()> {
     let ratings_url = format!("http://ratings.{}.svc.cluster.local/", meshed.name());
     run_job(&client, meshed.name(), &images, &ratings_url).await?;
 
+    step("a proxy killed in place fails closed (no plain text reaches its app) and is ready again in under a second");
+    proxy_restarted_in_place(&client, &cluster.containerd_socket(), meshed.name(), &reviews, frontend, client_pod)
+        .await?;
+
     step("deleting the operator pod under load loses no request: proxies keep their config");
     operator_deleted_under_load(&client, frontend, &reviews_url).await?;
 
@@ -495,6 +499,86 @@ async fn strict_then_permissive(
     let report = call(unmeshed, url, 10, 1).await?;
     ensure!(report.ok() == 10 && report.errors == 0, "under PERMISSIVE the unmeshed client: {report:?}");
     eprintln!("[mesh]   STRICT: 10 plain-text requests refused, 20 mTLS served; PERMISSIVE: 10 plain served");
+    Ok(())
+}
+
+/// Under STRICT, SIGKILLs one reviews pod's proxy container (the pod and its iptables capture
+/// stay) and, until the kubelet's restart is ready, sends plain text from the unmeshed client
+/// straight to that pod's app port: each connection must find no one (the capture still sends it
+/// to the dead proxy's port) or the new proxy refusing it, never the app. The new proxy must go
+/// from its admin port's first answer (the process is up) to ready (config and a certificate
+/// from the CA) in under a second.
+async fn proxy_restarted_in_place(
+    client: &Client,
+    containerd: &std::path::Path,
+    namespace: &str,
+    reviews: &[&Pod],
+    frontend: &Pod,
+    unmeshed: &Pod,
+) -> Result<()> {
+    const READY_WITHIN: Duration = Duration::from_secs(1);
+    peer_authentication(client, namespace, reviews, "STRICT").await?;
+    let victim = reviews[0];
+    let name = victim.metadata.name.clone().context("a pod name")?;
+    let ip = mesh::pod_ip(victim)?;
+    let proxy_status = |pod: &Pod| {
+        let statuses = pod.status.as_ref().into_iter().flat_map(|s| {
+            s.init_container_statuses.iter().flatten().chain(s.container_statuses.iter().flatten())
+        });
+        statuses.into_iter().find(|c| c.name == weft_inject::PROXY_CONTAINER).cloned()
+    };
+    let before = proxy_status(victim).context("the reviews pod has no proxy container status")?;
+    let container = before.container_id.clone().context("no container id")?;
+    let container = container.split_once("://").map_or(container.as_str(), |(_, id)| id).to_owned();
+    let killed = std::process::Command::new("ctr")
+        .arg("--address")
+        .arg(containerd)
+        .args(["--namespace", weft_e2e::images::NAMESPACE, "tasks", "kill", "--signal", "SIGKILL", &container])
+        .output()?;
+    ensure!(killed.status.success(), "ctr tasks kill: {}", String::from_utf8_lossy(&killed.stderr));
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let direct = format!("http://{ip}:{APP_PORT}/");
+    let deadline = Instant::now() + START;
+    // `ctr` returns once the signal is sent: the old proxy is gone when its admin port stops
+    // answering.
+    while get(victim, ADMIN_PORT, "/ready").await.is_ok() {
+        ensure!(Instant::now() < deadline, "the proxy still answers after SIGKILL");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (mut attempts, mut first_answer, mut ready_at) = (0u32, None, None);
+    while ready_at.is_none() {
+        ensure!(Instant::now() < deadline, "the killed proxy was not ready again within {START:?}");
+        // Plain text straight to the app's port, as an attacker on the pod network would try.
+        let plain = call(unmeshed, &direct, 1, 1).await?;
+        attempts += 1;
+        ensure!(plain.ok() == 0, "plain text reached the app while its proxy restarted: {plain:?}");
+        if let Ok((status, _)) = get(victim, ADMIN_PORT, "/ready").await {
+            let now = Instant::now();
+            let first = *first_answer.get_or_insert(now);
+            if status == 200 {
+                ready_at = Some(now - first);
+            }
+        }
+    }
+    let took = ready_at.expect("the loop ends once ready");
+    // The kubelet restarted it in place (its status reaches the apiserver a little later).
+    loop {
+        let now = proxy_status(&pods.get(&name).await?).context("no proxy status after the restart")?;
+        if now.restart_count > before.restart_count && now.ready {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "the proxy container did not restart in place: {now:?}");
+        tokio::time::sleep(POLL).await;
+    }
+    ensure!(took < READY_WITHIN, "the restarted proxy took {took:?} from its first answer to ready");
+    // And it serves again: the meshed frontend reaches that pod, over mTLS, through the new proxy.
+    let report = call(frontend, &direct, 5, 1).await?;
+    ensure!(report.ok() == 5, "the frontend through the restarted proxy: {report:?}");
+    peer_authentication(client, namespace, reviews, "PERMISSIVE").await?;
+    eprintln!(
+        "[mesh]   {attempts} plain-text tries during the restart, none reached the app; ready {took:?} after its first answer"
+    );
     Ok(())
 }
 
