@@ -117,9 +117,18 @@ async fn weft_installs_and_meshes_apps_on_the_real_node() -> Result<()> {
     let ratings_url = format!("http://ratings.{}.svc.cluster.local/", meshed.name());
     run_job(&client, meshed.name(), &images, &ratings_url).await?;
 
-    step("a proxy killed in place fails closed (no plain text reaches its app) and is ready again in under a second");
-    proxy_restarted_in_place(&client, &cluster.containerd_socket(), meshed.name(), &reviews, frontend, client_pod)
-        .await?;
+    step(
+        "a proxy killed in place fails closed (no plain text reaches its app) and is ready again in under a second",
+    );
+    proxy_restarted_in_place(
+        &client,
+        &cluster.containerd_socket(),
+        meshed.name(),
+        &reviews,
+        frontend,
+        client_pod,
+    )
+    .await?;
 
     step("deleting the operator pod under load loses no request: proxies keep their config");
     operator_deleted_under_load(&client, frontend, &reviews_url).await?;
@@ -533,7 +542,15 @@ async fn proxy_restarted_in_place(
     let killed = std::process::Command::new("ctr")
         .arg("--address")
         .arg(containerd)
-        .args(["--namespace", weft_e2e::images::NAMESPACE, "tasks", "kill", "--signal", "SIGKILL", &container])
+        .args([
+            "--namespace",
+            weft_e2e::images::NAMESPACE,
+            "tasks",
+            "kill",
+            "--signal",
+            "SIGKILL",
+            &container,
+        ])
         .output()?;
     ensure!(killed.status.success(), "ctr tasks kill: {}", String::from_utf8_lossy(&killed.stderr));
 

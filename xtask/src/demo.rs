@@ -53,7 +53,9 @@ pub(crate) fn run() -> Result<()> {
     );
     println!("  cargo run -p weftctl -- check");
     println!("  cargo run -p weftctl -- stat deploy/frontend-v1 -n {NAMESPACE}");
-    println!("  cargo run -p weftctl -- explain -n {NAMESPACE} <frontend pod> http://reviews:9080/ -H 'end-user: jason'");
+    println!(
+        "  cargo run -p weftctl -- explain -n {NAMESPACE} <frontend pod> http://reviews:9080/ -H 'end-user: jason'"
+    );
     println!("`cargo xtask cluster down` stops it all.");
     if !failed.is_empty() {
         bail!("{} of {} steps measured something their YAML did not ask for", failed.len(), outcomes.len());
