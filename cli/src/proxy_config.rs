@@ -4,9 +4,8 @@
 use std::time::SystemTime;
 
 use kube::Client;
-use serde::{Deserialize, Serialize};
 use weft_proto::v1::ProxyConfig;
-use weft_proxy::{config::Snapshot, explain};
+use weft_proxy::{admin::ConfigReport, config::Snapshot, explain};
 
 use crate::{
     cluster::{self, admin_json},
@@ -19,39 +18,33 @@ pub enum Error {
     Cluster(#[from] cluster::Error),
     #[error("the proxy of {pod} has no config loaded yet{}", .last_error.as_deref().map(|e| format!(" (last error: {e})")).unwrap_or_default())]
     NoConfig { pod: String, last_error: Option<String> },
+    #[error("the config of {pod} is not one weftctl reads (is weftctl older than the proxy?): {source}")]
+    Decode { pod: String, source: serde_json::Error },
     #[error("the config of {pod} does not compile here (is weftctl older than the proxy?): {source}")]
     Compile { pod: String, source: weft_proxy::config::Error },
-}
-
-/// `/config` as the proxy serves it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Served {
-    pub version: Option<String>,
-    pub loaded_at_unix_seconds: Option<i64>,
-    pub load_attempts: u64,
-    pub last_error: Option<String>,
-    pub config: Option<ProxyConfig>,
 }
 
 /// A pod's config: what it serves, and that compiled.
 #[derive(Debug)]
 pub struct Running {
-    pub served: Served,
+    pub served: ConfigReport,
+    pub config: ProxyConfig,
     pub snapshot: Snapshot,
 }
 
 /// Fetches and compiles the config of `namespace/pod`'s proxy.
 pub async fn fetch(client: &Client, namespace: &str, pod: &str) -> Result<Running, Error> {
     cluster::meshed_pod(client, namespace, pod).await?;
-    let served: Served = admin_json(client, namespace, pod, "/config").await?;
+    let served: ConfigReport = admin_json(client, namespace, pod, "/config").await?;
     let name = format!("{namespace}/{pod}");
-    let Some(config) = served.config.clone() else {
+    let Some(json) = served.config.clone() else {
         return Err(Error::NoConfig { pod: name, last_error: served.last_error });
     };
-    let snapshot =
-        weft_proxy::config::compile(config, None).map_err(|source| Error::Compile { pod: name, source })?;
-    Ok(Running { served, snapshot })
+    let config: ProxyConfig =
+        serde_json::from_value(json).map_err(|source| Error::Decode { pod: name.clone(), source })?;
+    let snapshot = weft_proxy::config::compile(config.clone(), None)
+        .map_err(|source| Error::Compile { pod: name, source })?;
+    Ok(Running { served, config, snapshot })
 }
 
 /// The tables: the config's version, then services, routes, endpoints and the inbound policy.
@@ -109,7 +102,7 @@ pub fn render_table(running: &Running, now: SystemTime) -> String {
     out += &table(["CLUSTER", "ADDRESS", "WORKLOAD", "IDENTITY"], &endpoints);
 
     out += "\nINBOUND\n";
-    match served.config.as_ref().and_then(|c| c.inbound.as_ref()) {
+    match running.config.inbound.as_ref() {
         None => out += "no PeerAuthentication or AuthorizationPolicy selects this workload\n",
         Some(inbound) => {
             out += &format!("mTLS mode: {}\n", inbound.mtls_mode().as_str_name().trim_start_matches("MTLS_"));

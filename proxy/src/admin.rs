@@ -2,7 +2,7 @@
 //! `POST /shutdown` from loopback only (an SSRF-reachable shutdown is a denial of service, so it
 //! refuses every other peer), and the app's own probes at `/app-health/...` (`probes`).
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::UNIX_EPOCH};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use http::{Method, Request, Response, StatusCode, header::CONTENT_TYPE};
 use hyper::{server::conn::http1, service::service_fn};
@@ -86,6 +86,20 @@ async fn app_probe(probe: crate::probes::Run) -> Response<Body> {
         tracing::debug!(?outcome, %status, "app probe failed");
     }
     text(status, body)
+}
+
+/// `/config`: the running config as loaded, and how loading went (`weftctl proxy-config`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigReport {
+    /// The running config's version; `None` before the first one loads.
+    pub version: Option<String>,
+    pub loaded_at_unix_seconds: Option<i64>,
+    pub load_attempts: u64,
+    /// Why the last update was rejected (the running config stays).
+    pub last_error: Option<String>,
+    /// A `weft.proxy.v1.ProxyConfig` in its JSON form.
+    pub config: Option<serde_json::Value>,
 }
 
 /// `/identity`: this proxy's certificate and trust bundle as `weftctl identity` shows them.
@@ -187,20 +201,20 @@ fn handle<B>(
         (&Method::GET, "/config") => {
             let status = destinations.store.status();
             let snapshot = destinations.store.current();
-            // Not inside `json!`, which unwraps: pbjson refuses enum values this proxy does not
-            // know (a newer control plane's), which the config compiler accepts.
+            // pbjson refuses enum values this proxy does not know (a newer control plane's),
+            // which the config compiler accepts: shown as an error rather than a panic.
             let config = snapshot.as_ref().map(|s| {
                 serde_json::to_value(&s.source)
                     .unwrap_or_else(|e| serde_json::json!({"error": format!("cannot show the config: {e}")}))
             });
-            let body = serde_json::json!({
-                "version": snapshot.as_ref().map(|s| s.version.clone()),
-                "loadedAtUnixSeconds": status.loaded_at.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs()),
-                "loadAttempts": status.attempts,
-                "lastError": status.last_error,
-                "config": config,
-            });
-            json(StatusCode::OK, &body)
+            let report = ConfigReport {
+                version: snapshot.as_ref().map(|s| s.version.clone()),
+                loaded_at_unix_seconds: status.loaded_at.map(unix_seconds),
+                load_attempts: status.attempts,
+                last_error: status.last_error,
+                config,
+            };
+            json(StatusCode::OK, &report)
         }
         (&Method::GET, "/identity") => {
             let report = identity_report(&destinations.identity);
