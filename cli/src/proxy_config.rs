@@ -28,7 +28,7 @@ pub enum Error {
 #[derive(Debug)]
 pub struct Running {
     pub served: ConfigReport,
-    pub config: ProxyConfig,
+    /// Compiled; its `source` is the config as served.
     pub snapshot: Snapshot,
 }
 
@@ -42,9 +42,9 @@ pub async fn fetch(client: &Client, namespace: &str, pod: &str) -> Result<Runnin
     };
     let config: ProxyConfig =
         serde_json::from_value(json).map_err(|source| Error::Decode { pod: name.clone(), source })?;
-    let snapshot = weft_proxy::config::compile(config.clone(), None)
-        .map_err(|source| Error::Compile { pod: name, source })?;
-    Ok(Running { served, config, snapshot })
+    let snapshot =
+        weft_proxy::config::compile(config, None).map_err(|source| Error::Compile { pod: name, source })?;
+    Ok(Running { served, snapshot })
 }
 
 /// The tables: the config's version, then services, routes, endpoints and the inbound policy.
@@ -102,7 +102,7 @@ pub fn render_table(running: &Running, now: SystemTime) -> String {
     out += &table(["CLUSTER", "ADDRESS", "WORKLOAD", "IDENTITY"], &endpoints);
 
     out += "\nINBOUND\n";
-    match running.config.inbound.as_ref() {
+    match running.snapshot.source.inbound.as_ref() {
         None => out += "no PeerAuthentication or AuthorizationPolicy selects this workload\n",
         Some(inbound) => {
             out += &format!("mTLS mode: {}\n", inbound.mtls_mode().as_str_name().trim_start_matches("MTLS_"));

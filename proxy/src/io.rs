@@ -237,20 +237,12 @@ impl H2Guard {
 
 /// Writes the rest of the GOAWAY on `inner`; ready once it is written and flushed.
 fn goaway<T: AsyncWrite>(
-    mut inner: Pin<&mut T>,
+    inner: Pin<&mut T>,
     cx: &mut Context<'_>,
     (frame, written): &mut ([u8; 17], usize),
     activity: &Activity,
 ) -> Poll<io::Result<()>> {
-    while let Some(rest) = frame.get(*written..).filter(|r| !r.is_empty()) {
-        let n = std::task::ready!(inner.as_mut().poll_write(cx, rest))?;
-        if n == 0 {
-            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-        }
-        *written += n;
-        activity.written.fetch_add(n as u64, Ordering::Relaxed);
-    }
-    inner.poll_flush(cx)
+    write_answer(inner, cx, frame, written, activity)
 }
 
 /// What hyper gets for its writes once the GOAWAY is out: the connection is over.
@@ -296,12 +288,24 @@ impl<T> ActivityIo<T> {
 
 /// Writes the 414 answer on `inner`; ready once it is written and flushed.
 fn refuse<T: AsyncWrite>(
-    mut inner: Pin<&mut T>,
+    inner: Pin<&mut T>,
     cx: &mut Context<'_>,
     written: &mut usize,
     activity: &Activity,
 ) -> Poll<io::Result<()>> {
-    while let Some(rest) = URI_TOO_LONG_ANSWER.get(*written..).filter(|r| !r.is_empty()) {
+    write_answer(inner, cx, URI_TOO_LONG_ANSWER, written, activity)
+}
+
+/// Writes what is left of `answer` after `written` bytes, then flushes: the proxy's own bytes
+/// (a 414, a GOAWAY) written below hyper, counted as written.
+fn write_answer<T: AsyncWrite>(
+    mut inner: Pin<&mut T>,
+    cx: &mut Context<'_>,
+    answer: &[u8],
+    written: &mut usize,
+    activity: &Activity,
+) -> Poll<io::Result<()>> {
+    while let Some(rest) = answer.get(*written..).filter(|r| !r.is_empty()) {
         let n = std::task::ready!(inner.as_mut().poll_write(cx, rest))?;
         if n == 0 {
             return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));

@@ -151,12 +151,11 @@ pub struct Endpoint {
 }
 
 /// The HTTP/1.1 connections of one endpoint, busy and idle, roughly in the order they were
-/// returned (a checkout's `swap_remove` moves the last one into the gap).
+/// returned (a checkout's `swap_remove` moves the last one into the gap). Closed and expired
+/// ones are dropped by `reap_idle`, once a second.
 #[derive(Debug, Default)]
 struct H1Pool {
     conns: Vec<H1Conn>,
-    /// When closed and expired connections were last dropped.
-    pruned: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -167,10 +166,6 @@ struct H1Conn {
     /// Requests carried so far.
     requests: u32,
 }
-
-/// How often a checkout walks the whole pool to drop closed and expired connections; in
-/// between, a checkout looks only as far as the newest ready connection.
-const PRUNE_EVERY: Duration = Duration::from_secs(1);
 
 impl Endpoint {
     /// An endpoint nothing is known about (passthrough destinations, the local app).
@@ -239,16 +234,11 @@ impl Endpoint {
     fn checkout_h1(&self) -> Option<(http1::SendRequest<Body>, u32)> {
         let now = Instant::now();
         let mut pool = self.h1.lock().unwrap_or_else(|e| e.into_inner());
-        let fresh = |c: &H1Conn| now < c.expires;
         // Walking every connection on every request cost thousands of instructions per request
-        // once the pool held a few hundred (profile in BENCHMARKS.md): prune at most once per
-        // PRUNE_EVERY, and otherwise take the newest ready connection, which the scan from the
-        // end usually finds at once and which lets older ones age out.
-        if pool.pruned.is_none_or(|t| now.saturating_duration_since(t) >= PRUNE_EVERY) {
-            pool.conns.retain(|c| !c.sender.is_closed() && fresh(c));
-            pool.pruned = Some(now);
-        }
-        let i = pool.conns.iter().rposition(|c| c.sender.is_ready() && fresh(c))?;
+        // once the pool held a few hundred (profile in BENCHMARKS.md): the newest ready
+        // connection, which the scan from the end usually finds at once, lets older ones age
+        // out, and `reap_idle` drops them off the request path.
+        let i = pool.conns.iter().rposition(|c| c.sender.is_ready() && now < c.expires)?;
         let conn = pool.conns.swap_remove(i);
         Some((conn.sender, conn.requests))
     }
