@@ -384,6 +384,9 @@ async fn reap_idle_upstreams(shared: Arc<Shared>, done: CancellationToken) {
     let mut tick = tokio::time::interval(REAP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut peak = 0;
+    // The release runs a tick after a burst is seen to end: closed connections' tasks free their
+    // buffers only once they finish, after the tick that closed them.
+    let mut release_due = false;
     loop {
         tokio::select! {
             _ = done.cancelled() => return,
@@ -392,9 +395,13 @@ async fn reap_idle_upstreams(shared: Arc<Shared>, done: CancellationToken) {
                 // Connection tasks: one per downstream connection.
                 let open = shared.tracker.len();
                 peak = peak.max(open);
-                if burst_ended(closed, peak, open) {
+                if std::mem::replace(&mut release_due, false) {
                     let released = crate::sys::release_free_memory();
-                    tracing::debug!(closed, peak, open, released, "a burst ended; released free memory");
+                    tracing::debug!(released, "a burst ended; released free memory");
+                }
+                if burst_ended(closed, peak, open) {
+                    tracing::debug!(closed, peak, open, "a burst ended");
+                    release_due = true;
                     peak = open;
                 }
             }
