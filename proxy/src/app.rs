@@ -392,8 +392,9 @@ async fn reap_idle_upstreams(shared: Arc<Shared>, done: CancellationToken) {
             _ = done.cancelled() => return,
             now = tick.tick() => {
                 let closed = shared.destinations().reap_idle(now);
-                // Connection tasks: one per downstream connection.
-                let open = shared.tracker.len();
+                // Connection tasks (one per downstream connection) that hold buffers: parked
+                // HTTP/1 connections hold none.
+                let open = shared.tracker.len().saturating_sub(shared.serving.parked_connections());
                 peak = peak.max(open);
                 if std::mem::replace(&mut release_due, false) {
                     let released = crate::sys::release_free_memory();
@@ -610,54 +611,68 @@ async fn dispatch<I>(
             let info = ConnInfo { conn, downstream, tunnel, sni };
             server::serve(PrefixedIo::new(prefix, stream), info, shared.serving.clone()).await
         }
-        None => {
-            if conn.direction == Direction::Inbound && !authorize_tcp(shared, &conn, tunnel.as_ref()) {
-                let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
-                return;
-            }
-            let tunnel = tunnel.map(|t| t.peer);
-            let mut destination = tcp_destination(shared, &conn);
-            // An unknown outbound destination: ask the control plane before passing it through.
-            if let (Direction::Outbound, Some(d), Some(found)) = (conn.direction, conn.dst, &destination)
-                && Arc::ptr_eq(&found.service, &*PASSTHROUGH)
-                && shared.destinations().resolve_lazily(d).await
-            {
-                destination = tcp_destination(shared, &conn);
-            }
-            let Some(mut destination) = destination else {
-                tracing::debug!(%peer, "no TCP destination; closing");
-                return;
-            };
-            let t = &shared.settings.timeouts;
-            let upstream = match destination.connect().await {
-                Ok(u) => u,
-                Err(error) => {
-                    tracing::debug!(%peer, %error, "TCP upstream connect failed");
-                    let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
-                    return;
-                }
-            };
-            let TcpDestination { endpoint, service, opts, .. } = destination;
-            let upstream_tls = endpoint.is_tunneled(opts.mesh.as_deref());
-            let direction = conn.direction;
-            let labels = TcpLabels {
-                direction: direction.as_str(),
-                peers: PeerLabels::new(
-                    direction,
-                    &shared.serving.local_peer(),
-                    tunnel.as_ref(),
-                    Some(&endpoint.peer),
-                ),
-                destination_service: service,
-                tls: tunnel.is_some() || upstream_tls,
-            };
-            match tcp::splice(stream, prefix, upstream, t.tcp_idle, shared.metrics(), labels).await {
-                Ok(t) => {
-                    tracing::debug!(%peer, upstream = %endpoint.addr, received = t.received, sent = t.sent, "TCP connection closed")
-                }
-                Err(error) => tracing::debug!(%peer, %error, "TCP connection ended with an error"),
-            }
+        // Boxed: the connect and splice states would otherwise size every connection's task,
+        // HTTP ones included (parked HTTP/1 connections hold little else).
+        None => Box::pin(forward_tcp(stream, prefix, conn, tunnel, shared)).await,
+    }
+}
+
+/// Passes an opaque TCP connection to its destination, byte for byte.
+async fn forward_tcp<I>(
+    mut stream: I,
+    prefix: bytes::Bytes,
+    conn: Conn,
+    tunnel: Option<MeshClient>,
+    shared: &Arc<Shared>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let peer = conn.peer;
+    if conn.direction == Direction::Inbound && !authorize_tcp(shared, &conn, tunnel.as_ref()) {
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
+        return;
+    }
+    let tunnel = tunnel.map(|t| t.peer);
+    let mut destination = tcp_destination(shared, &conn);
+    // An unknown outbound destination: ask the control plane before passing it through.
+    if let (Direction::Outbound, Some(d), Some(found)) = (conn.direction, conn.dst, &destination)
+        && Arc::ptr_eq(&found.service, &*PASSTHROUGH)
+        && shared.destinations().resolve_lazily(d).await
+    {
+        destination = tcp_destination(shared, &conn);
+    }
+    let Some(mut destination) = destination else {
+        tracing::debug!(%peer, "no TCP destination; closing");
+        return;
+    };
+    let t = &shared.settings.timeouts;
+    let upstream = match destination.connect().await {
+        Ok(u) => u,
+        Err(error) => {
+            tracing::debug!(%peer, %error, "TCP upstream connect failed");
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
+            return;
         }
+    };
+    let TcpDestination { endpoint, service, opts, .. } = destination;
+    let upstream_tls = endpoint.is_tunneled(opts.mesh.as_deref());
+    let direction = conn.direction;
+    let labels = TcpLabels {
+        direction: direction.as_str(),
+        peers: PeerLabels::new(
+            direction,
+            &shared.serving.local_peer(),
+            tunnel.as_ref(),
+            Some(&endpoint.peer),
+        ),
+        destination_service: service,
+        tls: tunnel.is_some() || upstream_tls,
+    };
+    match tcp::splice(stream, prefix, upstream, t.tcp_idle, shared.metrics(), labels).await {
+        Ok(t) => {
+            tracing::debug!(%peer, upstream = %endpoint.addr, received = t.received, sent = t.sent, "TCP connection closed")
+        }
+        Err(error) => tracing::debug!(%peer, %error, "TCP connection ended with an error"),
     }
 }
 

@@ -179,7 +179,8 @@ const LINGER_BYTES: usize = 64 * 1024;
 async fn close_cleanly<I: AsyncRead + AsyncWrite + Unpin>(io: &mut I) {
     let _ = io.shutdown().await;
     let drain = async {
-        let mut buf = [0u8; 4096];
+        // On the heap: on the stack it would size every connection's task, refused or not.
+        let mut buf = vec![0u8; 4096];
         let mut total = 0;
         while total < LINGER_BYTES {
             match io.read(&mut buf).await {

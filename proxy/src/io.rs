@@ -40,6 +40,29 @@ impl<T> PrefixedIo<T> {
     pub fn new(prefix: Bytes, inner: T) -> Self {
         PrefixedIo { prefix, inner }
     }
+
+    /// Whether bytes are waiting to be replayed.
+    pub fn has_prefix(&self) -> bool {
+        self.prefix.has_remaining()
+    }
+
+    /// Replays `bytes` before what is left of the prefix.
+    pub fn unread(&mut self, bytes: Bytes) {
+        if bytes.is_empty() {
+            return; // an empty view may still hold the buffer it was cut from
+        }
+        self.prefix = if self.prefix.has_remaining() {
+            let mut joined = bytes::BytesMut::from(&bytes[..]);
+            joined.extend_from_slice(&self.prefix);
+            joined.freeze()
+        } else {
+            bytes
+        };
+    }
+
+    pub fn get_mut(&mut self) -> &mut T {
+        &mut self.inner
+    }
 }
 
 impl<T: AsyncRead> AsyncRead for PrefixedIo<T> {
@@ -49,6 +72,10 @@ impl<T: AsyncRead> AsyncRead for PrefixedIo<T> {
             let n = this.prefix.len().min(buf.remaining());
             buf.put_slice(&this.prefix[..n]);
             this.prefix.advance(n);
+            if !this.prefix.has_remaining() {
+                // An empty view still holds the buffer it was cut from (detection's, hyper's).
+                *this.prefix = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         this.inner.poll_read(cx, buf)
@@ -91,6 +118,13 @@ pub struct Activity {
     head_since: AtomicU64,
     /// The proxy ended this HTTP/2 connection for a flood of frames that carry no request.
     h2_flood: AtomicBool,
+    /// Requests finished on this connection.
+    served: AtomicU64,
+    /// While parking (`request_park`): the bytes moved so far, plus one; zero otherwise.
+    park_at: AtomicU64,
+    /// hyper let go of the connection while parking, with no byte moved since (`ActivityIo`
+    /// then skipped its shutdown).
+    parked: AtomicBool,
 }
 
 impl Activity {
@@ -103,6 +137,9 @@ impl Activity {
             requests: AtomicUsize::new(0),
             head_since: AtomicU64::new(0),
             h2_flood: AtomicBool::new(false),
+            served: AtomicU64::new(0),
+            park_at: AtomicU64::new(0),
+            parked: AtomicBool::new(false),
         })
     }
 
@@ -130,7 +167,59 @@ impl Activity {
     }
 
     pub fn request_finished(&self) {
+        self.served.fetch_add(1, Ordering::Relaxed);
         self.requests.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Requests finished on this connection.
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+
+    fn moved(&self) -> u64 {
+        self.read.load(Ordering::Relaxed) + self.written.load(Ordering::Relaxed)
+    }
+
+    /// The HTTP/1 server is about to be asked to let go of an idle connection: if it ends the
+    /// connection before another byte moves, its shutdown is skipped and the socket stays open
+    /// (`parked`). A byte moved since means it was not idle after all (it finished writing a
+    /// response, or the client asked to close): the connection then shuts down as usual.
+    pub fn request_park(&self) {
+        self.parked.store(false, Ordering::Relaxed);
+        self.park_at.store(self.moved() + 1, Ordering::Relaxed);
+    }
+
+    /// Whether the HTTP/1 server let go of the connection without closing it; clears the request.
+    pub fn take_parked(&self) -> bool {
+        self.park_at.store(0, Ordering::Relaxed);
+        self.parked.swap(false, Ordering::Relaxed)
+    }
+
+    /// Called instead of a shutdown: true when it is a park and the socket must stay open.
+    fn shutdown_is_park(&self) -> bool {
+        let at = self.park_at.load(Ordering::Relaxed);
+        let park = at != 0 && at == self.moved() + 1;
+        if park {
+            self.parked.store(true, Ordering::Relaxed);
+        }
+        park
+    }
+
+    /// Resolves once a request served after `served_before` finished, none is in flight, and
+    /// nothing has moved for `quiet`: the connection is idle between requests.
+    pub async fn quiet_after_request(&self, quiet: Duration, served_before: u64) {
+        loop {
+            let quiet_since = self.last() + quiet;
+            tokio::time::sleep_until(quiet_since.max(Instant::now())).await;
+            if self.last() + quiet > Instant::now() {
+                continue; // bytes moved meanwhile
+            }
+            if self.requests() == 0 && self.served() > served_before {
+                return;
+            }
+            // Quiet but a request is in flight (or none has come yet): look again later.
+            tokio::time::sleep(quiet).await;
+        }
     }
 
     pub fn requests(&self) -> usize {
@@ -387,7 +476,11 @@ impl<T: AsyncWrite> AsyncWrite for ActivityIo<T> {
         this.inner.poll_flush(cx)
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
+        let this = self.project();
+        if this.activity.shutdown_is_park() {
+            return Poll::Ready(Ok(()));
+        }
+        this.inner.poll_shutdown(cx)
     }
     fn poll_write_vectored(
         self: Pin<&mut Self>,
@@ -567,6 +660,79 @@ mod tests {
             }
         }
         assert!(!activity.h2_flooded());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn parking_waits_for_a_finished_request_and_quiet_time() {
+        let activity = Activity::new();
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut io = ActivityIo::new(a, activity.clone());
+        let quiet = Duration::from_secs(1);
+        // No request yet: never, however quiet.
+        let early =
+            tokio::time::timeout(Duration::from_secs(60), activity.quiet_after_request(quiet, 0)).await;
+        assert!(early.is_err(), "no request served, no parking");
+        // A request in flight: not while it lasts.
+        b.write_all(b"GET").await.unwrap();
+        let mut buf = [0u8; 3];
+        io.read_exact(&mut buf).await.unwrap();
+        activity.request_started();
+        let busy =
+            tokio::time::timeout(Duration::from_secs(60), activity.quiet_after_request(quiet, 0)).await;
+        assert!(busy.is_err(), "a request in flight is not idle");
+        // Finished: `quiet` after the last byte moved.
+        activity.request_finished();
+        io.write_all(b"200").await.unwrap();
+        let answered = Instant::now();
+        activity.quiet_after_request(quiet, 0).await;
+        assert_eq!(answered.elapsed(), quiet);
+        // The same request does not count twice.
+        let again =
+            tokio::time::timeout(Duration::from_secs(60), activity.quiet_after_request(quiet, 1)).await;
+        assert!(again.is_err(), "no request since");
+    }
+
+    #[tokio::test]
+    async fn a_park_skips_the_shutdown_only_while_no_byte_moves() {
+        let activity = Activity::new();
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut io = ActivityIo::new(a, activity.clone());
+        // Parked: the shutdown is skipped, and the peer can still be written to.
+        activity.request_park();
+        io.shutdown().await.unwrap();
+        assert!(activity.take_parked());
+        io.write_all(b"x").await.unwrap();
+        let mut buf = [0u8; 1];
+        b.read_exact(&mut buf).await.unwrap();
+        // A byte moved after the request (hyper finished a response, say): a real shutdown.
+        activity.request_park();
+        io.write_all(b"y").await.unwrap();
+        io.shutdown().await.unwrap();
+        assert!(!activity.take_parked());
+        let mut rest = Vec::new();
+        b.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"y", "EOF after the last byte");
+        // No park requested: a real shutdown too.
+        assert!(!activity.take_parked());
+    }
+
+    #[tokio::test]
+    async fn unread_bytes_come_first_and_an_emptied_prefix_lets_go_of_its_buffer() {
+        let (a, mut b) = tokio::io::duplex(64);
+        b.write_all(b"!").await.unwrap();
+        drop(b);
+        let mut buffer = bytes::BytesMut::with_capacity(4096);
+        buffer.extend_from_slice(b"hello");
+        let mut io = PrefixedIo::new(buffer.freeze(), a);
+        let mut first = [0u8; 5];
+        io.read_exact(&mut first).await.unwrap();
+        assert!(!io.has_prefix());
+        assert_eq!(io.prefix.as_ptr(), Bytes::new().as_ptr(), "the 4 KiB buffer is released");
+        io.unread(Bytes::from_static(b" world"));
+        io.unread(Bytes::new());
+        let mut rest = String::new();
+        io.read_to_string(&mut rest).await.unwrap();
+        assert_eq!(rest, " world!");
     }
 
     #[tokio::test(start_paused = true)]

@@ -166,6 +166,11 @@ struct Args {
     #[arg(long, env = "WEFT_HTTP_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration, value_name = "DURATION")]
     http_idle_timeout: Duration,
 
+    /// Park an HTTP/1 keep-alive connection with no request in flight and no bytes for this
+    /// long: its buffers are freed until the next bytes arrive. 0 never parks.
+    #[arg(long, env = "WEFT_HTTP1_PARK_AFTER", default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
+    http1_park_after: Duration,
+
     /// Close an opaque TCP connection with no bytes in either direction for this long.
     #[arg(long, env = "WEFT_TCP_IDLE_TIMEOUT", default_value = "1h", value_parser = parse_duration, value_name = "DURATION")]
     tcp_idle_timeout: Duration,
@@ -389,6 +394,7 @@ impl Args {
                 request_body: self.request_body_timeout,
                 request_body_min_rate: self.request_body_min_rate,
                 http_idle: self.http_idle_timeout,
+                http1_park: self.http1_park_after,
                 tcp_idle: self.tcp_idle_timeout,
                 connect: self.connect_timeout,
                 upstream_idle: self.upstream_idle_timeout,

@@ -118,6 +118,11 @@ pub struct Metrics {
     pub config_reloads: Family<ResultLabels, Counter>,
     pub connections_rejected: Family<ListenerLabels, Counter>,
     pub connections_active: Family<ListenerLabels, Gauge>,
+    /// HTTP/1 connections waiting for their next request parked, holding no buffers.
+    pub connections_parked: Gauge,
+    /// Times hyper let go of an idle HTTP/1 connection (each one then waits parked, or goes
+    /// straight back to hyper with the start of its next request).
+    pub http1_parks: Counter,
     pub access_log_dropped: Counter,
     pub identity_reloads: Family<ResultLabels, Counter>,
     /// When this proxy's certificate expires (Unix seconds; 0 without one).
@@ -181,6 +186,8 @@ impl Default for Metrics {
         let config_reloads = Family::default();
         let connections_rejected = Family::default();
         let connections_active = Family::default();
+        let connections_parked = Gauge::default();
+        let http1_parks = Counter::default();
         let access_log_dropped = Counter::default();
         let identity_reloads = Family::default();
         let identity_expiry = Gauge::default();
@@ -236,6 +243,16 @@ impl Default for Metrics {
             connections_active.clone(),
         );
         registry.register(
+            "weft_connections_parked",
+            "Open downstream HTTP/1 connections waiting for their next request parked, without buffers",
+            connections_parked.clone(),
+        );
+        registry.register(
+            "weft_http1_parks",
+            "Times an HTTP/1 connection idle between requests gave back its buffers",
+            http1_parks.clone(),
+        );
+        registry.register(
             "weft_access_log_dropped",
             "Access log lines dropped because the writer fell behind",
             access_log_dropped.clone(),
@@ -287,6 +304,8 @@ impl Default for Metrics {
             config_reloads,
             connections_rejected,
             connections_active,
+            connections_parked,
+            http1_parks,
             access_log_dropped,
             identity_reloads,
             identity_expiry,

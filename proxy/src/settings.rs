@@ -96,6 +96,9 @@ pub struct Timeouts {
     pub request_body_min_rate: u32,
     /// Close a downstream HTTP connection with no request in flight and no bytes for this long.
     pub http_idle: Duration,
+    /// An HTTP/1 keep-alive connection with no request in flight and no bytes for this long is
+    /// parked: hyper's buffers and state are freed until its next bytes. Zero: never parked.
+    pub http1_park: Duration,
     /// Close a TCP splice with no bytes in either direction for this long.
     pub tcp_idle: Duration,
     /// Default upstream connect timeout (a service's connection pool may override it).
@@ -130,6 +133,7 @@ impl Default for Timeouts {
             request_body: Duration::from_secs(30),
             request_body_min_rate: 500,
             http_idle: Duration::from_secs(300),
+            http1_park: Duration::from_secs(1),
             tcp_idle: Duration::from_secs(3600),
             connect: Duration::from_secs(1),
             upstream_idle: Duration::from_secs(90),

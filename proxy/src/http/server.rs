@@ -6,14 +6,14 @@
 //! (`io::ActivityIo::guard_h2_control_frames`). Connections h2 or that budget ends for a flood
 //! (GOAWAY ENHANCE_YOUR_CALM) are logged at most once per 10 s, with a count of the others.
 
-use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
+use std::{future::Future, pin::Pin, sync::Arc, task::Poll, time::Duration};
 
 use hyper::server::conn::{http1, http2};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     service::TowerToHyperService,
 };
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tower::ServiceBuilder;
 
 use tokio_util::sync::CancellationToken;
@@ -25,7 +25,7 @@ use super::{
     router::{ConnInfo, Router, Routing},
 };
 use crate::{
-    io::{Activity, ActivityIo},
+    io::{Activity, ActivityIo, PrefixedIo},
     log_limit::LogLimit,
     peer::Peer,
     settings::{Limits, Timeouts},
@@ -49,6 +49,11 @@ pub struct Serving {
 }
 
 impl Serving {
+    /// HTTP/1 connections parked now (they hold no buffers).
+    pub fn parked_connections(&self) -> usize {
+        usize::try_from(self.routing.metrics.connections_parked.get()).unwrap_or(0)
+    }
+
     /// `flood_log`'s: at most one line per `FLOOD_LOG_PERIOD`.
     pub fn new_flood_log() -> LogLimit {
         LogLimit::new(FLOOD_LOG_PERIOD)
@@ -95,7 +100,6 @@ where
             .limit_request_line(RequestLine::new(limits.max_uri_bytes, limits.max_header_bytes)),
         Proto::Http2 => ActivityIo::new(io, activity.clone()).guard_h2_control_frames(),
     };
-    let io = TokioIo::new(io);
     let service = ServiceBuilder::new()
         .layer(RequestIdLayer)
         .layer(ObserveLayer {
@@ -108,32 +112,11 @@ where
         .layer(LimitsLayer { max_uri_bytes: limits.max_uri_bytes, max_headers: limits.max_headers })
         .service(Router::new(serving.routing.clone(), Arc::new(conn)));
     let service = TowerToHyperService::new(service);
-    let timeouts = &serving.timeouts;
     let result = match proto {
-        Proto::Http1 => {
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                // hyper's head-read timeout also runs while a keep-alive connection waits for its
-                // next request, closing idle connections early; `drive` enforces the deadline from
-                // the first byte of a head instead. The Timer stays set for hyper's other timers.
-                .header_read_timeout(None)
-                .max_headers(limits.max_headers)
-                .max_header_size(limits.max_header_bytes)
-                .keep_alive(true)
-                .serve_connection(io, service)
-                .with_upgrades();
-            drive(conn, |c| c.graceful_shutdown(), &serving, &activity, Some(timeouts.header_read)).await
-        }
-        Proto::Http2 => {
-            let conn = http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .max_concurrent_streams(limits.h2_max_concurrent_streams)
-                .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-                .max_pending_accept_reset_streams(limits.h2_max_pending_accept_reset_streams)
-                .max_local_error_reset_streams(limits.h2_max_local_error_reset_streams)
-                .serve_connection(io, service);
-            drive(conn, |c| c.graceful_shutdown(), &serving, &activity, None).await
-        }
+        Proto::Http1 => serve_http1(io, service, &serving, &activity).await,
+        // Boxed: h2's state would otherwise size every connection's task, parked HTTP/1 ones
+        // included.
+        Proto::Http2 => Box::pin(serve_http2(io, service, &serving, &activity)).await,
     };
     // The control-frame budget ends a connection with an EOF or a failed write, which hyper may
     // report as a clean end or as an I/O error: the flag says which it was.
@@ -163,23 +146,198 @@ where
 /// At most one line per this long for HTTP/2 floods.
 const FLOOD_LOG_PERIOD: Duration = Duration::from_secs(10);
 
+/// Serves HTTP/1 requests on `io` with hyper, parking the connection between requests: once a
+/// keep-alive connection has been idle for `Timeouts::http1_park`, hyper lets go of it (its
+/// 8 KiB read and write buffers and its connection state are freed) and only the socket waits
+/// for the next bytes, which bring up a new hyper connection that reads them first. Idle
+/// connections then cost a few hundred bytes instead of ~20 KiB. A new connection waits the
+/// same way for its first bytes.
+async fn serve_http1<I, S>(
+    io: ActivityIo<I>,
+    mut service: S,
+    serving: &Serving,
+    activity: &Activity,
+) -> Result<(), hyper::Error>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = crate::http::Body>
+        + Unpin
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let limits = &serving.limits;
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        // hyper's head-read timeout also runs while a keep-alive connection waits for its next
+        // request, closing idle connections early; `drive` enforces the deadline from the first
+        // byte of a head instead. The Timer stays set for hyper's other timers.
+        .header_read_timeout(None)
+        .max_headers(limits.max_headers)
+        .max_header_size(limits.max_header_bytes)
+        .keep_alive(true);
+    let mut io = TokioIo::new(PrefixedIo::new(bytes::Bytes::new(), io));
+    loop {
+        if !io.inner().has_prefix() {
+            let woke = {
+                let _parked = GaugeGuard::inc(&serving.routing.metrics.connections_parked);
+                wait_for_bytes(io.inner_mut(), serving, activity).await
+            };
+            match woke {
+                Ok(true) => {}
+                Ok(false) => return Ok(()),
+                Err(error) => {
+                    tracing::debug!(%error, "downstream HTTP/1 connection failed while idle");
+                    return Ok(());
+                }
+            }
+        }
+        // Boxed: hyper's connection and its driver exist only while the connection is active.
+        let Some(parts) = Box::pin(serve_until_parked(&builder, io, service, serving, activity)).await?
+        else {
+            return Ok(());
+        };
+        serving.routing.metrics.http1_parks.inc();
+        // Keep the socket and what hyper had read past the last request (the start of the next
+        // head, if any).
+        io = parts.io;
+        service = parts.service;
+        io.inner_mut().unread(parts.read_buf);
+    }
+}
+
+/// Serves HTTP/1 requests with one hyper connection until the connection ends (`None`) or,
+/// once idle for `Timeouts::http1_park`, hyper lets go of it without closing it.
+async fn serve_until_parked<I, S>(
+    builder: &http1::Builder,
+    io: TokioIo<PrefixedIo<ActivityIo<I>>>,
+    service: S,
+    serving: &Serving,
+    activity: &Activity,
+) -> Result<Option<http1::Parts<TokioIo<PrefixedIo<ActivityIo<I>>>, S>>, hyper::Error>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = crate::http::Body>
+        + Unpin
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let park = serving.timeouts.http1_park;
+    let served_before = activity.served();
+    let mut conn = builder.serve_connection(io, service).with_upgrades();
+    let parking = (!park.is_zero()).then(|| activity.quiet_after_request(park, served_before));
+    let head = Some(serving.timeouts.header_read);
+    drive(Pin::new(&mut conn), |c| c.graceful_shutdown(), serving, activity, head, parking).await?;
+    Ok(if activity.take_parked() { conn.into_parts() } else { None })
+}
+
+/// Serves HTTP/2 streams on `io` until the connection ends.
+async fn serve_http2<I, S>(
+    io: ActivityIo<I>,
+    service: S,
+    serving: &Serving,
+    activity: &Activity,
+) -> Result<(), hyper::Error>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = crate::http::Body>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let limits = &serving.limits;
+    let conn = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_pending_accept_reset_streams(limits.h2_max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(limits.h2_max_local_error_reset_streams)
+        .serve_connection(TokioIo::new(io), service);
+    let conn = std::pin::pin!(conn);
+    let no_parking = None::<std::future::Pending<()>>;
+    drive(conn, |c| c.graceful_shutdown(), serving, activity, None, no_parking).await
+}
+
+/// Counts one in a gauge while it lives.
+struct GaugeGuard<'g>(&'g prometheus_client::metrics::gauge::Gauge);
+
+impl<'g> GaugeGuard<'g> {
+    fn inc(gauge: &'g prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        GaugeGuard(gauge)
+    }
+}
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Waits, without buffers, until a parked HTTP/1 connection has bytes to read, and reads them
+/// into its prefix (through `ActivityIo`, which counts them and watches the request line).
+/// False when the connection ended meanwhile: the client closed it, it idled out, or drain.
+async fn wait_for_bytes<I>(
+    io: &mut PrefixedIo<ActivityIo<I>>,
+    serving: &Serving,
+    activity: &Activity,
+) -> std::io::Result<bool>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    let read = std::future::poll_fn(|cx| {
+        // On the stack only while polled: a parked connection holds no buffer.
+        let mut buf = [0u8; 2048];
+        let mut filled = ReadBuf::new(&mut buf);
+        std::task::ready!(Pin::new(io.get_mut()).poll_read(cx, &mut filled))?;
+        Poll::Ready(Ok::<_, std::io::Error>(bytes::Bytes::copy_from_slice(filled.filled())))
+    });
+    let bytes = tokio::select! {
+        read = read => read?,
+        _ = serving.drain.cancelled() => return Ok(false),
+        _ = activity.idle(serving.timeouts.http_idle, || false) => {
+            tracing::debug!(idle = ?serving.timeouts.http_idle, "downstream HTTP connection idle; closing");
+            return Ok(false);
+        }
+    };
+    if bytes.is_empty() {
+        return Ok(false);
+    }
+    io.unread(bytes);
+    Ok(true)
+}
+
 /// Runs the connection until it ends. Closes it gracefully on drain and when idle (no request in
 /// flight and no bytes for the idle timeout), and abruptly when a request head takes longer than
-/// `head_timeout` from its first byte (slowloris).
+/// its timeout from its first byte (slowloris; HTTP/1 only). HTTP/1 also gets `parking`: once
+/// it resolves, hyper is asked to let go of the idle connection without closing it.
 async fn drive<C, F>(
-    conn: C,
+    mut conn: Pin<&mut C>,
     shutdown: F,
     serving: &Serving,
     activity: &Activity,
-    head_timeout: Option<std::time::Duration>,
+    head_timeout: Option<Duration>,
+    parking: Option<impl Future<Output = ()>>,
 ) -> Result<(), hyper::Error>
 where
     C: Future<Output = Result<(), hyper::Error>>,
     F: Fn(Pin<&mut C>),
 {
-    let mut conn = std::pin::pin!(conn);
     let idle = serving.timeouts.http_idle;
     let mut closing = false;
+    let park = async {
+        match parking {
+            Some(parking) => parking.await,
+            None => std::future::pending().await,
+        }
+    };
+    let mut park = std::pin::pin!(park);
     let head = async {
         match head_timeout {
             Some(limit) => activity.head_timeout(limit).await,
@@ -202,6 +360,11 @@ where
             _ = head.as_mut() => {
                 tracing::debug!(limit = ?head_timeout, "request head not received in time; closing");
                 return Ok(());
+            }
+            _ = park.as_mut(), if !closing => {
+                closing = true;
+                activity.request_park();
+                shutdown(conn.as_mut());
             }
         }
     }

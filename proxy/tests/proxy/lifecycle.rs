@@ -1,4 +1,5 @@
-//! Drain on shutdown, trace context and request ids.
+//! Drain on shutdown, trace context and request ids, idle connections (pooled upstream ones
+//! reaped, downstream HTTP/1 ones parked between requests).
 
 use std::{sync::atomic::Ordering, time::Duration};
 
@@ -166,4 +167,84 @@ async fn a_pooled_upstream_connection_idle_past_its_timeout_closes_without_anoth
     // The pool holds the connection; nothing more is sent to this endpoint, yet it closes.
     within("the idle upstream connection closes", closed.wait_for(|c| *c == 1)).await.unwrap();
     assert!(answered.elapsed() >= idle, "closed before its idle timeout: {:?}", answered.elapsed());
+}
+
+const HELLO: &str = "services: [{name: hello, ports: [{number: 80}], httpRoutes: [{directResponse: {status: 200, body: hello}}]}]";
+
+/// Reads one response answered with the `hello` route's body off `s`.
+async fn read_hello(s: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !out.ends_with(b"hello") {
+        let n = within("a response", s.read(&mut buf)).await.unwrap();
+        assert!(n > 0, "the proxy closed the connection after: {}", String::from_utf8_lossy(&out));
+        out.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8(out).unwrap()
+}
+
+/// Waits until the proxy's metric sample matching `parts` satisfies `done`.
+async fn wait_sample(proxy: &TestProxy, parts: &[&str], done: impl Fn(f64) -> bool) {
+    within("the metric", async {
+        loop {
+            if sample(&metrics(proxy).await, parts).is_some_and(&done) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+}
+
+/// An HTTP/1 keep-alive connection idle between requests is parked: hyper lets go of it, its
+/// buffers are freed, and the socket stays open. The next request on it is served, including
+/// one whose first bytes hyper had already read when it let go.
+#[tokio::test]
+async fn an_idle_http1_connection_is_parked_and_serves_its_next_requests() {
+    let proxy = TestProxy::start_with(HELLO, |s| s.timeouts.http1_park = Duration::from_millis(100)).await;
+    let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
+    let request = b"GET / HTTP/1.1\r\nhost: hello\r\n\r\n";
+    s.write_all(request).await.unwrap();
+    let first = read_hello(&mut s).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    assert!(!first.to_ascii_lowercase().contains("connection: close"), "{first}");
+    // Parked: hyper let go and the socket waits for bytes without buffers.
+    wait_sample(&proxy, &["weft_http1_parks_total"], |n| n == 1.0).await;
+    wait_sample(&proxy, &["weft_connections_parked "], |n| n == 1.0).await;
+
+    s.write_all(request).await.unwrap();
+    assert!(read_hello(&mut s).await.starts_with("HTTP/1.1 200"));
+
+    // A request answered with the next one's first bytes already read: hyper holds them when
+    // the connection parks, and they are replayed to the next hyper connection.
+    s.write_all(b"GET / HTTP/1.1\r\nhost: hello\r\n\r\nGET /next HTTP/1.1\r\nho").await.unwrap();
+    assert!(read_hello(&mut s).await.starts_with("HTTP/1.1 200"));
+    wait_sample(&proxy, &["weft_http1_parks_total"], |n| n == 2.0).await;
+    s.write_all(b"st: hello\r\n\r\n").await.unwrap();
+    let last = read_hello(&mut s).await;
+    assert!(last.starts_with("HTTP/1.1 200"), "the replayed bytes began the request: {last}");
+}
+
+/// A parked connection still idles out, and one whose client asked to close is closed, not
+/// parked.
+#[tokio::test]
+async fn parked_connections_idle_out_and_connection_close_still_closes() {
+    let proxy = TestProxy::start_with(HELLO, |s| {
+        s.timeouts.http1_park = Duration::from_millis(50);
+        s.timeouts.http_idle = Duration::from_millis(500);
+    })
+    .await;
+    let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: hello\r\n\r\n").await.unwrap();
+    read_hello(&mut s).await;
+    wait_sample(&proxy, &["weft_http1_parks_total"], |n| n == 1.0).await;
+    let parked = tokio::time::Instant::now();
+    let mut rest = Vec::new();
+    within("the idle connection closes", s.read_to_end(&mut rest)).await.unwrap();
+    assert!(rest.is_empty());
+    assert!(parked.elapsed() >= Duration::from_millis(400), "closed after {:?}", parked.elapsed());
+
+    let closed =
+        raw_exchange(proxy.addr(), b"GET / HTTP/1.1\r\nhost: hello\r\nconnection: close\r\n\r\n").await;
+    assert!(closed.starts_with("HTTP/1.1 200") && closed.ends_with("hello"), "{closed}");
 }

@@ -209,12 +209,14 @@ services:
             }
         }));
     }
-    within("10k requests", async {
+    // 10k requests take ~6 s in a debug build on a quiet 2-core machine, and longer while the
+    // other tests run: the bound only turns a hang into a failure.
+    let all = async {
         for t in tasks {
             t.await.unwrap();
         }
-    })
-    .await;
+    };
+    tokio::time::timeout(Duration::from_secs(90), all).await.expect("10k requests within 90 s");
     let (h1, h2) = (v1.hits.load(Ordering::Relaxed), v2.hits.load(Ordering::Relaxed));
     assert_eq!(h1 + h2, N);
     let share = h2 as f64 / N as f64;
