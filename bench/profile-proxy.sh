@@ -19,7 +19,8 @@
 # root (`target/release/proxy --write-certs`, built when missing). The profiled proxy's count
 # then includes its side of TLS; the run fails unless every request it counted came over mTLS.
 #
-# The proxy runs under callgrind with one worker; an nginx origin answers 1 KB. After 300
+# The proxy runs under callgrind with one worker; an nginx origin answers 1 KB. Also printed: the
+# heap allocations per request (calls into malloc, calloc, realloc and posix_memalign). After 300
 # warm-up requests the counters are zeroed, REQUESTS requests are sent (h2load --h1, bounded in
 # count and time), and the counters are dumped: total instructions / REQUESTS is the cost of one
 # request. The per-function table is written to $OUT (default bench/results/proxy-callgrind.txt);
@@ -190,5 +191,18 @@ dump=$(ls -t "$dir"/callgrind.out.* | head -1)
 total=$(awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}' "$out")
 echo "requests: $requests over $conns connections ($proto downstream, HTTP/1.1 upstream, 1 KB, route policy: $policy, $client client)"
 echo "instructions in weft-proxy: $total, per request: $((total / requests))"
+# Heap allocations: the calls callgrind recorded into the allocator's entry points.
+allocations=$(awk '
+  /^c?fn=\(/ {
+    id = $1; sub(/^c?fn=/, "", id); name = $0; sub(/^[^ ]* ?/, "", name)
+    if (name != "") names[id] = name
+    if ($1 ~ /^cfn=/) callee = names[id]
+    next
+  }
+  /^calls=/ && callee ~ /^(malloc|calloc|realloc|posix_memalign|aligned_alloc)$/ {
+    split($1, c, "="); n += c[2]
+  }
+  END { print n + 0 }' "$dump")
+echo "heap allocations (malloc, calloc, realloc, posix_memalign): $allocations, per request: $((allocations / requests))"
 echo "functions by instructions (the first lines are the runtime's inclusive frames): $out"
 grep -E '^ *[0-9,]+ \(' "$out" | grep -v -E 'PROGRAM TOTALS|clone|start_thread|thread_start|call_once|rust_begin|blocking::pool|harness::Harness<T,S>::poll \[|core::Core|BlockingTask|raw::poll|Scoped|worker::run' | head -30 | cut -c1-160 || true

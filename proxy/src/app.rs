@@ -365,15 +365,18 @@ async fn drain(shared: Arc<Shared>, shutdown: CancellationToken, done: Cancellat
 /// (`--upstream-idle-timeout`, a pool's `idleTimeoutMs`) is kept to within this.
 const REAP_EVERY: Duration = Duration::from_secs(1);
 
-/// Downstream connections that must have closed since the busiest moment before free memory is
-/// handed back to the kernel.
+/// Downstream connections that must have closed since the busiest moment, or HTTP/1 connections
+/// parked since the last release, before free memory is handed back to the kernel.
 const RELEASE_AFTER_CLOSED: usize = 64;
 
 /// Whether a burst ended since memory was last released: pooled upstream connections were just
-/// closed, or the open downstream connections fell well below their peak since then. Walking
-/// the allocator's heaps on every tick of an idle proxy would be wasted.
-fn burst_ended(upstream_closed: usize, downstream_peak: usize, downstream_open: usize) -> bool {
-    upstream_closed > 0 || downstream_peak >= downstream_open + RELEASE_AFTER_CLOSED
+/// closed, the open downstream connections fell well below their peak, or many connections
+/// parked (each freed its HTTP/1 buffers) since then. Walking the allocator's heaps on every
+/// tick of an idle proxy would be wasted.
+fn burst_ended(upstream_closed: usize, downstream_peak: usize, downstream_open: usize, parked: u64) -> bool {
+    upstream_closed > 0
+        || downstream_peak >= downstream_open + RELEASE_AFTER_CLOSED
+        || parked >= RELEASE_AFTER_CLOSED as u64
 }
 
 /// Until the proxy is done: closes idle pooled upstream connections, so a burst's connections
@@ -384,6 +387,8 @@ async fn reap_idle_upstreams(shared: Arc<Shared>, done: CancellationToken) {
     let mut tick = tokio::time::interval(REAP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut peak = 0;
+    let parks = &shared.metrics().http1_parks;
+    let mut parks_before = parks.get();
     // The release runs a tick after a burst is seen to end: closed connections' tasks free their
     // buffers only once they finish, after the tick that closed them.
     let mut release_due = false;
@@ -392,18 +397,19 @@ async fn reap_idle_upstreams(shared: Arc<Shared>, done: CancellationToken) {
             _ = done.cancelled() => return,
             now = tick.tick() => {
                 let closed = shared.destinations().reap_idle(now);
-                // Connection tasks (one per downstream connection) that hold buffers: parked
-                // HTTP/1 connections hold none.
-                let open = shared.tracker.len().saturating_sub(shared.serving.parked_connections());
+                // Connection tasks: one per downstream connection.
+                let open = shared.tracker.len();
                 peak = peak.max(open);
+                let parked = parks.get() - parks_before;
                 if std::mem::replace(&mut release_due, false) {
                     let released = crate::sys::release_free_memory();
                     tracing::debug!(released, "a burst ended; released free memory");
                 }
-                if burst_ended(closed, peak, open) {
-                    tracing::debug!(closed, peak, open, "a burst ended");
+                if burst_ended(closed, peak, open, parked) {
+                    tracing::debug!(closed, peak, open, parked, "a burst ended");
                     release_due = true;
                     peak = open;
+                    parks_before += parked;
                 }
             }
         }
@@ -780,9 +786,10 @@ mod tests {
 
     #[test]
     fn memory_is_released_after_a_burst_not_on_every_tick() {
-        assert!(!burst_ended(0, 0, 0), "an idle proxy");
-        assert!(!burst_ended(0, 500, 480), "steady traffic");
-        assert!(burst_ended(0, 500, 436), "64 connections closed since the peak");
-        assert!(burst_ended(3, 10, 10), "pooled upstream connections closed");
+        assert!(!burst_ended(0, 0, 0, 0), "an idle proxy");
+        assert!(!burst_ended(0, 500, 480, 10), "steady traffic");
+        assert!(burst_ended(0, 500, 436, 0), "64 connections closed since the peak");
+        assert!(burst_ended(3, 10, 10, 0), "pooled upstream connections closed");
+        assert!(burst_ended(0, 1000, 1000, 64), "64 connections parked since the last release");
     }
 }

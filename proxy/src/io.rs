@@ -127,6 +127,39 @@ pub struct Activity {
     parked: AtomicBool,
 }
 
+/// What a connection's timer watches for (`Activity::due`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Watch {
+    /// Nothing moved for this long, with no request in flight (one in flight counts as activity).
+    pub idle: Option<Duration>,
+    /// A request head has been arriving for longer than this since its first byte (slowloris).
+    pub head: Option<Duration>,
+    /// An HTTP/1 connection idle between requests, to park.
+    pub park: Option<Park>,
+}
+
+impl Watch {
+    pub fn idle(idle: Duration) -> Watch {
+        Watch { idle: Some(idle), ..Watch::default() }
+    }
+}
+
+/// Parking watch: a request served after the first `served_before` has finished, none is in
+/// flight, and nothing has moved for `quiet`.
+#[derive(Clone, Copy, Debug)]
+pub struct Park {
+    pub quiet: Duration,
+    pub served_before: u64,
+}
+
+/// What came due first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Due {
+    Idle,
+    Head,
+    Park,
+}
+
 impl Activity {
     pub fn new() -> Arc<Activity> {
         Arc::new(Activity {
@@ -205,40 +238,8 @@ impl Activity {
         park
     }
 
-    /// Resolves once a request served after `served_before` finished, none is in flight, and
-    /// nothing has moved for `quiet`: the connection is idle between requests.
-    pub async fn quiet_after_request(&self, quiet: Duration, served_before: u64) {
-        loop {
-            let quiet_since = self.last() + quiet;
-            tokio::time::sleep_until(quiet_since.max(Instant::now())).await;
-            if self.last() + quiet > Instant::now() {
-                continue; // bytes moved meanwhile
-            }
-            if self.requests() == 0 && self.served() > served_before {
-                return;
-            }
-            // Quiet but a request is in flight (or none has come yet): look again later.
-            tokio::time::sleep(quiet).await;
-        }
-    }
-
     pub fn requests(&self) -> usize {
         self.requests.load(Ordering::Acquire)
-    }
-
-    /// Resolves when a request head has been arriving for longer than `limit` (slowloris).
-    pub async fn head_timeout(&self, limit: Duration) {
-        loop {
-            let since = self.head_since.load(Ordering::Acquire);
-            let wake = match since {
-                0 => Instant::now() + limit,
-                ms => self.epoch + Duration::from_millis(ms - 1) + limit,
-            };
-            tokio::time::sleep_until(wake).await;
-            if since != 0 && self.head_since.load(Ordering::Acquire) == since {
-                return;
-            }
-        }
     }
 
     /// Whether the proxy ended this HTTP/2 connection for a flood of frames that carry no
@@ -252,17 +253,50 @@ impl Activity {
         self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
     }
 
-    /// Resolves once nothing has moved for `idle` while `busy()` is false.
-    pub async fn idle(&self, idle: Duration, busy: impl Fn() -> bool) {
+    /// Resolves with the first of what `watch` watches for that is due. One timer serves them
+    /// all: a connection's task polls it on every wake, so one sleep is cheaper than three.
+    pub async fn due(&self, watch: Watch) -> Due {
         loop {
-            let deadline = self.last() + idle;
-            tokio::time::sleep_until(deadline).await;
-            if self.last() + idle <= Instant::now() && !busy() {
-                return;
+            let now = Instant::now();
+            let mut wake: Option<Instant> = None;
+            let mut at = |deadline: Instant| wake = Some(wake.map_or(deadline, |w| w.min(deadline)));
+            if let Some(idle) = watch.idle {
+                let deadline = self.last() + idle;
+                if deadline > now {
+                    at(deadline);
+                } else if self.requests() == 0 {
+                    return Due::Idle;
+                } else {
+                    // A request in flight counts as activity.
+                    self.touch();
+                    at(now + idle);
+                }
             }
-            if busy() {
-                // A request in flight counts as activity.
-                self.touch();
+            if let Some(limit) = watch.head {
+                match self.head_since.load(Ordering::Acquire) {
+                    0 => at(now + limit),
+                    ms => {
+                        let deadline = self.epoch + Duration::from_millis(ms - 1) + limit;
+                        if deadline <= now {
+                            return Due::Head;
+                        }
+                        at(deadline);
+                    }
+                }
+            }
+            if let Some(park) = watch.park {
+                let deadline = self.last() + park.quiet;
+                if deadline > now {
+                    at(deadline);
+                } else if self.requests() == 0 && self.served() > park.served_before {
+                    return Due::Park;
+                } else {
+                    at(now + park.quiet);
+                }
+            }
+            match wake {
+                Some(wake) => tokio::time::sleep_until(wake).await,
+                None => std::future::pending().await,
             }
         }
     }
@@ -539,18 +573,19 @@ mod tests {
         let mut io = ActivityIo::new(a, activity.clone());
         let limit = Duration::from_secs(10);
         // Idle: no deadline however long it waits.
-        let idle = tokio::time::timeout(Duration::from_secs(60), activity.head_timeout(limit)).await;
+        let head = Watch { head: Some(limit), ..Watch::default() };
+        let idle = tokio::time::timeout(Duration::from_secs(60), activity.due(head)).await;
         assert!(idle.is_err(), "no head being read, no timeout");
         // A partial head starts the clock.
         b.write_all(b"GET / HT").await.unwrap();
         let mut buf = [0u8; 8];
         io.read_exact(&mut buf).await.unwrap();
         let start = Instant::now();
-        activity.head_timeout(limit).await;
+        assert_eq!(activity.due(head).await, Due::Head);
         assert_eq!(start.elapsed(), limit);
         // Once the request starts, the head clock is off until the next head's first byte.
         activity.request_started();
-        let busy = tokio::time::timeout(Duration::from_secs(60), activity.head_timeout(limit)).await;
+        let busy = tokio::time::timeout(Duration::from_secs(60), activity.due(head)).await;
         assert!(busy.is_err());
         activity.request_finished();
         assert_eq!(activity.requests(), 0);
@@ -668,27 +703,25 @@ mod tests {
         let (a, mut b) = tokio::io::duplex(64);
         let mut io = ActivityIo::new(a, activity.clone());
         let quiet = Duration::from_secs(1);
+        let park = |served_before| Watch { park: Some(Park { quiet, served_before }), ..Watch::default() };
         // No request yet: never, however quiet.
-        let early =
-            tokio::time::timeout(Duration::from_secs(60), activity.quiet_after_request(quiet, 0)).await;
+        let early = tokio::time::timeout(Duration::from_secs(60), activity.due(park(0))).await;
         assert!(early.is_err(), "no request served, no parking");
         // A request in flight: not while it lasts.
         b.write_all(b"GET").await.unwrap();
         let mut buf = [0u8; 3];
         io.read_exact(&mut buf).await.unwrap();
         activity.request_started();
-        let busy =
-            tokio::time::timeout(Duration::from_secs(60), activity.quiet_after_request(quiet, 0)).await;
+        let busy = tokio::time::timeout(Duration::from_secs(60), activity.due(park(0))).await;
         assert!(busy.is_err(), "a request in flight is not idle");
         // Finished: `quiet` after the last byte moved.
         activity.request_finished();
         io.write_all(b"200").await.unwrap();
         let answered = Instant::now();
-        activity.quiet_after_request(quiet, 0).await;
+        assert_eq!(activity.due(park(0)).await, Due::Park);
         assert_eq!(answered.elapsed(), quiet);
         // The same request does not count twice.
-        let again =
-            tokio::time::timeout(Duration::from_secs(60), activity.quiet_after_request(quiet, 1)).await;
+        let again = tokio::time::timeout(Duration::from_secs(60), activity.due(park(1))).await;
         assert!(again.is_err(), "no request since");
     }
 
@@ -743,18 +776,45 @@ mod tests {
         let start = Instant::now();
         tokio::time::sleep(Duration::from_secs(5)).await;
         io.write_all(b"x").await.unwrap();
-        activity.idle(Duration::from_secs(10), || false).await;
+        assert_eq!(activity.due(Watch::idle(Duration::from_secs(10))).await, Due::Idle);
         assert_eq!(start.elapsed(), Duration::from_secs(15), "10 s after the last write");
         assert_eq!(activity.written.load(Ordering::Relaxed), 1);
 
-        let busy = std::sync::atomic::AtomicBool::new(true);
-        let busy_ref = &busy;
-        let until = Instant::now() + Duration::from_secs(30);
+        // A request in flight for 30 s: idle only 10 s after it ends.
+        activity.request_started();
         let t = Instant::now();
-        tokio::join!(activity.idle(Duration::from_secs(10), || busy_ref.load(Ordering::Relaxed)), async {
-            tokio::time::sleep_until(until).await;
-            busy.store(false, Ordering::Relaxed);
+        let (due, ()) = tokio::join!(activity.due(Watch::idle(Duration::from_secs(10))), async {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            activity.request_finished();
         });
+        assert_eq!(due, Due::Idle);
         assert!(t.elapsed() >= Duration::from_secs(30), "not idle while busy");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_watch_due_wins() {
+        let activity = Activity::new();
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut io = ActivityIo::new(a, activity.clone());
+        let all = |served_before| Watch {
+            idle: Some(Duration::from_secs(300)),
+            head: Some(Duration::from_secs(10)),
+            park: Some(Park { quiet: Duration::from_millis(100), served_before }),
+        };
+        // A head's first bytes: the head deadline comes before the idle one.
+        b.write_all(b"GE").await.unwrap();
+        let mut buf = [0u8; 2];
+        io.read_exact(&mut buf).await.unwrap();
+        let start = Instant::now();
+        assert_eq!(activity.due(all(0)).await, Due::Head);
+        assert_eq!(start.elapsed(), Duration::from_secs(10));
+        // Served and quiet: the park comes first.
+        activity.request_started();
+        activity.request_finished();
+        let start = Instant::now();
+        assert_eq!(activity.due(all(0)).await, Due::Park);
+        assert!(start.elapsed() <= Duration::from_millis(100));
+        // Nothing to park since: idle, 300 s after the last byte.
+        assert_eq!(activity.due(all(1)).await, Due::Idle);
     }
 }

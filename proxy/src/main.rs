@@ -168,7 +168,7 @@ struct Args {
 
     /// Park an HTTP/1 keep-alive connection with no request in flight and no bytes for this
     /// long: its buffers are freed until the next bytes arrive. 0 never parks.
-    #[arg(long, env = "WEFT_HTTP1_PARK_AFTER", default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, env = "WEFT_HTTP1_PARK_AFTER", default_value = "100ms", value_parser = parse_duration, value_name = "DURATION")]
     http1_park_after: Duration,
 
     /// Close an opaque TCP connection with no bytes in either direction for this long.

@@ -133,7 +133,7 @@ impl Default for Timeouts {
             request_body: Duration::from_secs(30),
             request_body_min_rate: 500,
             http_idle: Duration::from_secs(300),
-            http1_park: Duration::from_secs(1),
+            http1_park: Duration::from_millis(100),
             tcp_idle: Duration::from_secs(3600),
             connect: Duration::from_secs(1),
             upstream_idle: Duration::from_secs(90),

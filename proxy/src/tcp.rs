@@ -7,7 +7,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::{
-    io::{Activity, ActivityIo},
+    io::{Activity, ActivityIo, Watch},
     metrics::{Metrics, TcpLabels},
 };
 
@@ -41,7 +41,7 @@ where
         upstream.write_all(&prefix).await?;
         tokio::select! {
             r = tokio::io::copy_bidirectional(&mut down, &mut upstream) => r.map(|_| ()),
-            _ = activity.idle(idle, || false) => {
+            _ = activity.due(Watch::idle(idle)) => {
                 tracing::debug!(?idle, "TCP connection idle; closing");
                 Ok(())
             }

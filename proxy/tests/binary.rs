@@ -324,7 +324,8 @@ async fn memory_returns_toward_idle_after_a_burst_of_connections() {
 
 /// Idle HTTP/1 keep-alive connections are parked between requests: once each has had its answer
 /// and idled past `--http1-park-after`, hyper's buffers and state are freed and the memory the
-/// process allocated falls to a few KiB per connection (about 21 KiB before parking existed).
+/// process allocated falls to a few KiB per connection (debug build: ~6 KB parked, ~20 KB
+/// not parked; release: ~3 KB of heap).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parked_keep_alive_connections_cost_a_few_kib_each() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -369,7 +370,7 @@ async fn parked_keep_alive_connections_cost_a_few_kib_each() {
     assert_eq!(parked(), CONNECTIONS, "every idle connection parks");
     // Parking frees what hyper held; the release after the burst gives those pages back.
     let per_connection = |rss: u64| (rss.saturating_sub(before) * 1024) as usize / CONNECTIONS;
-    let bound = 6 * 1024;
+    let bound = 10 * 1024;
     let mut rss = proxy.anon_rss_kib();
     while per_connection(rss) > bound && Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(100)).await;

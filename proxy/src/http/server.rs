@@ -25,7 +25,7 @@ use super::{
     router::{ConnInfo, Router, Routing},
 };
 use crate::{
-    io::{Activity, ActivityIo, PrefixedIo},
+    io::{Activity, ActivityIo, Due, Park, PrefixedIo, Watch},
     log_limit::LogLimit,
     peer::Peer,
     settings::{Limits, Timeouts},
@@ -49,11 +49,6 @@ pub struct Serving {
 }
 
 impl Serving {
-    /// HTTP/1 connections parked now (they hold no buffers).
-    pub fn parked_connections(&self) -> usize {
-        usize::try_from(self.routing.metrics.connections_parked.get()).unwrap_or(0)
-    }
-
     /// `flood_log`'s: at most one line per `FLOOD_LOG_PERIOD`.
     pub fn new_flood_log() -> LogLimit {
         LogLimit::new(FLOOD_LOG_PERIOD)
@@ -226,12 +221,14 @@ where
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let park = serving.timeouts.http1_park;
-    let served_before = activity.served();
+    let quiet = serving.timeouts.http1_park;
+    let watch = Watch {
+        idle: Some(serving.timeouts.http_idle),
+        head: Some(serving.timeouts.header_read),
+        park: (!quiet.is_zero()).then(|| Park { quiet, served_before: activity.served() }),
+    };
     let mut conn = builder.serve_connection(io, service).with_upgrades();
-    let parking = (!park.is_zero()).then(|| activity.quiet_after_request(park, served_before));
-    let head = Some(serving.timeouts.header_read);
-    drive(Pin::new(&mut conn), |c| c.graceful_shutdown(), serving, activity, head, parking).await?;
+    drive(Pin::new(&mut conn), |c| c.graceful_shutdown(), serving, activity, watch).await?;
     Ok(if activity.take_parked() { conn.into_parts() } else { None })
 }
 
@@ -260,8 +257,7 @@ where
         .max_local_error_reset_streams(limits.h2_max_local_error_reset_streams)
         .serve_connection(TokioIo::new(io), service);
     let conn = std::pin::pin!(conn);
-    let no_parking = None::<std::future::Pending<()>>;
-    drive(conn, |c| c.graceful_shutdown(), serving, activity, None, no_parking).await
+    drive(conn, |c| c.graceful_shutdown(), serving, activity, Watch::idle(serving.timeouts.http_idle)).await
 }
 
 /// Counts one in a gauge while it lives.
@@ -301,7 +297,7 @@ where
     let bytes = tokio::select! {
         read = read => read?,
         _ = serving.drain.cancelled() => return Ok(false),
-        _ = activity.idle(serving.timeouts.http_idle, || false) => {
+        _ = activity.due(Watch::idle(serving.timeouts.http_idle)) => {
             tracing::debug!(idle = ?serving.timeouts.http_idle, "downstream HTTP connection idle; closing");
             return Ok(false);
         }
@@ -314,57 +310,46 @@ where
 }
 
 /// Runs the connection until it ends. Closes it gracefully on drain and when idle (no request in
-/// flight and no bytes for the idle timeout), and abruptly when a request head takes longer than
-/// its timeout from its first byte (slowloris; HTTP/1 only). HTTP/1 also gets `parking`: once
-/// it resolves, hyper is asked to let go of the idle connection without closing it.
+/// flight and no bytes for the idle timeout), abruptly when a request head takes longer than its
+/// timeout from its first byte (slowloris; HTTP/1 only), and, when `watch` parks (HTTP/1), asks
+/// hyper to let go of the connection without closing it once it is idle between requests.
 async fn drive<C, F>(
     mut conn: Pin<&mut C>,
     shutdown: F,
     serving: &Serving,
     activity: &Activity,
-    head_timeout: Option<Duration>,
-    parking: Option<impl Future<Output = ()>>,
+    watch: Watch,
 ) -> Result<(), hyper::Error>
 where
     C: Future<Output = Result<(), hyper::Error>>,
     F: Fn(Pin<&mut C>),
 {
-    let idle = serving.timeouts.http_idle;
-    let mut closing = false;
-    let park = async {
-        match parking {
-            Some(parking) => parking.await,
-            None => std::future::pending().await,
-        }
-    };
-    let mut park = std::pin::pin!(park);
-    let head = async {
-        match head_timeout {
-            Some(limit) => activity.head_timeout(limit).await,
-            None => std::future::pending().await,
-        }
-    };
-    let mut head = std::pin::pin!(head);
+    // Once closing, only the head deadline is still watched.
+    let closing = Watch { head: watch.head, ..Watch::default() };
+    let mut watching = watch;
     loop {
+        let open = watching.idle.is_some();
         tokio::select! {
             result = conn.as_mut() => return result,
-            _ = serving.drain.cancelled(), if !closing => {
-                closing = true;
+            _ = serving.drain.cancelled(), if open => {
+                watching = closing;
                 shutdown(conn.as_mut());
             }
-            _ = activity.idle(idle, || activity.requests() > 0), if !closing => {
-                tracing::debug!(?idle, "downstream HTTP connection idle; closing");
-                closing = true;
-                shutdown(conn.as_mut());
-            }
-            _ = head.as_mut() => {
-                tracing::debug!(limit = ?head_timeout, "request head not received in time; closing");
-                return Ok(());
-            }
-            _ = park.as_mut(), if !closing => {
-                closing = true;
-                activity.request_park();
-                shutdown(conn.as_mut());
+            due = activity.due(watching) => match due {
+                Due::Idle => {
+                    tracing::debug!(idle = ?watch.idle, "downstream HTTP connection idle; closing");
+                    watching = closing;
+                    shutdown(conn.as_mut());
+                }
+                Due::Head => {
+                    tracing::debug!(limit = ?watch.head, "request head not received in time; closing");
+                    return Ok(());
+                }
+                Due::Park => {
+                    watching = closing;
+                    activity.request_park();
+                    shutdown(conn.as_mut());
+                }
             }
         }
     }
