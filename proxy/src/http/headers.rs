@@ -8,7 +8,6 @@ use http::{
         CONNECTION, CONTENT_LENGTH, HOST, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER,
         TRANSFER_ENCODING, UPGRADE,
     },
-    uri::Authority,
 };
 use tower::{Layer, Service};
 use weft_identity::SpiffeId;
@@ -66,24 +65,40 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// `Connection: upgrade` and `Upgrade` are kept so the upstream sees the handshake. `te:
 /// trailers` is kept (gRPC needs it end to end).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    // Most messages carry none of them: one pass over the few names present is cheaper than a
-    // hashed removal of each of the eight.
-    if !headers.keys().any(|k| k == UPGRADE || HOP_BY_HOP.contains(k)) {
+    // Most messages carry one of them at most (`Connection: keep-alive` from an upstream): one
+    // pass over the few names present finds which, so only those are removed (each removal
+    // hashes its name).
+    let mut present = [false; HOP_BY_HOP.len()];
+    let mut has_upgrade = false;
+    for key in headers.keys() {
+        match HOP_BY_HOP.iter().position(|h| h == key) {
+            Some(i) => present[i] = true,
+            None => has_upgrade |= key == UPGRADE,
+        }
+    }
+    if !has_upgrade && !present.contains(&true) {
         return;
     }
+    // Headers the Connection header names, besides the ones removed anyway (so the common
+    // `keep-alive` and `close` build no name and collect nothing).
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|n| !(upgrade && n == UPGRADE))
+        .map(str::trim)
+        .filter(|t| {
+            !t.eq_ignore_ascii_case("close")
+                && !t.eq_ignore_ascii_case(UPGRADE.as_str())
+                && !HOP_BY_HOP.iter().any(|h| t.eq_ignore_ascii_case(h.as_str()))
+        })
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
     for name in named {
         headers.remove(name);
     }
     let te_trailers = headers.get_all(TE).iter().any(|v| v.to_str().is_ok_and(|v| v.contains("trailers")));
-    for name in &HOP_BY_HOP {
+    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, present)| *present) {
         headers.remove(name);
     }
     if te_trailers {
@@ -91,7 +106,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
     if upgrade {
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
+    } else if has_upgrade {
         headers.remove(UPGRADE);
     }
 }
@@ -136,35 +151,33 @@ pub fn bad_host(version: Version, uri: &Uri, headers: &HeaderMap) -> Option<&'st
     }
     match host {
         Some(h) if h.is_empty() => return Some("empty Host header"),
+        // Routing and authorization split the Host with the same `host_and_port`.
         Some(h) => {
-            if let Some(why) = bad_authority(h.as_bytes()) {
+            if let Err(why) = host_and_port(h.as_bytes()) {
                 return Some(why);
-            }
-            // Routing and authorization read the Host parsed: it must parse as it was checked.
-            if h.to_str().ok().and_then(|h| h.parse::<Authority>().ok()).is_none() {
-                return Some("invalid Host header");
             }
         }
         None if version == Version::HTTP_11 => return Some("no Host header"),
         None => {}
     }
     // The URI's authority (absolute form, HTTP/2 `:authority`) is the one routing reads.
-    uri.authority().and_then(|a| bad_authority(a.as_str().as_bytes()))
+    uri.authority().and_then(|a| host_and_port(a.as_str().as_bytes()).err())
 }
 
-/// Why `host[:port]` is not a valid authority for a request, if it is not.
-fn bad_authority(authority: &[u8]) -> Option<&'static str> {
+/// The host (an IPv6 literal with its brackets) and port of a request's `host[:port]`, or why
+/// it is not a valid authority.
+pub fn host_and_port(authority: &[u8]) -> Result<(&str, Option<u16>), &'static str> {
     let (host, port, ipv6) = match authority.strip_prefix(b"[") {
         // An IPv6 literal: `[addr]` or `[addr]:port`.
         Some(rest) => {
             let Some(end) = rest.iter().position(|b| *b == b']') else {
-                return Some("unclosed IPv6 literal");
+                return Err("unclosed IPv6 literal");
             };
             let after = &rest[end + 1..];
             match after.strip_prefix(b":") {
                 Some(port) => (&rest[..end], Some(port), true),
                 None if after.is_empty() => (&rest[..end], None, true),
-                None => return Some("bytes after the IPv6 literal"),
+                None => return Err("bytes after the IPv6 literal"),
             }
         }
         None => match authority.iter().position(|b| *b == b':') {
@@ -180,16 +193,23 @@ fn bad_authority(authority: &[u8]) -> Option<&'static str> {
             false => b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'),
         });
     if !host_ok {
-        return Some("invalid host in the authority");
+        return Err("invalid host in the authority");
     }
-    if let Some(port) = port {
-        let digits = !port.is_empty() && port.len() <= 5 && port.iter().all(u8::is_ascii_digit);
-        let value = std::str::from_utf8(port).ok().and_then(|p| p.parse::<u32>().ok());
-        if !digits || value.is_none_or(|p| p > 65535) {
-            return Some("invalid port in the authority");
+    let port = match port {
+        None => None,
+        Some(port) => {
+            let digits = !port.is_empty() && port.len() <= 5 && port.iter().all(u8::is_ascii_digit);
+            let value = std::str::from_utf8(port).ok().and_then(|p| p.parse::<u16>().ok());
+            match value.filter(|_| digits) {
+                Some(value) => Some(value),
+                None => return Err("invalid port in the authority"),
+            }
         }
-    }
-    None
+    };
+    // With its brackets, as `http::uri::Authority::host` gives it.
+    let host = if ipv6 { &authority[..host.len() + 2] } else { host };
+    // Only ASCII passed the checks above.
+    Ok((std::str::from_utf8(host).map_err(|_| "invalid host in the authority")?, port))
 }
 
 /// A random version-4 UUID (`xxxxxxxx-xxxx-4xxx-yxxx-xxxxxxxxxxxx`), written digit by digit:
@@ -252,6 +272,22 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_and_port_split_as_routing_reads_them() {
+        assert_eq!(host_and_port(b"origin"), Ok(("origin", None)));
+        assert_eq!(host_and_port(b"ORIGIN.ns:8080"), Ok(("ORIGIN.ns", Some(8080))));
+        assert_eq!(host_and_port(b"[2001:db8::1]:443"), Ok(("[2001:db8::1]", Some(443))));
+        assert_eq!(host_and_port(b"[::1]"), Ok(("[::1]", None)));
+        assert_eq!(host_and_port(b"10.0.0.1:65535"), Ok(("10.0.0.1", Some(65535))));
+        assert!(host_and_port(b"origin:65536").is_err());
+        assert!(host_and_port(b"").is_err());
+        // What `http` parses gives the same host and port, so nothing changed for routing.
+        for good in ["origin", "origin:80", "ORIGIN.ns:8080", "[::1]", "[2001:db8::1]:443", "a_b~c:1"] {
+            let parsed: http::uri::Authority = good.parse().unwrap();
+            assert_eq!(host_and_port(good.as_bytes()), Ok((parsed.host(), parsed.port_u16())), "{good}");
+        }
+    }
 
     #[test]
     fn a_host_must_be_single_present_on_http11_and_well_formed() {
@@ -320,6 +356,20 @@ mod tests {
         let mut names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         names.sort_unstable();
         assert_eq!(names, ["b3", "te", "traceparent"]);
+
+        // Names in any case; `close` and the hop-by-hop names themselves name nothing more.
+        let mut h = map(&[
+            ("connection", "Close, KEEP-ALIVE, X-Other, upgrade"),
+            ("x-other", "1"),
+            ("proxy-connection", "keep-alive"),
+            ("content-type", "text/plain"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["content-type"]);
+        let mut h = map(&[("content-type", "text/plain")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "nothing to strip");
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::{
 use http::{
     HeaderValue, Request, Response, StatusCode, Version,
     header::{CONTENT_TYPE, HOST, LOCATION, SET_COOKIE},
-    uri::{Authority, PathAndQuery},
+    uri::PathAndQuery,
 };
 use http_body::Body as _;
 use hyper::body::Incoming;
@@ -33,7 +33,9 @@ use super::{
     flags::Flags,
     forward::{Destination, Head, Try, forward},
     full,
-    headers::{ambiguous_framing, bad_host, is_upgrade, set_client_identity, strip_hop_by_hop},
+    headers::{
+        ambiguous_framing, bad_host, host_and_port, is_upgrade, set_client_identity, strip_hop_by_hop,
+    },
     mirror,
     normalize::{Refused, normalize},
     observe::ResponseInfo,
@@ -157,9 +159,19 @@ impl tower::Service<Request<Incoming>> for Router {
     }
 }
 
-/// The request's authority (`:authority` or `Host`).
-fn authority_of<B>(req: &Request<B>) -> Option<Authority> {
-    req.uri().authority().cloned().or_else(|| req.headers().get(HOST)?.to_str().ok()?.parse().ok())
+/// The request's host (lowercase) and port, from `:authority` or `Host` as `bad_host` checked
+/// them; an empty host when there is none.
+fn host_and_port_of<B>(req: &Request<B>) -> (Cow<'_, str>, Option<u16>) {
+    let authority = match req.uri().authority() {
+        Some(a) => a.as_str().as_bytes(),
+        None => req.headers().get(HOST).map_or(&b""[..], HeaderValue::as_bytes),
+    };
+    let Ok((host, port)) = host_and_port(authority) else { return (Cow::Borrowed(""), None) };
+    let host = match host.bytes().any(|b| b.is_ascii_uppercase()) {
+        true => Cow::Owned(host.to_ascii_lowercase()),
+        false => Cow::Borrowed(host),
+    };
+    (host, port)
 }
 
 /// Normalizes a request's path in place (`normalize`), so what is checked is what is sent.
@@ -207,9 +219,7 @@ impl Router {
             tracing::debug!(peer = %self.conn.conn.peer, %why, "refusing a path that does not normalize");
             return respond(Failure::BadPath(why), grpc, ResponseInfo::default());
         }
-        let authority = authority_of(&req);
-        let host = authority.as_ref().map(|a| a.host().to_ascii_lowercase()).unwrap_or_default();
-        let port = authority.as_ref().and_then(|a| a.port_u16());
+        let (host, port) = host_and_port_of(&req);
         if inbound && let Some(policy) = snapshot.inbound.as_deref() {
             let info = || ResponseInfo { service: Some(super::INBOUND.clone()), ..Default::default() };
             // The mode may have become STRICT after this plain-text connection was accepted.
@@ -297,13 +307,7 @@ impl Router {
                     Action::Redirect(redirect) => {
                         let scheme = req.uri().scheme_str().unwrap_or("http");
                         let pq = req.uri().path_and_query().map_or("/", PathAndQuery::as_str);
-                        let location = redirect_location(
-                            redirect,
-                            scheme,
-                            &host,
-                            authority.as_ref().and_then(|a| a.port_u16()),
-                            pq,
-                        );
+                        let location = redirect_location(redirect, scheme, &host, port, pq);
                         let Ok(location) = HeaderValue::from_str(&location) else {
                             return respond(Failure::BadRedirect, grpc, info);
                         };
