@@ -25,7 +25,10 @@ use crate::{
     },
     inbound::{Facts, Inbound, MtlsMode},
     io::PrefixedIo,
-    metrics::{HandshakeLabels, ListenerLabels, Metrics, PeerLabels, ReasonLabels, ResultLabels, TcpLabels},
+    metrics::{
+        GaugeGuard, HandshakeLabels, ListenerLabels, Metrics, PeerLabels, ReasonLabels, ResultLabels,
+        TcpLabels,
+    },
     peer::{MeshClient, Peer},
     settings::{IdentityFiles, IdentitySource, Settings},
     sys, tcp,
@@ -458,11 +461,10 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let shared2 = shared.clone();
         let listening = listening.clone();
-        let gauge = shared.metrics().connections_active.get_or_create(&labels).clone();
+        let active = shared.metrics().connections_active.get_or_create(&labels).clone();
         shared.tracker.spawn(async move {
-            gauge.inc();
+            let _active = GaugeGuard::inc(active);
             handle_connection(stream, peer, listening, &shared2, permit).await;
-            gauge.dec();
         });
     }
     tracing::debug!(listener = direction.as_str(), "listener closed");

@@ -120,12 +120,14 @@ pub struct Activity {
     h2_flood: AtomicBool,
     /// Requests finished on this connection.
     served: AtomicU64,
-    /// While parking (`request_park`): the bytes moved so far, plus one; zero otherwise.
-    park_at: AtomicU64,
-    /// hyper let go of the connection while parking, with no byte moved since (`ActivityIo`
-    /// then skipped its shutdown).
-    parked: AtomicBool,
+    /// Parking: zero when not asked; while asked (`request_park`), the bytes moved so far plus
+    /// one; `PARKED` once hyper let go with no byte moved since (`ActivityIo` then skipped its
+    /// shutdown).
+    park: AtomicU64,
 }
+
+/// `Activity::park` once the connection is parked.
+const PARKED: u64 = u64::MAX;
 
 /// What a connection's timer watches for (`Activity::due`).
 #[derive(Clone, Copy, Debug, Default)]
@@ -171,8 +173,7 @@ impl Activity {
             head_since: AtomicU64::new(0),
             h2_flood: AtomicBool::new(false),
             served: AtomicU64::new(0),
-            park_at: AtomicU64::new(0),
-            parked: AtomicBool::new(false),
+            park: AtomicU64::new(0),
         })
     }
 
@@ -218,24 +219,18 @@ impl Activity {
     /// (`parked`). A byte moved since means it was not idle after all (it finished writing a
     /// response, or the client asked to close): the connection then shuts down as usual.
     pub fn request_park(&self) {
-        self.parked.store(false, Ordering::Relaxed);
-        self.park_at.store(self.moved() + 1, Ordering::Relaxed);
+        self.park.store(self.moved() + 1, Ordering::Relaxed);
     }
 
     /// Whether the HTTP/1 server let go of the connection without closing it; clears the request.
     pub fn take_parked(&self) -> bool {
-        self.park_at.store(0, Ordering::Relaxed);
-        self.parked.swap(false, Ordering::Relaxed)
+        self.park.swap(0, Ordering::Relaxed) == PARKED
     }
 
     /// Called instead of a shutdown: true when it is a park and the socket must stay open.
     fn shutdown_is_park(&self) -> bool {
-        let at = self.park_at.load(Ordering::Relaxed);
-        let park = at != 0 && at == self.moved() + 1;
-        if park {
-            self.parked.store(true, Ordering::Relaxed);
-        }
-        park
+        let asked = self.moved() + 1;
+        self.park.compare_exchange(asked, PARKED, Ordering::Relaxed, Ordering::Relaxed).is_ok()
     }
 
     pub fn requests(&self) -> usize {

@@ -383,3 +383,21 @@ mod tests {
         assert_eq!(&*inbound.destination_workload, "productpage", "inbound goes to the local app");
     }
 }
+
+/// Counts one in a gauge while it lives (a connection open, one parked), also when the task
+/// holding it is dropped.
+#[derive(Debug)]
+pub struct GaugeGuard(Gauge);
+
+impl GaugeGuard {
+    pub fn inc(gauge: Gauge) -> GaugeGuard {
+        gauge.inc();
+        GaugeGuard(gauge)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

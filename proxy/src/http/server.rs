@@ -27,6 +27,7 @@ use super::{
 use crate::{
     io::{Activity, ActivityIo, Due, Park, PrefixedIo, Watch},
     log_limit::LogLimit,
+    metrics::GaugeGuard,
     peer::Peer,
     settings::{Limits, Timeouts},
     upstream::Proto,
@@ -174,7 +175,7 @@ where
     loop {
         if !io.inner().has_prefix() {
             let woke = {
-                let _parked = GaugeGuard::inc(&serving.routing.metrics.connections_parked);
+                let _parked = GaugeGuard::inc(serving.routing.metrics.connections_parked.clone());
                 wait_for_bytes(io.inner_mut(), serving, activity).await
             };
             match woke {
@@ -243,22 +244,6 @@ where
         .serve_connection(TokioIo::new(io), service);
     let conn = std::pin::pin!(conn);
     drive(conn, |c| c.graceful_shutdown(), serving, activity, Watch::idle(serving.timeouts.http_idle)).await
-}
-
-/// Counts one in a gauge while it lives.
-struct GaugeGuard<'g>(&'g prometheus_client::metrics::gauge::Gauge);
-
-impl<'g> GaugeGuard<'g> {
-    fn inc(gauge: &'g prometheus_client::metrics::gauge::Gauge) -> Self {
-        gauge.inc();
-        GaugeGuard(gauge)
-    }
-}
-
-impl Drop for GaugeGuard<'_> {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
 }
 
 /// Waits, without buffers, until a parked HTTP/1 connection has bytes to read, and reads them
