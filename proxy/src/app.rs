@@ -577,6 +577,7 @@ async fn serve_tunnel(
             let client = MeshClient {
                 peer: Peer::new(Some(client), ""),
                 sni: io.get_ref().1.server_name().map(Arc::from),
+                http1_over_h2: tunnel == Tunnel::Http1OverH2,
             };
             dispatch(io, bytes::Bytes::new(), tunnel.into(), conn, Some(client), shared).await
         }
@@ -615,8 +616,12 @@ async fn dispatch<I>(
                 },
                 Proto::Http1 => prefix,
             };
+            let origin = match &tunnel {
+                Some(t) if t.http1_over_h2 => Proto::Http1,
+                _ => downstream,
+            };
             let (tunnel, sni) = tunnel.map_or((None, None), |t| (Some(t.peer), t.sni));
-            let info = ConnInfo { conn, downstream, tunnel, sni };
+            let info = ConnInfo { conn, downstream, origin, tunnel, sni };
             server::serve(PrefixedIo::new(prefix, stream), info, shared.serving.clone()).await
         }
         // Boxed: the connect and splice states would otherwise size every connection's task,

@@ -28,9 +28,11 @@ impl Peer {
     }
 }
 
-/// The client of a mesh tunnel: its verified identity, and the SNI it asked for.
+/// The client of a mesh tunnel: its verified identity, the SNI it asked for, and whether its
+/// HTTP/2 carries an HTTP/1.1 app's requests (ALPN `weft/h2-http1`).
 #[derive(Clone, Debug)]
 pub struct MeshClient {
     pub peer: Peer,
     pub sni: Option<Arc<str>>,
+    pub http1_over_h2: bool,
 }

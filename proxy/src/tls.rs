@@ -50,7 +50,7 @@ pub struct MeshTls {
     /// is filled in by `Shared::local_peer`.
     pub peer: Peer,
     acceptor: TlsAcceptor,
-    connectors: [(Tunnel, TlsConnector); 3],
+    connectors: [(Tunnel, TlsConnector); 4],
 }
 
 impl std::fmt::Debug for MeshTls {
@@ -70,7 +70,12 @@ impl MeshTls {
             bundle: bundle.clone(),
             peer: Peer::new(Some(creds.id.clone()), ""),
             acceptor: TlsAcceptor::from(mesh::server_config(creds, bundle)?),
-            connectors: [connector(Tunnel::Http2)?, connector(Tunnel::Http1)?, connector(Tunnel::Tcp)?],
+            connectors: [
+                connector(Tunnel::Http2)?,
+                connector(Tunnel::Http1)?,
+                connector(Tunnel::Http1OverH2)?,
+                connector(Tunnel::Tcp)?,
+            ],
         })
     }
 

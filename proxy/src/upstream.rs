@@ -2,7 +2,9 @@
 //!
 //! An `Endpoint` is one `ip:port` with its load (for the balancer) and its connections: a small
 //! list of HTTP/1.1 connections, each carrying one request at a time, and one multiplexed
-//! HTTP/2 connection. Endpoints outlive config snapshots: a new snapshot reuses the `Endpoint` of
+//! HTTP/2 connection. To a meshed endpoint, HTTP/1.1 requests may travel over a second HTTP/2
+//! connection instead (`ConnectOpts::http1_over_h2`, tunnel `weft/h2-http1`): the proxy on the
+//! other side gives them to its app as HTTP/1.1, so neither app notices. Endpoints outlive config snapshots: a new snapshot reuses the `Endpoint` of
 //! an address it keeps, so latency history and pooled connections survive a reload, and a request
 //! holds its `Arc<Endpoint>` so removing the endpoint from the config never cuts it off.
 //!
@@ -39,6 +41,10 @@ pub type UpstreamIo = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpS
 /// still close after the pool's idle timeout.
 const MAX_H1_CONNS: usize = 1024;
 
+/// Whether HTTP/1.1 requests to meshed endpoints travel over HTTP/2 between the proxies when
+/// their destination does not say (DestinationRule `h2UpgradePolicy: DEFAULT`).
+pub const DEFAULT_HTTP1_OVER_H2: bool = true;
+
 /// Which HTTP version to speak to the endpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Proto {
@@ -64,6 +70,10 @@ pub struct ConnectOpts {
     /// The average rate, in bytes/s while the proxy waits for it, below which such a body is
     /// cut, with `request_body_timeout` as the grace; zero: no minimum.
     pub request_body_min_rate: u32,
+    /// HTTP/1.1 requests to a meshed endpoint travel multiplexed over one HTTP/2 tunnel rather
+    /// than one tunnel per request in flight (DestinationRule `h2UpgradePolicy`). Upgrades
+    /// (WebSocket) and CONNECT keep an HTTP/1.1 tunnel.
+    pub http1_over_h2: bool,
 }
 
 impl ConnectOpts {
@@ -78,6 +88,7 @@ impl ConnectOpts {
             max_requests_per_connection: 0,
             request_body_timeout: timeouts.request_body,
             request_body_min_rate: timeouts.request_body_min_rate,
+            http1_over_h2: DEFAULT_HTTP1_OVER_H2,
         }
     }
 }
@@ -143,11 +154,19 @@ pub struct Endpoint {
     /// Outlier detection's failure counts and ejection.
     pub health: Health,
     h1: Mutex<H1Pool>,
-    /// The multiplexed connection, with the number of requests it has carried.
-    /// With the requests it carried and when it expires unused (`reap_idle`).
-    h2: Mutex<Option<(http2::SendRequest<Body>, u32, Instant)>>,
-    /// Held while an HTTP/2 connection is being established, so concurrent requests share it.
-    h2_connecting: tokio::sync::Mutex<()>,
+    /// For HTTP/2 requests (tunnel `weft/h2`).
+    h2: H2Slot,
+    /// For HTTP/1.1 requests carried over HTTP/2 (tunnel `weft/h2-http1`).
+    h1_over_h2: H2Slot,
+}
+
+/// One multiplexed HTTP/2 connection, made when first needed.
+#[derive(Debug, Default)]
+struct H2Slot {
+    /// The connection, with the requests it carried and when it expires unused (`reap_idle`).
+    conn: Mutex<Option<(http2::SendRequest<Body>, u32, Instant)>>,
+    /// Held while the connection is being established, so concurrent requests share it.
+    connecting: tokio::sync::Mutex<()>,
 }
 
 /// The HTTP/1.1 connections of one endpoint, busy and idle, roughly in the order they were
@@ -180,8 +199,8 @@ impl Endpoint {
             load: Arc::new(Load::new(Instant::now())),
             health: Health::new(Instant::now()),
             h1: Mutex::new(H1Pool::default()),
-            h2: Mutex::new(None),
-            h2_connecting: tokio::sync::Mutex::new(()),
+            h2: H2Slot::default(),
+            h1_over_h2: H2Slot::default(),
         })
     }
 
@@ -197,8 +216,14 @@ impl Endpoint {
             return Err(SendError { error, unsent: Some(req) });
         }
         match proto {
+            Proto::Http1 if self.carries_http1_over_h2(&req, opts) => {
+                // Sent as it is (origin form, `Host`, HTTP/1.1): the h2 crate gives such a
+                // request `:scheme` and `:path` and keeps `Host`, and the proxy on the other
+                // side hands it to its app in the same form.
+                self.send_h2(req, opts, Tunnel::Http1OverH2).await
+            }
             Proto::Http1 => self.send_h1(req, opts).await,
-            Proto::Http2 => self.send_h2(req, opts).await,
+            Proto::Http2 => self.send_h2(req, opts, Tunnel::Http2).await,
         }
     }
 
@@ -259,10 +284,12 @@ impl Endpoint {
                 pool.conns = Vec::new();
             }
         }
-        let mut h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
-        if h2.as_ref().is_some_and(|(s, _, expires)| s.is_closed() || *expires <= now) {
-            *h2 = None;
-            dropped += 1;
+        for slot in [&self.h2, &self.h1_over_h2] {
+            let mut h2 = slot.conn.lock().unwrap_or_else(|e| e.into_inner());
+            if h2.as_ref().is_some_and(|(s, _, expires)| s.is_closed() || *expires <= now) {
+                *h2 = None;
+                dropped += 1;
+            }
         }
         dropped
     }
@@ -296,12 +323,28 @@ impl Endpoint {
         Ok(sender)
     }
 
-    async fn send_h2(&self, req: Request<Body>, opts: &ConnectOpts) -> Result<Response<Incoming>, SendError> {
+    /// Whether this HTTP/1.1 request goes over the `weft/h2-http1` tunnel: the destination asks
+    /// for it, the endpoint runs a proxy this one tunnels to, and the request does not take
+    /// over its connection (an upgrade or CONNECT, which HTTP/2 cannot carry as HTTP/1.1 does).
+    fn carries_http1_over_h2(&self, req: &Request<Body>, opts: &ConnectOpts) -> bool {
+        opts.http1_over_h2
+            && self.is_tunneled(opts.mesh.as_deref())
+            && req.method() != hyper::Method::CONNECT
+            && !crate::http::headers::is_upgrade(req.headers())
+    }
+
+    async fn send_h2(
+        &self,
+        req: Request<Body>,
+        opts: &ConnectOpts,
+        tunnel: Tunnel,
+    ) -> Result<Response<Incoming>, SendError> {
+        let slot = if tunnel == Tunnel::Http1OverH2 { &self.h1_over_h2 } else { &self.h2 };
         let max = opts.max_requests_per_connection;
         // The cached connection, counting this request, unless it is closed or used up (then a
         // new one replaces it; the old one finishes its streams and closes).
         let cached = || {
-            let mut h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+            let mut h2 = slot.conn.lock().unwrap_or_else(|e| e.into_inner());
             match h2.as_mut() {
                 Some((s, n, expires)) if !s.is_closed() && (max == 0 || *n < max) => {
                     *n += 1;
@@ -315,13 +358,13 @@ impl Endpoint {
             Some(s) => s,
             None => {
                 // One connect at a time; requests that waited reuse its connection.
-                let _connecting = self.h2_connecting.lock().await;
+                let _connecting = slot.connecting.lock().await;
                 match cached() {
                     Some(s) => s,
-                    None => match self.connect_h2(opts).await {
+                    None => match self.connect_h2(opts, tunnel).await {
                         Ok(s) => {
                             let expires = Instant::now() + opts.idle_timeout;
-                            *self.h2.lock().unwrap_or_else(|e| e.into_inner()) =
+                            *slot.conn.lock().unwrap_or_else(|e| e.into_inner()) =
                                 Some((s.clone(), 1, expires));
                             s
                         }
@@ -337,8 +380,12 @@ impl Endpoint {
         sender.send_request(req).await.map_err(|source| SendError { error: error(source), unsent: None })
     }
 
-    async fn connect_h2(&self, opts: &ConnectOpts) -> Result<http2::SendRequest<Body>, Error> {
-        let io = TokioIo::new(self.connect(opts, Tunnel::Http2).await?);
+    async fn connect_h2(
+        &self,
+        opts: &ConnectOpts,
+        tunnel: Tunnel,
+    ) -> Result<http2::SendRequest<Body>, Error> {
+        let io = TokioIo::new(self.connect(opts, tunnel).await?);
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Some(opts.idle_timeout / 3))

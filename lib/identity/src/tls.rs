@@ -10,7 +10,7 @@
 //!   does not require one, because a proxy's first call is the request for its certificate
 //!   (`control_server_config`): each RPC decides whether it needs the caller's identity.
 //! - ALPN says what the tunnel carries, so the receiving proxy never has to detect it: `weft/h2`,
-//!   `weft/http1` or `weft/tcp`. A TLS connection offering none of these is not mesh traffic
+//!   `weft/http1`, `weft/h2-http1` (HTTP/2 carrying an HTTP/1 app's requests) or `weft/tcp`. A TLS connection offering none of these is not mesh traffic
 //!   (e.g. the app's own TLS) and passes through untouched.
 
 use std::sync::Arc;
@@ -36,16 +36,20 @@ use crate::{
 pub enum Tunnel {
     Http1,
     Http2,
+    /// HTTP/2 between the proxies, carrying the requests of apps that speak HTTP/1.1: many
+    /// requests share one connection, and the receiving proxy hands them to its app as HTTP/1.1.
+    Http1OverH2,
     Tcp,
 }
 
 impl Tunnel {
-    pub const ALL: [Tunnel; 3] = [Tunnel::Http2, Tunnel::Http1, Tunnel::Tcp];
+    pub const ALL: [Tunnel; 4] = [Tunnel::Http2, Tunnel::Http1, Tunnel::Http1OverH2, Tunnel::Tcp];
 
     pub fn alpn(self) -> &'static [u8] {
         match self {
             Tunnel::Http1 => b"weft/http1",
             Tunnel::Http2 => b"weft/h2",
+            Tunnel::Http1OverH2 => b"weft/h2-http1",
             Tunnel::Tcp => b"weft/tcp",
         }
     }

@@ -759,13 +759,6 @@ fn grpc_code(s: net::GrpcStatus) -> u32 {
 
 /// Fields of a DestinationRule policy that are accepted but not carried to the proxies.
 fn not_enforced_in_policy(t: &net::TrafficPolicy, problems: &mut Problems) {
-    let pools = t
-        .connection_pool
-        .iter()
-        .chain(t.port_level_settings.iter().filter_map(|p| p.connection_pool.as_ref()));
-    if pools.filter_map(|c| c.http.as_ref()).any(|h| h.h2_upgrade_policy.is_some()) {
-        problems.not_enforced.insert("connectionPool.http.h2UpgradePolicy");
-    }
     let tls = t.tls.iter().chain(t.port_level_settings.iter().filter_map(|p| p.tls.as_ref()));
     if tls.into_iter().any(|t| t.mode == net::TlsMode::Disable) {
         problems.not_enforced.insert("trafficPolicy.tls.mode: DISABLE");
@@ -873,6 +866,11 @@ fn connection_pool(c: &net::ConnectionPoolSettings) -> pb::ConnectionPool {
         max_requests: limit(http.and_then(|h| h.http2_max_requests)),
         max_requests_per_connection: limit(http.and_then(|h| h.max_requests_per_connection)),
         max_retries: limit(http.and_then(|h| h.max_retries)),
+        h2_upgrade: match http.and_then(|h| h.h2_upgrade_policy) {
+            None | Some(net::H2UpgradePolicy::Default) => pb::connection_pool::H2Upgrade::Default,
+            Some(net::H2UpgradePolicy::DoNotUpgrade) => pb::connection_pool::H2Upgrade::DoNotUpgrade,
+            Some(net::H2UpgradePolicy::Upgrade) => pb::connection_pool::H2Upgrade::Upgrade,
+        } as i32,
     }
 }
 

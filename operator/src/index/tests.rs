@@ -649,10 +649,9 @@ fn fields_proxies_do_not_enforce_yet_are_named() {
     assert!(rule.retries.is_some() && rule.fault.is_some() && rule.mirror.is_some());
     assert_eq!(r.services[REVIEWS].tcp_routes.len(), 1);
     let st = status(&r, Kind::DestinationRule, NS, "d");
-    assert_eq!(
-        st.accepted.message,
-        "accepted; not yet enforced by proxies: connectionPool.http.h2UpgradePolicy, trafficPolicy.tls.mode: DISABLE"
-    );
+    assert_eq!(st.accepted.message, "accepted; not yet enforced by proxies: trafficPolicy.tls.mode: DISABLE");
+    let pool = r.services[REVIEWS].traffic_policy.as_ref().and_then(|p| p.connection_pool.as_ref());
+    assert_eq!(pool.map(|p| p.h2_upgrade()), Some(pb::connection_pool::H2Upgrade::Upgrade));
 }
 
 #[test]
@@ -951,7 +950,7 @@ fn connection_pool_limits_translate() {
         &mut index,
         json!({"host": "reviews", "trafficPolicy": {"connectionPool": {
             "tcp": {"maxConnections": 100, "connectTimeout": "1s", "idleTimeout": "5m"},
-            "http": {"http1MaxPendingRequests": 10, "http2MaxRequests": 200, "maxRequestsPerConnection": 50, "maxRetries": 4},
+            "http": {"http1MaxPendingRequests": 10, "http2MaxRequests": 200, "maxRequestsPerConnection": 50, "maxRetries": 4, "h2UpgradePolicy": "DO_NOT_UPGRADE"},
         }}}),
     );
     assert_eq!(st.accepted.message, "accepted");
@@ -965,6 +964,7 @@ fn connection_pool_limits_translate() {
             max_requests: 200,
             max_requests_per_connection: 50,
             max_retries: 4,
+            h2_upgrade: pb::connection_pool::H2Upgrade::DoNotUpgrade as i32,
         }
     );
 }

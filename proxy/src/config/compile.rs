@@ -11,7 +11,9 @@ use std::{
 };
 
 use http::{HeaderName, HeaderValue, StatusCode};
-use weft_proto::v1::{self as pb, consistent_hash, load_balancer, string_match::Kind};
+use weft_proto::v1::{
+    self as pb, connection_pool::H2Upgrade, consistent_hash, load_balancer, string_match::Kind,
+};
 
 use super::{
     Action, Cluster, HeaderOps, HttpRoute, Port, Protocol, Rewrite, Service, Snapshot, Split, Target,
@@ -281,6 +283,7 @@ impl Clusters<'_, '_> {
             idle_timeout: resolved.idle_timeout,
             hash: resolved.hash,
             limits: resolved.limits,
+            h2_upgrade: resolved.h2_upgrade,
             outlier: resolved.outlier,
             budget: resolved.budget,
             state,
@@ -322,6 +325,7 @@ struct ResolvedPolicy {
     connect_timeout: Option<Duration>,
     idle_timeout: Option<Duration>,
     limits: PoolLimits,
+    h2_upgrade: Option<bool>,
     outlier: Option<OutlierPolicy>,
     budget: BudgetPolicy,
 }
@@ -404,6 +408,11 @@ fn resolve_policy(policy: &pb::TrafficPolicy, port: u16, at: &str) -> Result<Res
             max_requests: pool.max_requests,
             max_requests_per_connection: pool.max_requests_per_connection,
             max_retries: pool.max_retries,
+        },
+        h2_upgrade: match pool.h2_upgrade() {
+            H2Upgrade::Default => None,
+            H2Upgrade::DoNotUpgrade => Some(false),
+            H2Upgrade::Upgrade => Some(true),
         },
         outlier,
         budget,

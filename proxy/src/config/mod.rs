@@ -93,6 +93,9 @@ pub struct Cluster {
     /// Sticky sessions: requests with the same key go to the same endpoint.
     pub hash: Option<HashOn>,
     pub limits: PoolLimits,
+    /// HTTP/1.1 over HTTP/2 between proxies (`ConnectOpts::http1_over_h2`); `None`: the proxy's
+    /// default.
+    pub h2_upgrade: Option<bool>,
     pub outlier: Option<OutlierPolicy>,
     pub budget: BudgetPolicy,
     /// Budget and pool counters, carried over from the previous snapshot's cluster of this name.
@@ -212,6 +215,7 @@ impl Cluster {
             connect_timeout: self.connect_timeout.unwrap_or(base.connect_timeout),
             idle_timeout: self.idle_timeout.unwrap_or(base.idle_timeout),
             max_requests_per_connection: self.limits.max_requests_per_connection,
+            http1_over_h2: self.h2_upgrade.unwrap_or(base.http1_over_h2),
             ..base
         }
     }

@@ -203,6 +203,7 @@ fn connection_pool() -> impl Strategy<Value = pb::ConnectionPool> {
         max_requests: n[4],
         max_requests_per_connection: n[5],
         max_retries: n[6],
+        h2_upgrade: (n[0] % 3) as i32,
     })
 }
 

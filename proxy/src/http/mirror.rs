@@ -46,7 +46,8 @@ pub struct Copy<'a> {
     pub body: Bytes,
     /// The port the primary request arrived for (picks the mirror's port the same way).
     pub port: Option<u16>,
-    pub downstream: Proto,
+    /// The HTTP version the client app speaks.
+    pub origin: Proto,
 }
 
 /// Sends `copy` to `mirror` in the background, if fewer than `MAX_IN_FLIGHT` copies are out.
@@ -71,7 +72,7 @@ pub fn spawn(
         count(metrics, "dropped");
         return;
     };
-    let proto = cluster.upstream_proto(copy.downstream);
+    let proto = cluster.upstream_proto(copy.origin);
     let opts = cluster.connect_opts(opts);
     let Ok(shadow) = HeaderValue::from_str(&shadow_authority(copy.authority)) else { return };
     let target = Some(copy.path_and_query);

@@ -58,7 +58,11 @@ use crate::{
 #[derive(Clone, Debug)]
 pub struct ConnInfo {
     pub conn: Conn,
+    /// The HTTP version on the wire.
     pub downstream: Proto,
+    /// The HTTP version the client app speaks: `downstream`, except in a tunnel whose HTTP/2
+    /// carries an HTTP/1.1 app's requests (then its requests go on as HTTP/1.1).
+    pub origin: Proto,
     /// The client proxy, when the connection is a mesh tunnel.
     pub tunnel: Option<Peer>,
     /// The SNI a mesh tunnel's client asked for.
@@ -380,8 +384,8 @@ impl Router {
         let upgrade = self.conn.downstream == Proto::Http1 && is_upgrade(req.headers());
         let proto = match (upgrade, cluster) {
             (true, _) => Proto::Http1,
-            (false, Some(c)) => c.upstream_proto(self.conn.downstream),
-            (false, None) => self.conn.downstream,
+            (false, Some(c)) => c.upstream_proto(self.conn.origin),
+            (false, None) => self.conn.origin,
         };
         let key = cluster
             .and_then(|c| c.hash.as_ref())
@@ -485,7 +489,7 @@ impl Router {
                 headers,
                 body,
                 port,
-                downstream: self.conn.downstream,
+                origin: self.conn.origin,
             };
             mirror::spawn(
                 mirror,

@@ -89,10 +89,21 @@ pub async fn outbound(
     server_identity: &SpiffeId,
     h2: bool,
 ) -> TestProxy {
+    outbound_with_policy(files, inb, server_identity, h2, "{}").await
+}
+
+/// `outbound`, with `policy` as `reviews`' traffic policy.
+async fn outbound_with_policy(
+    files: Option<IdentityFiles>,
+    inb: SocketAddr,
+    server_identity: &SpiffeId,
+    h2: bool,
+    policy: &str,
+) -> TestProxy {
     let protocol = if h2 { "HTTP2" } else { "PROTOCOL_UNSPECIFIED" };
     let endpoint = format!("{{address: \"{inb}\", identity: \"{server_identity}\", workload: reviews-v1}}");
     let config = format!(
-        "services:\n  - name: reviews\n    ports: [{{number: 9080, protocol: {protocol}, endpoints: [{endpoint}]}}]\n  - name: db\n    ports: [{{number: 9000, protocol: TCP, endpoints: [{endpoint}]}}]\n"
+        "services:\n  - name: reviews\n    ports: [{{number: 9080, protocol: {protocol}, endpoints: [{endpoint}]}}]\n    trafficPolicy: {policy}\n  - name: db\n    ports: [{{number: 9000, protocol: TCP, endpoints: [{endpoint}]}}]\n"
     );
     TestProxy::start_with(&config, move |s| {
         s.identity = files.map(IdentitySource::Files);
@@ -150,6 +161,112 @@ async fn http_crosses_the_tunnel_and_both_sides_name_each_other() {
     assert_eq!(sample(&server, &want), Some(2.0), "server side, HTTP/1.1 and HTTP/2:\n{server}");
     let tunnels = sample(&server, &["weft_tls_handshakes_total{", "side=\"accept\"", "result=\"ok\""]);
     assert_eq!(tunnels, Some(2.0), "one tunnel per client proxy:\n{server}");
+}
+
+/// An app that speaks HTTP/1.1 only and answers nothing until `n` requests are in, each with
+/// the HTTP version and `Host` it got: `n` requests through the pair must be in flight at once.
+async fn http1_app_answering_in_groups_of(n: usize) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let group = Arc::new(tokio::sync::Barrier::new(n));
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let group = group.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let group = group.clone();
+                    async move {
+                        group.wait().await;
+                        let host = req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or("");
+                        let body = format!("{:?} {host} {}", req.version(), req.uri());
+                        Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from(body),
+                        )))
+                    }
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Mesh tunnels the server side has accepted so far.
+async fn tunnels_accepted(inb: &TestProxy) -> f64 {
+    sample(&metrics(inb).await, &["weft_tls_handshakes_total{", "side=\"accept\"", "result=\"ok\""])
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn http1_requests_share_one_h2_tunnel_when_upgraded_and_reach_the_app_as_http1() {
+    const IN_FLIGHT: usize = 8;
+    let issuer = Issuer::new_root("cluster.local", SystemTime::now(), DAY).unwrap();
+    let app = http1_app_answering_in_groups_of(IN_FLIGHT).await;
+    let inb = inbound(identity(&issuer, "reviews"), app, half_close_echo().await, None).await;
+    // One HTTP/2 tunnel for all the requests in flight, or one HTTP/1.1 tunnel each.
+    for (policy, tunnels) in [("UPGRADE", 1.0), ("DO_NOT_UPGRADE", IN_FLIGHT as f64)] {
+        let policy_yaml = format!("{{connectionPool: {{h2Upgrade: {policy}}}}}");
+        let files = Some(identity(&issuer, "productpage"));
+        let out = outbound_with_policy(files, inb.addr(), &id("reviews"), false, &policy_yaml).await;
+        let before = tunnels_accepted(&inb).await;
+        let requests: Vec<_> = (0..IN_FLIGHT)
+            .map(|i| {
+                let addr = out.addr();
+                tokio::spawn(
+                    async move { H1::connect(addr).await.get("reviews:9080", &format!("/r?{i}")).await },
+                )
+            })
+            .collect();
+        for (i, reply) in requests.into_iter().enumerate() {
+            let reply = within("the group's answers", reply).await.unwrap();
+            assert_eq!(reply.status, StatusCode::OK, "{policy}: {reply:?}");
+            assert_eq!(
+                reply.body,
+                format!("HTTP/1.1 reviews:9080 /r?{i}"),
+                "{policy}: as the client sent it"
+            );
+        }
+        assert_eq!(
+            tunnels_accepted(&inb).await - before,
+            tunnels,
+            "{policy}: tunnels for {IN_FLIGHT} requests"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_upgrade_keeps_an_http1_tunnel_when_requests_go_over_h2() {
+    let issuer = Issuer::new_root("cluster.local", SystemTime::now(), DAY).unwrap();
+    let (backend, echo) = (backend("reviews").await, half_close_echo().await);
+    let inb = inbound(identity(&issuer, "reviews"), backend.addr, echo, None).await;
+    let files = Some(identity(&issuer, "productpage"));
+    let policy = "{connectionPool: {h2Upgrade: UPGRADE}}";
+    let out = outbound_with_policy(files, inb.addr(), &id("reviews"), false, policy).await;
+    let req = req("reviews:9080", "/chat")
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .body(http_body_util::Full::<bytes::Bytes>::default())
+        .unwrap();
+    let stream = TcpStream::connect(out.addr()).await.unwrap();
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+    tokio::spawn(conn.with_upgrades());
+    let res = within("101", sender.send_request(req)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SWITCHING_PROTOCOLS);
+    let upgraded = within("upgrade", hyper::upgrade::on(res)).await.unwrap();
+    let mut io = hyper_util::rt::TokioIo::new(upgraded);
+    io.write_all(b"\x81\x05hello").await.unwrap();
+    let mut back = [0u8; 7];
+    within("echo", io.read_exact(&mut back)).await.unwrap();
+    assert_eq!(&back, b"\x81\x05hello");
+    // A plain request on the same destination still goes over HTTP/2.
+    let reply = H1::connect(out.addr()).await.get("reviews:9080", "/after").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.json()["version"], "HTTP/1.1", "{reply:?}");
+    assert_eq!(tunnels_accepted(&inb).await, 2.0, "the upgrade's HTTP/1.1 tunnel and one HTTP/2 tunnel");
 }
 
 #[tokio::test]
