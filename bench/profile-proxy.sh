@@ -3,7 +3,8 @@
 # counted by valgrind's callgrind, and the functions that spend them.
 #
 # Usage: bench/profile-proxy.sh [REQUESTS] [CONNECTIONS] [h1|h2] [none|retry|inbound|authz]
-#                               [plain|mtls]   (defaults 2000, 16, h1, none, plain)
+#                               [plain|mtls] [http1|h2]
+#                               (defaults 2000, 16, h1, none, plain, h2)
 # h2 sends HTTP/2 (h2c, 10 streams per connection); the proxy's upstream stays HTTP/1.1.
 # `retry` gives the route a retry policy that needs copies of each request (5xx and resets, 2
 # attempts, the default budget): what such a policy costs when nothing fails.
@@ -13,8 +14,10 @@
 # ALLOW of which only the last rule matches): authz minus inbound is what authorization costs.
 # `mtls` (with `inbound` or `authz` only) makes the client a mesh workload: the load goes to a
 # second weft-proxy, its sidecar (explicit outbound listener, on CPU 0, not profiled), which
-# reaches the profiled proxy's inbound listener over mesh mTLS (TLS 1.3, ALPN weft/http1,
-# connections kept) as `spiffe://cluster.local/ns/bench/sa/outbound`, an identity no rule names:
+# reaches the profiled proxy's inbound listener over mesh mTLS (TLS 1.3, connections kept) as
+# `spiffe://cluster.local/ns/bench/sa/outbound`, an identity no rule names. The last argument says
+# what carries the HTTP/1.1 requests between them: `h2` (one multiplexed HTTP/2 tunnel, ALPN
+# weft/h2-http1, the default) or `http1` (a tunnel per request in flight, ALPN weft/http1):
 # the rules that name principals are compared and fail. The certificates come from the bench's
 # root (`target/release/proxy --write-certs`, built when missing). The profiled proxy's count
 # then includes its side of TLS; the run fails unless every request it counted came over mTLS.
@@ -35,6 +38,7 @@ conns=${2:-16}
 proto=${3:-h1}
 policy=${4:-none}
 client=${5:-plain}
+tunnel=${6:-h2}
 inbound_policy=""
 case "$policy" in
   none|inbound) route="" ;;
@@ -67,6 +71,11 @@ case "$client/$policy" in
   plain/*|mtls/inbound|mtls/authz) ;;
   mtls/*) echo "an mtls client needs the inbound or authz policy" >&2; exit 2 ;;
   *) echo "the client must be plain or mtls" >&2; exit 2 ;;
+esac
+case "$tunnel" in
+  h2) upgrade=UPGRADE ;;
+  http1) upgrade=DO_NOT_UPGRADE ;;
+  *) echo "the tunnel must be http1 or h2" >&2; exit 2 ;;
 esac
 case "$proto" in
   h1) load=(--h1) ;;
@@ -140,6 +149,7 @@ services:
   - name: origin
     aliases: ["127.0.0.1"]
     ports: [{number: $port_proxy, protocol: HTTP1, endpoints: [{address: "127.0.0.1:$port_proxy", identity: "spiffe://cluster.local/ns/bench/sa/inbound"}]}]
+    trafficPolicy: {connectionPool: {h2Upgrade: $upgrade}}
 EOF
   taskset -c 0 "$weft" --config "$dir/client.yaml" --no-redirect \
     --listen "127.0.0.1:$port_client" --admin-addr "127.0.0.1:$port_client_admin" --workers 1 \
@@ -189,7 +199,9 @@ dump=$(ls -t "$dir"/callgrind.out.* | head -1)
 # callgrind_annotate exits non-zero when it cannot find source files to annotate; that is fine.
 (callgrind_annotate --inclusive=no --threshold=100 "$dump" 2> /dev/null || true) | head -200 > "$out"
 total=$(awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}' "$out")
-echo "requests: $requests over $conns connections ($proto downstream, HTTP/1.1 upstream, 1 KB, route policy: $policy, $client client)"
+tunnels=""
+[ "$client" = plain ] || tunnels=", $tunnel tunnel"
+echo "requests: $requests over $conns connections ($proto downstream, HTTP/1.1 upstream, 1 KB, route policy: $policy, $client client$tunnels)"
 echo "instructions in weft-proxy: $total, per request: $((total / requests))"
 # Heap allocations: the calls callgrind recorded into the allocator's entry points.
 allocations=$(awk '

@@ -235,6 +235,71 @@ async fn http1_requests_share_one_h2_tunnel_when_upgraded_and_reach_the_app_as_h
     }
 }
 
+/// An app that speaks HTTP/1.1 only and answers with how the request body came: its framing
+/// (`content-length: N` or `chunked`), its length, and its bytes.
+async fn http1_app_echoing_bodies() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                        let header =
+                            |name| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+                        let framing = match (header("content-length"), header("transfer-encoding")) {
+                            (Some(n), None) => format!("content-length: {n}"),
+                            (None, Some(te)) => te,
+                            other => format!("{other:?}"),
+                        };
+                        let body = http_body_util::BodyExt::collect(req.into_body()).await?.to_bytes();
+                        let answer =
+                            [format!("{framing}; {} bytes; ", body.len()).as_bytes(), &body].concat();
+                        Ok::<_, hyper::Error>(http::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from(answer),
+                        )))
+                    });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn request_bodies_cross_the_h2_tunnel_with_their_http1_framing() {
+    let issuer = Issuer::new_root("cluster.local", SystemTime::now(), DAY).unwrap();
+    let app = http1_app_echoing_bodies().await;
+    let inb = inbound(identity(&issuer, "reviews"), app, half_close_echo().await, None).await;
+    let files = Some(identity(&issuer, "productpage"));
+    let policy = "{connectionPool: {h2Upgrade: UPGRADE}}";
+    let out = outbound_with_policy(files, inb.addr(), &id("reviews"), false, policy).await;
+
+    // A body with a length: 100 KB, more than one HTTP/2 DATA frame and more than a TLS record.
+    let body: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let req = req("reviews:9080", "/upload")
+        .method(Method::POST)
+        .body(http_body_util::Full::new(bytes::Bytes::from(body.clone())))
+        .unwrap();
+    let reply = H1::connect(out.addr()).await.send(req).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let want = [b"content-length: 100000; 100000 bytes; ".as_slice(), &body].concat();
+    assert!(reply.body == want, "the body and its length arrive as sent");
+
+    // A chunked body (no length): the app gets it chunked.
+    let mut s = TcpStream::connect(out.addr()).await.unwrap();
+    let chunked = "POST /upload HTTP/1.1\r\nhost: reviews:9080\r\ntransfer-encoding: chunked\r\n\
+                   connection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n";
+    s.write_all(chunked.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    within("the chunked upload's answer", s.read_to_end(&mut got)).await.unwrap();
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(got.ends_with("chunked; 11 bytes; hello world"), "{got}");
+    assert_eq!(tunnels_accepted(&inb).await, 1.0, "both requests on the one HTTP/2 tunnel");
+}
+
 #[tokio::test]
 async fn an_upgrade_keeps_an_http1_tunnel_when_requests_go_over_h2() {
     let issuer = Issuer::new_root("cluster.local", SystemTime::now(), DAY).unwrap();
