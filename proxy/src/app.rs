@@ -2,6 +2,7 @@
 //! accepted connection to protocol detection and then to the HTTP server or the TCP splice, and
 //! drains on shutdown.
 
+use prometheus_client::metrics::gauge::Gauge;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{
@@ -459,13 +460,11 @@ async fn accept_loop(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let shared2 = shared.clone();
-        let listening = listening.clone();
         let active = shared.metrics().connections_active.get_or_create(&labels).clone();
-        shared.tracker.spawn(async move {
-            let _active = GaugeGuard::inc(active);
-            handle_connection(stream, peer, listening, &shared2, permit).await;
-        });
+        // Spawned as it is: a wrapping `async` block would keep a second copy of the arguments
+        // in every connection's task.
+        let connection = handle_connection(stream, peer, listening.clone(), shared.clone(), permit, active);
+        shared.tracker.spawn(connection);
     }
     tracing::debug!(listener = direction.as_str(), "listener closed");
 }
@@ -474,9 +473,12 @@ async fn handle_connection(
     stream: TcpStream,
     peer: SocketAddr,
     listening: Listening,
-    shared: &Arc<Shared>,
+    shared: Arc<Shared>,
     _permit: OwnedSemaphorePermit,
+    active: Gauge,
 ) {
+    let _active = GaugeGuard::inc(active);
+    let shared = &shared;
     let Listening { direction, target, app_port } = listening;
     let dst = match (direction, app_port) {
         (Direction::Inbound, Some(port)) => match stream.local_addr() {
@@ -621,7 +623,8 @@ async fn dispatch<I>(
                 _ => downstream,
             };
             let (tunnel, sni) = tunnel.map_or((None, None), |t| (Some(t.peer), t.sni));
-            let info = ConnInfo { conn, downstream, origin, tunnel, sni };
+            // An `Arc` from here on: the connection's task holds this once, not once per frame.
+            let info = Arc::new(ConnInfo { conn, downstream, origin, tunnel, sni });
             server::serve(PrefixedIo::new(prefix, stream), info, shared.serving.clone()).await
         }
         // Boxed: the connect and splice states would otherwise size every connection's task,

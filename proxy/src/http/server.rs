@@ -86,7 +86,7 @@ impl Serving {
 type ConnService = TowerToHyperService<RequestId<Observe<limits::Limits<Router>>>>;
 
 /// Serves HTTP on `io` until the client closes, the connection idles out, or drain completes.
-pub async fn serve<I>(io: I, conn: ConnInfo, serving: Arc<Serving>)
+pub async fn serve<I>(io: I, conn: Arc<ConnInfo>, serving: Arc<Serving>)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -109,7 +109,7 @@ where
             conn: Arc::new(ConnMetrics::new(serving.local_peer(), conn.tunnel.clone())),
         })
         .layer(LimitsLayer { max_uri_bytes: limits.max_uri_bytes, max_headers: limits.max_headers })
-        .service(Router::new(serving.routing.clone(), Arc::new(conn)));
+        .service(Router::new(serving.routing.clone(), conn));
     let service = TowerToHyperService::new(service);
     let result = match proto {
         Proto::Http1 => serve_http1(io, service, &serving, &activity).await,
@@ -160,17 +160,6 @@ async fn serve_http1<I>(
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let limits = &serving.limits;
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        // hyper's head-read timeout also runs while a keep-alive connection waits for its next
-        // request, closing idle connections early; `drive` enforces the deadline from the first
-        // byte of a head instead. The Timer stays set for hyper's other timers.
-        .header_read_timeout(None)
-        .max_headers(limits.max_headers)
-        .max_header_size(limits.max_header_bytes)
-        .keep_alive(true);
     let mut io = TokioIo::new(PrefixedIo::new(bytes::Bytes::new(), io));
     loop {
         if !io.inner().has_prefix() {
@@ -188,8 +177,7 @@ where
             }
         }
         // Boxed: hyper's connection and its driver exist only while the connection is active.
-        let Some(parts) = Box::pin(serve_until_parked(&builder, io, service, serving, activity)).await?
-        else {
+        let Some(parts) = Box::pin(serve_until_parked(io, service, serving, activity)).await? else {
             return Ok(());
         };
         serving.routing.metrics.http1_parks.inc();
@@ -204,7 +192,6 @@ where
 /// Serves HTTP/1 requests with one hyper connection until the connection ends (`None`) or,
 /// once idle for `Timeouts::http1_park`, hyper lets go of it without closing it.
 async fn serve_until_parked<I>(
-    builder: &http1::Builder,
     io: TokioIo<PrefixedIo<ActivityIo<I>>>,
     service: ConnService,
     serving: &Serving,
@@ -219,7 +206,19 @@ where
         head: Some(serving.timeouts.header_read),
         park: (!quiet.is_zero()).then(|| Park { quiet, served_before: activity.served() }),
     };
-    let mut conn = builder.serve_connection(io, service).with_upgrades();
+    let limits = &serving.limits;
+    // Made for each wake-up rather than kept: a parked connection holds nothing hyper needs.
+    let mut conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        // hyper's head-read timeout also runs while a keep-alive connection waits for its next
+        // request, closing idle connections early; `drive` enforces the deadline from the first
+        // byte of a head instead. The Timer stays set for hyper's other timers.
+        .header_read_timeout(None)
+        .max_headers(limits.max_headers)
+        .max_header_size(limits.max_header_bytes)
+        .keep_alive(true)
+        .serve_connection(io, service)
+        .with_upgrades();
     drive(Pin::new(&mut conn), |c| c.graceful_shutdown(), serving, activity, watch).await?;
     Ok(if activity.take_parked() { conn.into_parts() } else { None })
 }
