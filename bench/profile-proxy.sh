@@ -4,7 +4,7 @@
 #
 # Usage: bench/profile-proxy.sh [REQUESTS] [CONNECTIONS] [h1|h2] [none|retry|inbound|authz]
 #                               [plain|mtls] [http1|h2]
-#                               (defaults 2000, 16, h1, none, plain, h2)
+#                               (defaults 2000, 16, h1, none, plain, http1)
 # h2 sends HTTP/2 (h2c, 10 streams per connection); the proxy's upstream stays HTTP/1.1.
 # `retry` gives the route a retry policy that needs copies of each request (5xx and resets, 2
 # attempts, the default budget): what such a policy costs when nothing fails.
@@ -16,8 +16,8 @@
 # second weft-proxy, its sidecar (explicit outbound listener, on CPU 0, not profiled), which
 # reaches the profiled proxy's inbound listener over mesh mTLS (TLS 1.3, connections kept) as
 # `spiffe://cluster.local/ns/bench/sa/outbound`, an identity no rule names. The last argument says
-# what carries the HTTP/1.1 requests between them: `h2` (one multiplexed HTTP/2 tunnel, ALPN
-# weft/h2-http1, the default) or `http1` (a tunnel per request in flight, ALPN weft/http1):
+# what carries the HTTP/1.1 requests between them: `http1` (a tunnel per request in flight, ALPN
+# weft/http1, the proxy's default) or `h2` (one multiplexed HTTP/2 tunnel, ALPN weft/h2-http1):
 # the rules that name principals are compared and fail. The certificates come from the bench's
 # root (`target/release/proxy --write-certs`, built when missing). The profiled proxy's count
 # then includes its side of TLS; the run fails unless every request it counted came over mTLS.
@@ -38,7 +38,7 @@ conns=${2:-16}
 proto=${3:-h1}
 policy=${4:-none}
 client=${5:-plain}
-tunnel=${6:-h2}
+tunnel=${6:-http1}
 inbound_policy=""
 case "$policy" in
   none|inbound) route="" ;;

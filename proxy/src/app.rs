@@ -2,9 +2,9 @@
 //! accepted connection to protocol detection and then to the HTTP server or the TCP splice, and
 //! drains on shutdown.
 
-use prometheus_client::metrics::gauge::Gauge;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::{Notify, OwnedSemaphorePermit, Semaphore},
@@ -623,7 +623,7 @@ async fn dispatch<I>(
                 _ => downstream,
             };
             let (tunnel, sni) = tunnel.map_or((None, None), |t| (Some(t.peer), t.sni));
-            // An `Arc` from here on: the connection's task holds this once, not once per frame.
+            // An `Arc` from here on: the connection's task holds it once, not once per nested future.
             let info = Arc::new(ConnInfo { conn, downstream, origin, tunnel, sni });
             server::serve(PrefixedIo::new(prefix, stream), info, shared.serving.clone()).await
         }

@@ -47,7 +47,8 @@ impl From<Tunnel> for Detected {
     fn from(tunnel: Tunnel) -> Detected {
         match tunnel {
             Tunnel::Http1 => Detected::Http1,
-            // The wire is HTTP/2; the app behind the receiving proxy gets HTTP/1.1 (`ConnInfo::origin`).
+            // The wire is HTTP/2 for both; behind the receiving proxy, an `Http1OverH2` tunnel's
+            // requests go on as HTTP/1.1 (`ConnInfo::origin`).
             Tunnel::Http2 | Tunnel::Http1OverH2 => Detected::Http2,
             Tunnel::Tcp => Detected::Opaque,
         }

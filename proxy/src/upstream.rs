@@ -4,16 +4,21 @@
 //! list of HTTP/1.1 connections, each carrying one request at a time, and one multiplexed
 //! HTTP/2 connection. To a meshed endpoint, HTTP/1.1 requests may travel over a second HTTP/2
 //! connection instead (`ConnectOpts::http1_over_h2`, tunnel `weft/h2-http1`): the proxy on the
-//! other side gives them to its app as HTTP/1.1, so neither app notices. Endpoints outlive config snapshots: a new snapshot reuses the `Endpoint` of
-//! an address it keeps, so latency history and pooled connections survive a reload, and a request
-//! holds its `Arc<Endpoint>` so removing the endpoint from the config never cuts it off.
+//! other side gives them to its app as HTTP/1.1, so neither app notices.
+//!
+//! Endpoints outlive config snapshots: a new snapshot reuses the `Endpoint` of an address it
+//! keeps, so latency history and pooled connections survive a reload, and a request holds its
+//! `Arc<Endpoint>` so removing the endpoint from the config never cuts it off.
 //!
 //! The pool's lists sit behind short `std::sync::Mutex`es held only to push or pop an entry
 //! (never across an `.await`), as in hyper-util's pool.
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -42,8 +47,11 @@ pub type UpstreamIo = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpS
 const MAX_H1_CONNS: usize = 1024;
 
 /// Whether HTTP/1.1 requests to meshed endpoints travel over HTTP/2 between the proxies when
-/// their destination does not say (DestinationRule `h2UpgradePolicy: DEFAULT`).
-pub const DEFAULT_HTTP1_OVER_H2: bool = true;
+/// their destination does not say (DestinationRule `h2UpgradePolicy: DEFAULT`). Off: at 1000
+/// rps the HTTP/2 tunnel added latency and about a tenth more CPU per request; it wins only
+/// under saturation and on connection count (BENCHMARKS.md, "HTTP/1.1 over HTTP/2 between
+/// proxies"), which `UPGRADE` on a destination buys.
+pub const DEFAULT_HTTP1_OVER_H2: bool = false;
 
 /// Which HTTP version to speak to the endpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -107,6 +115,8 @@ pub enum Error {
     Tls { addr: SocketAddr, identity: SpiffeId, source: std::io::Error },
     #[error("request to {addr}: {source}")]
     Request { addr: SocketAddr, source: hyper::Error },
+    #[error("{addr}'s proxy does not take HTTP/1.1 over HTTP/2 (it chose weft/http1)")]
+    NoHttp1OverH2 { addr: SocketAddr },
 }
 
 impl Error {
@@ -141,6 +151,7 @@ impl Error {
                 | Error::Handshake { .. }
                 | Error::NoIdentity { .. }
                 | Error::Tls { .. }
+                | Error::NoHttp1OverH2 { .. }
         )
     }
 }
@@ -158,6 +169,9 @@ pub struct Endpoint {
     h2: H2Slot,
     /// For HTTP/1.1 requests carried over HTTP/2 (tunnel `weft/h2-http1`).
     h1_over_h2: H2Slot,
+    /// The endpoint's proxy answered an offer of `weft/h2-http1` with `weft/http1`: it predates
+    /// the tunnel, so HTTP/1.1 requests to it take HTTP/1.1 tunnels.
+    no_http1_over_h2: AtomicBool,
 }
 
 /// One multiplexed HTTP/2 connection, made when first needed.
@@ -201,6 +215,7 @@ impl Endpoint {
             h1: Mutex::new(H1Pool::default()),
             h2: H2Slot::default(),
             h1_over_h2: H2Slot::default(),
+            no_http1_over_h2: AtomicBool::new(false),
         })
     }
 
@@ -220,7 +235,12 @@ impl Endpoint {
                 // Sent as it is (origin form, `Host`, HTTP/1.1): the h2 crate gives such a
                 // request `:scheme` and `:path` and keeps `Host`, and the proxy on the other
                 // side hands it to its app in the same form.
-                self.send_h2(req, opts, Tunnel::Http1OverH2).await
+                match self.send_h2(req, opts, Tunnel::Http1OverH2).await {
+                    Err(SendError { error: Error::NoHttp1OverH2 { .. }, unsent: Some(req) }) => {
+                        self.send_h1(req, opts).await
+                    }
+                    sent => sent,
+                }
             }
             Proto::Http1 => self.send_h1(req, opts).await,
             Proto::Http2 => self.send_h2(req, opts, Tunnel::Http2).await,
@@ -328,6 +348,7 @@ impl Endpoint {
     /// over its connection (an upgrade or CONNECT, which HTTP/2 cannot carry as HTTP/1.1 does).
     fn carries_http1_over_h2(&self, req: &Request<Body>, opts: &ConnectOpts) -> bool {
         opts.http1_over_h2
+            && !self.no_http1_over_h2.load(Ordering::Relaxed)
             && self.is_tunneled(opts.mesh.as_deref())
             && req.method() != hyper::Method::CONNECT
             && !crate::http::headers::is_upgrade(req.headers())
@@ -385,7 +406,15 @@ impl Endpoint {
         opts: &ConnectOpts,
         tunnel: Tunnel,
     ) -> Result<http2::SendRequest<Body>, Error> {
-        let io = TokioIo::new(self.connect(opts, tunnel).await?);
+        let io = self.connect(opts, tunnel).await?;
+        // The offer of `weft/h2-http1` includes `weft/http1` for proxies that predate it; one
+        // that chose it gets this endpoint's HTTP/1.1 requests over HTTP/1.1 from now on.
+        if tunnel == Tunnel::Http1OverH2 && negotiated(&io) != Some(tunnel) {
+            self.no_http1_over_h2.store(true, Ordering::Relaxed);
+            tracing::debug!(addr = %self.addr, "the endpoint's proxy chose weft/http1 over weft/h2-http1");
+            return Err(Error::NoHttp1OverH2 { addr: self.addr });
+        }
+        let io = TokioIo::new(io);
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Some(opts.idle_timeout / 3))
@@ -448,5 +477,13 @@ impl Endpoint {
             .map_err(|source| Error::Connect { addr, source })?;
         let _ = stream.set_nodelay(true);
         Ok(stream)
+    }
+}
+
+/// The tunnel a mesh connection's server agreed to (ALPN); `None` for plain connections.
+fn negotiated(io: &UpstreamIo) -> Option<Tunnel> {
+    match io {
+        Either::Left(_) => None,
+        Either::Right(tls) => tls.get_ref().1.alpn_protocol().and_then(Tunnel::from_alpn),
     }
 }

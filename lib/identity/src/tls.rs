@@ -10,8 +10,11 @@
 //!   does not require one, because a proxy's first call is the request for its certificate
 //!   (`control_server_config`): each RPC decides whether it needs the caller's identity.
 //! - ALPN says what the tunnel carries, so the receiving proxy never has to detect it: `weft/h2`,
-//!   `weft/http1`, `weft/h2-http1` (HTTP/2 carrying an HTTP/1 app's requests) or `weft/tcp`. A TLS connection offering none of these is not mesh traffic
-//!   (e.g. the app's own TLS) and passes through untouched.
+//!   `weft/http1`, `weft/h2-http1` (HTTP/2 carrying an HTTP/1 app's requests) or `weft/tcp`. A
+//!   TLS connection offering none of these is not mesh traffic (e.g. the app's own TLS) and
+//!   passes through untouched. A client asking for `weft/h2-http1` also offers `weft/http1`, which
+//!   a server that predates the former picks instead (mixed versions during a rollout); servers
+//!   that know it prefer it.
 
 use std::sync::Arc;
 
@@ -43,7 +46,8 @@ pub enum Tunnel {
 }
 
 impl Tunnel {
-    pub const ALL: [Tunnel; 4] = [Tunnel::Http2, Tunnel::Http1, Tunnel::Http1OverH2, Tunnel::Tcp];
+    /// In the server's order of preference.
+    pub const ALL: [Tunnel; 4] = [Tunnel::Http2, Tunnel::Http1OverH2, Tunnel::Http1, Tunnel::Tcp];
 
     pub fn alpn(self) -> &'static [u8] {
         match self {
@@ -56,6 +60,14 @@ impl Tunnel {
 
     pub fn from_alpn(alpn: &[u8]) -> Option<Tunnel> {
         Tunnel::ALL.into_iter().find(|t| t.alpn() == alpn)
+    }
+
+    /// What a client offers for this tunnel, first choice first.
+    pub fn offer(self) -> Vec<Vec<u8>> {
+        match self {
+            Tunnel::Http1OverH2 => vec![self.alpn().to_vec(), Tunnel::Http1.alpn().to_vec()],
+            _ => vec![self.alpn().to_vec()],
+        }
     }
 }
 
@@ -106,7 +118,7 @@ pub fn client_config(
         .dangerous() // the verifier below checks the chain and the SPIFFE ID instead of a DNS name
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(creds.chain.clone(), creds.key())?;
-    config.alpn_protocols = vec![tunnel.alpn().to_vec()];
+    config.alpn_protocols = tunnel.offer();
     Ok(Arc::new(config))
 }
 

@@ -300,6 +300,56 @@ async fn request_bodies_cross_the_h2_tunnel_with_their_http1_framing() {
     assert_eq!(tunnels_accepted(&inb).await, 1.0, "both requests on the one HTTP/2 tunnel");
 }
 
+/// The server side as a proxy that predates `weft/h2-http1` ends tunnels: mesh mTLS with the
+/// older tunnels only, an HTTP/1.1 app behind. Sends the ALPN of every tunnel it ends.
+async fn older_inbound(files: &IdentityFiles) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let tls = weft_proxy::tls::MeshTls::load(files, SystemTime::now()).await.unwrap();
+    let mut config = (*weft_identity::tls::server_config(&tls.creds, &tls.bundle).unwrap()).clone();
+    config.alpn_protocols = [&b"weft/h2"[..], b"weft/http1", b"weft/tcp"].map(<[u8]>::to_vec).to_vec();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (alpns, seen) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (acceptor, alpns) = (acceptor.clone(), alpns.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else { return };
+                let alpn = tls.get_ref().1.alpn_protocol().unwrap_or_default();
+                let _ = alpns.send(String::from_utf8_lossy(alpn).into_owned());
+                let svc = hyper::service::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                        bytes::Bytes::from_static(b"older proxy"),
+                    )))
+                });
+                let io = hyper_util::rt::TokioIo::new(tls);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn a_server_proxy_that_predates_the_h2_tunnel_gets_http1_tunnels() {
+    let issuer = Issuer::new_root("cluster.local", SystemTime::now(), DAY).unwrap();
+    let (inb, mut alpns) = older_inbound(&identity(&issuer, "reviews")).await;
+    let files = Some(identity(&issuer, "productpage"));
+    let policy = "{connectionPool: {h2Upgrade: UPGRADE}}";
+    let out = outbound_with_policy(files, inb, &id("reviews"), false, policy).await;
+    for path in ["/first", "/second"] {
+        let reply = H1::connect(out.addr()).await.get("reviews:9080", path).await;
+        assert_eq!(reply.status, StatusCode::OK, "{path}: {reply:?}");
+        assert_eq!(reply.body, "older proxy");
+    }
+    // The offer of weft/h2-http1 got weft/http1: that tunnel is dropped, and the endpoint's
+    // requests take a pooled HTTP/1.1 tunnel from then on (the second request reuses it).
+    for _ in 0..2 {
+        assert_eq!(within("a tunnel", alpns.recv()).await.as_deref(), Some("weft/http1"));
+    }
+    assert!(alpns.try_recv().is_err(), "no third tunnel");
+}
+
 #[tokio::test]
 async fn an_upgrade_keeps_an_http1_tunnel_when_requests_go_over_h2() {
     let issuer = Issuer::new_root("cluster.local", SystemTime::now(), DAY).unwrap();

@@ -282,8 +282,9 @@ pub struct HttpSettings {
     pub http2_keep_alive: Option<Unsupported>,
 }
 
-/// Whether HTTP/1.1 requests travel as HTTP/2 between proxies. `DEFAULT` upgrades: both ends
-/// are Weft proxies, so the upgrade is invisible to the apps.
+/// Whether HTTP/1.1 requests travel as HTTP/2 between proxies, multiplexed over one tunnel per
+/// endpoint (`UPGRADE`), or over HTTP/1.1 tunnels (`DO_NOT_UPGRADE`, and `DEFAULT`). Both ends
+/// are Weft proxies, so the apps see HTTP/1.1 either way.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum H2UpgradePolicy {
