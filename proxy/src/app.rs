@@ -10,7 +10,7 @@ use tokio::{
     sync::{Notify, OwnedSemaphorePermit, Semaphore},
     time::Instant,
 };
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::{either::Either, sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     admin,
@@ -596,28 +596,21 @@ async fn serve_tunnel(
 }
 
 /// Serves a connection (plain, or the inside of a mesh tunnel from `tunnel`) as `detected`.
-async fn dispatch<I>(
-    mut stream: I,
+/// Not `async` itself: it decides at once and returns the future that serves, so the
+/// connection's task does not also keep these arguments for as long as the connection lives.
+fn dispatch<I>(
+    stream: I,
     prefix: bytes::Bytes,
     detected: Detected,
     conn: Conn,
     tunnel: Option<MeshClient>,
     shared: &Arc<Shared>,
-) where
+) -> impl Future<Output = ()>
+where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let peer = conn.peer;
     match detected.http() {
         Some(downstream) => {
-            // Detection has read the whole preface already; a declared port or a tunnel has not.
-            let header_read = shared.settings.timeouts.header_read;
-            let prefix = match downstream {
-                Proto::Http2 => match detect::h2_preface(&mut stream, prefix, header_read).await {
-                    Some(prefix) => prefix,
-                    None => return tracing::debug!(%peer, "no HTTP/2 connection preface; closed"),
-                },
-                Proto::Http1 => prefix,
-            };
             let origin = match &tunnel {
                 Some(t) if t.http1_over_h2 => Proto::Http1,
                 _ => downstream,
@@ -625,12 +618,34 @@ async fn dispatch<I>(
             let (tunnel, sni) = tunnel.map_or((None, None), |t| (Some(t.peer), t.sni));
             // An `Arc` from here on: the connection's task holds it once, not once per nested future.
             let info = Arc::new(ConnInfo { conn, downstream, origin, tunnel, sni });
-            server::serve(PrefixedIo::new(prefix, stream), info, shared.serving.clone()).await
+            let header_read = shared.settings.timeouts.header_read;
+            Either::Left(serve_http(stream, prefix, info, shared.serving.clone(), header_read))
         }
         // Boxed: the connect and splice states would otherwise size every connection's task,
         // HTTP ones included (parked HTTP/1 connections hold little else).
-        None => Box::pin(forward_tcp(stream, prefix, conn, tunnel, shared)).await,
+        None => Either::Right(Box::pin(forward_tcp(stream, prefix, conn, tunnel, shared.clone()))),
     }
+}
+
+/// Serves HTTP, after reading the rest of an HTTP/2 preface: detection has read it whole, a
+/// declared port or a tunnel not yet.
+async fn serve_http<I>(
+    mut stream: I,
+    prefix: bytes::Bytes,
+    info: Arc<ConnInfo>,
+    serving: Arc<Serving>,
+    header_read: Duration,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let prefix = match info.downstream {
+        Proto::Http2 => match detect::h2_preface(&mut stream, prefix, header_read).await {
+            Some(prefix) => prefix,
+            None => return tracing::debug!(peer = %info.conn.peer, "no HTTP/2 connection preface; closed"),
+        },
+        Proto::Http1 => prefix,
+    };
+    server::serve(PrefixedIo::new(prefix, stream), info, serving).await
 }
 
 /// Passes an opaque TCP connection to its destination, byte for byte.
@@ -639,10 +654,11 @@ async fn forward_tcp<I>(
     prefix: bytes::Bytes,
     conn: Conn,
     tunnel: Option<MeshClient>,
-    shared: &Arc<Shared>,
+    shared: Arc<Shared>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let shared = &shared;
     let peer = conn.peer;
     if conn.direction == Direction::Inbound && !authorize_tcp(shared, &conn, tunnel.as_ref()) {
         let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;

@@ -89,7 +89,8 @@ pub struct ConnMetrics {
     pub downstream: Option<Peer>,
     /// Requests on one connection nearly always share a label set: comparing with the last one
     /// (`Arc` fields compare by pointer first) skips hashing the labels into both families.
-    recent: Mutex<Option<(RequestLabels, Counter, Histogram)>>,
+    /// Boxed, so that a parked connection can let go of it (`forget_recent`).
+    recent: Mutex<Option<Box<(RequestLabels, Counter, Histogram)>>>,
 }
 
 impl ConnMetrics {
@@ -97,9 +98,15 @@ impl ConnMetrics {
         ConnMetrics { local, downstream, recent: Mutex::default() }
     }
 
+    /// Drops the last request's handles: a connection idle long enough to be parked gives back
+    /// their memory, and its next request looks them up once again.
+    pub fn forget_recent(&self) {
+        *self.recent.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     fn record(&self, metrics: &Metrics, labels: RequestLabels, seconds: f64) {
         let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((last, requests, duration)) = recent.as_ref()
+        if let Some((last, requests, duration)) = recent.as_deref()
             && *last == labels
         {
             requests.inc();
@@ -110,7 +117,7 @@ impl ConnMetrics {
         let duration = metrics.request_duration.get_or_create(&labels).clone();
         requests.inc();
         duration.observe(seconds);
-        *recent = Some((labels, requests, duration));
+        *recent = Some(Box::new((labels, requests, duration)));
     }
 }
 

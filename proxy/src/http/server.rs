@@ -99,6 +99,7 @@ where
             .limit_request_line(RequestLine::new(limits.max_uri_bytes, limits.max_header_bytes)),
         Proto::Http2 => ActivityIo::new(io, activity.clone()).guard_h2_control_frames(),
     };
+    let conn_metrics = Arc::new(ConnMetrics::new(serving.local_peer(), conn.tunnel.clone()));
     let service = ServiceBuilder::new()
         .layer(RequestIdLayer)
         .layer(ObserveLayer {
@@ -106,13 +107,13 @@ where
             access_log: serving.access_log.clone(),
             direction: conn.conn.direction,
             activity: activity.clone(),
-            conn: Arc::new(ConnMetrics::new(serving.local_peer(), conn.tunnel.clone())),
+            conn: conn_metrics.clone(),
         })
         .layer(LimitsLayer { max_uri_bytes: limits.max_uri_bytes, max_headers: limits.max_headers })
         .service(Router::new(serving.routing.clone(), conn));
     let service = TowerToHyperService::new(service);
     let result = match proto {
-        Proto::Http1 => serve_http1(io, service, &serving, &activity).await,
+        Proto::Http1 => serve_http1(io, service, &serving, &activity, &conn_metrics).await,
         // Boxed: h2's state would otherwise size every connection's task, parked HTTP/1 ones
         // included.
         Proto::Http2 => Box::pin(serve_http2(io, service, &serving, &activity)).await,
@@ -156,6 +157,7 @@ async fn serve_http1<I>(
     mut service: ConnService,
     serving: &Serving,
     activity: &Activity,
+    conn_metrics: &ConnMetrics,
 ) -> Result<(), hyper::Error>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -181,6 +183,7 @@ where
             return Ok(());
         };
         serving.routing.metrics.http1_parks.inc();
+        conn_metrics.forget_recent();
         // Keep the socket and what hyper had read past the last request (the start of the next
         // head, if any).
         io = parts.io;

@@ -223,6 +223,9 @@ async fn an_idle_http1_connection_is_parked_and_serves_its_next_requests() {
     s.write_all(b"st: hello\r\n\r\n").await.unwrap();
     let last = read_hello(&mut s).await;
     assert!(last.starts_with("HTTP/1.1 200"), "the replayed bytes began the request: {last}");
+    // A parked connection lets go of its cached metric handles; its later requests count in the
+    // same series all the same.
+    wait_sample(&proxy, &["weft_requests_total{", "response_code=\"200\""], |n| n == 4.0).await;
 }
 
 /// A parked connection still idles out, and one whose client asked to close is closed, not
