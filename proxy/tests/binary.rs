@@ -307,7 +307,9 @@ async fn memory_returns_toward_idle_after_a_burst_of_connections() {
         }
     }
     let peak = proxy.anon_rss_kib();
-    assert!(peak > idle + 8 * 1024, "the burst should cost memory: idle {idle} KiB, peak {peak} KiB");
+    // About 8 MiB in a debug build since connections got smaller (it failed a CI run at 7.9 MiB
+    // against a bound of 8); half of that is enough to see it given back.
+    assert!(peak > idle + 4 * 1024, "the burst should cost memory: idle {idle} KiB, peak {peak} KiB");
     drop(conns);
 
     let target = idle + (peak - idle) / 4;
